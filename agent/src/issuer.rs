@@ -1,0 +1,434 @@
+//! The embedded issuer: a trust-domain root CA (ECDSA P-256) and a JWT signing key (ES256),
+//! created on first start and sealed at rest with the master key (see [`crate::keystore`]).
+//! X.509-SVIDs and JWT-SVIDs follow the SPIFFE X509-SVID and JWT-SVID standards.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use nhi_core::config::Config;
+use nhi_core::wire::{JwtSvid, X509Svid};
+use nhi_core::SpiffeId;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer as CaIssuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::keystore::{self, KeystoreError, MasterKey};
+
+/// What every issuer backend offers `nhid`.
+pub trait Issuer: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn trust_domain(&self) -> &str;
+    /// PEM of the trust anchors X.509-SVIDs chain to.
+    fn bundle_pem(&self) -> &str;
+    /// JWKS of the keys JWT-SVIDs are signed with.
+    fn jwks(&self) -> &serde_json::Value;
+    fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError>;
+    fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("SPIFFE ID {0} is not in this issuer's trust domain")]
+    ForeignTrustDomain(String),
+    #[error("JWT-SVID needs at least one audience")]
+    NoAudience,
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssuerInitError {
+    #[error(transparent)]
+    Keystore(#[from] KeystoreError),
+    #[error("{path} holds keys for trust domain {found:?}, but the config says {expected:?}; use another state_dir or restore the old trust_domain")]
+    TrustDomainMismatch {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("{sealed} exists but the master key {key} does not: refusing to create new keys over the old ones (restore the key file, or move the state away to start a new trust domain)")]
+    MissingMasterKey { sealed: PathBuf, key: PathBuf },
+    #[error("{path}: corrupt issuer keys: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("generating keys: {0}")]
+    Generate(String),
+}
+
+const SEALED_FILE: &str = "issuer.sealed";
+const BUNDLE_FILE: &str = "bundle.pem";
+const SEAL_LABEL: &str = "nhi/embedded-issuer/v1";
+
+/// The sealed content.
+#[derive(Serialize, Deserialize)]
+struct IssuerKeys {
+    trust_domain: String,
+    ca_cert_der: String,
+    ca_key_pkcs8: String,
+    jwt_key_pkcs8: String,
+    created_at: u64,
+}
+
+pub struct EmbeddedIssuer {
+    trust_domain: String,
+    ca: CaIssuer<'static, KeyPair>,
+    ca_pem: String,
+    jwt_key: EncodingKey,
+    kid: String,
+    jwks: serde_json::Value,
+    jwt_ttl: Duration,
+    x509_ttl: Duration,
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("the OS random source failed");
+    b
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b = random_bytes::<16>();
+    b[0] &= 0x7f; // positive
+    b[0] |= 0x01; // and no leading zero byte to strip
+    SerialNumber::from_slice(&b)
+}
+
+impl EmbeddedIssuer {
+    /// Loads the sealed keys from the state dir, or creates them on first start.
+    pub fn load_or_create(cfg: &Config) -> Result<Self, IssuerInitError> {
+        keystore::create_private_dir(&cfg.state_dir)?;
+        let sealed_path = cfg.state_dir.join(SEALED_FILE);
+        let key_path = cfg.key_file();
+        let keys = if sealed_path.exists() {
+            if !key_path.exists() {
+                return Err(IssuerInitError::MissingMasterKey {
+                    sealed: sealed_path,
+                    key: key_path,
+                });
+            }
+            let mk = MasterKey::load(&key_path)?;
+            let sealed = std::fs::read(&sealed_path).map_err(|source| KeystoreError::Io {
+                path: sealed_path.clone(),
+                source,
+            })?;
+            let plain = zeroizing(mk.open(&sealed_path, SEAL_LABEL, &sealed)?);
+            let keys: IssuerKeys =
+                serde_json::from_slice(&plain).map_err(|e| IssuerInitError::Corrupt {
+                    path: sealed_path.clone(),
+                    message: e.to_string(),
+                })?;
+            if keys.trust_domain != cfg.trust_domain {
+                return Err(IssuerInitError::TrustDomainMismatch {
+                    path: sealed_path,
+                    found: keys.trust_domain,
+                    expected: cfg.trust_domain.clone(),
+                });
+            }
+            keys
+        } else {
+            let mk = if key_path.exists() {
+                MasterKey::load(&key_path)?
+            } else {
+                MasterKey::create(&key_path)?
+            };
+            let keys = generate(&cfg.trust_domain, cfg.issuer.ca_ttl)?;
+            let plain = zeroizing(serde_json::to_vec(&keys).expect("keys serialize"));
+            keystore::write_atomic(&sealed_path, &mk.seal(SEAL_LABEL, &plain), 0o600)?;
+            keys
+        };
+        let issuer = Self::from_keys(&sealed_path, keys, cfg)?;
+        // The public bundle, for operators and tools; never read back as a source of trust.
+        keystore::write_atomic(
+            &cfg.state_dir.join(BUNDLE_FILE),
+            issuer.ca_pem.as_bytes(),
+            0o644,
+        )?;
+        Ok(issuer)
+    }
+
+    fn from_keys(path: &Path, keys: IssuerKeys, cfg: &Config) -> Result<Self, IssuerInitError> {
+        let corrupt = |message: String| IssuerInitError::Corrupt {
+            path: path.into(),
+            message,
+        };
+        let d = |s: &str| B64.decode(s).map_err(|e| corrupt(e.to_string()));
+        let ca_der = d(&keys.ca_cert_der)?;
+        let ca_key = KeyPair::try_from(zeroizing(d(&keys.ca_key_pkcs8)?).as_slice())
+            .map_err(|e| corrupt(format!("CA key: {e}")))?;
+        let jwt_pkcs8 = zeroizing(d(&keys.jwt_key_pkcs8)?);
+        let jwt_pair =
+            KeyPair::try_from(jwt_pkcs8.as_slice()).map_err(|e| corrupt(format!("JWT key: {e}")))?;
+        let ca_cert_der = rustls_pki_types::CertificateDer::from(ca_der.clone());
+        let ca = CaIssuer::from_ca_cert_der(&ca_cert_der, ca_key)
+            .map_err(|e| corrupt(format!("CA certificate: {e}")))?;
+        let ca_pem = pem_encode("CERTIFICATE", &ca_der);
+
+        // kid: RFC 7638-style thumbprint of the public key, stable across restarts.
+        let raw = jwt_pair.public_key_raw(); // 0x04 || X || Y
+        if raw.len() != 65 || raw[0] != 4 {
+            return Err(corrupt("JWT key is not an uncompressed P-256 point".into()));
+        }
+        let (x, y) = (B64URL.encode(&raw[1..33]), B64URL.encode(&raw[33..65]));
+        let thumb = Sha256::digest(format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#));
+        let kid = B64URL.encode(thumb);
+        let jwks = serde_json::json!({
+            "keys": [{
+                "kty": "EC", "crv": "P-256", "x": x, "y": y,
+                "kid": kid, "alg": "ES256", "use": "jwt-svid",
+            }]
+        });
+        Ok(EmbeddedIssuer {
+            trust_domain: keys.trust_domain,
+            ca,
+            ca_pem,
+            jwt_key: EncodingKey::from_ec_der(&jwt_pkcs8),
+            kid,
+            jwks,
+            jwt_ttl: cfg.issuer.jwt_ttl,
+            x509_ttl: cfg.issuer.x509_ttl,
+        })
+    }
+
+    fn check_domain(&self, id: &SpiffeId) -> Result<(), IssueError> {
+        if id.trust_domain() != self.trust_domain {
+            return Err(IssueError::ForeignTrustDomain(id.to_string()));
+        }
+        Ok(())
+    }
+}
+
+fn generate(trust_domain: &str, ca_ttl: Duration) -> Result<IssuerKeys, IssuerInitError> {
+    let g = |e: rcgen::Error| IssuerInitError::Generate(e.to_string());
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(g)?;
+    let jwt_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(g)?;
+    let mut p = CertificateParams::default();
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::minutes(5);
+    p.not_after = now + ca_ttl;
+    p.serial_number = Some(random_serial());
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "nhi");
+    dn.push(DnType::CommonName, format!("nhi {trust_domain} root CA"));
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    // A signing certificate may carry the trust domain's SPIFFE ID (X509-SVID standard, 4.1).
+    p.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{trust_domain}").try_into().map_err(g)?,
+    )];
+    let cert = p.self_signed(&ca_key).map_err(g)?;
+    Ok(IssuerKeys {
+        trust_domain: trust_domain.into(),
+        ca_cert_der: B64.encode(cert.der()),
+        ca_key_pkcs8: B64.encode(ca_key.serialize_der()),
+        jwt_key_pkcs8: B64.encode(jwt_key.serialize_der()),
+        created_at: now_unix(),
+    })
+}
+
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b = B64.encode(der);
+    let mut s = format!("-----BEGIN {label}-----\n");
+    for chunk in b.as_bytes().chunks(64) {
+        s.push_str(std::str::from_utf8(chunk).expect("base64 is ascii"));
+        s.push('\n');
+    }
+    s.push_str(&format!("-----END {label}-----\n"));
+    s
+}
+
+/// A byte buffer that is wiped when dropped (private key material in transit).
+struct Zeroizing(Vec<u8>);
+fn zeroizing(v: Vec<u8>) -> Zeroizing {
+    Zeroizing(v)
+}
+impl std::ops::Deref for Zeroizing {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+impl Drop for Zeroizing {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
+            // SAFETY: `b` is a valid, aligned, exclusive reference into our own buffer.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    aud: &'a [String],
+    exp: u64,
+    iat: u64,
+    jti: String,
+}
+
+impl Issuer for EmbeddedIssuer {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    fn bundle_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    fn jwks(&self) -> &serde_json::Value {
+        &self.jwks
+    }
+
+    fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
+        self.check_domain(id)?;
+        if audience.is_empty() {
+            return Err(IssueError::NoAudience);
+        }
+        let iat = now_unix();
+        let exp = iat + self.jwt_ttl.as_secs();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("JWT".into());
+        let claims = Claims {
+            sub: id.as_str(),
+            aud: audience,
+            exp,
+            iat,
+            jti: B64URL.encode(random_bytes::<16>()),
+        };
+        let token = jsonwebtoken::encode(&header, &claims, &self.jwt_key)
+            .map_err(|e| IssueError::Sign(e.to_string()))?;
+        Ok(JwtSvid {
+            token,
+            spiffe_id: id.to_string(),
+            audience: audience.to_vec(),
+            issued_at: iat,
+            expires_at: exp,
+        })
+    }
+
+    fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError> {
+        self.check_domain(id)?;
+        let s = |e: rcgen::Error| IssueError::Sign(e.to_string());
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(s)?;
+        let iat = now_unix();
+        let now = time::OffsetDateTime::now_utc();
+        let mut p = CertificateParams::default();
+        // Tolerate small clock skew between this node and verifiers.
+        p.not_before = now - time::Duration::seconds(30);
+        p.not_after = now + self.x509_ttl;
+        let serial = random_serial();
+        p.serial_number = Some(serial.clone());
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "SPIFFE");
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(s)?)];
+        let cert = p.signed_by(&key, &self.ca).map_err(s)?;
+        Ok(X509Svid {
+            spiffe_id: id.to_string(),
+            cert_chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            bundle_pem: self.ca_pem.clone(),
+            serial: serial.to_string(),
+            issued_at: iat,
+            expires_at: iat + self.x509_ttl.as_secs(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg(dir: &Path, td: &str) -> Config {
+        Config::parse(
+            Path::new("t.toml"),
+            &format!(
+                "trust_domain = \"{td}\"\nstate_dir = \"{}\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn keys_survive_restart_and_are_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "example.org");
+        let a = EmbeddedIssuer::load_or_create(&c).unwrap();
+        let b = EmbeddedIssuer::load_or_create(&c).unwrap();
+        assert_eq!(a.bundle_pem(), b.bundle_pem());
+        assert_eq!(a.jwks(), b.jwks());
+        let sealed = std::fs::read(dir.path().join(SEALED_FILE)).unwrap();
+        // The P-256 OID inside every PKCS#8 EC key must not appear in the sealed file.
+        let oid = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+        assert!(!sealed.windows(oid.len()).any(|w| w == oid));
+        assert!(!String::from_utf8_lossy(&sealed).contains("PRIVATE KEY"));
+
+        let other = cfg(dir.path(), "other.org");
+        assert!(matches!(
+            EmbeddedIssuer::load_or_create(&other),
+            Err(IssuerInitError::TrustDomainMismatch { .. })
+        ));
+        std::fs::remove_file(c.key_file()).unwrap();
+        assert!(matches!(
+            EmbeddedIssuer::load_or_create(&c),
+            Err(IssuerInitError::MissingMasterKey { .. })
+        ));
+    }
+
+    #[test]
+    fn issues_verifiable_svids() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "example.org");
+        let iss = EmbeddedIssuer::load_or_create(&c).unwrap();
+        let id = SpiffeId::new("example.org", "container/web").unwrap();
+        let jwt = iss.issue_jwt(&id, &["svc".into()]).unwrap();
+        let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(iss.jwks().clone()).unwrap();
+        let key = jsonwebtoken::DecodingKey::from_jwk(&jwks.keys[0]).unwrap();
+        let mut v = jsonwebtoken::Validation::new(Algorithm::ES256);
+        v.set_audience(&["svc"]);
+        v.set_required_spec_claims(&["exp", "sub", "aud"]);
+        let data = jsonwebtoken::decode::<serde_json::Value>(&jwt.token, &key, &v).unwrap();
+        assert_eq!(data.claims["sub"], id.as_str());
+        assert_eq!(data.header.kid.as_deref(), jwks.keys[0].common.key_id.as_deref());
+        assert_eq!(jwt.expires_at - jwt.issued_at, 300);
+        assert!(iss.issue_jwt(&id, &[]).is_err());
+        let foreign = SpiffeId::new("evil.org", "x").unwrap();
+        assert!(iss.issue_jwt(&foreign, &["a".into()]).is_err());
+        assert!(iss.issue_x509(&foreign).is_err());
+
+        let x = iss.issue_x509(&id).unwrap();
+        assert!(x.cert_chain_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(x.key_pem.contains("PRIVATE KEY"));
+        assert_eq!(x.expires_at - x.issued_at, 3600);
+    }
+}

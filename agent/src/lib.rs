@@ -1,0 +1,2 @@
+pub mod issuer;
+pub mod keystore;

@@ -1,0 +1,328 @@
+//! `nhi.toml`: one file read by `nhid`, `nhi-hook` and `nhictl`. Validated as a whole at load so
+//! a typo or an identity template that can't produce a valid SPIFFE ID stops startup with a
+//! message that names it, instead of failing later on a container start.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::select::Match;
+use crate::spiffe::validate_trust_domain;
+use crate::template::Template;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/nhi/nhi.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/nhi";
+pub const DEFAULT_SOCKET: &str = "/run/nhi/nhid.sock";
+pub const DEFAULT_COMPANION_BINARY: &str = "/usr/libexec/nhi/nhi-companion";
+pub const DEFAULT_COMPANION_USER: &str = "nhi-companion";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15100";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    trust_domain: String,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_socket")]
+    socket: PathBuf,
+    #[serde(default)]
+    issuer: IssuerConfig,
+    #[serde(default)]
+    companion: CompanionConfig,
+    #[serde(default)]
+    hook: HookConfig,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RawRule>,
+}
+
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+fn default_socket() -> PathBuf {
+    DEFAULT_SOCKET.into()
+}
+
+/// The embedded issuer's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IssuerConfig {
+    /// Only `embedded` today; `openbao` arrives with the central store.
+    pub kind: String,
+    /// File holding the 32-byte key that seals the issuer keys at rest. Default `<state_dir>/master.key`.
+    pub key_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub jwt_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub x509_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ca_ttl: Duration,
+}
+
+impl Default for IssuerConfig {
+    fn default() -> Self {
+        IssuerConfig {
+            kind: "embedded".into(),
+            key_file: None,
+            jwt_ttl: Duration::from_secs(5 * 60),
+            x509_ttl: Duration::from_secs(60 * 60),
+            ca_ttl: Duration::from_secs(365 * 24 * 60 * 60),
+        }
+    }
+}
+
+/// How companions are started.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompanionConfig {
+    /// Path of the `nhi-companion` binary.
+    pub binary: PathBuf,
+    /// User the companion runs as: a name from the passwd database or a numeric uid. Never root.
+    pub user: String,
+    /// HTTP listen address inside the workload's network namespace.
+    pub listen: String,
+    /// How long `nhid` waits for a new companion to be ready before the attach fails.
+    #[serde(with = "humantime_serde")]
+    pub ready_timeout: Duration,
+    /// Most JWT-SVID audiences a companion keeps cached at once.
+    pub max_cached_audiences: usize,
+}
+
+impl Default for CompanionConfig {
+    fn default() -> Self {
+        CompanionConfig {
+            binary: DEFAULT_COMPANION_BINARY.into(),
+            user: DEFAULT_COMPANION_USER.into(),
+            listen: DEFAULT_LISTEN.into(),
+            ready_timeout: Duration::from_secs(5),
+            max_cached_audiences: 64,
+        }
+    }
+}
+
+/// The hook's own settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HookConfig {
+    /// Upper bound for one call to `nhid` (connect + attach) from the hook.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for HookConfig {
+    fn default() -> Self {
+        HookConfig {
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    spiffe_id: String,
+    #[serde(default)]
+    fail_open: bool,
+    #[serde(default, rename = "match")]
+    matcher: Match,
+}
+
+/// A selection rule: which containers it selects and what identity they get.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    /// Template of the SPIFFE ID path (after the trust domain).
+    pub spiffe_id: Template,
+    /// Let a selected container start without a companion when attaching fails.
+    pub fail_open: bool,
+    pub matcher: Match,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub trust_domain: String,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub issuer: IssuerConfig,
+    pub companion: CompanionConfig,
+    pub hook: HookConfig,
+    pub rules: Vec<Rule>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        validate_trust_domain(&raw.trust_domain).map_err(|e| invalid(e.to_string()))?;
+        if raw.issuer.kind != "embedded" {
+            return Err(invalid(format!(
+                "issuer.kind {:?} is not supported (supported: \"embedded\")",
+                raw.issuer.kind
+            )));
+        }
+        for (what, d) in [
+            ("issuer.jwt_ttl", raw.issuer.jwt_ttl),
+            ("issuer.x509_ttl", raw.issuer.x509_ttl),
+            ("issuer.ca_ttl", raw.issuer.ca_ttl),
+        ] {
+            if d < Duration::from_secs(10) {
+                return Err(invalid(format!("{what} must be at least 10s")));
+            }
+        }
+        if raw.issuer.x509_ttl >= raw.issuer.ca_ttl {
+            return Err(invalid("issuer.x509_ttl must be shorter than issuer.ca_ttl".into()));
+        }
+        if raw.companion.user.is_empty() || raw.companion.user == "root" || raw.companion.user == "0" {
+            return Err(invalid("companion.user must name an unprivileged user, never root".into()));
+        }
+        raw.companion
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| invalid(format!("companion.listen {:?}: {e}", raw.companion.listen)))?;
+        if raw.companion.max_cached_audiences == 0 {
+            return Err(invalid("companion.max_cached_audiences must be at least 1".into()));
+        }
+        let mut seen = BTreeMap::new();
+        let mut rules = Vec::with_capacity(raw.rules.len());
+        for r in raw.rules {
+            if r.name.is_empty() {
+                return Err(invalid("every [[rule]] needs a non-empty name".into()));
+            }
+            if seen.insert(r.name.clone(), ()).is_some() {
+                return Err(invalid(format!("rule name {:?} is used twice", r.name)));
+            }
+            let spiffe_id = Template::parse(&r.spiffe_id, &raw.trust_domain)
+                .map_err(|e| invalid(format!("rule {:?}: {e}", r.name)))?;
+            r.matcher
+                .validate()
+                .map_err(|e| invalid(format!("rule {:?}: {e}", r.name)))?;
+            rules.push(Rule {
+                name: r.name,
+                spiffe_id,
+                fail_open: r.fail_open,
+                matcher: r.matcher,
+            });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            trust_domain: raw.trust_domain,
+            state_dir: raw.state_dir,
+            socket: raw.socket,
+            issuer: raw.issuer,
+            companion: raw.companion,
+            hook: raw.hook,
+            rules,
+        })
+    }
+
+    pub fn key_file(&self) -> PathBuf {
+        self.issuer
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("master.key"))
+    }
+
+    pub fn rule(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), s)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("trust_domain = \"example.org\"\n").unwrap();
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.issuer.jwt_ttl, Duration::from_secs(300));
+        assert_eq!(c.issuer.x509_ttl, Duration::from_secs(3600));
+        assert_eq!(c.companion.listen, "127.0.0.1:15100");
+        assert_eq!(c.key_file(), PathBuf::from("/var/lib/nhi/master.key"));
+        assert!(c.rules.is_empty());
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(
+            r#"
+trust_domain = "example.org"
+state_dir = "/tmp/s"
+socket = "/tmp/s/nhid.sock"
+[issuer]
+jwt_ttl = "2m"
+[companion]
+user = "65534"
+[[rule]]
+name = "k8s"
+spiffe_id = "ns/{k8s.namespace}/pod/{k8s.pod}"
+fail_open = true
+[rule.match]
+k8s_namespaces = ["prod", "stage-*"]
+annotations = { "nhi.dev/inject" = "true" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.issuer.jwt_ttl, Duration::from_secs(120));
+        assert_eq!(c.rules.len(), 1);
+        assert!(c.rules[0].fail_open);
+        assert_eq!(c.rule("k8s").unwrap().spiffe_id.source(), "ns/{k8s.namespace}/pod/{k8s.pod}");
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = parse("trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x/{k8s.bogus}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rule \"a\"") && e.contains("k8s.bogus"), "{e}");
+        let e = parse("trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x//{k8s.pod}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot produce a valid SPIFFE ID"), "{e}");
+        let e = parse("trust_domain = \"TD\"\n").unwrap_err().to_string();
+        assert!(e.contains("trust domain"), "{e}");
+        let e = parse("trust_domain = \"td\"\nbogus = 1\n").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = parse("trust_domain = \"td\"\n[companion]\nuser = \"root\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("never root"), "{e}");
+        let dup = "trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"y\"\n";
+        assert!(parse(dup).unwrap_err().to_string().contains("used twice"));
+    }
+}

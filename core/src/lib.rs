@@ -1,0 +1,14 @@
+//! nhi-core: what every nhi binary shares. Config, workload metadata as the runtime attested it,
+//! SPIFFE IDs and identity templates, selection rules and the wire types. No daemons, no sockets
+//! beyond the one blocking client call the hook and nhictl make.
+
+pub mod config;
+pub mod select;
+pub mod spiffe;
+pub mod template;
+pub mod wire;
+pub mod workload;
+
+pub use config::{Config, Rule};
+pub use spiffe::SpiffeId;
+pub use workload::Workload;

@@ -1,0 +1,160 @@
+//! Selection: which rule, if any, applies to a workload. Rules are tried in file order and the
+//! first whose every listed condition holds wins. Within one condition list any entry may match.
+//! An operator's `nhi.dev/inject = "false"` annotation opts a container out of every rule.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::config::{Config, Rule};
+use crate::workload::{Workload, INJECT_ANNOTATION};
+
+/// Conditions of a rule. Empty lists don't constrain.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Match {
+    /// Annotation key → glob on its value (`*` for "present").
+    pub annotations: BTreeMap<String, String>,
+    pub images: Vec<String>,
+    pub container_names: Vec<String>,
+    pub k8s_namespaces: Vec<String>,
+    pub nomad_namespaces: Vec<String>,
+    pub nomad_jobs: Vec<String>,
+}
+
+impl Match {
+    pub fn validate(&self) -> Result<(), String> {
+        for k in self.annotations.keys() {
+            if !k.starts_with(crate::workload::NHI_ANNOTATION_PREFIX) {
+                return Err(format!(
+                    "match.annotations may only use nhi.dev/* keys (got {k:?}): other annotations are not kept as workload metadata"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, w: &Workload) -> bool {
+        let any = |globs: &[String], value: Option<&str>| {
+            globs.is_empty() || value.is_some_and(|v| globs.iter().any(|g| glob_match(g, v)))
+        };
+        self.annotations
+            .iter()
+            .all(|(k, g)| w.annotation(k).is_some_and(|v| glob_match(g, v)))
+            && any(&self.images, w.image.as_deref())
+            && any(&self.container_names, Some(w.name()))
+            && any(&self.k8s_namespaces, w.var("k8s.namespace"))
+            && any(&self.nomad_namespaces, w.var("nomad.namespace"))
+            && any(&self.nomad_jobs, w.var("nomad.job"))
+    }
+}
+
+/// Whether the operator opted this container out.
+pub fn opted_out(w: &Workload) -> bool {
+    w.annotation(INJECT_ANNOTATION)
+        .is_some_and(|v| v.eq_ignore_ascii_case("false"))
+}
+
+/// The rule that selects `w`, if any.
+pub fn select<'c>(config: &'c Config, w: &Workload) -> Option<&'c Rule> {
+    if opted_out(w) {
+        return None;
+    }
+    config.rules.iter().find(|r| r.matcher.matches(w))
+}
+
+/// `*` matches any run of characters (also none); everything else is literal.
+pub fn glob_match(pattern: &str, value: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == value;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !value.starts_with(first) || value.len() < first.len() + last.len() || !value.ends_with(last) {
+        return false;
+    }
+    let mut rest = &value[first.len()..value.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::K8s;
+    use std::path::Path;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", ""));
+        assert!(glob_match("busybox*", "busybox:1.36"));
+        assert!(glob_match("*/pause:*", "registry.k8s.io/pause:3.6"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXcYYb"));
+        assert!(!glob_match("ab*ba", "aba"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exactly"));
+    }
+
+    fn cfg() -> Config {
+        Config::parse(
+            Path::new("t.toml"),
+            r#"
+trust_domain = "td"
+[[rule]]
+name = "prod"
+spiffe_id = "ns/{k8s.namespace}"
+[rule.match]
+k8s_namespaces = ["prod"]
+[[rule]]
+name = "annotated"
+spiffe_id = "container/{container.name}"
+[rule.match]
+annotations = { "nhi.dev/inject" = "true" }
+images = ["busybox*"]
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn first_matching_rule_wins_and_opt_out_is_respected() {
+        let c = cfg();
+        let mut w = Workload {
+            container_id: "x".into(),
+            k8s: Some(K8s {
+                namespace: Some("prod".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(select(&c, &w).unwrap().name, "prod");
+        w.annotations.insert(INJECT_ANNOTATION.into(), "false".into());
+        assert!(select(&c, &w).is_none());
+
+        let mut w = Workload {
+            container_id: "y".into(),
+            image: Some("busybox:latest".into()),
+            ..Default::default()
+        };
+        assert!(select(&c, &w).is_none(), "needs the annotation too");
+        w.annotations.insert(INJECT_ANNOTATION.into(), "true".into());
+        assert_eq!(select(&c, &w).unwrap().name, "annotated");
+        w.image = Some("alpine".into());
+        assert!(select(&c, &w).is_none());
+    }
+
+    #[test]
+    fn only_nhi_annotations_can_be_matched() {
+        let m = Match {
+            annotations: [("io.kubernetes.foo".to_string(), "*".to_string())].into(),
+            ..Default::default()
+        };
+        assert!(m.validate().is_err());
+    }
+}

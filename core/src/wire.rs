@@ -1,0 +1,202 @@
+//! Wire types. Two channels, both newline-delimited JSON:
+//! - the agent API on `nhid`'s root-only unix socket (hook / nhictl → nhid), one request and one
+//!   response per connection;
+//! - the companion channel, a socketpair created by `nhid` at spawn (nhid ↔ one companion), many
+//!   requests in flight, matched by `id`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::workload::Workload;
+
+/// Requests to `nhid`'s agent API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AgentRequest {
+    /// From `nhi-hook createRuntime`: attach a companion to the container whose init is `pid`.
+    Attach {
+        workload: Workload,
+        pid: i32,
+        /// The rule the hook selected; `nhid` re-evaluates with its own config and only uses this
+        /// to detect a hook/daemon config mismatch.
+        rule: String,
+    },
+    /// From `nhi-hook poststop`: the container is gone.
+    Detach { container_id: String },
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AgentResponse {
+    Attached {
+        spiffe_id: String,
+        companion_pid: i32,
+        netns_inode: u64,
+        /// Another container of the same network namespace already had the companion.
+        joined: bool,
+    },
+    NotSelected,
+    Detached {
+        /// The companion was stopped (last container of its network namespace).
+        stopped: bool,
+    },
+    Status(Status),
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub trust_domain: String,
+    pub issuer: String,
+    pub bundle_pem: String,
+    pub workloads: Vec<WorkloadStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadStatus {
+    pub spiffe_id: String,
+    pub rule: String,
+    pub netns_inode: u64,
+    pub companion_pid: i32,
+    pub containers: Vec<String>,
+    pub workload: Workload,
+}
+
+/// Companion → nhid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChannelRequest {
+    pub id: u64,
+    #[serde(flatten)]
+    pub body: CompanionRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CompanionRequest {
+    /// Sent once the HTTP listener is bound: the companion is ready to serve.
+    Hello,
+    Jwt { audience: Vec<String> },
+    X509,
+}
+
+/// nhid → companion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChannelResponse {
+    pub id: u64,
+    #[serde(flatten)]
+    pub body: CompanionResponse,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CompanionResponse {
+    Init(Init),
+    Jwt(JwtSvid),
+    X509(X509Svid),
+    Error { message: String },
+}
+
+/// What a companion learns about its workload when it says hello.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Init {
+    pub spiffe_id: String,
+    pub trust_domain: String,
+    pub rule: String,
+    pub workload: Workload,
+    pub bundle_pem: String,
+    pub jwks: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JwtSvid {
+    pub token: String,
+    pub spiffe_id: String,
+    pub audience: Vec<String>,
+    pub issued_at: u64,
+    pub expires_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct X509Svid {
+    pub spiffe_id: String,
+    /// Leaf first, then any intermediates.
+    pub cert_chain_pem: String,
+    pub key_pem: String,
+    pub bundle_pem: String,
+    pub serial: String,
+    pub issued_at: u64,
+    pub expires_at: u64,
+}
+
+/// Largest line either side accepts on these channels.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// Reads one newline-terminated JSON value from a blocking reader (used by the hook and nhictl).
+pub fn read_line_json<T: serde::de::DeserializeOwned>(
+    r: &mut impl std::io::BufRead,
+) -> std::io::Result<T> {
+    let mut line = String::new();
+    use std::io::BufRead;
+    let n = std::io::Read::take(&mut *r, MAX_LINE as u64).read_line(&mut line)?;
+    if n == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed before a response",
+        ));
+    }
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// One blocking request/response on the agent socket.
+pub fn call_agent(
+    socket: &std::path::Path,
+    req: &AgentRequest,
+    timeout: std::time::Duration,
+) -> std::io::Result<AgentResponse> {
+    use std::io::Write;
+    let stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut reader = std::io::BufReader::new(&stream);
+    read_line_json(&mut reader)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_messages_round_trip() {
+        let req = ChannelRequest {
+            id: 7,
+            body: CompanionRequest::Jwt {
+                audience: vec!["a".into()],
+            },
+        };
+        let s = serde_json::to_string(&req).unwrap();
+        assert_eq!(s, r#"{"id":7,"kind":"jwt","audience":["a"]}"#);
+        let back: ChannelRequest = serde_json::from_str(&s).unwrap();
+        assert!(matches!(back.body, CompanionRequest::Jwt { .. }));
+        let resp = ChannelResponse {
+            id: 7,
+            body: CompanionResponse::Error {
+                message: "no".into(),
+            },
+        };
+        let s = serde_json::to_string(&resp).unwrap();
+        let back: ChannelResponse = serde_json::from_str(&s).unwrap();
+        assert!(matches!(back.body, CompanionResponse::Error { .. }));
+    }
+
+    #[test]
+    fn agent_requests_are_tagged() {
+        let s = serde_json::to_string(&AgentRequest::Detach {
+            container_id: "c".into(),
+        })
+        .unwrap();
+        assert_eq!(s, r#"{"op":"detach","container_id":"c"}"#);
+    }
+}

@@ -168,8 +168,8 @@ impl EmbeddedIssuer {
         let ca_key = KeyPair::try_from(zeroizing(d(&keys.ca_key_pkcs8)?).as_slice())
             .map_err(|e| corrupt(format!("CA key: {e}")))?;
         let jwt_pkcs8 = zeroizing(d(&keys.jwt_key_pkcs8)?);
-        let jwt_pair =
-            KeyPair::try_from(jwt_pkcs8.as_slice()).map_err(|e| corrupt(format!("JWT key: {e}")))?;
+        let jwt_pair = KeyPair::try_from(jwt_pkcs8.as_slice())
+            .map_err(|e| corrupt(format!("JWT key: {e}")))?;
         let ca_cert_der = rustls_pki_types::CertificateDer::from(ca_der.clone());
         let ca = CaIssuer::from_ca_cert_der(&ca_cert_der, ca_key)
             .map_err(|e| corrupt(format!("CA certificate: {e}")))?;
@@ -181,7 +181,9 @@ impl EmbeddedIssuer {
             return Err(corrupt("JWT key is not an uncompressed P-256 point".into()));
         }
         let (x, y) = (B64URL.encode(&raw[1..33]), B64URL.encode(&raw[33..65]));
-        let thumb = Sha256::digest(format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#));
+        let thumb = Sha256::digest(format!(
+            r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#
+        ));
         let kid = B64URL.encode(thumb);
         let jwks = serde_json::json!({
             "keys": [{
@@ -419,7 +421,10 @@ mod tests {
         v.set_required_spec_claims(&["exp", "sub", "aud"]);
         let data = jsonwebtoken::decode::<serde_json::Value>(&jwt.token, &key, &v).unwrap();
         assert_eq!(data.claims["sub"], id.as_str());
-        assert_eq!(data.header.kid.as_deref(), jwks.keys[0].common.key_id.as_deref());
+        assert_eq!(
+            data.header.kid.as_deref(),
+            jwks.keys[0].common.key_id.as_deref()
+        );
         assert_eq!(jwt.expires_at - jwt.issued_at, 300);
         assert!(iss.issue_jwt(&id, &[]).is_err());
         let foreign = SpiffeId::new("evil.org", "x").unwrap();

@@ -26,7 +26,9 @@ pub enum KeystoreError {
     },
     #[error("master key {path} must be exactly 32 bytes (found {len})")]
     BadKeyLength { path: PathBuf, len: u64 },
-    #[error("master key {path} is readable by group or others (mode {mode:o}); it must be 0400 or 0600")]
+    #[error(
+        "master key {path} is readable by group or others (mode {mode:o}); it must be 0400 or 0600"
+    )]
     KeyTooOpen { path: PathBuf, mode: u32 },
     #[error("master key {path} must be owned by uid {expected} (is owned by {found})")]
     KeyOwner {
@@ -145,7 +147,10 @@ impl MasterKey {
         };
         let env: Envelope = serde_json::from_slice(sealed).map_err(|e| fmt(e.to_string()))?;
         if env.version != 1 || env.alg != ALG {
-            return Err(fmt(format!("unsupported version {} / alg {}", env.version, env.alg)));
+            return Err(fmt(format!(
+                "unsupported version {} / alg {}",
+                env.version, env.alg
+            )));
         }
         if env.label != label {
             return Err(fmt(format!("holds {:?}, expected {:?}", env.label, label)));
@@ -154,7 +159,9 @@ impl MasterKey {
         if nonce.len() != 24 {
             return Err(fmt("bad nonce length".into()));
         }
-        let ct = B64.decode(&env.ciphertext).map_err(|e| fmt(e.to_string()))?;
+        let ct = B64
+            .decode(&env.ciphertext)
+            .map_err(|e| fmt(e.to_string()))?;
         XChaCha20Poly1305::new((&self.0).into())
             .decrypt(
                 XNonce::from_slice(&nonce),
@@ -222,25 +229,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kp = dir.path().join("k/master.key");
         let k = MasterKey::create(&kp).unwrap();
-        assert_eq!(fs::metadata(&kp).unwrap().permissions().mode() & 0o777, 0o400);
+        assert_eq!(
+            fs::metadata(&kp).unwrap().permissions().mode() & 0o777,
+            0o400
+        );
         assert!(MasterKey::create(&kp).is_err(), "never overwrites a key");
         let sealed = k.seal("nhi/test", b"top secret");
         assert!(!String::from_utf8_lossy(&sealed).contains("top secret"));
         let p = Path::new("x");
         assert_eq!(k.open(p, "nhi/test", &sealed).unwrap(), b"top secret");
-        assert!(matches!(k.open(p, "nhi/other", &sealed), Err(KeystoreError::Format { .. })));
+        assert!(matches!(
+            k.open(p, "nhi/other", &sealed),
+            Err(KeystoreError::Format { .. })
+        ));
 
         let mut env: Envelope = serde_json::from_slice(&sealed).unwrap();
         let mut ct = B64.decode(&env.ciphertext).unwrap();
         ct[0] ^= 1;
         env.ciphertext = B64.encode(ct);
         let tampered = serde_json::to_vec(&env).unwrap();
-        assert!(matches!(k.open(p, "nhi/test", &tampered), Err(KeystoreError::Decrypt { .. })));
+        assert!(matches!(
+            k.open(p, "nhi/test", &tampered),
+            Err(KeystoreError::Decrypt { .. })
+        ));
 
         let k2 = MasterKey::load(&kp).unwrap();
         assert_eq!(k2.open(p, "nhi/test", &sealed).unwrap(), b"top secret");
         let other = MasterKey::create(&dir.path().join("other.key")).unwrap();
-        assert!(matches!(other.open(p, "nhi/test", &sealed), Err(KeystoreError::Decrypt { .. })));
+        assert!(matches!(
+            other.open(p, "nhi/test", &sealed),
+            Err(KeystoreError::Decrypt { .. })
+        ));
     }
 
     #[test]
@@ -249,10 +268,16 @@ mod tests {
         let kp = dir.path().join("master.key");
         MasterKey::create(&kp).unwrap();
         fs::set_permissions(&kp, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(MasterKey::load(&kp), Err(KeystoreError::KeyTooOpen { .. })));
+        assert!(matches!(
+            MasterKey::load(&kp),
+            Err(KeystoreError::KeyTooOpen { .. })
+        ));
         fs::set_permissions(&kp, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(&kp, b"short").unwrap();
-        assert!(matches!(MasterKey::load(&kp), Err(KeystoreError::BadKeyLength { .. })));
+        assert!(matches!(
+            MasterKey::load(&kp),
+            Err(KeystoreError::BadKeyLength { .. })
+        ));
     }
 
     #[test]
@@ -262,6 +287,9 @@ mod tests {
         write_atomic(&p, b"one", 0o600).unwrap();
         write_atomic(&p, b"two", 0o600).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

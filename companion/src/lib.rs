@@ -1,14 +1,62 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! nhi-companion: one per workload network namespace. Serves its workload's identity on
+//! loopback, from a cache refreshed at half-life through the socketpair to `nhid`.
+
+pub mod cache;
+pub mod channel;
+pub mod harden;
+pub mod http;
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use nhi_core::wire::{CompanionRequest, CompanionResponse};
+
+pub struct Options {
+    pub listen: SocketAddr,
+    pub channel_fd: RawFd,
+    pub max_cached_audiences: usize,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+/// Hardens the process, binds, says hello to nhid and serves until nhid closes the channel.
+pub fn run(opts: Options) -> Result<(), String> {
+    if opts.channel_fd < 3 {
+        return Err(format!(
+            "--channel-fd {} is not an inherited channel",
+            opts.channel_fd
+        ));
     }
+    // SAFETY: nhid passes the fd number of the socketpair end it left open for us across
+    // exec; nothing else in this process owns or closes it.
+    let channel_fd = unsafe { OwnedFd::from_raw_fd(opts.channel_fd) };
+    harden::harden()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .map_err(|e| format!("listening on {}: {e}", opts.listen))?;
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        let channel = channel::Channel::start(channel_fd, move || {
+            let _ = closed_tx.send(());
+        })
+        .map_err(|e| format!("channel: {e}"))?;
+        let init = match channel.call(CompanionRequest::Hello).await? {
+            CompanionResponse::Init(i) => i,
+            CompanionResponse::Error { message } => return Err(format!("nhid refused: {message}")),
+            other => return Err(format!("unexpected hello answer: {other:?}")),
+        };
+        eprintln!("serving {} on http://{}", init.spiffe_id, opts.listen);
+        let creds = cache::Creds::new(channel, opts.max_cached_audiences);
+        let api = Arc::new(http::Api::new(&init, creds));
+        tokio::select! {
+            _ = http::serve(listener, api) => Ok(()),
+            _ = closed_rx => {
+                eprintln!("nhid closed the channel; exiting");
+                Ok(())
+            }
+        }
+    })
 }

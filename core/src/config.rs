@@ -201,17 +201,26 @@ impl Config {
             }
         }
         if raw.issuer.x509_ttl >= raw.issuer.ca_ttl {
-            return Err(invalid("issuer.x509_ttl must be shorter than issuer.ca_ttl".into()));
+            return Err(invalid(
+                "issuer.x509_ttl must be shorter than issuer.ca_ttl".into(),
+            ));
         }
-        if raw.companion.user.is_empty() || raw.companion.user == "root" || raw.companion.user == "0" {
-            return Err(invalid("companion.user must name an unprivileged user, never root".into()));
+        if raw.companion.user.is_empty()
+            || raw.companion.user == "root"
+            || raw.companion.user == "0"
+        {
+            return Err(invalid(
+                "companion.user must name an unprivileged user, never root".into(),
+            ));
         }
         raw.companion
             .listen
             .parse::<std::net::SocketAddr>()
             .map_err(|e| invalid(format!("companion.listen {:?}: {e}", raw.companion.listen)))?;
         if raw.companion.max_cached_audiences == 0 {
-            return Err(invalid("companion.max_cached_audiences must be at least 1".into()));
+            return Err(invalid(
+                "companion.max_cached_audiences must be at least 1".into(),
+            ));
         }
         let mut seen = BTreeMap::new();
         let mut rules = Vec::with_capacity(raw.rules.len());
@@ -301,22 +310,29 @@ annotations = { "nhi.dev/inject" = "true" }
         assert_eq!(c.issuer.jwt_ttl, Duration::from_secs(120));
         assert_eq!(c.rules.len(), 1);
         assert!(c.rules[0].fail_open);
-        assert_eq!(c.rule("k8s").unwrap().spiffe_id.source(), "ns/{k8s.namespace}/pod/{k8s.pod}");
+        assert_eq!(
+            c.rule("k8s").unwrap().spiffe_id.source(),
+            "ns/{k8s.namespace}/pod/{k8s.pod}"
+        );
     }
 
     #[test]
     fn errors_name_the_problem() {
-        let e = parse("trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x/{k8s.bogus}\"\n")
-            .unwrap_err()
-            .to_string();
+        let e =
+            parse("trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x/{k8s.bogus}\"\n")
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("rule \"a\"") && e.contains("k8s.bogus"), "{e}");
-        let e = parse("trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x//{k8s.pod}\"\n")
-            .unwrap_err()
-            .to_string();
+        let e =
+            parse("trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x//{k8s.pod}\"\n")
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("cannot produce a valid SPIFFE ID"), "{e}");
         let e = parse("trust_domain = \"TD\"\n").unwrap_err().to_string();
         assert!(e.contains("trust domain"), "{e}");
-        let e = parse("trust_domain = \"td\"\nbogus = 1\n").unwrap_err().to_string();
+        let e = parse("trust_domain = \"td\"\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus"), "{e}");
         let e = parse("trust_domain = \"td\"\n[companion]\nuser = \"root\"\n")
             .unwrap_err()

@@ -70,7 +70,8 @@ pub fn glob_match(pattern: &str, value: &str) -> bool {
         return pattern == value;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !value.starts_with(first) || value.len() < first.len() + last.len() || !value.ends_with(last) {
+    if !value.starts_with(first) || value.len() < first.len() + last.len() || !value.ends_with(last)
+    {
         return false;
     }
     let mut rest = &value[first.len()..value.len() - last.len()];
@@ -134,7 +135,8 @@ images = ["busybox*"]
             ..Default::default()
         };
         assert_eq!(select(&c, &w).unwrap().name, "prod");
-        w.annotations.insert(INJECT_ANNOTATION.into(), "false".into());
+        w.annotations
+            .insert(INJECT_ANNOTATION.into(), "false".into());
         assert!(select(&c, &w).is_none());
 
         let mut w = Workload {
@@ -143,7 +145,8 @@ images = ["busybox*"]
             ..Default::default()
         };
         assert!(select(&c, &w).is_none(), "needs the annotation too");
-        w.annotations.insert(INJECT_ANNOTATION.into(), "true".into());
+        w.annotations
+            .insert(INJECT_ANNOTATION.into(), "true".into());
         assert_eq!(select(&c, &w).unwrap().name, "annotated");
         w.image = Some("alpine".into());
         assert!(select(&c, &w).is_none());

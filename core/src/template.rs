@@ -62,9 +62,12 @@ impl Template {
                     if i > 0 {
                         parts.push(Part::Lit(rest[..i].to_string()));
                     }
-                    let end = rest[i..].find('}').ok_or_else(|| TemplateError::Unbalanced {
-                        template: source.to_string(),
-                    })? + i;
+                    let end = rest[i..]
+                        .find('}')
+                        .ok_or_else(|| TemplateError::Unbalanced {
+                            template: source.to_string(),
+                        })?
+                        + i;
                     let name = &rest[i + 1..end];
                     if name.contains('{') {
                         return Err(TemplateError::Unbalanced {
@@ -118,7 +121,11 @@ impl Template {
 
     /// Renders the SPIFFE ID for `workload`. Values are never escaped or rewritten: a value
     /// that is not a valid path segment is an error, so two workloads can't collide on one ID.
-    pub fn render(&self, trust_domain: &str, workload: &Workload) -> Result<SpiffeId, TemplateError> {
+    pub fn render(
+        &self,
+        trust_domain: &str,
+        workload: &Workload,
+    ) -> Result<SpiffeId, TemplateError> {
         let mut path = String::new();
         for p in &self.parts {
             match p {
@@ -171,7 +178,10 @@ mod tests {
             "spiffe://td/ns/prod/pod/web-0"
         );
         let t = Template::parse("c-{container.id}", "td").unwrap();
-        assert_eq!(t.render("td", &wl()).unwrap().as_str(), "spiffe://td/c-abc123");
+        assert_eq!(
+            t.render("td", &wl()).unwrap().as_str(),
+            "spiffe://td/c-abc123"
+        );
         assert_eq!(t.vars().collect::<Vec<_>>(), vec!["container.id"]);
     }
 
@@ -189,9 +199,19 @@ mod tests {
             Template::parse("ns}/x", "td"),
             Err(TemplateError::Unbalanced { .. })
         ));
-        for bad in ["/ns/{k8s.pod}", "ns//{k8s.pod}", "ns/{k8s.pod}/", "a b/{k8s.pod}", "../{k8s.pod}", ""] {
+        for bad in [
+            "/ns/{k8s.pod}",
+            "ns//{k8s.pod}",
+            "ns/{k8s.pod}/",
+            "a b/{k8s.pod}",
+            "../{k8s.pod}",
+            "",
+        ] {
             assert!(
-                matches!(Template::parse(bad, "td"), Err(TemplateError::Invalid { .. })),
+                matches!(
+                    Template::parse(bad, "td"),
+                    Err(TemplateError::Invalid { .. })
+                ),
                 "{bad:?} should be invalid"
             );
         }
@@ -201,12 +221,21 @@ mod tests {
     #[test]
     fn missing_or_unsafe_values_are_errors() {
         let t = Template::parse("nomad/{nomad.job}", "td").unwrap();
-        assert!(matches!(t.render("td", &wl()), Err(TemplateError::Missing { .. })));
+        assert!(matches!(
+            t.render("td", &wl()),
+            Err(TemplateError::Missing { .. })
+        ));
         let mut w = wl();
         w.k8s.as_mut().unwrap().pod = Some("../etc".into());
         let t = Template::parse("pod/{k8s.pod}", "td").unwrap();
-        assert!(matches!(t.render("td", &w), Err(TemplateError::BadValue { .. })));
+        assert!(matches!(
+            t.render("td", &w),
+            Err(TemplateError::BadValue { .. })
+        ));
         w.k8s.as_mut().unwrap().pod = Some("a/b".into());
-        assert!(matches!(t.render("td", &w), Err(TemplateError::BadValue { .. })));
+        assert!(matches!(
+            t.render("td", &w),
+            Err(TemplateError::BadValue { .. })
+        ));
     }
 }

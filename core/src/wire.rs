@@ -14,14 +14,16 @@ use crate::workload::Workload;
 pub enum AgentRequest {
     /// From `nhi-hook createRuntime`: attach a companion to the container whose init is `pid`.
     Attach {
-        workload: Workload,
+        workload: Box<Workload>,
         pid: i32,
         /// The rule the hook selected; `nhid` re-evaluates with its own config and only uses this
         /// to detect a hook/daemon config mismatch.
         rule: String,
     },
     /// From `nhi-hook poststop`: the container is gone.
-    Detach { container_id: String },
+    Detach {
+        container_id: String,
+    },
     Status,
 }
 
@@ -41,7 +43,9 @@ pub enum AgentResponse {
         stopped: bool,
     },
     Status(Status),
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,7 +79,9 @@ pub struct ChannelRequest {
 pub enum CompanionRequest {
     /// Sent once the HTTP listener is bound: the companion is ready to serve.
     Hello,
-    Jwt { audience: Vec<String> },
+    Jwt {
+        audience: Vec<String>,
+    },
     X509,
 }
 
@@ -90,9 +96,9 @@ pub struct ChannelResponse {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CompanionResponse {
-    Init(Init),
+    Init(Box<Init>),
     Jwt(JwtSvid),
-    X509(X509Svid),
+    X509(Box<X509Svid>),
     Error { message: String },
 }
 

@@ -23,7 +23,11 @@ pub mod cri {
 }
 
 /// Annotations other runtimes use for a container's human name and image, in order of trust.
-const NAME_ANNOTATIONS: &[&str] = &[cri::CONTAINER_NAME, "nerdctl/name", "io.podman.annotations.name"];
+const NAME_ANNOTATIONS: &[&str] = &[
+    cri::CONTAINER_NAME,
+    "nerdctl/name",
+    "io.podman.annotations.name",
+];
 const IMAGE_ANNOTATIONS: &[&str] = &[
     cri::IMAGE_NAME,
     "io.containerd.image.name",
@@ -111,19 +115,20 @@ impl Workload {
         let get = |k: &str| ann.get(k).map(|v| v.to_string()).filter(|v| !v.is_empty());
         let first = |keys: &[&str]| keys.iter().find_map(|k| get(k));
 
-        let k8s = if ann.contains_key(cri::SANDBOX_NAMESPACE) || ann.contains_key(cri::CONTAINER_TYPE) {
-            Some(K8s {
-                namespace: get(cri::SANDBOX_NAMESPACE),
-                pod: get(cri::SANDBOX_NAME),
-                pod_uid: get(cri::SANDBOX_UID),
-                container: get(cri::CONTAINER_NAME),
-                container_type: get(cri::CONTAINER_TYPE),
-                sandbox_id: get(cri::SANDBOX_ID),
-                service_account: None,
-            })
-        } else {
-            None
-        };
+        let k8s =
+            if ann.contains_key(cri::SANDBOX_NAMESPACE) || ann.contains_key(cri::CONTAINER_TYPE) {
+                Some(K8s {
+                    namespace: get(cri::SANDBOX_NAMESPACE),
+                    pod: get(cri::SANDBOX_NAME),
+                    pod_uid: get(cri::SANDBOX_UID),
+                    container: get(cri::CONTAINER_NAME),
+                    container_type: get(cri::CONTAINER_TYPE),
+                    sandbox_id: get(cri::SANDBOX_ID),
+                    service_account: None,
+                })
+            } else {
+                None
+            };
 
         let env: Vec<&str> = spec
             .process()
@@ -214,7 +219,10 @@ mod tests {
     use super::*;
 
     fn parse(state: &str, spec: &str) -> (State, Spec) {
-        (serde_json::from_str(state).unwrap(), serde_json::from_str(spec).unwrap())
+        (
+            serde_json::from_str(state).unwrap(),
+            serde_json::from_str(spec).unwrap(),
+        )
     }
 
     #[test]
@@ -236,8 +244,16 @@ mod tests {
         assert_eq!(w.var("k8s.pod"), Some("web-0"));
         assert_eq!(w.var("nomad.job"), Some("billing"));
         assert_eq!(w.var("nomad.task"), Some("api"));
-        assert_eq!(w.var("nomad.namespace"), None, "empty values count as absent");
-        assert_eq!(w.annotations.len(), 1, "only nhi.dev/* annotations are kept");
+        assert_eq!(
+            w.var("nomad.namespace"),
+            None,
+            "empty values count as absent"
+        );
+        assert_eq!(
+            w.annotations.len(),
+            1,
+            "only nhi.dev/* annotations are kept"
+        );
         // The rest of the environment never enters the workload record.
         assert!(!serde_json::to_string(&w).unwrap().contains("hunter2"));
         assert_eq!(netns_of(&spec), NetNs::New);

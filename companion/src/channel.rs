@@ -1,0 +1,81 @@
+//! The companion's end of the socketpair `nhid` handed it at spawn: its only way to credentials.
+//! Requests are multiplexed by id; when `nhid` closes its end (detach, shutdown) the companion
+//! exits, so it never outlives the decision to serve its workload.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+
+use futures_util::StreamExt;
+use nhi_core::wire::{
+    ChannelRequest, ChannelResponse, CompanionRequest, CompanionResponse, MAX_LINE,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, LinesCodec};
+
+type Reply = oneshot::Sender<CompanionResponse>;
+
+#[derive(Clone)]
+pub struct Channel {
+    tx: mpsc::Sender<(CompanionRequest, Reply)>,
+}
+
+impl Channel {
+    /// Takes ownership of the channel fd and starts its I/O task. `on_close` runs when nhid
+    /// closes the channel.
+    pub fn start(fd: OwnedFd, on_close: impl FnOnce() + Send + 'static) -> std::io::Result<Self> {
+        let std_stream = std::os::unix::net::UnixStream::from(fd);
+        std_stream.set_nonblocking(true)?;
+        let stream = UnixStream::from_std(std_stream)?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            io_task(stream, rx).await;
+            on_close();
+        });
+        Ok(Channel { tx })
+    }
+
+    pub async fn call(&self, req: CompanionRequest) -> Result<CompanionResponse, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((req, reply))
+            .await
+            .map_err(|_| "channel to nhid is closed".to_string())?;
+        rx.await
+            .map_err(|_| "channel to nhid is closed".to_string())
+    }
+}
+
+async fn io_task(stream: UnixStream, mut rx: mpsc::Receiver<(CompanionRequest, Reply)>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
+    let mut pending: HashMap<u64, Reply> = HashMap::new();
+    let mut next_id: u64 = 1;
+    loop {
+        tokio::select! {
+            req = rx.recv() => {
+                let Some((body, reply)) = req else { return };
+                let id = next_id;
+                next_id += 1;
+                let mut line = serde_json::to_vec(&ChannelRequest { id, body }).expect("request serializes");
+                line.push(b'\n');
+                if wr.write_all(&line).await.is_err() {
+                    return;
+                }
+                pending.insert(id, reply);
+            }
+            line = lines.next() => {
+                let Some(Ok(line)) = line else { return };
+                match serde_json::from_str::<ChannelResponse>(&line) {
+                    Ok(resp) => {
+                        if let Some(reply) = pending.remove(&resp.id) {
+                            let _ = reply.send(resp.body);
+                        }
+                    }
+                    Err(e) => eprintln!("nhi-companion: bad message from nhid: {e}"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The companion's HTTP API on loopback inside the workload's network namespace.
+//! Every error is a 4xx/5xx with a JSON body `{"error": code, "message": text}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use nhi_core::wire::Init;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::cache::Creds;
+
+/// Most connections served at once; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 256;
+const MAX_AUDIENCES: usize = 8;
+const MAX_AUDIENCE_LEN: usize = 256;
+
+pub struct Api {
+    creds: Arc<Creds>,
+    identity: Bytes,
+    bundle: Bytes,
+    jwks: Bytes,
+    health: Bytes,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+impl Api {
+    pub fn new(init: &Init, creds: Arc<Creds>) -> Self {
+        let identity = serde_json::json!({
+            "spiffe_id": init.spiffe_id,
+            "trust_domain": init.trust_domain,
+            "rule": init.rule,
+            "workload": init.workload,
+        });
+        Api {
+            creds,
+            identity: json_bytes(&identity),
+            bundle: Bytes::from(init.bundle_pem.clone()),
+            jwks: json_bytes(&init.jwks),
+            health: json_bytes(&serde_json::json!({"status": "ok", "spiffe_id": init.spiffe_id})),
+        }
+    }
+
+    pub async fn route(&self, req: &Request<Incoming>) -> Resp {
+        let path = req.uri().path();
+        let known = matches!(
+            path,
+            "/healthz" | "/v1/identity" | "/v1/token" | "/v1/x509" | "/v1/bundle" | "/v1/jwks"
+        );
+        if !known {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no such endpoint: {path}"),
+            );
+        }
+        if req.method() != Method::GET {
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("{path} only answers GET"),
+            );
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET"));
+            return r;
+        }
+        match path {
+            "/healthz" => ok(self.health.clone(), "application/json"),
+            "/v1/identity" => ok(self.identity.clone(), "application/json"),
+            "/v1/bundle" => ok(self.bundle.clone(), "application/x-pem-file"),
+            "/v1/jwks" => ok(self.jwks.clone(), "application/json"),
+            "/v1/token" => self.token(req.uri().query().unwrap_or("")).await,
+            "/v1/x509" => match self.creds.x509().await {
+                Ok(x) => {
+                    let mut pem = String::with_capacity(x.cert_chain_pem.len() + x.key_pem.len());
+                    pem.push_str(&x.cert_chain_pem);
+                    pem.push_str(&x.key_pem);
+                    secret(ok(Bytes::from(pem), "application/x-pem-file"))
+                }
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "issuer_unavailable", &e),
+            },
+            _ => unreachable!("checked above"),
+        }
+    }
+
+    async fn token(&self, query: &str) -> Resp {
+        let audience = match parse_audience(query) {
+            Ok(a) => a,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e),
+        };
+        match self.creds.jwt(audience).await {
+            Ok(j) => {
+                let body = serde_json::json!({
+                    "token": j.token,
+                    "spiffe_id": j.spiffe_id,
+                    "audience": j.audience,
+                    "issued_at": j.issued_at,
+                    "expires_at": j.expires_at,
+                });
+                secret(ok(json_bytes(&body), "application/json"))
+            }
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "issuer_unavailable", &e),
+        }
+    }
+}
+
+/// `audience=A` (repeatable). Nothing else is accepted, so a typo'd parameter isn't ignored.
+pub fn parse_audience(query: &str) -> Result<Vec<String>, String> {
+    let mut aud = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k != "audience" {
+            return Err(format!("unknown query parameter {k:?} (only \"audience\")"));
+        }
+        if v.is_empty() || v.len() > MAX_AUDIENCE_LEN || v.chars().any(char::is_control) {
+            return Err(format!(
+                "audience must be 1 to {MAX_AUDIENCE_LEN} bytes without control characters"
+            ));
+        }
+        if !aud.iter().any(|a| a == &v) {
+            aud.push(v.into_owned());
+        }
+    }
+    if aud.is_empty() {
+        return Err("missing required query parameter audience".into());
+    }
+    if aud.len() > MAX_AUDIENCES {
+        return Err(format!("at most {MAX_AUDIENCES} audiences"));
+    }
+    Ok(aud)
+}
+
+fn json_bytes(v: &serde_json::Value) -> Bytes {
+    let mut b = serde_json::to_vec(v).expect("json serializes");
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+fn ok(body: Bytes, content_type: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(body));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// Credentials must not end up in shared caches.
+fn secret(mut r: Resp) -> Resp {
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Resp {
+    let mut r = ok(
+        json_bytes(&serde_json::json!({"error": code, "message": message})),
+        "application/json",
+    );
+    *r.status_mut() = status;
+    r
+}
+
+pub async fn serve(listener: TcpListener, api: Arc<Api>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closes");
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("nhi-companion: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let api = api.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.route(&req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audience_parsing() {
+        assert_eq!(parse_audience("audience=a").unwrap(), vec!["a"]);
+        assert_eq!(
+            parse_audience("audience=a&audience=b%20c&audience=a").unwrap(),
+            vec!["a", "b c"]
+        );
+        assert!(parse_audience("").is_err());
+        assert!(parse_audience("audience=").is_err());
+        assert!(parse_audience("aud=a").is_err());
+        assert!(parse_audience("audience=a%0Ab").is_err());
+        assert!(parse_audience(&format!("audience={}", "x".repeat(300))).is_err());
+        let many: Vec<String> = (0..9).map(|i| format!("audience={i}")).collect();
+        assert!(parse_audience(&many.join("&")).is_err());
+    }
+}

@@ -1,0 +1,31 @@
+use std::net::SocketAddr;
+
+use clap::Parser;
+
+/// nhi-companion: serves one workload's identity on loopback. Started by nhid, never by hand.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on inside the workload's network namespace.
+    #[arg(long, default_value = nhi_core::config::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// File descriptor of the socketpair to nhid, inherited at spawn.
+    #[arg(long)]
+    channel_fd: i32,
+    /// Most JWT-SVID audience sets kept cached.
+    #[arg(long, default_value_t = 64)]
+    max_cached_audiences: usize,
+}
+
+fn main() {
+    let a = Args::parse();
+    let opts = nhi_companion::Options {
+        listen: a.listen,
+        channel_fd: a.channel_fd,
+        max_cached_audiences: a.max_cached_audiences,
+    };
+    if let Err(e) = nhi_companion::run(opts) {
+        eprintln!("nhi-companion: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,14 +1,551 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! Test harness for nhi against real components: a private `nhid` per test (own temp dir,
+//! state dir and socket), a busybox rootfs, OCI bundles with the nhi hooks, real `runc` with a
+//! private `--root`. Used by the integration tests and by the benchmarks in `bench/`.
+//!
+//! Needs root and `runc` + `busybox` (installed by `scripts/install-deps`). It does not skip
+//! itself when they are missing: it fails and says what to install.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nhi_core::wire::{call_agent, AgentRequest, AgentResponse, Status};
+
+/// Uid (and gid) companions run as in tests: an unprivileged id no real user has.
+pub const COMPANION_UID: u32 = 65533;
+pub const TRUST_DOMAIN: &str = "example.org";
+pub const COMPANION_URL: &str = "http://127.0.0.1:15100";
+
+/// Directory holding the built nhi binaries: `NHI_BIN_DIR`, else the cargo target dir this
+/// test binary runs from (`target/<profile>/deps/..`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("NHI_BIN_DIR") {
+        return d.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins), or set NHI_BIN_DIR",
+        p.display()
+    );
+    p
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+/// Fails the test (never skips) unless we are root with runc and busybox at hand.
+pub fn require_runtime() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "integration tests need root (they run real containers); run scripts/test as root"
+    );
+    for tool in ["runc"] {
+        assert!(
+            which(tool).is_some(),
+            "{tool} is not installed: run scripts/install-deps"
+        );
     }
+    busybox();
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+fn busybox() -> PathBuf {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("busybox is not installed: run scripts/install-deps (package busybox-static)")
+}
+
+/// A process-unique container id (cgroup paths are global, tests run in parallel).
+pub fn unique_id(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A private node: config, nhid, runc root and a busybox rootfs, all in one temp dir.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub rootfs: PathBuf,
+    pub runc_root: PathBuf,
+    nhid: Option<Child>,
+}
+
+/// The default test rule: containers annotated `nhi.dev/inject=true` get
+/// `spiffe://example.org/container/<name>`.
+pub const ANNOTATED_RULE: &str = r#"
+[[rule]]
+name = "annotated"
+spiffe_id = "container/{container.name}"
+[rule.match]
+annotations = { "nhi.dev/inject" = "true" }
+"#;
+
+impl Node {
+    /// Writes a config whose rules are `rules` (TOML `[[rule]]` tables) and `extra` settings.
+    pub fn new(rules: &str) -> Node {
+        Self::with_config(rules, "")
+    }
+
+    pub fn with_config(rules: &str, extra_top: &str) -> Node {
+        require_runtime();
+        let dir = tempfile::Builder::new()
+            .prefix("nhi-it-")
+            .tempdir()
+            .expect("tempdir");
+        // The companion runs as an unprivileged uid: it must be able to reach its binary.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let bin_copy = dir.path().join("bin");
+        fs::create_dir(&bin_copy).unwrap();
+        fs::set_permissions(&bin_copy, fs::Permissions::from_mode(0o755)).unwrap();
+        let companion = bin_copy.join("nhi-companion");
+        fs::copy(bin("nhi-companion"), &companion).unwrap();
+        fs::set_permissions(&companion, fs::Permissions::from_mode(0o755)).unwrap();
+
+        let state_dir = dir.path().join("state");
+        let socket = dir.path().join("run/nhid.sock");
+        let config = dir.path().join("nhi.toml");
+        fs::write(
+            &config,
+            format!(
+                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\nuser = \"{COMPANION_UID}\"\n{rules}",
+                state_dir.display(),
+                socket.display(),
+                companion.display(),
+            ),
+        )
+        .unwrap();
+        let rootfs = dir.path().join("rootfs");
+        make_rootfs(&rootfs);
+        let runc_root = dir.path().join("runc");
+        Node {
+            config,
+            socket,
+            state_dir,
+            rootfs,
+            runc_root,
+            dir,
+            nhid: None,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Starts nhid and waits until its socket answers.
+    pub fn start(&mut self) {
+        self.try_start().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    pub fn try_start(&mut self) -> Result<(), String> {
+        assert!(self.nhid.is_none(), "nhid already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("nhid.log"))
+            .unwrap();
+        let mut child = Command::new(bin("nhid"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("NHI_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nhid");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("nhid exited with {status}: {}", self.log()));
+            }
+            if let Ok(AgentResponse::Status(_)) =
+                call_agent(&self.socket, &AgentRequest::Status, Duration::from_secs(2))
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(format!("nhid did not come up: {}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.nhid = Some(child);
+        Ok(())
+    }
+
+    /// Stops nhid with SIGTERM, as systemd would.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.nhid.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.path("nhid.log")).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Status {
+        match call_agent(&self.socket, &AgentRequest::Status, Duration::from_secs(5)) {
+            Ok(AgentResponse::Status(s)) => s,
+            other => panic!("status: {other:?}"),
+        }
+    }
+
+    pub fn agent(&self, req: &AgentRequest) -> AgentResponse {
+        call_agent(&self.socket, req, Duration::from_secs(10)).expect("agent call")
+    }
+
+    /// Companion pid serving `container_id`, from nhid's status.
+    pub fn companion_pid(&self, container_id: &str) -> Option<i32> {
+        self.status()
+            .workloads
+            .into_iter()
+            .find(|w| w.containers.iter().any(|c| c == container_id))
+            .map(|w| w.companion_pid)
+    }
+
+    pub fn bundle(&self, id: &str) -> BundleBuilder<'_> {
+        BundleBuilder {
+            node: self,
+            id: id.to_string(),
+            args: vec!["sleep".into(), "3600".into()],
+            annotations: vec![],
+            env: vec![],
+            host_netns: false,
+            hooks: true,
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Remove whatever containers a failing test left behind, then nhid.
+        if let Ok(out) = Command::new("runc")
+            .arg("--root")
+            .arg(&self.runc_root)
+            .args(["list", "-q"])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = runc(&self.runc_root, &["delete", "-f", id]);
+            }
+        }
+        self.stop();
+    }
+}
+
+fn make_rootfs(root: &Path) {
+    let bin = root.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    for d in ["proc", "dev", "sys", "tmp", "etc", "run"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy(busybox(), bin.join("busybox")).unwrap();
+    for applet in [
+        "sh", "wget", "ps", "sleep", "cat", "true", "ip", "echo", "kill", "ls", "id",
+    ] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
+}
+
+pub fn runc(root: &Path, args: &[&str]) -> Output {
+    Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run runc")
+}
+
+pub struct BundleBuilder<'n> {
+    node: &'n Node,
+    id: String,
+    args: Vec<String>,
+    annotations: Vec<(String, String)>,
+    env: Vec<String>,
+    host_netns: bool,
+    hooks: bool,
+}
+
+impl<'n> BundleBuilder<'n> {
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    pub fn annotation(mut self, k: &str, v: &str) -> Self {
+        self.annotations.push((k.into(), v.into()));
+        self
+    }
+    /// Shorthand for `nhi.dev/inject=true`.
+    pub fn inject(self) -> Self {
+        self.annotation("nhi.dev/inject", "true")
+    }
+    pub fn env(mut self, kv: &str) -> Self {
+        self.env.push(kv.into());
+        self
+    }
+    pub fn host_netns(mut self) -> Self {
+        self.host_netns = true;
+        self
+    }
+    pub fn without_hooks(mut self) -> Self {
+        self.hooks = false;
+        self
+    }
+
+    /// Writes `<dir>/bundles/<id>/config.json` and returns the container handle (not started).
+    pub fn write(self) -> Container {
+        let bundle = self.node.path(&format!("bundles/{}", self.id));
+        fs::create_dir_all(&bundle).unwrap();
+        let out = Command::new("runc")
+            .arg("spec")
+            .current_dir(&bundle)
+            .output()
+            .expect("runc spec");
+        assert!(out.status.success(), "runc spec: {out:?}");
+        let path = bundle.join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        spec["root"]["path"] = self.node.rootfs.display().to_string().into();
+        spec["root"]["readonly"] = true.into();
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["args"] = self.args.into();
+        let mut env: Vec<serde_json::Value> = spec["process"]["env"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        env.extend(self.env.into_iter().map(Into::into));
+        spec["process"]["env"] = env.into();
+        spec["hostname"] = "workload".into();
+        let ann: serde_json::Map<String, serde_json::Value> = self
+            .annotations
+            .into_iter()
+            .map(|(k, v)| (k, v.into()))
+            .collect();
+        spec["annotations"] = ann.into();
+        if self.host_netns {
+            let ns = spec["linux"]["namespaces"].as_array_mut().unwrap();
+            ns.retain(|n| n["type"] != "network");
+        }
+        if self.hooks {
+            let hook = bin("nhi-hook").display().to_string();
+            let cfg = self.node.config.display().to_string();
+            spec["hooks"] = serde_json::json!({
+                "createRuntime": [{"path": hook, "args": ["nhi-hook", "createRuntime", "--config", cfg]}],
+                "poststop": [{"path": hook, "args": ["nhi-hook", "poststop", "--config", cfg]}],
+            });
+        }
+        fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+        Container {
+            id: self.id,
+            bundle,
+            runc_root: self.node.runc_root.clone(),
+        }
+    }
+}
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    runc_root: PathBuf,
+}
+
+impl Container {
+    fn runc(&self, args: &[&str]) -> Output {
+        runc(&self.runc_root, args)
+    }
+
+    /// `runc run -d`: returns once the container runs (hooks done), or runc's stderr.
+    pub fn start(&self) -> Result<(), String> {
+        self.detached(&["run", "-d"])
+    }
+
+    /// `runc create`: the container exists, its process waits for `runc start`.
+    pub fn create(&self) -> Result<(), String> {
+        self.detached(&["create"])
+    }
+
+    /// The container inherits runc's stdio, so never hand it a pipe we wait on.
+    fn detached(&self, verb: &[&str]) -> Result<(), String> {
+        let err_path = self.bundle.join("runc.stderr");
+        let err = fs::File::create(&err_path).unwrap();
+        let status = Command::new("runc")
+            .arg("--root")
+            .arg(&self.runc_root)
+            .args(verb)
+            .arg("--bundle")
+            .arg(&self.bundle)
+            .arg(&self.id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .status()
+            .expect("runc run");
+        if status.success() {
+            Ok(())
+        } else {
+            Err(fs::read_to_string(&err_path).unwrap_or_default())
+        }
+    }
+
+    /// `runc run` in the foreground: the container's output and runc's exit status.
+    pub fn run(&self) -> Output {
+        Command::new("runc")
+            .arg("--root")
+            .arg(&self.runc_root)
+            .args(["run", "--bundle"])
+            .arg(&self.bundle)
+            .arg(&self.id)
+            .stdin(Stdio::null())
+            .output()
+            .expect("runc run")
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut a = vec!["exec", &self.id];
+        a.extend_from_slice(args);
+        self.runc(&a)
+    }
+
+    /// GET from the companion with busybox wget inside the container; the body on 2xx.
+    pub fn get(&self, path: &str) -> Result<String, String> {
+        let url = format!("{COMPANION_URL}{path}");
+        let out = self.exec(&["wget", "-qO-", &url]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let body = self
+            .get(path)
+            .unwrap_or_else(|e| panic!("GET {path} in {}: {e}", self.id));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    pub fn pid(&self) -> i32 {
+        let out = self.runc(&["state", &self.id]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("runc state {}: {e}: {out:?}", self.id));
+        v["pid"].as_i64().expect("pid") as i32
+    }
+
+    /// `runc delete -f`: kills the container and runs the poststop hooks.
+    pub fn delete(&self) {
+        let out = self.runc(&["delete", "-f", &self.id]);
+        assert!(out.status.success(), "runc delete {}: {out:?}", self.id);
+    }
+}
+
+/// A `/proc/<pid>/ns/<kind>` identity (the link text, e.g. `net:[4026532181]`).
+pub fn ns_of(pid: i32, kind: &str) -> String {
+    fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/ns/{kind}: {e}"))
+        .display()
+        .to_string()
+}
+
+/// A field of /proc/<pid>/status, e.g. `CapEff`.
+pub fn proc_status(pid: i32, field: &str) -> String {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+pub fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+}
+
+/// Waits up to `timeout` for `cond`.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    cond()
+}
+
+/// Plain HTTP/1.1 request to the companion from a thread that joined the network namespace of
+/// `pid` (and nothing else), to see status codes and error bodies busybox wget hides.
+pub fn http_in_netns(pid: i32, method: &str, path: &str) -> (u16, String) {
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net")).expect("open netns");
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let mut s = std::net::TcpStream::connect("127.0.0.1:15100").expect("connect companion");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    })
+    .join()
+    .expect("netns client thread")
 }

@@ -1,0 +1,622 @@
+//! The walking skeleton against real runc: a container started with the nhi hooks gets a
+//! companion in its network namespace and a SPIFFE identity that verifies against the node's
+//! trust bundle. Every test has its own nhid, state dir, socket and runc root.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use nhi_core::wire::{AgentRequest, AgentResponse};
+use nhi_core::Workload;
+use nhi_integration::*;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use x509_parser::prelude::*;
+
+fn spiffe(name: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/container/{name}")
+}
+
+fn jwks_of(c: &Container) -> String {
+    c.get("/v1/jwks").expect("jwks")
+}
+
+#[test]
+fn container_fetches_a_jwt_svid_that_verifies_against_jwks() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.bundle(&unique_id("jwt")).inject().write();
+    c.start().unwrap();
+
+    let identity = c.get_json("/v1/identity");
+    assert_eq!(identity["spiffe_id"], spiffe(&c.id));
+    assert_eq!(identity["workload"]["container_id"], c.id.as_str());
+    assert_eq!(identity["rule"], "annotated");
+
+    let tok = c.get_json("/v1/token?audience=it-audience");
+    let token = tok["token"].as_str().unwrap();
+    let claims = nhi_ctl::verify_token(token, &jwks_of(&c), "it-audience", Some(TRUST_DOMAIN))
+        .expect("token verifies against the companion's JWKS");
+    assert_eq!(
+        claims["sub"],
+        spiffe(&c.id),
+        "sub is the template's SPIFFE ID"
+    );
+    assert_eq!(claims["aud"], serde_json::json!(["it-audience"]));
+    let (iat, exp) = (
+        claims["iat"].as_u64().unwrap(),
+        claims["exp"].as_u64().unwrap(),
+    );
+    assert_eq!(exp - iat, 300, "default JWT-SVID TTL is 5 minutes");
+    assert!(claims["jti"].as_str().is_some_and(|j| !j.is_empty()));
+    // Wrong audience is refused.
+    assert!(nhi_ctl::verify_token(token, &jwks_of(&c), "other", None).is_err());
+    // Cached: the same audience gets the same token until its half-life.
+    let again = c.get_json("/v1/token?audience=it-audience");
+    assert_eq!(again["token"], tok["token"]);
+    // The JWKS the companion serves is the node's.
+    let jwks_path = node.path("jwks.json");
+    fs::write(&jwks_path, jwks_of(&c)).unwrap();
+    let out = std::process::Command::new(bin("nhictl"))
+        .args(["token", "verify", "--audience", "it-audience", "--jwks"])
+        .arg(&jwks_path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut ch| {
+            use std::io::Write;
+            ch.stdin.take().unwrap().write_all(token.as_bytes())?;
+            ch.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success(), "nhictl token verify: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&spiffe(&c.id)));
+    c.delete();
+}
+
+fn pem_certs(pem: &str) -> Vec<Vec<u8>> {
+    Pem::iter_from_buffer(pem.as_bytes())
+        .map(|p| p.unwrap())
+        .filter(|p| p.label == "CERTIFICATE")
+        .map(|p| p.contents)
+        .collect()
+}
+
+#[test]
+fn x509_svid_chains_to_the_bundle_with_one_uri_san() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.bundle(&unique_id("x509")).inject().write();
+    c.start().unwrap();
+    let pem = c.get("/v1/x509").unwrap();
+    let bundle = c.get("/v1/bundle").unwrap();
+    assert_eq!(
+        bundle,
+        node.status().bundle_pem,
+        "companion serves the node's bundle"
+    );
+    assert!(pem.contains("PRIVATE KEY"), "the SVID's key comes with it");
+
+    let chain = pem_certs(&pem);
+    assert_eq!(chain.len(), 1, "leaf directly under the root");
+    let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+    let sans: Vec<_> = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .expect("has SANs")
+        .value
+        .general_names
+        .iter()
+        .collect();
+    assert_eq!(sans.len(), 1, "exactly one SAN: {sans:?}");
+    assert!(
+        matches!(sans[0], GeneralName::URI(u) if *u == spiffe(&c.id)),
+        "{sans:?}"
+    );
+    assert!(!leaf.is_ca());
+    let ku = leaf.key_usage().unwrap().expect("key usage");
+    assert!(ku.critical && ku.value.digital_signature() && !ku.value.key_cert_sign());
+    let ttl = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    assert!(
+        (3600..=3630).contains(&ttl),
+        "1 h TTL (+30 s backdating): {ttl}"
+    );
+
+    let roots = pem_certs(&bundle);
+    let root_der = CertificateDer::from(roots[0].clone());
+    let anchor = webpki::anchor_from_trusted_cert(&root_der).unwrap();
+    let leaf_der = CertificateDer::from(chain[0].clone());
+    let ee = webpki::EndEntityCert::try_from(&leaf_der).unwrap();
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &[anchor],
+        &[],
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .expect("X.509-SVID chains to /v1/bundle");
+    c.delete();
+}
+
+#[test]
+fn two_containers_get_distinct_identities_each_from_its_own_companion() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let a = node.bundle(&unique_id("alpha")).inject().write();
+    let b = node.bundle(&unique_id("beta")).inject().write();
+    a.start().unwrap();
+    b.start().unwrap();
+    let (ia, ib) = (a.get_json("/v1/identity"), b.get_json("/v1/identity"));
+    assert_eq!(ia["spiffe_id"], spiffe(&a.id));
+    assert_eq!(ib["spiffe_id"], spiffe(&b.id));
+    let ta = a.get_json("/v1/token?audience=x");
+    let claims =
+        nhi_ctl::verify_token(ta["token"].as_str().unwrap(), &jwks_of(&a), "x", None).unwrap();
+    assert_eq!(
+        claims["sub"],
+        spiffe(&a.id),
+        "a's companion never hands out b's identity"
+    );
+
+    let (pa, pb) = (
+        node.companion_pid(&a.id).unwrap(),
+        node.companion_pid(&b.id).unwrap(),
+    );
+    assert_ne!(pa, pb, "one companion per network namespace");
+    assert_eq!(ns_of(pa, "net"), ns_of(a.pid(), "net"));
+    assert_eq!(ns_of(pb, "net"), ns_of(b.pid(), "net"));
+    assert_ne!(ns_of(a.pid(), "net"), ns_of(b.pid(), "net"));
+    // a's namespace has nothing but loopback: b's companion is unreachable from it.
+    let links = String::from_utf8_lossy(&a.exec(&["ip", "-o", "link"]).stdout).into_owned();
+    assert_eq!(
+        links.lines().count(),
+        1,
+        "only lo in the workload netns: {links}"
+    );
+    assert_eq!(node.status().workloads.len(), 2);
+    a.delete();
+    b.delete();
+}
+
+#[test]
+fn companion_is_invisible_to_the_workload_and_unprivileged() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.bundle(&unique_id("priv")).inject().write();
+    c.start().unwrap();
+    let cp = node.companion_pid(&c.id).expect("companion attached");
+    let wp = c.pid();
+
+    let ps = String::from_utf8_lossy(&c.exec(&["ps", "-o", "pid,user,comm"]).stdout).into_owned();
+    assert!(ps.contains("sleep"), "ps works in the container: {ps}");
+    assert!(
+        !ps.contains("nhi"),
+        "companion visible inside the container: {ps}"
+    );
+    // Nor can the workload signal it: its pid does not exist in the container's pid namespace
+    // (and where the number exists, it is another process).
+    let kill = c.exec(&["kill", "-0", &cp.to_string()]);
+    assert!(
+        !kill.status.success() || cp == 1,
+        "kill -0 {cp} from the workload succeeded"
+    );
+
+    for field in ["Uid", "Gid"] {
+        let ids = proc_status(cp, field);
+        assert!(
+            ids.split_whitespace()
+                .all(|u| u == COMPANION_UID.to_string()),
+            "{field}: {ids}"
+        );
+    }
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(proc_status(cp, cap), "0000000000000000", "{cap}");
+    }
+    assert_eq!(proc_status(cp, "NoNewPrivs"), "1");
+    assert_eq!(
+        ns_of(cp, "net"),
+        ns_of(wp, "net"),
+        "in the workload's netns"
+    );
+    for kind in ["pid", "mnt", "ipc", "uts"] {
+        assert_ne!(
+            ns_of(cp, kind),
+            ns_of(wp, kind),
+            "must not share the workload's {kind} ns"
+        );
+        assert_eq!(
+            ns_of(cp, kind),
+            ns_of(std::process::id() as i32, kind),
+            "host {kind} ns"
+        );
+    }
+    // Only stdio and the channel to nhid are inherited.
+    let fds: Vec<String> = fs::read_dir(format!("/proc/{cp}/fd"))
+        .unwrap()
+        .map(|e| {
+            fs::read_link(e.unwrap().path())
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+    let sockets = fds.iter().filter(|f| f.starts_with("socket:")).count();
+    assert!(sockets >= 2, "listener + channel: {fds:?}");
+    assert!(
+        !fds.iter().any(|f| f.starts_with('/') && f != "/dev/null"),
+        "no files of nhid's leak into the companion: {fds:?}"
+    );
+    c.delete();
+}
+
+#[test]
+fn host_network_namespace_is_never_attached() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let sel = node
+        .bundle(&unique_id("hostnet"))
+        .inject()
+        .host_netns()
+        .args(&["true"])
+        .write();
+    let out = sel.run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a selected host-netns container must not start"
+    );
+    assert!(
+        err.contains("nhi") && err.contains("host network namespace"),
+        "{err}"
+    );
+
+    let plain = node
+        .bundle(&unique_id("hostnet-plain"))
+        .host_netns()
+        .args(&["true"])
+        .write();
+    let out = plain.run();
+    assert!(
+        out.status.success(),
+        "unselected host-netns containers are untouched: {out:?}"
+    );
+
+    // nhid refuses on its own too, whatever a caller claims.
+    let resp = node.agent(&AgentRequest::Attach {
+        workload: Box::new(Workload {
+            container_id: "sneaky".into(),
+            annotations: [("nhi.dev/inject".to_string(), "true".to_string())].into(),
+            ..Default::default()
+        }),
+        pid: std::process::id() as i32,
+        rule: "annotated".into(),
+    });
+    match resp {
+        AgentResponse::Error { message } => {
+            assert!(message.contains("host network namespace"), "{message}")
+        }
+        other => panic!("nhid attached a host-netns process: {other:?}"),
+    }
+    assert!(node.status().workloads.is_empty());
+}
+
+#[test]
+fn selected_container_fails_closed_when_nhid_is_down() {
+    let node = Node::new(ANNOTATED_RULE); // nhid never started
+    let c = node
+        .bundle(&unique_id("closed"))
+        .inject()
+        .args(&["true"])
+        .write();
+    let out = c.run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "container started without its companion"
+    );
+    assert!(
+        err.contains("nhi-hook") && err.contains("nhid"),
+        "error names nhi: {err}"
+    );
+    // An unselected container does not care whether nhid runs.
+    let plain = node.bundle(&unique_id("plain")).args(&["true"]).write();
+    assert!(plain.run().status.success());
+}
+
+#[test]
+fn fail_open_rule_starts_without_a_companion() {
+    let node = Node::new(
+        r#"
+[[rule]]
+name = "lenient"
+spiffe_id = "container/{container.name}"
+fail_open = true
+"#,
+    );
+    let c = node
+        .bundle(&unique_id("open"))
+        .args(&[
+            "sh",
+            "-c",
+            "wget -qO- http://127.0.0.1:15100/healthz || echo NO-COMPANION",
+        ])
+        .write();
+    let out = c.run();
+    assert!(
+        out.status.success(),
+        "fail_open container must start: {out:?}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NO-COMPANION"));
+}
+
+#[test]
+fn restart_keeps_the_trust_bundle_and_keys_are_sealed_on_disk() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.bundle(&unique_id("restart")).inject().write();
+    c.start().unwrap();
+    let token = c.get_json("/v1/token?audience=r")["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bundle = node.status().bundle_pem;
+    c.delete();
+    node.stop();
+    node.start();
+    assert_eq!(
+        node.status().bundle_pem,
+        bundle,
+        "same trust bundle after restart"
+    );
+    let c2 = node.bundle(&unique_id("restart2")).inject().write();
+    c2.start().unwrap();
+    nhi_ctl::verify_token(&token, &jwks_of(&c2), "r", None)
+        .expect("old token verifies with the new JWKS");
+    c2.delete();
+    node.stop();
+
+    let key = node.state_dir.join("master.key");
+    let meta = fs::metadata(&key).unwrap();
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o400,
+        "master key root-only"
+    );
+    assert_eq!(meta.len(), 32);
+    let sealed = fs::read(node.state_dir.join("issuer.sealed")).unwrap();
+    let p256_oid = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    for f in fs::read_dir(&node.state_dir).unwrap() {
+        let f = f.unwrap().path();
+        if f == key {
+            continue;
+        }
+        let data = fs::read(&f).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&data).contains("PRIVATE KEY"),
+            "{} holds a PEM key",
+            f.display()
+        );
+        assert!(
+            !data.windows(7).any(|w| w == p256_oid),
+            "{} holds a DER EC key",
+            f.display()
+        );
+    }
+    // Tampering is detected, not silently replaced by new keys.
+    let mut bad = sealed.clone();
+    let pos = bad.len() / 2;
+    bad[pos] = if bad[pos] == b'A' { b'B' } else { b'A' };
+    fs::write(node.state_dir.join("issuer.sealed"), &bad).unwrap();
+    let e = node.try_start().unwrap_err();
+    assert!(e.contains("issuer.sealed"), "{e}");
+    fs::write(node.state_dir.join("issuer.sealed"), &sealed).unwrap();
+    node.start();
+    assert_eq!(node.status().bundle_pem, bundle);
+}
+
+#[test]
+fn poststop_stops_the_companion() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    // Detached container removed with runc delete.
+    let c = node.bundle(&unique_id("stop")).inject().write();
+    c.start().unwrap();
+    let cp = node.companion_pid(&c.id).unwrap();
+    assert!(alive(cp));
+    c.delete();
+    assert!(!alive(cp), "companion {cp} outlived its container");
+    assert!(node.status().workloads.is_empty());
+
+    // Foreground container that exits by itself: runc runs poststop when it destroys it.
+    let f = node
+        .bundle(&unique_id("fg"))
+        .inject()
+        .args(&["sh", "-c", "wget -qO- http://127.0.0.1:15100/healthz"])
+        .write();
+    let out = f.run();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"status\":\"ok\""));
+    assert!(
+        node.status().workloads.is_empty(),
+        "companion stopped after the container exited"
+    );
+}
+
+#[test]
+fn companion_without_poststop_is_collected_when_its_container_dies() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.bundle(&unique_id("gc")).inject().write();
+    c.start().unwrap();
+    let cp = node.companion_pid(&c.id).unwrap();
+    // Kill the workload behind the runtime's back and drop the poststop hook, as a runtime
+    // crash would.
+    let cfg = c.bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&fs::read(&cfg).unwrap()).unwrap();
+    spec["hooks"]["poststop"] = serde_json::json!([]);
+    fs::write(&cfg, serde_json::to_vec(&spec).unwrap()).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || !alive(cp)),
+        "companion not collected"
+    );
+    assert!(node.status().workloads.is_empty());
+}
+
+#[test]
+fn http_errors_are_json_4xx() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.bundle(&unique_id("http")).inject().write();
+    c.start().unwrap();
+    let pid = c.pid();
+    let (s, body) = http_in_netns(pid, "GET", "/healthz");
+    assert_eq!(s, 200, "{body}");
+    for (method, path, want) in [
+        ("GET", "/nope", 404),
+        ("GET", "/v1/token", 400),
+        ("GET", "/v1/token?audience=", 400),
+        ("GET", "/v1/token?aud=x", 400),
+        ("POST", "/v1/identity", 405),
+    ] {
+        let (s, body) = http_in_netns(pid, method, path);
+        assert_eq!(s, want, "{method} {path}: {body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        assert!(v["error"].is_string() && v["message"].is_string(), "{body}");
+    }
+    c.delete();
+}
+
+#[test]
+fn credentials_never_reach_logs_env_or_hook_stdout() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    // Create without hooks, then run the hook by hand to see its stdout.
+    let c = node
+        .bundle(&unique_id("leak"))
+        .inject()
+        .without_hooks()
+        .write();
+    c.create().unwrap();
+    let state = serde_json::json!({
+        "ociVersion": "1.0.2", "id": c.id, "status": "created", "pid": c.pid(),
+        "bundle": c.bundle, "annotations": {"nhi.dev/inject": "true"},
+    });
+    let hook_out = run_hook(&node, "createRuntime", &state);
+    assert!(hook_out.status.success(), "{hook_out:?}");
+    assert!(
+        hook_out.stdout.is_empty(),
+        "the hook printed to stdout: {hook_out:?}"
+    );
+    assert!(hook_out.stderr.is_empty(), "{hook_out:?}");
+    assert!(runc(&node.runc_root, &["start", &c.id]).status.success());
+
+    let token = c.get_json("/v1/token?audience=leak")["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let x509 = c.get("/v1/x509").unwrap();
+    let key_b64 = x509
+        .split("-----BEGIN PRIVATE KEY-----")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let environ = fs::read(format!("/proc/{}/environ", c.pid())).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    let hook_out = run_hook(&node, "poststop", &state);
+    assert!(hook_out.stdout.is_empty());
+    let log = node.log();
+    let sig = token.rsplit('.').next().unwrap();
+    for (what, text) in [
+        ("nhid/companion log", &log),
+        ("workload environ", &environ.to_string()),
+    ] {
+        assert!(!text.contains(sig), "token in {what}");
+        assert!(!text.contains(&key_b64), "private key in {what}");
+    }
+    assert!(
+        log.contains("issued JWT-SVID"),
+        "issuance is logged (without the token)"
+    );
+    let _ = runc(&node.runc_root, &["delete", "-f", &c.id]);
+}
+
+fn run_hook(node: &Node, stage: &str, state: &serde_json::Value) -> std::process::Output {
+    use std::io::Write;
+    let mut ch = std::process::Command::new(bin("nhi-hook"))
+        .args([stage, "--config", node.config.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    ch.stdin
+        .take()
+        .unwrap()
+        .write_all(state.to_string().as_bytes())
+        .unwrap();
+    ch.wait_with_output().unwrap()
+}
+
+#[test]
+fn template_metadata_from_nomad_env_and_cri_annotations() {
+    let mut node = Node::new(
+        r#"
+[[rule]]
+name = "nomad"
+spiffe_id = "nomad/{nomad.namespace}/job/{nomad.job}/task/{nomad.task}"
+[rule.match]
+nomad_jobs = ["*"]
+[[rule]]
+name = "k8s"
+spiffe_id = "ns/{k8s.namespace}/pod/{k8s.pod}"
+[rule.match]
+k8s_namespaces = ["prod"]
+"#,
+    );
+    node.start();
+    let n = node
+        .bundle(&unique_id("nomad"))
+        .env("NOMAD_NAMESPACE=default")
+        .env("NOMAD_JOB_NAME=billing")
+        .env("NOMAD_TASK_NAME=api")
+        .write();
+    n.start().unwrap();
+    assert_eq!(
+        n.get_json("/v1/identity")["spiffe_id"],
+        format!("spiffe://{TRUST_DOMAIN}/nomad/default/job/billing/task/api")
+    );
+    let k = node
+        .bundle(&unique_id("k8s"))
+        .annotation("io.kubernetes.cri.container-type", "container")
+        .annotation("io.kubernetes.cri.sandbox-namespace", "prod")
+        .annotation("io.kubernetes.cri.sandbox-name", "web-0")
+        .write();
+    k.start().unwrap();
+    assert_eq!(
+        k.get_json("/v1/identity")["spiffe_id"],
+        format!("spiffe://{TRUST_DOMAIN}/ns/prod/pod/web-0")
+    );
+    // A Nomad task whose job name is not a valid SPIFFE segment is refused, not rewritten.
+    let bad = node
+        .bundle(&unique_id("badnomad"))
+        .env("NOMAD_NAMESPACE=default")
+        .env("NOMAD_JOB_NAME=a/b")
+        .env("NOMAD_TASK_NAME=t")
+        .args(&["true"])
+        .write();
+    let out = bad.run();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid SPIFFE ID path segment"));
+    n.delete();
+    k.delete();
+}

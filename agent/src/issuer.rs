@@ -17,6 +17,7 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use crate::keystore::{self, KeystoreError, MasterKey};
 
@@ -255,24 +256,9 @@ pub fn pem_encode(label: &str, der: &[u8]) -> String {
     s
 }
 
-/// A byte buffer that is wiped when dropped (private key material in transit).
-struct Zeroizing(Vec<u8>);
-fn zeroizing(v: Vec<u8>) -> Zeroizing {
-    Zeroizing(v)
-}
-impl std::ops::Deref for Zeroizing {
-    type Target = Vec<u8>;
-    fn deref(&self) -> &Vec<u8> {
-        &self.0
-    }
-}
-impl Drop for Zeroizing {
-    fn drop(&mut self) {
-        for b in self.0.iter_mut() {
-            // SAFETY: `b` is a valid, aligned, exclusive reference into our own buffer.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
-    }
+/// Private key material in transit is wiped when dropped.
+fn zeroizing(v: Vec<u8>) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(v)
 }
 
 #[derive(Serialize)]

@@ -16,6 +16,7 @@ use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeystoreError {
@@ -49,18 +50,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeystoreError + '_ {
     }
 }
 
-/// The key that seals everything else. Zeroed on drop.
-pub struct MasterKey([u8; 32]);
-
-impl Drop for MasterKey {
-    fn drop(&mut self) {
-        // Volatile writes so the compiler can't drop the wipe as a dead store.
-        for b in self.0.iter_mut() {
-            // SAFETY: `b` is a valid, aligned, exclusive reference into our own array.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
-    }
-}
+/// The key that seals everything else. Wiped from memory on drop.
+pub struct MasterKey(Zeroizing<[u8; 32]>);
 
 impl MasterKey {
     /// Loads the master key, checking it is private to its owner, which must be us.
@@ -88,15 +79,15 @@ impl MasterKey {
                 len: meta.len(),
             });
         }
-        let mut k = [0u8; 32];
-        f.read_exact(&mut k).map_err(io_err(path))?;
+        let mut k = Zeroizing::new([0u8; 32]);
+        f.read_exact(&mut k[..]).map_err(io_err(path))?;
         Ok(MasterKey(k))
     }
 
     /// Creates a fresh random master key at `path` (mode 0400). Fails if the file exists.
     pub fn create(path: &Path) -> Result<Self, KeystoreError> {
-        let mut k = [0u8; 32];
-        getrandom::fill(&mut k).map_err(|e| KeystoreError::Io {
+        let mut k = Zeroizing::new([0u8; 32]);
+        getrandom::fill(&mut k[..]).map_err(|e| KeystoreError::Io {
             path: path.into(),
             source: std::io::Error::other(e),
         })?;
@@ -109,14 +100,14 @@ impl MasterKey {
             .mode(0o400)
             .open(path)
             .map_err(io_err(path))?;
-        f.write_all(&k).map_err(io_err(path))?;
+        f.write_all(&k[..]).map_err(io_err(path))?;
         f.sync_all().map_err(io_err(path))?;
         sync_dir(path)?;
         Ok(MasterKey(k))
     }
 
     pub fn seal(&self, label: &str, plaintext: &[u8]) -> Vec<u8> {
-        let cipher = XChaCha20Poly1305::new((&self.0).into());
+        let cipher = XChaCha20Poly1305::new((&*self.0).into());
         let mut nonce = [0u8; 24];
         getrandom::fill(&mut nonce).expect("the OS random source failed");
         let ct = cipher
@@ -162,7 +153,7 @@ impl MasterKey {
         let ct = B64
             .decode(&env.ciphertext)
             .map_err(|e| fmt(e.to_string()))?;
-        XChaCha20Poly1305::new((&self.0).into())
+        XChaCha20Poly1305::new((&*self.0).into())
             .decrypt(
                 XNonce::from_slice(&nonce),
                 Payload {

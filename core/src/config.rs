@@ -46,6 +46,8 @@ struct RawConfig {
     companion: CompanionConfig,
     #[serde(default)]
     hook: HookConfig,
+    #[serde(default)]
+    runtime: RuntimeConfig,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
 }
@@ -131,6 +133,33 @@ impl Default for HookConfig {
     }
 }
 
+/// How `nhi-runc` and `containerd-shim-nhi-v2` reach the real runtime and the hook.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// The OCI runtime `nhi-runc` hands over to: a path, or a name looked up in `PATH`
+    /// (skipping `nhi-runc` itself).
+    pub runtime: String,
+    /// The hook binary `nhi-runc` injects. Default: `nhi-hook` next to `nhi-runc`.
+    pub hook: Option<PathBuf>,
+    /// The stock containerd runc shim `containerd-shim-nhi-v2` delegates to.
+    pub runc_shim: String,
+    /// Directory where `containerd-shim-nhi-v2` keeps a `runc` link to `nhi-runc`, put first on
+    /// the delegated shim's `PATH`.
+    pub shim_bin_dir: PathBuf,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            runtime: "runc".into(),
+            hook: None,
+            runc_shim: "containerd-shim-runc-v2".into(),
+            shim_bin_dir: "/run/nhi/runtime-bin".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
@@ -163,6 +192,7 @@ pub struct Config {
     pub issuer: IssuerConfig,
     pub companion: CompanionConfig,
     pub hook: HookConfig,
+    pub runtime: RuntimeConfig,
     pub rules: Vec<Rule>,
 }
 
@@ -217,6 +247,11 @@ impl Config {
             .listen
             .parse::<std::net::SocketAddr>()
             .map_err(|e| invalid(format!("companion.listen {:?}: {e}", raw.companion.listen)))?;
+        if raw.runtime.runtime.is_empty() || raw.runtime.runc_shim.is_empty() {
+            return Err(invalid(
+                "runtime.runtime and runtime.runc_shim must not be empty".into(),
+            ));
+        }
         if raw.companion.max_cached_audiences == 0 {
             return Err(invalid(
                 "companion.max_cached_audiences must be at least 1".into(),
@@ -251,6 +286,7 @@ impl Config {
             issuer: raw.issuer,
             companion: raw.companion,
             hook: raw.hook,
+            runtime: raw.runtime,
             rules,
         })
     }

@@ -1,0 +1,95 @@
+//! nhi-runc's logic.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nhi_core::Config;
+
+use crate::args::{parse, RuncArgs};
+use crate::inject::Injection;
+use crate::runtime::{exec, log_line, resolve};
+
+/// The config file: `NHI_CONFIG`, else the default path.
+pub fn config_path() -> PathBuf {
+    std::env::var_os("NHI_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| nhi_core::config::DEFAULT_CONFIG_PATH.into())
+}
+
+/// The hook to inject: `runtime.hook`, else `nhi-hook` next to this executable.
+fn hook_path(config: &Config) -> PathBuf {
+    config.runtime.hook.clone().unwrap_or_else(|| {
+        std::fs::read_link("/proc/self/exe")
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("nhi-hook")))
+            .unwrap_or_else(|| "/usr/bin/nhi-hook".into())
+    })
+}
+
+/// Runs nhi-runc with `args` (without argv0). Returns only on failure, with the exit code.
+pub fn main(args: Vec<String>) -> i32 {
+    let parsed = parse(&args);
+    let cfg_path = config_path();
+    let config = Config::load(&cfg_path);
+    if parsed.creates() {
+        let prepared = config
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|c| prepare(c, &cfg_path, &parsed));
+        if let Err(e) = prepared {
+            return fail(&parsed, &format!("nhi-runc: {e}"));
+        }
+    }
+    // Pass-through never depends on nhi's config being valid: a broken config must not stop
+    // `kill`, `delete` or `state` of existing containers.
+    let runtime = config
+        .as_ref()
+        .map(|c| c.runtime.runtime.clone())
+        .unwrap_or_else(|_| "runc".into());
+    let program = match resolve(&runtime, std::env::var_os("PATH")) {
+        Ok(p) => p,
+        Err(e) => return fail(&parsed, &format!("nhi-runc: {e}")),
+    };
+    let err = exec(&program, &runtime, &args, &[]);
+    fail(
+        &parsed,
+        &format!("nhi-runc: exec {}: {err}", program.display()),
+    )
+}
+
+fn prepare(config: &Config, cfg_path: &Path, parsed: &RuncArgs) -> Result<(), String> {
+    let bundle = match &parsed.bundle {
+        Some(b) => b.clone(),
+        None => std::env::current_dir().map_err(|e| format!("current directory: {e}"))?,
+    };
+    let hook = hook_path(config);
+    if !hook.is_file() {
+        return Err(format!(
+            "hook {} does not exist (runtime.hook)",
+            hook.display()
+        ));
+    }
+    let cfg_abs = std::fs::canonicalize(cfg_path).unwrap_or_else(|_| cfg_path.to_path_buf());
+    Injection {
+        hook: &hook,
+        config: &cfg_abs,
+    }
+    .apply_to_bundle(&bundle)
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Reports like runc: to the caller's `--log` file in its format, and to stderr. Never stdout.
+fn fail(parsed: &RuncArgs, msg: &str) -> i32 {
+    if let Some(log) = &parsed.log {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = f.write_all(log_line(parsed.log_json, msg).as_bytes());
+        }
+    }
+    eprintln!("{msg}");
+    1
+}

@@ -1,4 +1,7 @@
-//! nhictl: the operator CLI. Talks to `nhid` over its root-only socket; verifies tokens offline.
+//! nhictl: the operator CLI. Talks to `nhid` over its root-only socket; verifies tokens offline;
+//! wires nhi into container runtimes (`configure`).
+
+pub mod configure;
 
 use std::path::Path;
 use std::time::Duration;

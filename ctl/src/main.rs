@@ -29,6 +29,62 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Wire nhi into a container runtime's configuration (idempotent; never restarts it).
+    Configure {
+        #[command(subcommand)]
+        runtime: ConfigureCmd,
+        /// Print the resulting file(s) instead of writing them.
+        #[arg(long, global = true)]
+        dry_run: bool,
+        /// nhi-runc to register (default: next to nhictl).
+        #[arg(long, global = true)]
+        nhi_runc: Option<PathBuf>,
+        /// nhi-hook to register (default: next to nhictl).
+        #[arg(long, global = true)]
+        nhi_hook: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigureCmd {
+    /// CRI runtime handler `nhi` in containerd's config (version 2 or 3).
+    Containerd {
+        /// containerd's config file.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        file: PathBuf,
+        /// Write the handler to a drop-in (default /etc/containerd/conf.d/99-nhi.toml) imported
+        /// by the main config, instead of editing it in place.
+        #[arg(long, num_args = 0..=1, default_missing_value = "/etc/containerd/conf.d/99-nhi.toml")]
+        drop_in: Option<PathBuf>,
+        /// Also make `nhi` the default runtime handler.
+        #[arg(long)]
+        set_as_default: bool,
+    },
+    /// Runtime `nhi` in Docker's daemon.json.
+    Docker {
+        #[arg(long, default_value = "/etc/docker/daemon.json")]
+        file: PathBuf,
+        /// Also make `nhi` Docker's default runtime.
+        #[arg(long)]
+        set_as_default: bool,
+    },
+    /// oci-hooks(5) files for Podman.
+    Podman {
+        #[arg(long, default_value = "/etc/containers/oci/hooks.d")]
+        hooks_dir: PathBuf,
+        /// Run the hook for every container, not only those annotated nhi.dev/inject=true.
+        #[arg(long)]
+        always: bool,
+    },
+    /// oci-hooks(5) files for CRI-O.
+    Crio {
+        #[arg(long, default_value = "/etc/containers/oci/hooks.d")]
+        hooks_dir: PathBuf,
+        #[arg(long)]
+        always: bool,
+    },
+    /// Print the Nomad client plugin stanzas.
+    Nomad,
 }
 
 #[derive(Subcommand)]
@@ -102,6 +158,94 @@ fn run(cli: Cli) -> Result<(), String> {
                 serde_json::to_string_pretty(&claims).map_err(|e| e.to_string())?
             );
         }
+        Cmd::Configure {
+            runtime,
+            dry_run,
+            nhi_runc,
+            nhi_hook,
+        } => configure(&cli.config, runtime, dry_run, nhi_runc, nhi_hook)?,
     }
+    Ok(())
+}
+
+/// `name` next to this executable, else /usr/bin/name.
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("/usr/bin").join(name))
+}
+
+fn configure(
+    nhi_config: &std::path::Path,
+    runtime: ConfigureCmd,
+    dry_run: bool,
+    nhi_runc: Option<PathBuf>,
+    nhi_hook: Option<PathBuf>,
+) -> Result<(), String> {
+    use nhi_ctl::configure::{containerd, docker, hooks, Paths};
+    let paths = Paths {
+        nhi_runc: nhi_runc.unwrap_or_else(|| sibling("nhi-runc")),
+        hook: nhi_hook.unwrap_or_else(|| sibling("nhi-hook")),
+        config: std::path::absolute(nhi_config).unwrap_or_else(|_| nhi_config.to_path_buf()),
+    };
+    let plan = match runtime {
+        ConfigureCmd::Containerd {
+            file,
+            drop_in,
+            set_as_default,
+        } => containerd::plan(
+            &containerd::Options {
+                config: file,
+                drop_in,
+                set_as_default,
+            },
+            &paths,
+        )?,
+        ConfigureCmd::Docker {
+            file,
+            set_as_default,
+        } => docker::plan(
+            &docker::Options {
+                config: file,
+                set_as_default,
+            },
+            &paths,
+        )?,
+        ConfigureCmd::Podman { hooks_dir, always } => hooks::plan(
+            &hooks::Options {
+                hooks_dir,
+                always,
+                runtime: "podman",
+            },
+            &paths,
+        )?,
+        ConfigureCmd::Crio { hooks_dir, always } => hooks::plan(
+            &hooks::Options {
+                hooks_dir,
+                always,
+                runtime: "crio",
+            },
+            &paths,
+        )?,
+        ConfigureCmd::Nomad => {
+            print!("{}", nhi_ctl::configure::nomad::stanzas());
+            return Ok(());
+        }
+    };
+    if dry_run {
+        print!("{}", plan.render());
+        return Ok(());
+    }
+    plan.apply()?;
+    for c in &plan.changes {
+        println!(
+            "{} {}",
+            if c.changed { "wrote" } else { "unchanged" },
+            c.path.display()
+        );
+    }
+    println!("next: {}", plan.next_step);
     Ok(())
 }

@@ -16,6 +16,23 @@ pub fn config_path() -> PathBuf {
         .unwrap_or_else(|| nhi_core::config::DEFAULT_CONFIG_PATH.into())
 }
 
+/// Takes nhi-runc's own leading `--nhi-config PATH` / `--nhi-config=PATH` off the arguments
+/// (Docker passes `runtimeArgs` first); everything after it is runc's.
+pub fn take_own_args(args: &mut Vec<String>) -> Option<PathBuf> {
+    let first = args.first()?;
+    if let Some(p) = first.strip_prefix("--nhi-config=") {
+        let p = PathBuf::from(p);
+        args.remove(0);
+        return Some(p);
+    }
+    if first == "--nhi-config" && args.len() >= 2 {
+        let p = PathBuf::from(args.remove(1));
+        args.remove(0);
+        return Some(p);
+    }
+    None
+}
+
 /// The hook to inject: `runtime.hook`, else `nhi-hook` next to this executable.
 fn hook_path(config: &Config) -> PathBuf {
     config.runtime.hook.clone().unwrap_or_else(|| {
@@ -27,9 +44,9 @@ fn hook_path(config: &Config) -> PathBuf {
 }
 
 /// Runs nhi-runc with `args` (without argv0). Returns only on failure, with the exit code.
-pub fn main(args: Vec<String>) -> i32 {
+pub fn main(mut args: Vec<String>) -> i32 {
+    let cfg_path = take_own_args(&mut args).unwrap_or_else(config_path);
     let parsed = parse(&args);
-    let cfg_path = config_path();
     let config = Config::load(&cfg_path);
     if parsed.creates() {
         let prepared = config
@@ -92,4 +109,26 @@ fn fail(parsed: &RuncArgs, msg: &str) -> i32 {
     }
     eprintln!("{msg}");
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_args_are_stripped() {
+        let mut a: Vec<String> = ["--nhi-config", "/x.toml", "--root", "/r", "create", "id"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(take_own_args(&mut a), Some("/x.toml".into()));
+        assert_eq!(a, ["--root", "/r", "create", "id"]);
+        let mut a: Vec<String> = ["--nhi-config=/y.toml", "state", "id"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(take_own_args(&mut a), Some("/y.toml".into()));
+        assert_eq!(a, ["state", "id"]);
+        let mut a: Vec<String> = ["state", "--nhi-config", "/z"].map(String::from).to_vec();
+        assert_eq!(take_own_args(&mut a), None, "only leading");
+        assert_eq!(a.len(), 3);
+    }
 }

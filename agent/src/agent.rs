@@ -1,5 +1,11 @@
 //! The daemon's state and its answers to the agent API: which network namespaces have a
 //! companion, which containers use each, and attach / detach / status.
+//!
+//! One network namespace, one identity, one companion. A Kubernetes pod sandbox reserves its
+//! namespace (the pause container has no service account to derive an identity from); the
+//! pod's first app container fixes the identity and starts the companion; later app containers
+//! join it; the companion stops when the last container of the namespace, normally the sandbox
+//! at pod removal, is gone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -12,11 +18,20 @@ use tokio::sync::Mutex;
 use crate::netns::{NetNs, ProcRef};
 use crate::supervisor::{self, CompanionHandle, Ctx, Identity};
 
-struct Attachment {
+struct Running {
     identity: Arc<Identity>,
+    companion: CompanionHandle,
+}
+
+struct Attachment {
+    rule: String,
+    /// The first workload seen in the namespace (the sandbox, for pods).
+    first: Workload,
+    /// Held while the identity is pending, to start the companion in it later.
+    netns: Option<NetNs>,
+    running: Option<Running>,
     /// Container id → its init process when attached.
     containers: BTreeMap<String, ProcRef>,
-    companion: CompanionHandle,
 }
 
 #[derive(Default)]
@@ -72,10 +87,16 @@ impl Agent {
         if rule.name != hook_rule {
             tracing::warn!(container = %cid, hook_rule, rule = %rule.name, "hook and nhid picked different rules; using nhid's");
         }
-        let spiffe_id = rule
-            .spiffe_id
-            .render(&cfg.trust_domain, &workload)
-            .map_err(|e| format!("container {cid}: {e}"))?;
+        let sandbox = workload.is_k8s_sandbox();
+        let spiffe_id = if sandbox {
+            None
+        } else {
+            Some(
+                rule.spiffe_id
+                    .render(&cfg.trust_domain, &workload)
+                    .map_err(|e| format!("container {cid}: {e}"))?,
+            )
+        };
         if pid <= 0 {
             return Err(format!("container {cid}: the runtime state has no pid"));
         }
@@ -83,22 +104,40 @@ impl Agent {
             ProcRef::of(pid).map_err(|e| format!("container {cid}: process {pid}: {e}"))?;
         let netns = NetNs::of_pid(pid)
             .map_err(|e| format!("container {cid}: network namespace of pid {pid}: {e}"))?;
-        if netns.inode == self.host_netns {
+        let inode = netns.inode;
+        if inode == self.host_netns {
             return Err(format!(
                 "container {cid} shares the host network namespace; nhi never attaches a companion there (give it its own network namespace)"
             ));
         }
 
         let mut reg = self.registry.lock().await;
-        if let Some(a) = reg.by_netns.get_mut(&netns.inode) {
-            if a.identity.spiffe_id != spiffe_id {
+        let attachment = reg.by_netns.entry(inode).or_insert_with(|| Attachment {
+            rule: rule.name.clone(),
+            first: workload.clone(),
+            netns: None,
+            running: None,
+            containers: BTreeMap::new(),
+        });
+        let Some(spiffe_id) = spiffe_id else {
+            // A sandbox: reserve the namespace, the pod's first app container brings the identity.
+            if attachment.running.is_none() && attachment.netns.is_none() {
+                attachment.netns = Some(netns);
+            }
+            attachment.containers.insert(cid.clone(), proc_ref);
+            reg.netns_of.insert(cid.clone(), inode);
+            tracing::info!(container = %cid, netns = inode, "pod sandbox reserved; identity follows with its first app container");
+            return Ok(AgentResponse::Reserved { netns_inode: inode });
+        };
+        if let Some(r) = &attachment.running {
+            if r.identity.spiffe_id != spiffe_id {
                 return Err(format!(
                     "container {cid} would be {spiffe_id}, but its network namespace already serves {}; one network namespace has one identity",
-                    a.identity.spiffe_id
+                    r.identity.spiffe_id
                 ));
             }
-            a.containers.insert(cid.clone(), proc_ref);
-            let (companion_pid, inode) = (a.companion.pid(), netns.inode);
+            let companion_pid = r.companion.pid();
+            attachment.containers.insert(cid.clone(), proc_ref);
             reg.netns_of.insert(cid, inode);
             return Ok(AgentResponse::Attached {
                 spiffe_id: spiffe_id.to_string(),
@@ -107,25 +146,34 @@ impl Agent {
                 joined: true,
             });
         }
-        let inode = netns.inode;
         let identity = Arc::new(Identity {
             spiffe_id: spiffe_id.clone(),
             rule: rule.name.clone(),
             workload,
         });
-        let companion = supervisor::start(self.ctx.clone(), identity.clone(), netns)
-            .await
-            .map_err(|e| format!("container {cid}: {e}"))?;
+        let ns = attachment.netns.take().unwrap_or(netns);
+        let started = supervisor::start(self.ctx.clone(), identity.clone(), ns).await;
+        let attachment = reg.by_netns.get_mut(&inode).expect("held under the lock");
+        let companion = match started {
+            Ok(c) => c,
+            Err(e) => {
+                if attachment.containers.is_empty() {
+                    reg.by_netns.remove(&inode);
+                } else if let Ok(again) = NetNs::of_pid(pid) {
+                    // Keep the reservation usable for the next app container.
+                    attachment.netns = Some(again);
+                }
+                return Err(format!("container {cid}: {e}"));
+            }
+        };
         let companion_pid = companion.pid();
         tracing::info!(container = %cid, %spiffe_id, rule = %rule.name, netns = inode, companion_pid, "attached");
-        reg.by_netns.insert(
-            inode,
-            Attachment {
-                identity,
-                containers: BTreeMap::from([(cid.clone(), proc_ref)]),
-                companion,
-            },
-        );
+        attachment.rule = rule.name.clone();
+        attachment.running = Some(Running {
+            identity,
+            companion,
+        });
+        attachment.containers.insert(cid.clone(), proc_ref);
         reg.netns_of.insert(cid, inode);
         Ok(AgentResponse::Attached {
             spiffe_id: spiffe_id.to_string(),
@@ -136,14 +184,14 @@ impl Agent {
     }
 
     async fn detach(&self, container_id: &str) -> AgentResponse {
-        let handle = {
+        let ended = {
             let mut reg = self.registry.lock().await;
             take_container(&mut reg, container_id)
         };
-        let stopped = handle.is_some();
-        if let Some((handle, id)) = handle {
-            handle.stop().await;
-            tracing::info!(container = %container_id, spiffe_id = %id, "detached; companion stopped");
+        let stopped = matches!(ended, Some(Some(_)));
+        if let Some(Some(r)) = ended {
+            r.companion.stop().await;
+            tracing::info!(container = %container_id, spiffe_id = %r.identity.spiffe_id, "detached; companion stopped");
         }
         AgentResponse::Detached { stopped }
     }
@@ -154,15 +202,19 @@ impl Agent {
             .by_netns
             .iter()
             .map(|(inode, a)| WorkloadStatus {
-                spiffe_id: a.identity.spiffe_id.to_string(),
-                rule: a.identity.rule.clone(),
+                spiffe_id: a.running.as_ref().map(|r| r.identity.spiffe_id.to_string()),
+                rule: a.rule.clone(),
                 netns_inode: *inode,
-                companion_pid: a.companion.pid(),
+                companion_pid: a.running.as_ref().map(|r| r.companion.pid()).unwrap_or(0),
                 containers: a.containers.keys().cloned().collect(),
-                workload: a.identity.workload.clone(),
+                workload: a
+                    .running
+                    .as_ref()
+                    .map(|r| r.identity.workload.clone())
+                    .unwrap_or_else(|| a.first.clone()),
             })
             .collect();
-        workloads.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        workloads.sort_by(|a, b| (&a.spiffe_id, a.netns_inode).cmp(&(&b.spiffe_id, b.netns_inode)));
         AgentResponse::Status(Status {
             trust_domain: self.ctx.issuer.trust_domain().to_string(),
             issuer: self.ctx.issuer.kind().to_string(),
@@ -174,7 +226,7 @@ impl Agent {
     /// Detaches containers whose process is gone without a poststop (runtime crash, `kill -9`
     /// of the runtime, a missed hook), so companions and issuance never outlive their workload.
     pub async fn collect_garbage(&self) {
-        let stale: Vec<(CompanionHandle, nhi_core::SpiffeId)> = {
+        let stale: Vec<Running> = {
             let mut reg = self.registry.lock().await;
             let dead: Vec<String> = reg
                 .by_netns
@@ -186,13 +238,13 @@ impl Agent {
             dead.iter()
                 .filter_map(|c| {
                     tracing::info!(container = %c, "container process is gone without poststop; detaching");
-                    take_container(&mut reg, c)
+                    take_container(&mut reg, c).flatten()
                 })
                 .collect()
         };
-        for (h, id) in stale {
-            h.stop().await;
-            tracing::info!(spiffe_id = %id, "companion stopped");
+        for r in stale {
+            r.companion.stop().await;
+            tracing::info!(spiffe_id = %r.identity.spiffe_id, "companion stopped");
         }
     }
 
@@ -203,23 +255,20 @@ impl Agent {
             reg.netns_of.clear();
             reg.by_netns.drain().map(|(_, a)| a).collect()
         };
-        for a in all {
-            a.companion.stop().await;
+        for r in all.into_iter().filter_map(|a| a.running) {
+            r.companion.stop().await;
         }
     }
 }
 
-/// Removes a container; when it was the last of its namespace, hands back the companion to stop.
-fn take_container(
-    reg: &mut Registry,
-    container_id: &str,
-) -> Option<(CompanionHandle, nhi_core::SpiffeId)> {
+/// Removes a container. `None`: it was not attached; `Some(None)`: others remain (or nothing
+/// ran); `Some(Some(r))`: it was the last of its namespace and `r` must be stopped.
+fn take_container(reg: &mut Registry, container_id: &str) -> Option<Option<Running>> {
     let inode = reg.netns_of.remove(container_id)?;
     let a = reg.by_netns.get_mut(&inode)?;
     a.containers.remove(container_id);
     if !a.containers.is_empty() {
-        return None;
+        return Some(None);
     }
-    let a = reg.by_netns.remove(&inode)?;
-    Some((a.companion, a.identity.spiffe_id.clone()))
+    Some(reg.by_netns.remove(&inode).and_then(|a| a.running))
 }

@@ -48,6 +48,8 @@ struct RawConfig {
     hook: HookConfig,
     #[serde(default)]
     runtime: RuntimeConfig,
+    #[serde(default)]
+    kubernetes: KubernetesConfig,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
 }
@@ -160,6 +162,23 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// Kubernetes node facts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// kubelet's root directory: service-account tokens are only believed from its projected
+    /// volumes of the container's own pod.
+    pub kubelet_root: PathBuf,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            kubelet_root: crate::k8s::DEFAULT_KUBELET_ROOT.into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
@@ -193,6 +212,7 @@ pub struct Config {
     pub companion: CompanionConfig,
     pub hook: HookConfig,
     pub runtime: RuntimeConfig,
+    pub kubernetes: KubernetesConfig,
     pub rules: Vec<Rule>,
 }
 
@@ -287,6 +307,7 @@ impl Config {
             companion: raw.companion,
             hook: raw.hook,
             runtime: raw.runtime,
+            kubernetes: raw.kubernetes,
             rules,
         })
     }

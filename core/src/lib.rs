@@ -3,6 +3,7 @@
 //! beyond the one blocking client call the hook and nhictl make.
 
 pub mod config;
+pub mod k8s;
 pub mod select;
 pub mod spiffe;
 pub mod template;

@@ -1,13 +1,15 @@
 //! Selection: which rule, if any, applies to a workload. Rules are tried in file order and the
 //! first whose every listed condition holds wins. Within one condition list any entry may match.
-//! An operator's `nhi.dev/inject = "false"` annotation opts a container out of every rule.
+//! An operator's `nhi.dev/inject = "false"` annotation opts a container out of every rule, and
+//! `nhi.dev/rule = NAME` restricts selection to that one rule (whose conditions must still hold):
+//! annotations pick among the operator's rules, they never name an identity.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
 use crate::config::{Config, Rule};
-use crate::workload::{Workload, INJECT_ANNOTATION};
+use crate::workload::{Workload, INJECT_ANNOTATION, RULE_ANNOTATION};
 
 /// Conditions of a rule. Empty lists don't constrain.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -60,7 +62,12 @@ pub fn select<'c>(config: &'c Config, w: &Workload) -> Option<&'c Rule> {
     if opted_out(w) {
         return None;
     }
-    config.rules.iter().find(|r| r.matcher.matches(w))
+    let only = w.annotation(RULE_ANNOTATION);
+    config
+        .rules
+        .iter()
+        .filter(|r| only.is_none_or(|name| r.name == name))
+        .find(|r| r.matcher.matches(w))
 }
 
 /// `*` matches any run of characters (also none); everything else is literal.
@@ -150,6 +157,40 @@ images = ["busybox*"]
         assert_eq!(select(&c, &w).unwrap().name, "annotated");
         w.image = Some("alpine".into());
         assert!(select(&c, &w).is_none());
+    }
+
+    #[test]
+    fn rule_annotation_picks_among_rules_only() {
+        let c = cfg();
+        let mut w = Workload {
+            container_id: "z".into(),
+            image: Some("busybox".into()),
+            k8s: Some(K8s {
+                namespace: Some("prod".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        w.annotations
+            .insert(INJECT_ANNOTATION.into(), "true".into());
+        assert_eq!(
+            select(&c, &w).unwrap().name,
+            "prod",
+            "first match by default"
+        );
+        w.annotations
+            .insert(RULE_ANNOTATION.into(), "annotated".into());
+        assert_eq!(select(&c, &w).unwrap().name, "annotated");
+        w.annotations
+            .insert(RULE_ANNOTATION.into(), "no-such-rule".into());
+        assert!(select(&c, &w).is_none());
+        w.image = Some("alpine".into());
+        w.annotations
+            .insert(RULE_ANNOTATION.into(), "annotated".into());
+        assert!(
+            select(&c, &w).is_none(),
+            "the picked rule's conditions still apply"
+        );
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub enum AgentResponse {
         /// Another container of the same network namespace already had the companion.
         joined: bool,
     },
+    /// A pod sandbox: its network namespace is reserved for the pod's companion, which starts
+    /// with the identity of the first app container.
+    Reserved {
+        netns_inode: u64,
+    },
     NotSelected,
     Detached {
         /// The companion was stopped (last container of its network namespace).
@@ -58,9 +63,11 @@ pub struct Status {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkloadStatus {
-    pub spiffe_id: String,
+    /// `None` while a pod's identity waits for its first app container.
+    pub spiffe_id: Option<String>,
     pub rule: String,
     pub netns_inode: u64,
+    /// 0 when no companion runs (identity pending).
     pub companion_pid: i32,
     pub containers: Vec<String>,
     pub workload: Workload,

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub const NHI_ANNOTATION_PREFIX: &str = "nhi.dev/";
 /// `nhi.dev/inject`: `"true"` opts a container in where a rule asks for it, `"false"` opts out.
 pub const INJECT_ANNOTATION: &str = "nhi.dev/inject";
+/// `nhi.dev/rule`: restrict selection to the rule of this name.
+pub const RULE_ANNOTATION: &str = "nhi.dev/rule";
 
 pub mod cri {
     pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -186,6 +188,13 @@ impl Workload {
             _ => None,
         };
         v.map(String::as_str)
+    }
+
+    /// A CRI pod sandbox (pause) container: it holds the pod's network namespace.
+    pub fn is_k8s_sandbox(&self) -> bool {
+        self.k8s
+            .as_ref()
+            .is_some_and(|k| k.container_type.as_deref() == Some("sandbox"))
     }
 
     /// Human name: the orchestrator's container name, else the container id.

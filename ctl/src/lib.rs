@@ -31,7 +31,7 @@ pub fn render_status(s: &Status) -> String {
     for w in &s.workloads {
         out.push_str(&format!(
             "  {}  rule={} companion_pid={} netns={} containers={}\n",
-            w.spiffe_id,
+            w.spiffe_id.as_deref().unwrap_or("(identity pending)"),
             w.rule,
             w.companion_pid,
             w.netns_inode,

@@ -38,6 +38,8 @@ pub enum Outcome {
     Attached {
         spiffe_id: String,
     },
+    /// A pod sandbox: the pod's namespace waits for its first app container's identity.
+    Reserved,
     /// The attach failed but the rule is fail-open: the container starts without a companion.
     FailedOpen {
         message: String,
@@ -86,7 +88,8 @@ fn create_runtime(config: &Config, state: &State) -> Result<Outcome, HookError> 
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    let workload = Workload::from_oci(state, &spec);
+    let mut workload = Workload::from_oci(state, &spec);
+    let sa_error = attach_service_account(config, &spec, &mut workload).err();
     let Some(rule) = select(config, &workload) else {
         return Ok(Outcome::NotSelected);
     };
@@ -100,6 +103,11 @@ fn create_runtime(config: &Config, state: &State) -> Result<Outcome, HookError> 
             })
         }
     };
+    if let Some(why) = sa_error {
+        if rule.spiffe_id.vars().any(|v| v == "k8s.service_account") {
+            return fail(format!("service account for rule {:?}: {why}", rule.name));
+        }
+    }
     if netns_of(&spec) == NetNs::Host {
         return fail(format!(
             "selected by nhi rule {:?} but shares the host network namespace; nhi never attaches there",
@@ -113,6 +121,7 @@ fn create_runtime(config: &Config, state: &State) -> Result<Outcome, HookError> 
     };
     match call_agent(&config.socket, &req, config.hook.timeout) {
         Ok(AgentResponse::Attached { spiffe_id, .. }) => Ok(Outcome::Attached { spiffe_id }),
+        Ok(AgentResponse::Reserved { .. }) => Ok(Outcome::Reserved),
         Ok(AgentResponse::NotSelected) => Ok(Outcome::NotSelected),
         Ok(AgentResponse::Error { message }) => fail(format!("nhid refused the attach: {message}")),
         Ok(other) => fail(format!("unexpected answer from nhid: {other:?}")),
@@ -121,6 +130,33 @@ fn create_runtime(config: &Config, state: &State) -> Result<Outcome, HookError> 
             config.socket.display()
         )),
     }
+}
+
+/// Fills `k8s.service_account` from the kubelet-projected token of an app container, read on
+/// the host at the mount's source (see `nhi_core::k8s`). No token mount is not an error.
+fn attach_service_account(config: &Config, spec: &Spec, w: &mut Workload) -> Result<(), String> {
+    if w.is_k8s_sandbox() {
+        return Ok(());
+    }
+    let Some(k) = w.k8s.as_mut() else {
+        return Ok(());
+    };
+    let Some(path) = nhi_core::k8s::token_source(spec) else {
+        return Err("the container has no service-account token mount".into());
+    };
+    let mut token = String::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(64 * 1024).read_to_string(&mut token))
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let sa = nhi_core::k8s::service_account(
+        &path,
+        &token,
+        &config.kubernetes.kubelet_root,
+        k.namespace.as_deref().unwrap_or_default(),
+        k.pod_uid.as_deref().unwrap_or_default(),
+    )?;
+    k.service_account = Some(sa);
+    Ok(())
 }
 
 fn poststop(config: &Config, container_id: &str) {

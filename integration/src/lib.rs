@@ -248,6 +248,8 @@ impl Node {
             annotations: vec![],
             env: vec![],
             host_netns: false,
+            join_netns: None,
+            mounts: vec![],
             hooks: true,
         }
     }
@@ -302,10 +304,22 @@ pub struct BundleBuilder<'n> {
     annotations: Vec<(String, String)>,
     env: Vec<String>,
     host_netns: bool,
+    join_netns: Option<i32>,
+    mounts: Vec<(String, PathBuf)>,
     hooks: bool,
 }
 
 impl<'n> BundleBuilder<'n> {
+    /// Join the network namespace of `pid` (as a pod's app container joins its sandbox's).
+    pub fn join_netns(mut self, pid: i32) -> Self {
+        self.join_netns = Some(pid);
+        self
+    }
+    /// Read-only bind mount of host `source` at `dest`.
+    pub fn mount(mut self, dest: &str, source: &Path) -> Self {
+        self.mounts.push((dest.into(), source.into()));
+        self
+    }
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args = args.iter().map(|s| s.to_string()).collect();
         self
@@ -364,6 +378,21 @@ impl<'n> BundleBuilder<'n> {
         if self.host_netns {
             let ns = spec["linux"]["namespaces"].as_array_mut().unwrap();
             ns.retain(|n| n["type"] != "network");
+        }
+        if let Some(pid) = self.join_netns {
+            for n in spec["linux"]["namespaces"].as_array_mut().unwrap() {
+                if n["type"] == "network" {
+                    n["path"] = format!("/proc/{pid}/ns/net").into();
+                }
+            }
+        }
+        for (dest, src) in self.mounts {
+            spec["mounts"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({
+                    "destination": dest, "type": "bind", "source": src, "options": ["rbind", "ro"],
+                }));
         }
         if self.hooks {
             let hook = bin("nhi-hook").display().to_string();

@@ -1,0 +1,233 @@
+//! Kubernetes pod semantics on real runc, shaped as CRI shapes them: a sandbox (pause)
+//! container owns the network namespace, app containers join it, the service account comes
+//! from the kubelet-projected token on the host. One companion per pod; identity fixed by the
+//! first app container; the pod's removal stops the companion.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use nhi_integration::*;
+
+const RULES: &str = r#"
+[[rule]]
+name = "k8s"
+spiffe_id = "ns/{k8s.namespace}/sa/{k8s.service_account}"
+[rule.match]
+k8s_namespaces = ["team-*"]
+"#;
+
+fn node() -> Node {
+    let n = Node::new(RULES);
+    let kubelet = n.path("kubelet");
+    let cfg = fs::read_to_string(&n.config).unwrap();
+    fs::write(
+        &n.config,
+        format!(
+            "{cfg}\n[kubernetes]\nkubelet_root = \"{}\"\n",
+            kubelet.display()
+        ),
+    )
+    .unwrap();
+    n
+}
+
+/// Writes a kubelet-style token for the pod and returns the token *directory*.
+fn token_dir(node: &Node, pod_uid: &str, volume_kind: &str, ns: &str, sa: &str) -> PathBuf {
+    let dir = node.path(&format!(
+        "kubelet/pods/{pod_uid}/volumes/{volume_kind}/kube-api-access-1"
+    ));
+    fs::create_dir_all(&dir).unwrap();
+    let claims = serde_json::json!({
+        "iss": "https://kubernetes.default.svc", "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "sa-uid"}, "pod": {"name": "p", "uid": pod_uid}},
+    });
+    let jwt = format!(
+        "eyJhbGciOiJSUzI1NiIsImtpZCI6IngifQ.{}.sig",
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    fs::write(dir.join("token"), jwt).unwrap();
+    dir
+}
+
+struct Pod {
+    ns: String,
+    name: String,
+    uid: String,
+}
+
+impl Pod {
+    fn new(ns: &str, name: &str) -> Self {
+        Pod {
+            ns: ns.into(),
+            name: name.into(),
+            uid: unique_id("uid"),
+        }
+    }
+
+    fn annotate<'n>(&self, b: BundleBuilder<'n>, kind: &str, container: &str) -> BundleBuilder<'n> {
+        b.annotation("io.kubernetes.cri.container-type", kind)
+            .annotation("io.kubernetes.cri.sandbox-namespace", &self.ns)
+            .annotation("io.kubernetes.cri.sandbox-name", &self.name)
+            .annotation("io.kubernetes.cri.sandbox-uid", &self.uid)
+            .annotation("io.kubernetes.cri.container-name", container)
+    }
+
+    fn sandbox(&self, node: &Node) -> Container {
+        self.annotate(node.bundle(&unique_id("sandbox")), "sandbox", "POD")
+            .write()
+    }
+
+    fn app(&self, node: &Node, sandbox: &Container, name: &str, token: &Path) -> Container {
+        self.annotate(node.bundle(&unique_id(name)), "container", name)
+            .join_netns(sandbox.pid())
+            .mount("/var/run/secrets/kubernetes.io/serviceaccount", token)
+            .write()
+    }
+}
+
+#[test]
+fn one_companion_per_pod_with_the_service_account_identity() {
+    let mut node = node();
+    node.start();
+    let pod = Pod::new("team-a", "web-0");
+    let sandbox = pod.sandbox(&node);
+    sandbox.start().unwrap();
+    let st = node.status();
+    assert_eq!(st.workloads.len(), 1);
+    assert_eq!(
+        st.workloads[0].spiffe_id, None,
+        "identity pending until an app container"
+    );
+    assert_eq!(st.workloads[0].companion_pid, 0);
+
+    let token = token_dir(&node, &pod.uid, "kubernetes.io~projected", "team-a", "web");
+    let app1 = pod.app(&node, &sandbox, "app", &token);
+    app1.start().unwrap();
+    let app2 = pod.app(&node, &sandbox, "sidecar", &token);
+    app2.start().unwrap();
+    let want = format!("spiffe://{TRUST_DOMAIN}/ns/team-a/sa/web");
+    assert_eq!(app1.get_json("/v1/identity")["spiffe_id"], want);
+    assert_eq!(app2.get_json("/v1/identity")["spiffe_id"], want);
+    let st = node.status();
+    assert_eq!(st.workloads.len(), 1, "one companion for the pod: {st:?}");
+    let w = &st.workloads[0];
+    assert_eq!(w.containers.len(), 3);
+    assert_eq!(ns_of(w.companion_pid, "net"), ns_of(sandbox.pid(), "net"));
+    let cp = w.companion_pid;
+
+    // App containers come and go; the pod's companion stays.
+    app1.delete();
+    app2.delete();
+    assert!(alive(cp), "companion must live as long as the pod");
+    assert_eq!(
+        node.status().workloads[0].containers,
+        vec![sandbox.id.clone()]
+    );
+    // Pod removal (the sandbox's poststop) stops it.
+    sandbox.delete();
+    assert!(!alive(cp), "companion outlived its pod");
+    assert!(node.status().workloads.is_empty());
+}
+
+#[test]
+fn a_token_not_projected_by_kubelet_for_this_pod_is_refused() {
+    let mut node = node();
+    node.start();
+    // A user Secret mounted at the service-account path, claiming another account.
+    let pod = Pod::new("team-b", "sneaky");
+    let sandbox = pod.sandbox(&node);
+    sandbox.start().unwrap();
+    let forged = token_dir(&node, &pod.uid, "kubernetes.io~secret", "team-b", "admin");
+    let app = pod
+        .annotate(node.bundle(&unique_id("app")), "container", "app")
+        .join_netns(sandbox.pid())
+        .mount("/var/run/secrets/kubernetes.io/serviceaccount", &forged)
+        .args(&["true"])
+        .write();
+    let out = app.run();
+    assert!(
+        !out.status.success(),
+        "a container with a forged service account must not start"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nhi-hook") && err.contains("projected volumes"),
+        "{err}"
+    );
+
+    // Another pod's genuine token, mounted into this pod, is refused too.
+    let other = Pod::new("team-b", "other");
+    let stolen = token_dir(
+        &node,
+        &other.uid,
+        "kubernetes.io~projected",
+        "team-b",
+        "admin",
+    );
+    let app = pod
+        .annotate(node.bundle(&unique_id("app2")), "container", "app")
+        .join_netns(sandbox.pid())
+        .mount("/var/run/secrets/kubernetes.io/serviceaccount", &stolen)
+        .args(&["true"])
+        .write();
+    assert!(!app.run().status.success());
+    assert_eq!(
+        node.status().workloads[0].spiffe_id,
+        None,
+        "no identity was ever issued"
+    );
+    sandbox.delete();
+}
+
+#[test]
+fn pods_in_different_namespaces_get_their_own_identities_and_opt_out_works() {
+    let mut node = node();
+    node.start();
+    let a = Pod::new("team-a", "a-0");
+    let b = Pod::new("team-b", "b-0");
+    let (sa, sb) = (a.sandbox(&node), b.sandbox(&node));
+    sa.start().unwrap();
+    sb.start().unwrap();
+    let ca = a.app(
+        &node,
+        &sa,
+        "app",
+        &token_dir(&node, &a.uid, "kubernetes.io~projected", "team-a", "api"),
+    );
+    let cb = b.app(
+        &node,
+        &sb,
+        "app",
+        &token_dir(&node, &b.uid, "kubernetes.io~projected", "team-b", "worker"),
+    );
+    ca.start().unwrap();
+    cb.start().unwrap();
+    assert_eq!(
+        ca.get_json("/v1/identity")["spiffe_id"],
+        format!("spiffe://{TRUST_DOMAIN}/ns/team-a/sa/api")
+    );
+    assert_eq!(
+        cb.get_json("/v1/identity")["spiffe_id"],
+        format!("spiffe://{TRUST_DOMAIN}/ns/team-b/sa/worker")
+    );
+
+    // A pod outside the rule's namespaces, and a pod that opts out, get nothing.
+    for (ns, opt_out) in [("default", false), ("team-c", true)] {
+        let p = Pod::new(ns, "plain");
+        let mut b = p.annotate(node.bundle(&unique_id("sb")), "sandbox", "POD");
+        if opt_out {
+            b = b.annotation("nhi.dev/inject", "false");
+        }
+        let s = b.write();
+        s.start().unwrap();
+        assert!(s.get("/healthz").is_err(), "{ns}: no companion expected");
+        s.delete();
+    }
+    assert_eq!(node.status().workloads.len(), 2);
+    for c in [ca, cb, sa, sb] {
+        c.delete();
+    }
+    assert!(node.status().workloads.is_empty());
+}

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use nhi_core::wire::{call_agent, AgentRequest, AgentResponse, Status};
 
 /// Uid (and gid) companions run as in tests: an unprivileged id no real user has.
+pub mod kube;
+
 pub const COMPANION_UID: u32 = 65533;
 pub const TRUST_DOMAIN: &str = "example.org";
 pub const COMPANION_URL: &str = "http://127.0.0.1:15100";

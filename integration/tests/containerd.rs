@@ -96,7 +96,10 @@ impl Drop for Containerd {
         // Shims of this instance outlive containerd by design; stop them too.
         let _ = Command::new("pkill")
             .arg("-f")
-            .arg(format!("containerd-shim.* -address {}", self.sock.display()))
+            .arg(format!(
+                "containerd-shim.* -address {}",
+                self.sock.display()
+            ))
             .status();
         let _ = Command::new("umount")
             .arg("-R")

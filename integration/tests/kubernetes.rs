@@ -1,0 +1,175 @@
+//! Kubernetes through CRI, as a kubelet drives it, against a private containerd whose `nhi`
+//! runtime handler was added by `nhictl configure containerd`: two pods in two namespaces, one
+//! with two containers, and a pod without the handler.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use nhi_integration::kube::{CriContainerd, PodSpec};
+use nhi_integration::*;
+
+const RULES: &str = r#"
+[[rule]]
+name = "k8s"
+spiffe_id = "ns/{k8s.namespace}/sa/{k8s.service_account}"
+[rule.match]
+k8s_namespaces = ["team-*"]
+"#;
+
+/// What kubelet writes for a pod's projected service-account token.
+fn kubelet_token(node: &Node, pod_uid: &str, ns: &str, sa: &str) -> PathBuf {
+    let dir = node.path(&format!(
+        "kubelet/pods/{pod_uid}/volumes/kubernetes.io~projected/kube-api-access-x"
+    ));
+    fs::create_dir_all(&dir).unwrap();
+    let claims = serde_json::json!({
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}, "pod": {"uid": pod_uid}},
+    });
+    fs::write(
+        dir.join("token"),
+        format!(
+            "eyJhbGciOiJSUzI1NiJ9.{}.sig",
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+fn identity(cri: &nhi_integration::kube::Cri, container: &str) -> Result<String, String> {
+    let (out, err, code) = cri.exec(
+        container,
+        &["/bin/wget", "-qO-", "http://127.0.0.1:15100/v1/identity"],
+    )?;
+    if code != 0 {
+        return Err(format!("exit {code}: {err}"));
+    }
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+    Ok(v["spiffe_id"].as_str().unwrap_or_default().to_string())
+}
+
+#[test]
+fn cri_pods_get_one_companion_each_with_the_service_account_identity() {
+    let mut node = Node::new(RULES);
+    let kubelet = node.path("kubelet");
+    let cfg = fs::read_to_string(&node.config).unwrap();
+    fs::write(
+        &node.config,
+        format!(
+            "{cfg}\n[kubernetes]\nkubelet_root = \"{}\"\n",
+            kubelet.display()
+        ),
+    )
+    .unwrap();
+    node.start();
+
+    let mut ctd = CriContainerd::new(&node);
+    let out = Command::new(bin("nhictl"))
+        .args([
+            "configure",
+            "containerd",
+            "--file",
+            ctd.config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nhictl configure containerd: {out:?}");
+    ctd.start(&node.rootfs);
+    let cri = ctd.client();
+
+    let pod = |name: &'static str, ns: &'static str, handler: &'static str| {
+        let uid = unique_id("uid");
+        (uid, name, ns, handler)
+    };
+    let specs = [
+        pod("web-0", "team-a", "nhi"),
+        pod("api-0", "team-b", "nhi"),
+        pod("plain-0", "team-a", ""),
+    ];
+    let spec = |i: usize| PodSpec {
+        name: specs[i].1,
+        namespace: specs[i].2,
+        uid: &specs[i].0,
+        annotations: HashMap::new(),
+        runtime_handler: specs[i].3,
+    };
+    let a = cri
+        .run_pod(&spec(0))
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let b = cri.run_pod(&spec(1)).unwrap();
+    let c = cri.run_pod(&spec(2)).unwrap();
+    let tok_a = kubelet_token(&node, &specs[0].0, "team-a", "web");
+    let tok_b = kubelet_token(&node, &specs[1].0, "team-b", "api");
+    let tok_c = kubelet_token(&node, &specs[2].0, "team-a", "web");
+    let a1 = cri
+        .start_container(&a, &spec(0), "app", Some(&tok_a))
+        .unwrap_or_else(|e| panic!("{e}\n{}", ctd.log()));
+    let a2 = cri
+        .start_container(&a, &spec(0), "sidecar", Some(&tok_a))
+        .unwrap();
+    let b1 = cri
+        .start_container(&b, &spec(1), "app", Some(&tok_b))
+        .unwrap();
+    let c1 = cri
+        .start_container(&c, &spec(2), "app", Some(&tok_c))
+        .unwrap();
+
+    let want_a = format!("spiffe://{TRUST_DOMAIN}/ns/team-a/sa/web");
+    assert_eq!(identity(&cri, &a1).unwrap(), want_a);
+    assert_eq!(
+        identity(&cri, &a2).unwrap(),
+        want_a,
+        "containers of one pod share the identity"
+    );
+    assert_eq!(
+        identity(&cri, &b1).unwrap(),
+        format!("spiffe://{TRUST_DOMAIN}/ns/team-b/sa/api")
+    );
+    assert!(
+        identity(&cri, &c1).is_err(),
+        "a pod without the nhi handler gets nothing"
+    );
+
+    let st = node.status();
+    assert_eq!(st.workloads.len(), 2, "one companion per pod: {st:?}");
+    let wa = st
+        .workloads
+        .iter()
+        .find(|w| w.spiffe_id.as_deref() == Some(want_a.as_str()))
+        .unwrap();
+    assert_eq!(
+        wa.containers.len(),
+        3,
+        "sandbox + two app containers: {wa:?}"
+    );
+    let a_pid = cri.container_pid(&a1).expect("container pid");
+    assert_eq!(
+        ns_of(wa.companion_pid, "net"),
+        ns_of(a_pid, "net"),
+        "companion in the pod's netns"
+    );
+    assert_ne!(ns_of(wa.companion_pid, "pid"), ns_of(a_pid, "pid"));
+    let cp = wa.companion_pid;
+
+    cri.stop_pod(&a).unwrap();
+    cri.remove_pod(&a).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(cp)),
+        "companion outlived RemovePodSandbox"
+    );
+    assert_eq!(node.status().workloads.len(), 1);
+    for p in [b, c] {
+        cri.stop_pod(&p).unwrap();
+        cri.remove_pod(&p).unwrap();
+    }
+    assert!(eventually(Duration::from_secs(10), || node
+        .status()
+        .workloads
+        .is_empty()));
+}

@@ -193,6 +193,8 @@ async fn refresher(c: Arc<Creds>) {
             }
             (due, next)
         };
+        // `next` only covers entries that were not due: after refreshing, look again.
+        let refreshed = !due.is_empty();
         for d in due {
             match d {
                 Due::X509 => match c.fetch_x509().await {
@@ -210,6 +212,9 @@ async fn refresher(c: Arc<Creds>) {
                     Err(e) => retry_soon(c.lock().jwt.get_mut(&aud), &e),
                 },
             }
+        }
+        if refreshed {
+            continue;
         }
         let now = now_unix();
         let sleep = if next == u64::MAX {

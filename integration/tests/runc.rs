@@ -620,3 +620,76 @@ k8s_namespaces = ["prod"]
     n.delete();
     k.delete();
 }
+
+#[test]
+fn credentials_are_refreshed_at_half_life_cycle_after_cycle() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    let cfg = fs::read_to_string(&node.config).unwrap();
+    // Shortest TTLs the config allows, so several half-lives pass within the test.
+    let cfg = cfg.replacen(
+        "[companion]",
+        "[issuer]\njwt_ttl = \"10s\"\nx509_ttl = \"10s\"\n\n[companion]",
+        1,
+    );
+    fs::write(&node.config, cfg).unwrap();
+    node.start();
+    // One companion caches only a token, the other only a certificate: each must refresh its
+    // single credential at every half-life, not only the first.
+    let (a, b) = (
+        node.bundle(&unique_id("jwt-refresh")).inject().write(),
+        node.bundle(&unique_id("x509-refresh")).inject().write(),
+    );
+    a.start().unwrap();
+    b.start().unwrap();
+    let (pa, pb) = (a.pid(), b.pid());
+    let mut tokens = std::collections::BTreeSet::new();
+    let mut certs = std::collections::BTreeSet::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(17) {
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        };
+        let (s, body) = http_in_netns(pa, "GET", "/v1/token?audience=refresh");
+        assert_eq!(s, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let iat = v["issued_at"].as_u64().unwrap();
+        // Never older than half its life (5 s), plus clock granularity and polling.
+        assert!(
+            now() <= iat + 6,
+            "served a token issued at {iat} at {}: not refreshed at half-life",
+            now()
+        );
+        tokens.insert(v["token"].as_str().unwrap().to_string());
+
+        let (s, pem) = http_in_netns(pb, "GET", "/v1/x509");
+        assert_eq!(s, 200);
+        let der = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+            .unwrap()
+            .1
+            .contents;
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let nbf = cert.validity().not_before.timestamp() as u64 + 30; // issued 30 s after not_before
+        assert!(
+            now() <= nbf + 6,
+            "served a certificate issued at {nbf} at {}: not refreshed at half-life",
+            now()
+        );
+        certs.insert(pem.lines().nth(1).unwrap().to_string());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        tokens.len() >= 3,
+        "expected a token refresh every ~5 s, got {}",
+        tokens.len()
+    );
+    assert!(
+        certs.len() >= 3,
+        "expected a certificate refresh every ~5 s, got {}",
+        certs.len()
+    );
+    a.delete();
+    b.delete();
+}

@@ -25,6 +25,50 @@ pub fn summarize(samples: &[Duration]) -> Summary {
     }
 }
 
+/// Runs `warmup + runs` rounds of `measure(false)` (baseline) and `measure(true)` (nhi),
+/// alternating which goes first so neither series always runs on a warmer machine. Returns the
+/// counted (baseline, nhi) samples.
+pub fn interleave(
+    runs: usize,
+    warmup: usize,
+    mut measure: impl FnMut(bool) -> Duration,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let (mut base, mut nhi) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for i in 0..warmup + runs {
+        let order = if i % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for with_nhi in order {
+            let d = measure(with_nhi);
+            if i >= warmup {
+                if with_nhi {
+                    nhi.push(d)
+                } else {
+                    base.push(d)
+                }
+            }
+        }
+    }
+    (base, nhi)
+}
+
+/// Prints a two-series comparison with its ratios.
+pub fn report(title: &str, base_name: &str, base: &[Duration], nhi: &[Duration]) {
+    let (sa, sb) = (summarize(base), summarize(nhi));
+    println!("## {title} ({} runs each, interleaved)\n", sa.n);
+    println!("{HEADER}");
+    println!("{}", row(base_name, &sa));
+    println!("{}", row("with nhi", &sb));
+    println!(
+        "\nratio nhi/plain: p50 {:.2}x, p99 {:.2}x; added p50 {:+.2} ms\n",
+        ms(sb.p50) / ms(sa.p50),
+        ms(sb.p99) / ms(sa.p99),
+        ms(sb.p50) - ms(sa.p50)
+    );
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -46,6 +90,18 @@ pub const HEADER: &str =
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleaving_alternates_and_skips_warmup() {
+        let mut calls = Vec::new();
+        let (b, n) = interleave(2, 1, |x| {
+            calls.push(x);
+            Duration::from_millis(if x { 2 } else { 1 })
+        });
+        assert_eq!(calls, [false, true, true, false, false, true]);
+        assert_eq!((b.len(), n.len()), (2, 2));
+        assert!(n.iter().all(|d| *d == Duration::from_millis(2)));
+    }
 
     #[test]
     fn percentiles() {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use base64::Engine;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use sha2::{Digest, Sha256};
@@ -18,6 +19,29 @@ use crate::{bin_dir, eventually, which, Node};
 
 pub const APP_IMAGE: &str = "docker.io/library/busybox:nhi-test";
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.6";
+
+/// Writes the token kubelet projects for a pod (under the node's kubelet root, see
+/// [`Node::with_kubelet_root`]) and returns its directory, the host side of the
+/// service-account mount. `volume_kind` is `kubernetes.io~projected` for a genuine one.
+pub fn kubelet_token(node: &Node, pod_uid: &str, volume_kind: &str, ns: &str, sa: &str) -> PathBuf {
+    let dir = node.path(&format!(
+        "kubelet/pods/{pod_uid}/volumes/{volume_kind}/kube-api-access-1"
+    ));
+    fs::create_dir_all(&dir).unwrap();
+    let claims = serde_json::json!({
+        "iss": "https://kubernetes.default.svc", "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "sa-uid"}, "pod": {"name": "p", "uid": pod_uid}},
+    });
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
+    fs::write(
+        dir.join("token"),
+        format!("eyJhbGciOiJSUzI1NiIsImtpZCI6IngifQ.{payload}.sig"),
+    )
+    .unwrap();
+    dir
+}
+
+pub const PROJECTED: &str = "kubernetes.io~projected";
 
 /// Builds an OCI image archive from `rootfs` with `cmd` as its command, named `name`.
 pub fn oci_archive(rootfs: &Path, name: &str, cmd: &[&str], work: &Path) -> PathBuf {

@@ -158,6 +158,21 @@ impl Node {
         self.dir.path().join(rel)
     }
 
+    /// Appends TOML (tables such as `[kubernetes]`) to the node's nhi config; before `start`.
+    pub fn append_config(&self, toml: &str) {
+        let cfg = fs::read_to_string(&self.config).unwrap();
+        fs::write(&self.config, format!("{cfg}\n{toml}\n")).unwrap();
+    }
+
+    /// Points nhi at a kubelet root inside the node's temp dir (see [`kube::kubelet_token`]).
+    pub fn with_kubelet_root(&self) {
+        let root = self.path("kubelet");
+        self.append_config(&format!(
+            "[kubernetes]\nkubelet_root = \"{}\"",
+            root.display()
+        ));
+    }
+
     /// Starts nhid and waits until its socket answers.
     pub fn start(&mut self) {
         self.try_start().unwrap_or_else(|e| panic!("{e}"));

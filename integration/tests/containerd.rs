@@ -3,120 +3,15 @@
 //! works as with runc, and the companion is gone once the task is removed.
 
 use std::fs;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
+use nhi_integration::kube::CriContainerd;
 use nhi_integration::*;
 
-/// A private containerd: own root, state and socket under the node's temp dir; CRI disabled
-/// (not needed by ctr).
-struct Containerd {
-    sock: PathBuf,
-    dir: PathBuf,
-    child: Child,
-}
-
-impl Containerd {
-    fn start(node: &Node) -> Containerd {
-        assert!(
-            which("containerd").is_some(),
-            "containerd is not installed: run scripts/install-deps"
-        );
-        let dir = node.path("containerd");
-        fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("containerd.sock");
-        let cfg = dir.join("config.toml");
-        fs::write(
-            &cfg,
-            format!(
-                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{1}\"\n",
-                dir.display(),
-                sock.display()
-            ),
-        )
-        .unwrap();
-        // containerd finds containerd-shim-nhi-v2 on its PATH; the shim finds the nhi config
-        // through NHI_CONFIG, which containerd passes on to shims.
-        let path = format!(
-            "{}:{}",
-            bin_dir().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&cfg)
-            .env("PATH", path)
-            .env("NHI_CONFIG", &node.config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let c = Containerd { sock, dir, child };
-        assert!(
-            eventually(Duration::from_secs(20), || c
-                .ctr(&["version"])
-                .status
-                .success()),
-            "containerd did not come up: {}",
-            fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default()
-        );
-        c
-    }
-
-    fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .arg("-a")
-            .arg(&self.sock)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("ctr")
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        if let Ok(out) = Command::new("ctr")
-            .arg("-a")
-            .arg(&self.sock)
-            .args(["task", "ls", "-q"])
-            .output()
-        {
-            for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = self.ctr(&["task", "kill", "-s", "KILL", id]);
-                std::thread::sleep(Duration::from_millis(200));
-                let _ = self.ctr(&["task", "rm", "-f", id]);
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Shims of this instance outlive containerd by design; stop them too.
-        let _ = Command::new("pkill")
-            .arg("-f")
-            .arg(format!(
-                "containerd-shim.* -address {}",
-                self.sock.display()
-            ))
-            .status();
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.dir.join("state"))
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 fn with_shim_bin_dir(node: &Node) {
-    let cfg = fs::read_to_string(&node.config).unwrap();
     let dir = node.path("runtime-bin");
-    fs::write(
-        &node.config,
-        format!("{cfg}\n[runtime]\nshim_bin_dir = \"{}\"\n", dir.display()),
-    )
-    .unwrap();
+    node.append_config(&format!("[runtime]\nshim_bin_dir = \"{}\"", dir.display()));
 }
 
 fn ok(out: Output) -> String {
@@ -135,7 +30,8 @@ spiffe_id = "ctr/{container.id}"
     );
     with_shim_bin_dir(&node);
     node.start();
-    let ctd = Containerd::start(&node);
+    let mut ctd = CriContainerd::new(&node);
+    ctd.start(&node.rootfs);
     let rootfs = node.rootfs.to_str().unwrap().to_string();
     let id = unique_id("ctr");
     ok(ctd.ctr(&[

@@ -3,14 +3,10 @@
 //! with two containers, and a pod without the handler.
 
 use std::collections::HashMap;
-use std::fs;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
-use nhi_integration::kube::{CriContainerd, PodSpec};
+use nhi_integration::kube::{kubelet_token, CriContainerd, PodSpec, PROJECTED};
 use nhi_integration::*;
 
 const RULES: &str = r#"
@@ -20,27 +16,6 @@ spiffe_id = "ns/{k8s.namespace}/sa/{k8s.service_account}"
 [rule.match]
 k8s_namespaces = ["team-*"]
 "#;
-
-/// What kubelet writes for a pod's projected service-account token.
-fn kubelet_token(node: &Node, pod_uid: &str, ns: &str, sa: &str) -> PathBuf {
-    let dir = node.path(&format!(
-        "kubelet/pods/{pod_uid}/volumes/kubernetes.io~projected/kube-api-access-x"
-    ));
-    fs::create_dir_all(&dir).unwrap();
-    let claims = serde_json::json!({
-        "sub": format!("system:serviceaccount:{ns}:{sa}"),
-        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}, "pod": {"uid": pod_uid}},
-    });
-    fs::write(
-        dir.join("token"),
-        format!(
-            "eyJhbGciOiJSUzI1NiJ9.{}.sig",
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        ),
-    )
-    .unwrap();
-    dir
-}
 
 fn identity(cri: &nhi_integration::kube::Cri, container: &str) -> Result<String, String> {
     let (out, err, code) = cri.exec(
@@ -57,16 +32,7 @@ fn identity(cri: &nhi_integration::kube::Cri, container: &str) -> Result<String,
 #[test]
 fn cri_pods_get_one_companion_each_with_the_service_account_identity() {
     let mut node = Node::new(RULES);
-    let kubelet = node.path("kubelet");
-    let cfg = fs::read_to_string(&node.config).unwrap();
-    fs::write(
-        &node.config,
-        format!(
-            "{cfg}\n[kubernetes]\nkubelet_root = \"{}\"\n",
-            kubelet.display()
-        ),
-    )
-    .unwrap();
+    node.with_kubelet_root();
     node.start();
 
     let mut ctd = CriContainerd::new(&node);
@@ -104,9 +70,9 @@ fn cri_pods_get_one_companion_each_with_the_service_account_identity() {
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
     let b = cri.run_pod(&spec(1)).unwrap();
     let c = cri.run_pod(&spec(2)).unwrap();
-    let tok_a = kubelet_token(&node, &specs[0].0, "team-a", "web");
-    let tok_b = kubelet_token(&node, &specs[1].0, "team-b", "api");
-    let tok_c = kubelet_token(&node, &specs[2].0, "team-a", "web");
+    let tok_a = kubelet_token(&node, &specs[0].0, PROJECTED, "team-a", "web");
+    let tok_b = kubelet_token(&node, &specs[1].0, PROJECTED, "team-b", "api");
+    let tok_c = kubelet_token(&node, &specs[2].0, PROJECTED, "team-a", "web");
     let a1 = cri
         .start_container(&a, &spec(0), "app", Some(&tok_a))
         .unwrap_or_else(|e| panic!("{e}\n{}", ctd.log()));

@@ -3,11 +3,9 @@
 //! from the kubelet-projected token on the host. One companion per pod; identity fixed by the
 //! first app container; the pod's removal stops the companion.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
+use nhi_integration::kube::{kubelet_token as token_dir, PROJECTED};
 use nhi_integration::*;
 
 const RULES: &str = r#"
@@ -20,35 +18,8 @@ k8s_namespaces = ["team-*"]
 
 fn node() -> Node {
     let n = Node::new(RULES);
-    let kubelet = n.path("kubelet");
-    let cfg = fs::read_to_string(&n.config).unwrap();
-    fs::write(
-        &n.config,
-        format!(
-            "{cfg}\n[kubernetes]\nkubelet_root = \"{}\"\n",
-            kubelet.display()
-        ),
-    )
-    .unwrap();
+    n.with_kubelet_root();
     n
-}
-
-/// Writes a kubelet-style token for the pod and returns the token *directory*.
-fn token_dir(node: &Node, pod_uid: &str, volume_kind: &str, ns: &str, sa: &str) -> PathBuf {
-    let dir = node.path(&format!(
-        "kubelet/pods/{pod_uid}/volumes/{volume_kind}/kube-api-access-1"
-    ));
-    fs::create_dir_all(&dir).unwrap();
-    let claims = serde_json::json!({
-        "iss": "https://kubernetes.default.svc", "sub": format!("system:serviceaccount:{ns}:{sa}"),
-        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "sa-uid"}, "pod": {"name": "p", "uid": pod_uid}},
-    });
-    let jwt = format!(
-        "eyJhbGciOiJSUzI1NiIsImtpZCI6IngifQ.{}.sig",
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
-    fs::write(dir.join("token"), jwt).unwrap();
-    dir
 }
 
 struct Pod {
@@ -102,7 +73,7 @@ fn one_companion_per_pod_with_the_service_account_identity() {
     );
     assert_eq!(st.workloads[0].companion_pid, 0);
 
-    let token = token_dir(&node, &pod.uid, "kubernetes.io~projected", "team-a", "web");
+    let token = token_dir(&node, &pod.uid, PROJECTED, "team-a", "web");
     let app1 = pod.app(&node, &sandbox, "app", &token);
     app1.start().unwrap();
     let app2 = pod.app(&node, &sandbox, "sidecar", &token);
@@ -159,13 +130,7 @@ fn a_token_not_projected_by_kubelet_for_this_pod_is_refused() {
 
     // Another pod's genuine token, mounted into this pod, is refused too.
     let other = Pod::new("team-b", "other");
-    let stolen = token_dir(
-        &node,
-        &other.uid,
-        "kubernetes.io~projected",
-        "team-b",
-        "admin",
-    );
+    let stolen = token_dir(&node, &other.uid, PROJECTED, "team-b", "admin");
     let app = pod
         .annotate(node.bundle(&unique_id("app2")), "container", "app")
         .join_netns(sandbox.pid())
@@ -194,13 +159,13 @@ fn pods_in_different_namespaces_get_their_own_identities_and_opt_out_works() {
         &node,
         &sa,
         "app",
-        &token_dir(&node, &a.uid, "kubernetes.io~projected", "team-a", "api"),
+        &token_dir(&node, &a.uid, PROJECTED, "team-a", "api"),
     );
     let cb = b.app(
         &node,
         &sb,
         "app",
-        &token_dir(&node, &b.uid, "kubernetes.io~projected", "team-b", "worker"),
+        &token_dir(&node, &b.uid, PROJECTED, "team-b", "worker"),
     );
     ca.start().unwrap();
     cb.start().unwrap();

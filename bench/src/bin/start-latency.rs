@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nhi_bench::{ms, row, summarize, HEADER};
+use nhi_bench::{interleave, ms, row, summarize, HEADER};
 use nhi_integration::*;
 
 #[derive(Parser)]
@@ -33,41 +33,25 @@ fn main() {
     let mut node = Node::new(ANNOTATED_RULE);
     node.start();
 
-    let mut plain = Vec::new();
-    let mut hooked = Vec::new();
-    for i in 0..args.warmup + args.runs {
-        let p = node
-            .bundle(&unique_id("plain"))
-            .without_hooks()
-            .args(&["true"])
-            .write();
-        let h = node
-            .bundle(&unique_id("nhi"))
-            .inject()
-            .args(&["true"])
-            .write();
-        // Alternate which goes first so neither series always runs on a warmer cache.
-        let order: [(&Container, bool); 2] = if i % 2 == 0 {
-            [(&p, false), (&h, true)]
+    let (plain, hooked) = interleave(args.runs, args.warmup, |with_nhi| {
+        let c = if with_nhi {
+            node.bundle(&unique_id("nhi"))
+                .inject()
+                .args(&["true"])
+                .write()
         } else {
-            [(&h, true), (&p, false)]
+            node.bundle(&unique_id("plain"))
+                .without_hooks()
+                .args(&["true"])
+                .write()
         };
-        for (c, is_nhi) in order {
-            let t = Instant::now();
-            let out = c.run();
-            let d = t.elapsed();
-            assert!(out.status.success(), "{}: {out:?}", c.id);
-            if i >= args.warmup {
-                if is_nhi {
-                    hooked.push(d)
-                } else {
-                    plain.push(d)
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&p.bundle);
-        let _ = std::fs::remove_dir_all(&h.bundle);
-    }
+        let t = Instant::now();
+        let out = c.run();
+        let d = t.elapsed();
+        assert!(out.status.success(), "{}: {out:?}", c.id);
+        let _ = std::fs::remove_dir_all(&c.bundle);
+        d
+    });
     assert!(node.status().workloads.is_empty(), "companions left behind");
 
     // The hook alone.

@@ -43,9 +43,11 @@ struct Registry {
 pub struct Agent {
     ctx: Arc<Ctx>,
     host_netns: u64,
-    // One lock for attach/detach: attaches are rare and short, and serializing them makes
-    // "one companion per network namespace" trivially true.
+    /// Held only for short edits, never across a companion start.
     registry: Mutex<Registry>,
+    /// One start at a time per network namespace (keeps "one companion per namespace" true)
+    /// without making other containers' starts and stops wait for it.
+    starting: std::sync::Mutex<HashMap<u64, Arc<Mutex<()>>>>,
 }
 
 impl Agent {
@@ -54,6 +56,7 @@ impl Agent {
             ctx,
             host_netns: NetNs::own()?.inode,
             registry: Mutex::new(Registry::default()),
+            starting: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -111,6 +114,38 @@ impl Agent {
             ));
         }
 
+        let slot = self
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(inode)
+            .or_default()
+            .clone();
+        let result = {
+            let _one_start_per_netns = slot.lock().await;
+            self.attach_locked(cid, workload, rule, spiffe_id, proc_ref, netns, pid)
+                .await
+        };
+        let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&slot) == 2 {
+            starting.remove(&inode);
+        }
+        result
+    }
+
+    /// The attach proper, with this namespace's start slot held.
+    #[allow(clippy::too_many_arguments)]
+    async fn attach_locked(
+        &self,
+        cid: String,
+        workload: Workload,
+        rule: &nhi_core::Rule,
+        spiffe_id: Option<nhi_core::SpiffeId>,
+        proc_ref: ProcRef,
+        netns: NetNs,
+        pid: i32,
+    ) -> Result<AgentResponse, String> {
+        let inode = netns.inode;
         let mut reg = self.registry.lock().await;
         let attachment = reg.by_netns.entry(inode).or_insert_with(|| Attachment {
             rule: rule.name.clone(),
@@ -152,20 +187,35 @@ impl Agent {
             workload,
         });
         let ns = attachment.netns.take().unwrap_or(netns);
+        // Start the companion without holding the registry: other containers keep starting
+        // and stopping meanwhile.
+        drop(reg);
         let started = supervisor::start(self.ctx.clone(), identity.clone(), ns).await;
-        let attachment = reg.by_netns.get_mut(&inode).expect("held under the lock");
+        let mut reg = self.registry.lock().await;
         let companion = match started {
             Ok(c) => c,
             Err(e) => {
-                if attachment.containers.is_empty() {
-                    reg.by_netns.remove(&inode);
-                } else if let Ok(again) = NetNs::of_pid(pid) {
-                    // Keep the reservation usable for the next app container.
-                    attachment.netns = Some(again);
+                match reg.by_netns.get_mut(&inode) {
+                    Some(a) if a.containers.is_empty() => {
+                        reg.by_netns.remove(&inode);
+                    }
+                    Some(a) => {
+                        // Keep the reservation usable for the next app container.
+                        a.netns = NetNs::of_pid(pid).ok();
+                    }
+                    None => {}
                 }
                 return Err(format!("container {cid}: {e}"));
             }
         };
+        // The sandbox may have gone while we started: this container still holds the namespace.
+        let attachment = reg.by_netns.entry(inode).or_insert_with(|| Attachment {
+            rule: rule.name.clone(),
+            first: identity.workload.clone(),
+            netns: None,
+            running: None,
+            containers: BTreeMap::new(),
+        });
         let companion_pid = companion.pid();
         tracing::info!(container = %cid, %spiffe_id, rule = %rule.name, netns = inode, companion_pid, "attached");
         attachment.rule = rule.name.clone();

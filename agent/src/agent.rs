@@ -16,6 +16,7 @@ use nhi_core::Workload;
 use tokio::sync::Mutex;
 
 use crate::netns::{NetNs, ProcRef};
+use crate::persist::{ContainerRecord, Record, Store};
 use crate::supervisor::{self, CompanionHandle, Ctx, Identity};
 
 struct Running {
@@ -48,11 +49,15 @@ pub struct Agent {
     /// One start at a time per network namespace (keeps "one companion per namespace" true)
     /// without making other containers' starts and stops wait for it.
     starting: std::sync::Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    /// Attachments on disk, restored by [`Agent::recover`] after a restart.
+    store: Store,
 }
 
 impl Agent {
     pub fn new(ctx: Arc<Ctx>) -> std::io::Result<Self> {
+        let store = Store::new(&ctx.config.state_dir)?;
         Ok(Agent {
+            store,
             ctx,
             host_netns: NetNs::own()?.inode,
             registry: Mutex::new(Registry::default()),
@@ -161,6 +166,7 @@ impl Agent {
             }
             attachment.containers.insert(cid.clone(), proc_ref);
             reg.netns_of.insert(cid.clone(), inode);
+            self.sync(&reg, inode);
             tracing::info!(container = %cid, netns = inode, "pod sandbox reserved; identity follows with its first app container");
             return Ok(AgentResponse::Reserved { netns_inode: inode });
         };
@@ -174,6 +180,7 @@ impl Agent {
             let companion_pid = r.companion.pid();
             attachment.containers.insert(cid.clone(), proc_ref);
             reg.netns_of.insert(cid, inode);
+            self.sync(&reg, inode);
             return Ok(AgentResponse::Attached {
                 spiffe_id: spiffe_id.to_string(),
                 companion_pid,
@@ -205,6 +212,7 @@ impl Agent {
                     }
                     None => {}
                 }
+                self.sync(&reg, inode);
                 return Err(format!("container {cid}: {e}"));
             }
         };
@@ -225,6 +233,7 @@ impl Agent {
         });
         attachment.containers.insert(cid.clone(), proc_ref);
         reg.netns_of.insert(cid, inode);
+        self.sync(&reg, inode);
         Ok(AgentResponse::Attached {
             spiffe_id: spiffe_id.to_string(),
             companion_pid,
@@ -233,10 +242,123 @@ impl Agent {
         })
     }
 
+    /// Writes (or removes) the on-disk record of namespace `inode` from the registry.
+    fn sync(&self, reg: &Registry, inode: u64) {
+        match reg.by_netns.get(&inode) {
+            Some(a) if !a.containers.is_empty() => self.store.save(&Record {
+                netns_inode: inode,
+                rule: a.rule.clone(),
+                spiffe_id: a.running.as_ref().map(|r| r.identity.spiffe_id.to_string()),
+                workload: a
+                    .running
+                    .as_ref()
+                    .map(|r| r.identity.workload.clone())
+                    .unwrap_or_else(|| a.first.clone()),
+                containers: a
+                    .containers
+                    .iter()
+                    .map(|(id, p)| ContainerRecord {
+                        id: id.clone(),
+                        pid: p.pid,
+                        start_time: p.start_time,
+                    })
+                    .collect(),
+            }),
+            _ => self.store.remove(inode),
+        }
+    }
+
+    /// After a restart: brings back the companions (and pod reservations) of containers that
+    /// still run, if the current config still gives them the same identity. Everything else
+    /// is dropped.
+    pub async fn recover(&self) {
+        for rec in self.store.load_all() {
+            let inode = rec.netns_inode;
+            let alive: BTreeMap<String, ProcRef> = rec
+                .containers
+                .iter()
+                .map(|c| {
+                    (
+                        c.id.clone(),
+                        ProcRef {
+                            pid: c.pid,
+                            start_time: c.start_time,
+                        },
+                    )
+                })
+                .filter(|(_, p)| p.alive())
+                .collect();
+            let ns = alive
+                .values()
+                .find_map(|p| NetNs::of_pid(p.pid).ok().filter(|n| n.inode == inode));
+            let (Some(ns), false) = (ns, alive.is_empty()) else {
+                self.store.remove(inode);
+                continue;
+            };
+            let cfg = &self.ctx.config;
+            let Some(rule) = select(cfg, &rec.workload) else {
+                tracing::warn!(
+                    netns = inode,
+                    "not restoring an attachment the config no longer selects"
+                );
+                self.store.remove(inode);
+                continue;
+            };
+            let mut attachment = Attachment {
+                rule: rule.name.clone(),
+                first: rec.workload.clone(),
+                netns: None,
+                running: None,
+                containers: alive,
+            };
+            match &rec.spiffe_id {
+                None => attachment.netns = Some(ns),
+                Some(id) => {
+                    let rendered = rule.spiffe_id.render(&cfg.trust_domain, &rec.workload);
+                    let Some(spiffe_id) = rendered.ok().filter(|r| r.as_str() == id) else {
+                        tracing::warn!(netns = inode, spiffe_id = %id, "the config now gives another identity; not restoring its companion");
+                        self.store.remove(inode);
+                        continue;
+                    };
+                    let identity = Arc::new(Identity {
+                        spiffe_id,
+                        rule: rule.name.clone(),
+                        workload: rec.workload.clone(),
+                    });
+                    match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
+                        Ok(companion) => {
+                            tracing::info!(netns = inode, spiffe_id = %id, companion_pid = companion.pid(), "companion restored after restart");
+                            attachment.running = Some(Running {
+                                identity,
+                                companion,
+                            });
+                        }
+                        Err(e) => {
+                            tracing::error!(netns = inode, spiffe_id = %id, "restoring companion: {e}");
+                            self.store.remove(inode);
+                            continue;
+                        }
+                    }
+                }
+            }
+            let mut reg = self.registry.lock().await;
+            for c in attachment.containers.keys() {
+                reg.netns_of.insert(c.clone(), inode);
+            }
+            reg.by_netns.insert(inode, attachment);
+            self.sync(&reg, inode);
+        }
+    }
+
     async fn detach(&self, container_id: &str) -> AgentResponse {
         let ended = {
             let mut reg = self.registry.lock().await;
-            take_container(&mut reg, container_id)
+            let inode = reg.netns_of.get(container_id).copied();
+            let ended = take_container(&mut reg, container_id);
+            if let Some(inode) = inode {
+                self.sync(&reg, inode);
+            }
+            ended
         };
         let stopped = matches!(ended, Some(Some(_)));
         if let Some(Some(r)) = ended {
@@ -285,12 +407,16 @@ impl Agent {
                 .filter(|(_, p)| !p.alive())
                 .map(|(c, _)| c.clone())
                 .collect();
-            dead.iter()
-                .filter_map(|c| {
-                    tracing::info!(container = %c, "container process is gone without poststop; detaching");
-                    take_container(&mut reg, c).flatten()
-                })
-                .collect()
+            let mut stale = Vec::new();
+            for c in &dead {
+                tracing::info!(container = %c, "container process is gone without poststop; detaching");
+                let inode = reg.netns_of.get(c).copied();
+                stale.extend(take_container(&mut reg, c).flatten());
+                if let Some(inode) = inode {
+                    self.sync(&reg, inode);
+                }
+            }
+            stale
         };
         for r in stale {
             r.companion.stop().await;
@@ -298,7 +424,8 @@ impl Agent {
         }
     }
 
-    /// Stops every companion (daemon shutdown).
+    /// Stops every companion (daemon shutdown). Their records stay on disk: the next start
+    /// restores the companions of containers that still run.
     pub async fn shutdown(&self) {
         let all: Vec<Attachment> = {
             let mut reg = self.registry.lock().await;

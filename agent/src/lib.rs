@@ -6,6 +6,7 @@ pub mod api;
 pub mod issuer;
 pub mod keystore;
 pub mod netns;
+pub mod persist;
 pub mod spawn;
 pub mod supervisor;
 
@@ -40,6 +41,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         agent::Agent::new(ctx.clone())
             .map_err(|e| format!("reading own network namespace: {e}"))?,
     );
+    agent.recover().await;
     let socket = ctx.config.socket.clone();
     let listener =
         api::bind(&socket).map_err(|e| format!("agent socket {}: {e}", socket.display()))?;

@@ -386,8 +386,20 @@ fn restart_keeps_the_trust_bundle_and_keys_are_sealed_on_disk() {
     assert_eq!(meta.len(), 32);
     let sealed = fs::read(node.state_dir.join("issuer.sealed")).unwrap();
     let p256_oid = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-    for f in fs::read_dir(&node.state_dir).unwrap() {
-        let f = f.unwrap().path();
+    // Every file under the state dir (attachment records included) but the master key.
+    let mut files = vec![];
+    let mut dirs = vec![node.state_dir.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p)
+            } else {
+                files.push(p)
+            }
+        }
+    }
+    for f in files {
         if f == key {
             continue;
         }
@@ -692,4 +704,48 @@ fn credentials_are_refreshed_at_half_life_cycle_after_cycle() {
     );
     a.delete();
     b.delete();
+}
+
+#[test]
+fn nhid_restart_restores_companions_of_containers_still_running() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let a = node.bundle(&unique_id("survivor")).inject().write();
+    let b = node.bundle(&unique_id("gone")).inject().write();
+    a.start().unwrap();
+    b.start().unwrap();
+    let before = node.companion_pid(&a.id).unwrap();
+    node.stop();
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(before)),
+        "companions stop with nhid"
+    );
+    assert!(a.get("/healthz").is_err());
+    // b ends while nhid is down (its poststop cannot reach nhid).
+    b.delete();
+
+    node.start();
+    let st = node.status();
+    assert_eq!(
+        st.workloads.len(),
+        1,
+        "only the running container is restored: {st:?}"
+    );
+    let after = node.companion_pid(&a.id).expect("companion restored");
+    assert_ne!(after, before);
+    assert_eq!(ns_of(after, "net"), ns_of(a.pid(), "net"));
+    assert_eq!(a.get_json("/v1/identity")["spiffe_id"], spiffe(&a.id));
+    let records: Vec<_> = fs::read_dir(node.state_dir.join("attachments"))
+        .unwrap()
+        .collect();
+    assert_eq!(records.len(), 1);
+    a.delete();
+    assert!(!alive(after));
+    assert!(
+        fs::read_dir(node.state_dir.join("attachments"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "record removed on detach"
+    );
 }

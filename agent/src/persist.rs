@@ -1,0 +1,127 @@
+//! Attachments on disk, so a restarted `nhid` (upgrade, crash) brings the companions of
+//! still-running containers back instead of leaving them without identity.
+//!
+//! One small JSON file per network namespace under `<state_dir>/attachments/`, holding only
+//! what the runtime attested (container ids, init pid + start time, the workload metadata, the
+//! rule and SPIFFE ID): no keys, no tokens. Written with an atomic rename; not fsynced, because
+//! a lost record only means that companion is not restored, and container starts should not
+//! wait for the disk.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use nhi_core::Workload;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub netns_inode: u64,
+    pub rule: String,
+    /// `None` for a pod sandbox whose identity is still pending.
+    pub spiffe_id: Option<String>,
+    pub workload: Workload,
+    pub containers: Vec<ContainerRecord>,
+}
+
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(state_dir: &Path) -> std::io::Result<Self> {
+        let dir = state_dir.join("attachments");
+        fs::create_dir_all(&dir)?;
+        Ok(Store { dir })
+    }
+
+    fn path(&self, inode: u64) -> PathBuf {
+        self.dir.join(format!("{inode}.json"))
+    }
+
+    pub fn save(&self, r: &Record) {
+        let path = self.path(r.netns_inode);
+        let tmp = path.with_extension("tmp");
+        let res = serde_json::to_vec(r)
+            .map_err(std::io::Error::other)
+            .and_then(|data| fs::write(&tmp, data))
+            .and_then(|_| fs::rename(&tmp, &path));
+        if let Err(e) = res {
+            tracing::warn!(
+                "saving attachment {}: {e} (it will not survive an nhid restart)",
+                path.display()
+            );
+        }
+    }
+
+    pub fn remove(&self, inode: u64) {
+        let _ = fs::remove_file(self.path(inode));
+    }
+
+    /// Every readable record; unreadable ones are reported and removed.
+    pub fn load_all(&self) -> Vec<Record> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                let _ = fs::remove_file(&p);
+                continue;
+            }
+            match fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|d| serde_json::from_slice(&d).map_err(|e| e.to_string()))
+            {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    tracing::warn!("dropping unreadable attachment record {}: {e}", p.display());
+                    let _ = fs::remove_file(&p);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_remove() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::new(d.path()).unwrap();
+        let r = Record {
+            netns_inode: 42,
+            rule: "r".into(),
+            spiffe_id: Some("spiffe://td/x".into()),
+            workload: Workload {
+                container_id: "c".into(),
+                ..Default::default()
+            },
+            containers: vec![ContainerRecord {
+                id: "c".into(),
+                pid: 7,
+                start_time: 9,
+            }],
+        };
+        s.save(&r);
+        s.save(&r);
+        fs::write(d.path().join("attachments/bad.json"), "{").unwrap();
+        assert_eq!(s.load_all(), vec![r]);
+        assert!(
+            !d.path().join("attachments/bad.json").exists(),
+            "unreadable records are dropped"
+        );
+        s.remove(42);
+        assert!(s.load_all().is_empty());
+    }
+}

@@ -169,12 +169,20 @@ pub struct KubernetesConfig {
     /// kubelet's root directory: service-account tokens are only believed from its projected
     /// volumes of the container's own pod.
     pub kubelet_root: PathBuf,
+    /// The cluster's service-account signing keys (JWKS, e.g. saved from
+    /// `kubectl get --raw /openid/v1/jwks`). When set, service-account tokens must carry a
+    /// valid signature by one of them and must not be expired.
+    pub service_account_jwks: Option<PathBuf>,
+    /// With `service_account_jwks`: the `iss` the tokens must carry.
+    pub service_account_issuer: Option<String>,
 }
 
 impl Default for KubernetesConfig {
     fn default() -> Self {
         KubernetesConfig {
             kubelet_root: crate::k8s::DEFAULT_KUBELET_ROOT.into(),
+            service_account_jwks: None,
+            service_account_issuer: None,
         }
     }
 }

@@ -9,6 +9,8 @@
 use std::io::Read;
 use std::path::Path;
 
+pub mod satoken;
+
 use nhi_core::select::select;
 use nhi_core::wire::{call_agent, AgentRequest, AgentResponse};
 use nhi_core::workload::{netns_of, NetNs};
@@ -148,6 +150,13 @@ fn attach_service_account(config: &Config, spec: &Spec, w: &mut Workload) -> Res
     std::fs::File::open(&path)
         .and_then(|f| f.take(64 * 1024).read_to_string(&mut token))
         .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if let Some(jwks) = &config.kubernetes.service_account_jwks {
+        satoken::verify(
+            &token,
+            jwks,
+            config.kubernetes.service_account_issuer.as_deref(),
+        )?;
+    }
     let sa = nhi_core::k8s::service_account(
         &path,
         &token,

@@ -176,6 +176,8 @@ state = "{d}/state"
 [plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
   sandbox_image = "{PAUSE_IMAGE}"
+  # Parallel instances must not fight over the default streaming port (10010).
+  stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{c}"

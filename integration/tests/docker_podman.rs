@@ -125,7 +125,16 @@ nomad_jobs = ["*"]
     );
     node.start();
     let daemon_json = node.path("daemon.json");
-    fs::write(&daemon_json, "{\"log-level\": \"warn\"}\n").unwrap();
+    // dockerd 20.10 writes its trust key to /etc/docker/key.json unless told otherwise.
+    let key = node.path("docker-key.json");
+    fs::write(
+        &daemon_json,
+        format!(
+            "{{\"log-level\": \"warn\", \"deprecated-key-path\": \"{}\"}}\n",
+            key.display()
+        ),
+    )
+    .unwrap();
     nhictl(
         &node,
         &[

@@ -196,3 +196,60 @@ fn pods_in_different_namespaces_get_their_own_identities_and_opt_out_works() {
     }
     assert!(node.status().workloads.is_empty());
 }
+
+#[test]
+fn with_the_cluster_jwks_only_signed_service_account_tokens_count() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let mut node = node();
+    let testdata = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hook/testdata");
+    node.append_config(&format!(
+        "service_account_jwks = \"{}\"\nservice_account_issuer = \"https://kubernetes.default.svc\"",
+        testdata.join("sa-test-jwks.json").display()
+    ));
+    // append_config adds after [kubernetes] (from node()), so these keys land in that table.
+    node.start();
+    let pod = Pod::new("team-a", "signed");
+    let sandbox = pod.sandbox(&node);
+    sandbox.start().unwrap();
+
+    // The kubelet-layout token of `token_dir` carries a fake signature: refused.
+    let unsigned = token_dir(&node, &pod.uid, PROJECTED, "team-a", "web");
+    let app = pod
+        .annotate(node.bundle(&unique_id("unsigned")), "container", "app")
+        .join_netns(sandbox.pid())
+        .mount("/var/run/secrets/kubernetes.io/serviceaccount", &unsigned)
+        .args(&["true"])
+        .write();
+    let out = app.run();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nhi-hook") && err.contains("service account for rule"),
+        "{err}"
+    );
+
+    // Signed by the cluster key: accepted.
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let claims = serde_json::json!({
+        "iss": "https://kubernetes.default.svc", "exp": exp,
+        "kubernetes.io": {"namespace": "team-a", "serviceaccount": {"name": "web"}, "pod": {"uid": pod.uid}},
+    });
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("test-key".into());
+    let key = std::fs::read(testdata.join("sa-test-key.pem")).unwrap();
+    let signed =
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_pem(&key).unwrap()).unwrap();
+    std::fs::write(unsigned.join("token"), signed).unwrap();
+    let app = pod.app(&node, &sandbox, "signed", &unsigned);
+    app.start().unwrap();
+    assert_eq!(
+        app.get_json("/v1/identity")["spiffe_id"],
+        format!("spiffe://{TRUST_DOMAIN}/ns/team-a/sa/web")
+    );
+    app.delete();
+    sandbox.delete();
+}

@@ -203,6 +203,17 @@ state = "{d}/state"
         }
     }
 
+    /// Adds the `nhi` runtime handler to this containerd's config with `nhictl configure
+    /// containerd`, as an operator would. Before [`CriContainerd::start`].
+    pub fn configure_nhi_handler(&self) {
+        let out = Command::new(crate::bin("nhictl"))
+            .args(["configure", "containerd", "--file"])
+            .arg(&self.config)
+            .output()
+            .expect("nhictl");
+        assert!(out.status.success(), "nhictl configure containerd: {out:?}");
+    }
+
     /// Starts containerd and imports the busybox app and pause images into `k8s.io`.
     pub fn start(&mut self, rootfs: &Path) {
         let log = fs::File::create(self.dir.join("containerd.log")).unwrap();

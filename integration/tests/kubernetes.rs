@@ -3,7 +3,6 @@
 //! with two containers, and a pod without the handler.
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
 use nhi_integration::kube::{kubelet_token, CriContainerd, PodSpec, PROJECTED};
@@ -36,16 +35,7 @@ fn cri_pods_get_one_companion_each_with_the_service_account_identity() {
     node.start();
 
     let mut ctd = CriContainerd::new(&node);
-    let out = Command::new(bin("nhictl"))
-        .args([
-            "configure",
-            "containerd",
-            "--file",
-            ctd.config.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "nhictl configure containerd: {out:?}");
+    ctd.configure_nhi_handler();
     ctd.start(&node.rootfs);
     let cri = ctd.client();
 

@@ -38,63 +38,51 @@ fn flag(arg: &str) -> Option<(&str, Option<&str>)> {
     })
 }
 
+/// The flags of `args[i..]` up to the first non-flag argument or `--` (where urfave/cli stops
+/// parsing flags too), and the index after them.
+fn scan<'a>(
+    args: &'a [String],
+    mut i: usize,
+    value_flags: &[&str],
+) -> (Vec<(&'a str, Option<&'a str>)>, usize) {
+    let mut out = Vec::new();
+    while let Some(a) = args.get(i) {
+        if a == "--" {
+            return (out, i + 1);
+        }
+        let Some((name, inline)) = flag(a) else { break };
+        let value = match (value_flags.contains(&name), inline) {
+            (true, Some(v)) => Some(v),
+            (true, None) => {
+                i += 1;
+                args.get(i).map(String::as_str)
+            }
+            (false, _) => None,
+        };
+        out.push((name, value));
+        i += 1;
+    }
+    (out, i)
+}
+
 pub fn parse(args: &[String]) -> RuncArgs {
     let mut out = RuncArgs::default();
-    let mut i = 0;
-    // Global flags, up to the subcommand.
-    while i < args.len() {
-        let a = &args[i];
-        if a == "--" {
-            i += 1;
-            break;
-        }
-        match flag(a) {
-            Some((name, inline)) => {
-                let takes = GLOBAL_VALUE_FLAGS.contains(&name);
-                let value = match (takes, inline) {
-                    (true, Some(v)) => Some(v.to_string()),
-                    (true, None) => {
-                        i += 1;
-                        args.get(i).cloned()
-                    }
-                    _ => None,
-                };
-                match (name, value) {
-                    ("log", Some(v)) => out.log = Some(v.into()),
-                    ("log-format", Some(v)) => out.log_json = v == "json",
-                    _ => {}
-                }
-                i += 1;
-            }
-            None => break,
+    let (globals, i) = scan(args, 0, GLOBAL_VALUE_FLAGS);
+    for (name, value) in globals {
+        match (name, value) {
+            ("log", Some(v)) => out.log = Some(v.into()),
+            ("log-format", Some(v)) => out.log_json = v == "json",
+            _ => {}
         }
     }
     let Some(cmd) = args.get(i) else { return out };
     out.command = Some(cmd.clone());
-    if !out.creates() {
-        return out;
-    }
-    i += 1;
-    while i < args.len() {
-        let a = &args[i];
-        if a == "--" {
-            break;
-        }
-        if let Some((name, inline)) = flag(a) {
-            let takes = CREATE_VALUE_FLAGS.contains(&name);
-            let value = match (takes, inline) {
-                (true, Some(v)) => Some(v.to_string()),
-                (true, None) => {
-                    i += 1;
-                    args.get(i).cloned()
-                }
-                _ => None,
-            };
+    if out.creates() {
+        for (name, value) in scan(args, i + 1, CREATE_VALUE_FLAGS).0 {
             if matches!(name, "bundle" | "b") {
                 out.bundle = value.map(PathBuf::from);
             }
         }
-        i += 1;
     }
     out
 }

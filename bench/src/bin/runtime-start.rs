@@ -8,7 +8,6 @@
 //! Run as root: `cargo run --release -p nhi-bench --bin runtime-start -- --runs 40`
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -45,16 +44,7 @@ spiffe_id = "ctr/{container.id}"
     ));
     node.start();
     let mut ctd = CriContainerd::new(&node);
-    let out = Command::new(bin("nhictl"))
-        .args([
-            "configure",
-            "containerd",
-            "--file",
-            ctd.config.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    ctd.configure_nhi_handler();
     ctd.start(&node.rootfs);
     let rootfs = node.rootfs.display().to_string();
 

@@ -47,12 +47,19 @@ fn cri_pods_get_one_companion_each_with_the_service_account_identity() {
         pod("web-0", "team-a", "nhi"),
         pod("api-0", "team-b", "nhi"),
         pod("plain-0", "team-a", ""),
+        pod("optout-0", "team-a", "nhi"),
     ];
     let spec = |i: usize| PodSpec {
         name: specs[i].1,
         namespace: specs[i].2,
         uid: &specs[i].0,
-        annotations: HashMap::new(),
+        // The last pod opts out with a pod annotation, which reaches nhi only through the
+        // handler's pod_annotations = ["nhi.dev/*"] that nhictl configured.
+        annotations: if specs[i].1 == "optout-0" {
+            HashMap::from([("nhi.dev/inject".to_string(), "false".to_string())])
+        } else {
+            HashMap::new()
+        },
         runtime_handler: specs[i].3,
     };
     let a = cri
@@ -60,6 +67,7 @@ fn cri_pods_get_one_companion_each_with_the_service_account_identity() {
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
     let b = cri.run_pod(&spec(1)).unwrap();
     let c = cri.run_pod(&spec(2)).unwrap();
+    let d = cri.run_pod(&spec(3)).unwrap();
     let tok_a = kubelet_token(&node, &specs[0].0, PROJECTED, "team-a", "web");
     let tok_b = kubelet_token(&node, &specs[1].0, PROJECTED, "team-b", "api");
     let tok_c = kubelet_token(&node, &specs[2].0, PROJECTED, "team-a", "web");
@@ -74,6 +82,10 @@ fn cri_pods_get_one_companion_each_with_the_service_account_identity() {
         .unwrap();
     let c1 = cri
         .start_container(&c, &spec(2), "app", Some(&tok_c))
+        .unwrap();
+    let tok_d = kubelet_token(&node, &specs[3].0, PROJECTED, "team-a", "web");
+    let d1 = cri
+        .start_container(&d, &spec(3), "app", Some(&tok_d))
         .unwrap();
 
     let want_a = format!("spiffe://{TRUST_DOMAIN}/ns/team-a/sa/web");
@@ -90,6 +102,10 @@ fn cri_pods_get_one_companion_each_with_the_service_account_identity() {
     assert!(
         identity(&cri, &c1).is_err(),
         "a pod without the nhi handler gets nothing"
+    );
+    assert!(
+        identity(&cri, &d1).is_err(),
+        "a pod annotated nhi.dev/inject=false gets nothing, even on the nhi handler"
     );
 
     let st = node.status();
@@ -120,7 +136,7 @@ fn cri_pods_get_one_companion_each_with_the_service_account_identity() {
         "companion outlived RemovePodSandbox"
     );
     assert_eq!(node.status().workloads.len(), 1);
-    for p in [b, c] {
+    for p in [b, c, d] {
         cri.stop_pod(&p).unwrap();
         cri.remove_pod(&p).unwrap();
     }

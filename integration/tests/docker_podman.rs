@@ -160,7 +160,11 @@ nomad_jobs = ["*"]
     let out = docker.docker(&["import", tar.to_str().unwrap(), "nhi-busybox:test"]);
     assert!(out.status.success(), "{out:?}");
 
-    // What Nomad's docker driver does: `runtime = "nhi"` and NOMAD_* in the task env.
+    // What Nomad's docker driver does: `runtime = "nhi"`, NOMAD_* in the task env and the
+    // allocation directory bind-mounted at /alloc.
+    let alloc_dir = node.path("nomad/alloc/5e0f6a55-6c4b-4b8b-9c1e-6f0a2a7b7c11/alloc");
+    fs::create_dir_all(&alloc_dir).unwrap();
+    let alloc_mount = format!("{}:/alloc", alloc_dir.display());
     let out = docker.docker(&[
         "run",
         "--rm",
@@ -168,6 +172,8 @@ nomad_jobs = ["*"]
         "nhi",
         "--network",
         "none",
+        "-v",
+        &alloc_mount,
         "-e",
         "NOMAD_NAMESPACE=default",
         "-e",

@@ -5,7 +5,7 @@
 //! destination, a token is only believed when
 //! - its host path lies under kubelet's projected volumes of *this* pod
 //!   (`<kubelet_root>/pods/<pod uid>/volumes/kubernetes.io~projected/`), and
-//! - its claims name the pod's namespace (CRI annotation) and, for bound tokens, the pod's uid.
+//! - its claims name the pod's namespace (CRI annotation) and the pod's uid (bound tokens only).
 //!
 //! The signature is not checked here (the cluster's signing keys are not on the node);
 //! see docs/ARCHITECTURE.md for the residual risk.
@@ -118,12 +118,13 @@ pub fn service_account(
             sa.namespace
         ));
     }
-    if let Some(uid) = &sa.pod_uid {
-        if uid != pod_uid {
-            return Err(format!("token is bound to pod {uid}, not {pod_uid}"));
-        }
+    // Only pod-bound tokens: a legacy (Secret-based) token can be projected into the same
+    // volume by the pod author and names no pod at all.
+    match &sa.pod_uid {
+        Some(uid) if uid == pod_uid => Ok(sa.name),
+        Some(uid) => Err(format!("token is bound to pod {uid}, not {pod_uid}")),
+        None => Err("token is not bound to a pod (a legacy Secret-based token?); only kubelet's pod-bound tokens count".into()),
     }
-    Ok(sa.name)
 }
 
 #[cfg(test)]
@@ -185,6 +186,9 @@ mod tests {
         assert!(service_account(dotdot, &t, root, "prod", "u1").is_err());
         assert!(service_account(good, &t, root, "other-ns", "u1").is_err());
         assert!(service_account(good, &t, root, "prod", "").is_err());
+        let legacy = jwt(serde_json::json!({"sub": "system:serviceaccount:prod:admin"}));
+        let e = service_account(good, &legacy, root, "prod", "u1").unwrap_err();
+        assert!(e.contains("not bound to a pod"), "{e}");
     }
 
     #[test]

@@ -86,6 +86,27 @@ impl Template {
                 }
             }
         }
+        // At most one variable per path segment: values may hold every character a literal
+        // between two variables could (`.`, `-`, `_`), so `{a}-{b}` would give `a=x-y, b=z` and
+        // `a=x, b=y-z` the same identity.
+        let mut vars_in_segment = 0;
+        for p in &parts {
+            match p {
+                Part::Lit(l) if l.contains('/') => {
+                    vars_in_segment = 0;
+                }
+                Part::Lit(_) => {}
+                Part::Var(_) => {
+                    vars_in_segment += 1;
+                    if vars_in_segment > 1 {
+                        return Err(TemplateError::Invalid {
+                            template: source.to_string(),
+                            why: "two variables in one path segment make identities ambiguous; put each variable in its own segment".into(),
+                        });
+                    }
+                }
+            }
+        }
         let t = Template {
             source: source.to_string(),
             parts,
@@ -183,6 +204,22 @@ mod tests {
             "spiffe://td/c-abc123"
         );
         assert_eq!(t.vars().collect::<Vec<_>>(), vec!["container.id"]);
+    }
+
+    #[test]
+    fn one_variable_per_segment() {
+        for t in [
+            "{k8s.namespace}-{k8s.pod}",
+            "ns/{k8s.namespace}{k8s.pod}",
+            "x/{nomad.job}.{nomad.task}/y",
+        ] {
+            let e = Template::parse(t, "td").unwrap_err();
+            assert!(
+                e.to_string().contains("two variables in one path segment"),
+                "{t}: {e}"
+            );
+        }
+        assert!(Template::parse("ns-{k8s.namespace}/pod-{k8s.pod}", "td").is_ok());
     }
 
     #[test]

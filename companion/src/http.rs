@@ -49,6 +49,9 @@ impl Api {
     }
 
     pub async fn route(&self, req: &Request<Incoming>) -> Resp {
+        if let Err(why) = local_request(req.headers()) {
+            return error(StatusCode::FORBIDDEN, "not_local", why);
+        }
         let path = req.uri().path();
         let known = matches!(
             path,
@@ -108,6 +111,41 @@ impl Api {
             }
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "issuer_unavailable", &e),
         }
+    }
+}
+
+/// Only the workload's own processes talk to the companion, by a loopback address. Browsers
+/// and proxies give themselves away: a `Host` other than loopback means a rebound DNS name or a
+/// forwarded request (SSRF through a proxy in the workload); `Origin` and `Sec-Fetch-*` mean a
+/// web page; `Forwarded`/`X-Forwarded-For` mean a proxy relayed someone else's request.
+pub fn local_request(headers: &hyper::HeaderMap) -> Result<(), &'static str> {
+    for h in [
+        "origin",
+        "sec-fetch-site",
+        "sec-fetch-mode",
+        "forwarded",
+        "x-forwarded-for",
+    ] {
+        if headers.contains_key(h) {
+            return Err("browser or proxied requests are refused: the companion serves only the workload's own processes");
+        }
+    }
+    let Some(host) = headers.get(hyper::header::HOST) else {
+        return Ok(()); // HTTP/1.0 clients; the listener is loopback-only anyway.
+    };
+    let host = host.to_str().map_err(|_| "malformed Host header")?;
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err("the Host header must be a loopback address or localhost")
     }
 }
 
@@ -201,6 +239,38 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_local_requests() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = hyper::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            local_request(&m)
+        };
+        for host in [
+            "127.0.0.1:15100",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]:15100",
+            "127.0.0.53",
+        ] {
+            assert!(h(&[("host", host)]).is_ok(), "{host}");
+        }
+        assert!(h(&[]).is_ok());
+        for host in [
+            "evil.example.com",
+            "evil.example.com:15100",
+            "10.0.0.1:15100",
+            "[fe80::1]",
+        ] {
+            assert!(h(&[("host", host)]).is_err(), "{host}");
+        }
+        assert!(h(&[("host", "127.0.0.1"), ("origin", "http://x")]).is_err());
+        assert!(h(&[("host", "127.0.0.1"), ("sec-fetch-mode", "cors")]).is_err());
+        assert!(h(&[("host", "127.0.0.1"), ("x-forwarded-for", "1.2.3.4")]).is_err());
+    }
 
     #[test]
     fn audience_parsing() {

@@ -82,7 +82,7 @@ pub fn spawn_companion(
         .kill_on_drop(true);
     let CompanionUser { uid, gid } = user;
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
-    // (setns, fcntl, setsid, prctl, setgroups, setresgid, setresuid), which are
+    // (setns, close_range, fcntl, setsid, prctl, setgroups, setresgid, setresuid), which are
     // async-signal-safe; it allocates nothing and takes no locks.
     unsafe {
         cmd.pre_exec(move || {
@@ -96,7 +96,9 @@ pub fn spawn_companion(
             check(libc::setns(ns_fd, libc::CLONE_NEWNET) as _)?;
             // Keep only stdio and the channel fd across exec: nhid's own fds are CLOEXEC, but
             // whatever nhid itself inherited (from systemd, a shell, a test harness) may not be.
-            close_fds_except(theirs_fd);
+            // Marked close-on-exec rather than closed, so std's own pipe that reports a failed
+            // exec back to nhid keeps working.
+            cloexec_fds_except(theirs_fd);
             let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
             check(flags as _)?;
             check(libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) as _)?;
@@ -110,6 +112,13 @@ pub fn spawn_companion(
                     return Err(io::Error::last_os_error());
                 }
             }
+            check(libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) as _)?;
             check(libc::setgroups(0, std::ptr::null()) as _)?;
             check(libc::setresgid(gid, gid, gid) as _)?;
             check(libc::setresuid(uid, uid, uid) as _)?;
@@ -126,11 +135,11 @@ pub fn spawn_companion(
     })
 }
 
-/// Closes every fd from 3 up except `keep`. Async-signal-safe: `close_range(2)` where the kernel
-/// has it (5.9+), else plain `close` over the fd table size.
-fn close_fds_except(keep: libc::c_int) {
+/// Marks every fd from 3 up except `keep` close-on-exec. Async-signal-safe: `close_range(2)`
+/// with `CLOSE_RANGE_CLOEXEC` where the kernel has it (5.11+), else `fcntl` over the fd table.
+fn cloexec_fds_except(keep: libc::c_int) {
     let keep = keep as libc::c_uint;
-    // SAFETY: closing fds in the forked child before exec; no Rust object in the child uses them.
+    // SAFETY: only changes fd flags in the forked child before exec; closes nothing.
     unsafe {
         let mut ok = true;
         if keep > 3 {
@@ -138,20 +147,23 @@ fn close_fds_except(keep: libc::c_int) {
                 libc::SYS_close_range,
                 3 as libc::c_uint,
                 keep - 1,
-                0 as libc::c_uint,
+                libc::CLOSE_RANGE_CLOEXEC,
             ) == 0;
         }
         ok &= libc::syscall(
             libc::SYS_close_range,
             keep + 1,
             libc::c_uint::MAX,
-            0 as libc::c_uint,
+            libc::CLOSE_RANGE_CLOEXEC,
         ) == 0;
         if !ok {
             let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(1024, 1 << 20) as libc::c_int;
             for fd in 3..max {
                 if fd != keep as libc::c_int {
-                    libc::close(fd);
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags >= 0 {
+                        libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                    }
                 }
             }
         }

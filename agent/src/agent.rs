@@ -119,6 +119,17 @@ impl Agent {
             ));
         }
 
+        self.in_slot(
+            inode,
+            self.attach_locked(cid, workload, rule, spiffe_id, proc_ref, netns, pid),
+        )
+        .await
+    }
+
+    /// Runs `f` holding namespace `inode`'s slot: starts and stops of one namespace's companion
+    /// never overlap (a new companion never races the old one for the port), while other
+    /// namespaces' go on.
+    async fn in_slot<T>(&self, inode: u64, f: impl std::future::Future<Output = T>) -> T {
         let slot = self
             .starting
             .lock()
@@ -127,9 +138,8 @@ impl Agent {
             .or_default()
             .clone();
         let result = {
-            let _one_start_per_netns = slot.lock().await;
-            self.attach_locked(cid, workload, rule, spiffe_id, proc_ref, netns, pid)
-                .await
+            let _one_at_a_time = slot.lock().await;
+            f.await
         };
         let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&slot) == 2 {
@@ -351,21 +361,31 @@ impl Agent {
     }
 
     async fn detach(&self, container_id: &str) -> AgentResponse {
-        let ended = {
-            let mut reg = self.registry.lock().await;
-            let inode = reg.netns_of.get(container_id).copied();
-            let ended = take_container(&mut reg, container_id);
-            if let Some(inode) = inode {
-                self.sync(&reg, inode);
-            }
-            ended
+        let Some(inode) = self
+            .registry
+            .lock()
+            .await
+            .netns_of
+            .get(container_id)
+            .copied()
+        else {
+            return AgentResponse::Detached { stopped: false };
         };
-        let stopped = matches!(ended, Some(Some(_)));
-        if let Some(Some(r)) = ended {
-            r.companion.stop().await;
-            tracing::info!(container = %container_id, spiffe_id = %r.identity.spiffe_id, "detached; companion stopped");
-        }
-        AgentResponse::Detached { stopped }
+        self.in_slot(inode, async {
+            let ended = {
+                let mut reg = self.registry.lock().await;
+                let ended = take_container_in(&mut reg, inode, container_id);
+                self.sync(&reg, inode);
+                ended
+            };
+            let stopped = matches!(ended, Some(Some(_)));
+            if let Some(Some(r)) = ended {
+                r.companion.stop().await;
+                tracing::info!(container = %container_id, spiffe_id = %r.identity.spiffe_id, "detached; companion stopped");
+            }
+            AgentResponse::Detached { stopped }
+        })
+        .await
     }
 
     async fn status(&self) -> AgentResponse {
@@ -400,28 +420,22 @@ impl Agent {
     pub async fn collect_garbage(&self) {
         let stale: Vec<Running> = {
             let mut reg = self.registry.lock().await;
-            let dead: Vec<String> = reg
+            let dead: Vec<(u64, String)> = reg
                 .by_netns
-                .values()
-                .flat_map(|a| a.containers.iter())
-                .filter(|(_, p)| !p.alive())
-                .map(|(c, _)| c.clone())
+                .iter()
+                .flat_map(|(inode, a)| a.containers.iter().map(move |(c, p)| (*inode, c, p)))
+                .filter(|(_, _, p)| !p.alive())
+                .map(|(inode, c, _)| (inode, c.clone()))
                 .collect();
             let mut stale = Vec::new();
-            for c in &dead {
+            for (inode, c) in &dead {
                 tracing::info!(container = %c, "container process is gone without poststop; detaching");
-                let inode = reg.netns_of.get(c).copied();
-                stale.extend(take_container(&mut reg, c).flatten());
-                if let Some(inode) = inode {
-                    self.sync(&reg, inode);
-                }
+                stale.extend(take_container_in(&mut reg, *inode, c).flatten());
+                self.sync(&reg, *inode);
             }
             stale
         };
-        for r in stale {
-            r.companion.stop().await;
-            tracing::info!(spiffe_id = %r.identity.spiffe_id, "companion stopped");
-        }
+        stop_all(stale).await;
     }
 
     /// Stops every companion (daemon shutdown). Their records stay on disk: the next start
@@ -432,18 +446,37 @@ impl Agent {
             reg.netns_of.clear();
             reg.by_netns.drain().map(|(_, a)| a).collect()
         };
-        for r in all.into_iter().filter_map(|a| a.running) {
-            r.companion.stop().await;
-        }
+        stop_all(all.into_iter().filter_map(|a| a.running).collect()).await;
     }
 }
 
-/// Removes a container. `None`: it was not attached; `Some(None)`: others remain (or nothing
-/// ran); `Some(Some(r))`: it was the last of its namespace and `r` must be stopped.
-fn take_container(reg: &mut Registry, container_id: &str) -> Option<Option<Running>> {
-    let inode = reg.netns_of.remove(container_id)?;
+/// Stops companions concurrently: one slow companion does not hold up the others.
+async fn stop_all(runs: Vec<Running>) {
+    let mut set = tokio::task::JoinSet::new();
+    for r in runs {
+        set.spawn(async move {
+            r.companion.stop().await;
+            tracing::info!(spiffe_id = %r.identity.spiffe_id, "companion stopped");
+        });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// Removes container `container_id` of namespace `inode`. `None`: it was not attached there;
+/// `Some(None)`: others remain (or nothing ran); `Some(Some(r))`: it was the last of its
+/// namespace and `r` must be stopped. A container id reused meanwhile by a container in another
+/// namespace stays attached.
+fn take_container_in(
+    reg: &mut Registry,
+    inode: u64,
+    container_id: &str,
+) -> Option<Option<Running>> {
     let a = reg.by_netns.get_mut(&inode)?;
-    a.containers.remove(container_id);
+    a.containers.remove(container_id)?;
+    if reg.netns_of.get(container_id) == Some(&inode) {
+        reg.netns_of.remove(container_id);
+    }
+    let a = reg.by_netns.get(&inode)?;
     if !a.containers.is_empty() {
         return Some(None);
     }

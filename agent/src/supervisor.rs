@@ -11,7 +11,7 @@ use nhi_core::wire::{
     ChannelRequest, ChannelResponse, CompanionRequest, CompanionResponse, Init, MAX_LINE,
 };
 use nhi_core::{SpiffeId, Workload};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
 use tokio::sync::oneshot;
 use tokio_util::codec::{FramedRead, LinesCodec};
@@ -46,18 +46,30 @@ impl CompanionHandle {
         self.pid.load(Ordering::Relaxed)
     }
 
-    /// Stops the companion and waits until its process is gone.
+    /// Stops the companion and waits until its process is gone (bounded: SIGTERM, a grace
+    /// period, then SIGKILL).
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let (done_tx, done_rx) = oneshot::channel();
             if tx.send(done_tx).is_ok() {
-                let _ = done_rx.await;
+                let bound = STOP_GRACE + WRITE_TIMEOUT + Duration::from_secs(1);
+                if tokio::time::timeout(bound, done_rx).await.is_err() {
+                    tracing::error!(pid = self.pid(), "companion did not stop in {bound:?}");
+                }
             }
         }
     }
 }
 
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// A companion that does not take an answer within this long is treated as hung and replaced.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest companion log line relayed; the rest of a longer line follows as its own line.
+const MAX_LOG_LINE: u64 = 4096;
+/// A companion that ran this long before exiting restarts at the shortest backoff again.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Starts a companion for `identity` in `netns` and returns once it is ready to serve.
 pub async fn start(
@@ -122,16 +134,29 @@ fn spawn(
         ctx.user,
         &netns.file,
     )?;
-    // Relay the companion's log lines into nhid's log, tagged with the identity.
+    // Relay the companion's log lines into nhid's log, tagged with the identity. Lines are cut
+    // at MAX_LOG_LINE bytes: a misbehaving companion cannot grow nhid's memory.
     if let Some(err) = s.child.stderr.take() {
         let id = identity.spiffe_id.to_string();
         let last = last_stderr.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(err).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            let mut err = BufReader::new(err);
+            let mut buf = Vec::with_capacity(256);
+            loop {
+                buf.clear();
+                match (&mut err)
+                    .take(MAX_LOG_LINE)
+                    .read_until(b'\n', &mut buf)
+                    .await
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end_matches('\n');
                 tracing::info!(spiffe_id = %id, "companion: {line}");
                 if let Ok(mut l) = last.lock() {
-                    *l = line;
+                    line.clone_into(&mut l);
                 }
             }
         });
@@ -156,8 +181,9 @@ async fn run(
     last_stderr: Arc<Mutex<String>>,
 ) {
     let mut ready_tx = Some(ready_tx);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = MIN_BACKOFF;
     loop {
+        let started_at = tokio::time::Instant::now();
         let ended = serve(&ctx, &identity, &mut spawned, &mut ready_tx, &mut stop_rx).await;
         match ended {
             Ended::Stop(done) => {
@@ -166,12 +192,17 @@ async fn run(
                 return;
             }
             Ended::Exited(why) => {
-                let _ = spawned.child.wait().await;
+                // It may still run (closed its channel, sent garbage, stopped reading): make sure
+                // it is gone before a new one binds the same port.
+                terminate(&mut spawned.child).await;
                 if ready_tx.is_some() {
                     // Never became ready: report to the attach call (dropping ready_tx), no restart.
                     tracing::warn!(spiffe_id = %identity.spiffe_id, "companion failed at startup: {why}");
                     wait_for_stop(stop_rx).await;
                     return;
+                }
+                if started_at.elapsed() >= HEALTHY_RUN {
+                    backoff = MIN_BACKOFF;
                 }
                 tracing::warn!(spiffe_id = %identity.spiffe_id, "companion exited ({why}); restarting in {backoff:?}");
             }
@@ -185,7 +216,7 @@ async fn run(
                 }
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
             match spawn(&ctx, &identity, &netns, &last_stderr) {
                 Ok(s) => {
                     spawned = s;
@@ -245,8 +276,10 @@ async fn serve(
                 };
                 let mut out = serde_json::to_vec(&resp).expect("response serializes");
                 out.push(b'\n');
-                if wr.write_all(&out).await.is_err() {
-                    return Ended::Exited("channel closed".into());
+                match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Ended::Exited("channel closed".into()),
+                    Err(_) => return Ended::Exited("companion stopped reading its channel".into()),
                 }
             }
         }

@@ -462,12 +462,8 @@ fn companion_without_poststop_is_collected_when_its_container_dies() {
     let c = node.bundle(&unique_id("gc")).inject().write();
     c.start().unwrap();
     let cp = node.companion_pid(&c.id).unwrap();
-    // Kill the workload behind the runtime's back and drop the poststop hook, as a runtime
-    // crash would.
-    let cfg = c.bundle.join("config.json");
-    let mut spec: serde_json::Value = serde_json::from_slice(&fs::read(&cfg).unwrap()).unwrap();
-    spec["hooks"]["poststop"] = serde_json::json!([]);
-    fs::write(&cfg, serde_json::to_vec(&spec).unwrap()).unwrap();
+    // Kill the workload behind the runtime's back, as a crashed runtime or shim would leave it:
+    // runc runs poststop only on `runc delete`, which nobody calls here.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(c.pid()),
         nix::sys::signal::Signal::SIGKILL,
@@ -596,11 +592,16 @@ k8s_namespaces = ["prod"]
 "#,
     );
     node.start();
+    // What the Nomad client writes: NOMAD_* in the env and the allocation dir at /alloc.
+    let alloc_dir = node.path("nomad/alloc/a1/alloc");
+    fs::create_dir_all(&alloc_dir).unwrap();
     let n = node
         .bundle(&unique_id("nomad"))
         .env("NOMAD_NAMESPACE=default")
         .env("NOMAD_JOB_NAME=billing")
         .env("NOMAD_TASK_NAME=api")
+        .env("NOMAD_ALLOC_ID=a1")
+        .mount("/alloc", &alloc_dir)
         .write();
     n.start().unwrap();
     assert_eq!(
@@ -619,16 +620,36 @@ k8s_namespaces = ["prod"]
         format!("spiffe://{TRUST_DOMAIN}/ns/prod/pod/web-0")
     );
     // A Nomad task whose job name is not a valid SPIFFE segment is refused, not rewritten.
+    let bad_alloc = node.path("nomad/alloc/a2/alloc");
+    fs::create_dir_all(&bad_alloc).unwrap();
     let bad = node
         .bundle(&unique_id("badnomad"))
         .env("NOMAD_NAMESPACE=default")
         .env("NOMAD_JOB_NAME=a/b")
         .env("NOMAD_TASK_NAME=t")
+        .env("NOMAD_ALLOC_ID=a2")
+        .mount("/alloc", &bad_alloc)
         .args(&["true"])
         .write();
     let out = bad.run();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid SPIFFE ID path segment"));
+    // NOMAD_* set by hand, without the allocation Nomad mounts, is not a Nomad task: the
+    // container claims job "billing" and gets nothing.
+    let fake = node
+        .bundle(&unique_id("fakenomad"))
+        .env("NOMAD_NAMESPACE=default")
+        .env("NOMAD_JOB_NAME=billing")
+        .env("NOMAD_TASK_NAME=api")
+        .env("NOMAD_ALLOC_ID=a1")
+        .write();
+    fake.start().unwrap();
+    assert!(
+        fake.get("/v1/identity").is_err(),
+        "no companion for a fake Nomad task"
+    );
+    assert!(node.companion_pid(&fake.id).is_none());
+    fake.delete();
     n.delete();
     k.delete();
 }
@@ -748,4 +769,94 @@ fn nhid_restart_restores_companions_of_containers_still_running() {
             .is_none(),
         "record removed on detach"
     );
+}
+
+#[test]
+fn a_crashed_companion_is_restarted_with_the_same_identity() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.bundle(&unique_id("crash")).inject().write();
+    c.start().unwrap();
+    let before = node.companion_pid(&c.id).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || node
+            .companion_pid(&c.id)
+            .is_some_and(|p| p != before && alive(p))
+            && c.get("/healthz").is_ok()),
+        "companion not restarted: {}",
+        node.log()
+    );
+    let after = node.companion_pid(&c.id).unwrap();
+    assert_eq!(ns_of(after, "net"), ns_of(c.pid(), "net"));
+    assert_eq!(c.get_json("/v1/identity")["spiffe_id"], spiffe(&c.id));
+    assert!(node.log().contains("restarting"), "the restart is logged");
+    c.delete();
+    assert!(!alive(after));
+}
+
+#[test]
+fn containers_sharing_a_namespace_share_one_identity_and_companion() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    // Two containers with the same name (so the same identity) in one network namespace.
+    let a = node
+        .bundle(&unique_id("share-a"))
+        .inject()
+        .annotation("nerdctl/name", "shared")
+        .write();
+    a.start().unwrap();
+    let b = node
+        .bundle(&unique_id("share-b"))
+        .inject()
+        .annotation("nerdctl/name", "shared")
+        .join_netns(a.pid())
+        .write();
+    b.start().unwrap();
+    let cp = node.companion_pid(&a.id).unwrap();
+    assert_eq!(
+        node.companion_pid(&b.id),
+        Some(cp),
+        "one companion per namespace"
+    );
+    assert_eq!(node.status().workloads.len(), 1);
+
+    // A third container claiming another identity in the same namespace is refused.
+    let other = node
+        .bundle(&unique_id("share-x"))
+        .inject()
+        .annotation("nerdctl/name", "intruder")
+        .join_netns(a.pid())
+        .args(&["true"])
+        .write();
+    let out = other.run();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("one network namespace has one identity"),
+        "{out:?}"
+    );
+    assert_eq!(
+        b.get_json("/v1/identity")["spiffe_id"],
+        spiffe("shared"),
+        "the refused container changed nothing"
+    );
+
+    // Removing one of the two keeps the companion for the other.
+    a.delete();
+    assert!(alive(cp), "companion stopped while b still runs");
+    assert_eq!(node.companion_pid(&b.id), Some(cp));
+    let t = b.get_json("/v1/token?audience=x");
+    let claims =
+        nhi_ctl::verify_token(t["token"].as_str().unwrap(), &jwks_of(&b), "x", None).unwrap();
+    assert_eq!(claims["sub"], spiffe("shared"));
+    b.delete();
+    assert!(
+        !alive(cp),
+        "companion outlived the last container of its namespace"
+    );
+    assert!(node.status().workloads.is_empty());
 }

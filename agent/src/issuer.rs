@@ -84,6 +84,8 @@ pub struct EmbeddedIssuer {
     jwks: serde_json::Value,
     jwt_ttl: Duration,
     x509_ttl: Duration,
+    /// Unix time the CA certificate expires; leaves never outlive it.
+    ca_not_after: u64,
 }
 
 pub fn now_unix() -> u64 {
@@ -171,6 +173,17 @@ impl EmbeddedIssuer {
         let jwt_pkcs8 = zeroizing(d(&keys.jwt_key_pkcs8)?);
         let jwt_pair = KeyPair::try_from(jwt_pkcs8.as_slice())
             .map_err(|e| corrupt(format!("JWT key: {e}")))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&ca_der)
+            .map_err(|e| corrupt(format!("CA certificate: {e}")))?;
+        let ca_not_after = parsed.validity().not_after.timestamp();
+        let ca_not_after = u64::try_from(ca_not_after).unwrap_or(0);
+        if ca_not_after <= now_unix() {
+            return Err(IssuerInitError::Generate(format!(
+                "the trust domain's CA in {} expired at {} (unix); rotate it (move the state dir's sealed keys away to create a new one) and redistribute the bundle",
+                path.display(),
+                ca_not_after
+            )));
+        }
         let ca_cert_der = rustls_pki_types::CertificateDer::from(ca_der.clone());
         let ca = CaIssuer::from_ca_cert_der(&ca_cert_der, ca_key)
             .map_err(|e| corrupt(format!("CA certificate: {e}")))?;
@@ -201,6 +214,7 @@ impl EmbeddedIssuer {
             jwks,
             jwt_ttl: cfg.issuer.jwt_ttl,
             x509_ttl: cfg.issuer.x509_ttl,
+            ca_not_after,
         })
     }
 
@@ -324,7 +338,13 @@ impl Issuer for EmbeddedIssuer {
         let mut p = CertificateParams::default();
         // Tolerate small clock skew between this node and verifiers.
         p.not_before = now - time::Duration::seconds(30);
-        p.not_after = now + self.x509_ttl;
+        // Never past the CA: a leaf outliving its issuer fails verification anyway.
+        let expires_at = (iat + self.x509_ttl.as_secs()).min(self.ca_not_after);
+        if expires_at <= iat {
+            return Err(IssueError::Sign("the trust domain's CA has expired".into()));
+        }
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(expires_at as i64)
+            .map_err(|e| IssueError::Sign(e.to_string()))?;
         let serial = random_serial();
         p.serial_number = Some(serial.clone());
         let mut dn = DistinguishedName::new();
@@ -346,7 +366,7 @@ impl Issuer for EmbeddedIssuer {
             bundle_pem: self.ca_pem.clone(),
             serial: serial.to_string(),
             issued_at: iat,
-            expires_at: iat + self.x509_ttl.as_secs(),
+            expires_at,
         })
     }
 }

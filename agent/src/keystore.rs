@@ -178,8 +178,31 @@ struct Envelope {
 
 /// Creates `dir` (and parents) and makes it 0700.
 pub fn create_private_dir(dir: &Path) -> Result<(), KeystoreError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err(dir))?;
+            // The umask may have narrowed it further; never widen an existing directory.
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+        }
+        Err(e) => Err(io_err(dir)(e)),
+        // An existing directory is the operator's: checked, never re-moded (it may be /etc/nhi).
+        Ok(m) if !m.is_dir() => Err(io_err(dir)(std::io::Error::other("not a directory"))),
+        Ok(m) if m.mode() & 0o022 != 0 || m.uid() != nix::unistd::geteuid().as_raw() => {
+            Err(io_err(dir)(std::io::Error::other(format!(
+                "must be owned by nhid's user and not writable by group or others (mode {:o}, uid {})",
+                m.mode() & 0o7777,
+                m.uid()
+            ))))
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 fn sync_dir(path: &Path) -> Result<(), KeystoreError> {

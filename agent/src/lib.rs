@@ -31,6 +31,9 @@ pub async fn run(config: Config) -> Result<(), String> {
             bin.display()
         ));
     }
+    keystore::create_private_dir(&config.state_dir).map_err(|e| e.to_string())?;
+    // One nhid per state dir: a second one would restore (and fight over) the same companions.
+    let _single = lock_state_dir(&config.state_dir)?;
     let issuer = issuer::EmbeddedIssuer::load_or_create(&config).map_err(|e| e.to_string())?;
     let ctx = Arc::new(supervisor::Ctx {
         issuer: Arc::new(issuer),
@@ -78,4 +81,25 @@ pub async fn run(config: Config) -> Result<(), String> {
     let _ = std::fs::remove_file(&socket);
     agent.shutdown().await;
     Ok(())
+}
+
+/// Takes `<state_dir>/nhid.lock` for the life of the process (released by the kernel on exit).
+fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("nhid.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        format!(
+            "another nhid already runs with state_dir {} ({}: {e})",
+            dir.display(),
+            path.display()
+        )
+    })
 }

@@ -19,33 +19,33 @@ use crate::netns::{NetNs, ProcRef};
 use crate::persist::{ContainerRecord, Record, Store};
 use crate::supervisor::{self, CompanionHandle, Ctx, Identity};
 
-struct Running {
-    identity: Arc<Identity>,
-    companion: CompanionHandle,
+pub(crate) struct Running {
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) companion: CompanionHandle,
 }
 
-struct Attachment {
+pub(crate) struct Attachment {
     rule: String,
     /// The first workload seen in the namespace (the sandbox, for pods).
     first: Workload,
     /// Held while the identity is pending, to start the companion in it later.
     netns: Option<NetNs>,
-    running: Option<Running>,
+    pub(crate) running: Option<Running>,
     /// Container id → its init process when attached.
-    containers: BTreeMap<String, ProcRef>,
+    pub(crate) containers: BTreeMap<String, ProcRef>,
 }
 
 #[derive(Default)]
-struct Registry {
-    by_netns: HashMap<u64, Attachment>,
-    netns_of: HashMap<String, u64>,
+pub(crate) struct Registry {
+    pub(crate) by_netns: HashMap<u64, Attachment>,
+    pub(crate) netns_of: HashMap<String, u64>,
 }
 
 pub struct Agent {
-    ctx: Arc<Ctx>,
+    pub(crate) ctx: Arc<Ctx>,
     host_netns: u64,
     /// Held only for short edits, never across a companion start.
-    registry: Mutex<Registry>,
+    pub(crate) registry: Mutex<Registry>,
     /// One start at a time per network namespace (keeps "one companion per namespace" true)
     /// without making other containers' starts and stops wait for it.
     starting: std::sync::Mutex<HashMap<u64, Arc<Mutex<()>>>>,
@@ -71,9 +71,37 @@ impl Agent {
                 workload,
                 pid,
                 rule,
-            } => self.attach(*workload, pid, &rule).await,
-            AgentRequest::Detach { container_id } => Ok(self.detach(&container_id).await),
+            } => {
+                let cid = workload.container_id.clone();
+                let res = self.attach(*workload, pid, &rule).await;
+                if let Ok(AgentResponse::Attached { .. }) = &res {
+                    // Secret files are in place before the workload's process starts.
+                    self.deliver_files(&cid, pid).await;
+                }
+                res
+            }
+            AgentRequest::Detach { container_id } => {
+                let res = self.detach(&container_id).await;
+                crate::secrets::remove_container_dir(
+                    &self.ctx.config.store.containers_dir,
+                    &container_id,
+                );
+                Ok(res)
+            }
             AgentRequest::Status => Ok(self.status().await),
+            AgentRequest::SecretPut {
+                name,
+                value_b64,
+                must_exist,
+            } => self.secret_put(&name, value_b64, must_exist).await,
+            AgentRequest::SecretGet { name } => self.secret_get(&name).await,
+            AgentRequest::SecretList => self.secret_list().await,
+            AgentRequest::SecretRm { name } => self.secret_rm(&name).await,
+            AgentRequest::Revoke { target, undo } => self.revoke(target, undo).await,
+            AgentRequest::Validate { token, audience } => self
+                .ctx
+                .validate(&token, &audience)
+                .map(AgentResponse::Validated),
         };
         res.unwrap_or_else(|message| AgentResponse::Error { message })
     }
@@ -412,6 +440,8 @@ impl Agent {
             issuer: self.ctx.issuer.kind().to_string(),
             bundle_pem: self.ctx.issuer.bundle_pem().to_string(),
             workloads,
+            store: self.store_status().await,
+            revocations: self.ctx.revocations.snapshot(),
         })
     }
 
@@ -430,6 +460,7 @@ impl Agent {
             let mut stale = Vec::new();
             for (inode, c) in &dead {
                 tracing::info!(container = %c, "container process is gone without poststop; detaching");
+                crate::secrets::remove_container_dir(&self.ctx.config.store.containers_dir, c);
                 stale.extend(take_container_in(&mut reg, *inode, c).flatten());
                 self.sync(&reg, *inode);
             }

@@ -311,17 +311,19 @@ impl Issuer for EmbeddedIssuer {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.kid.clone());
         header.typ = Some("JWT".into());
+        let jti = B64URL.encode(random_bytes::<16>());
         let claims = Claims {
             sub: id.as_str(),
             aud: audience,
             exp,
             iat,
-            jti: B64URL.encode(random_bytes::<16>()),
+            jti: jti.clone(),
         };
         let token = jsonwebtoken::encode(&header, &claims, &self.jwt_key)
             .map_err(|e| IssueError::Sign(e.to_string()))?;
         Ok(JwtSvid {
             token,
+            jti,
             spiffe_id: id.to_string(),
             audience: audience.to_vec(),
             issued_at: iat,

@@ -3,11 +3,15 @@
 
 pub mod agent;
 pub mod api;
+pub mod control;
 pub mod issuer;
 pub mod keystore;
 pub mod netns;
 pub mod persist;
+pub mod revoke;
+pub mod secrets;
 pub mod spawn;
+pub mod store;
 pub mod supervisor;
 
 use std::sync::Arc;
@@ -35,9 +39,19 @@ pub async fn run(config: Config) -> Result<(), String> {
     // One nhid per state dir: a second one would restore (and fight over) the same companions.
     let _single = lock_state_dir(&config.state_dir)?;
     let issuer = issuer::EmbeddedIssuer::load_or_create(&config).map_err(|e| e.to_string())?;
+    let store = store::Store::Embedded(
+        store::EmbeddedStore::open(&config.state_dir, &config.key_file())
+            .map_err(|e| e.to_string())?,
+    );
+    let revocations = store
+        .load_revocations()
+        .await
+        .map_err(|e| format!("loading revocations: {e}"))?;
     let ctx = Arc::new(supervisor::Ctx {
         issuer: Arc::new(issuer),
         user,
+        store: Arc::new(store),
+        revocations: Arc::new(revoke::Revocations::new(revocations)),
         config,
     });
     let agent = Arc::new(

@@ -6,25 +6,52 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use futures_util::StreamExt;
 use nhi_core::wire::{
-    ChannelRequest, ChannelResponse, CompanionRequest, CompanionResponse, Init, MAX_LINE,
+    ChannelRequest, ChannelResponse, CompanionRequest, CompanionResponse, Init, SecretValue,
+    Validated, EVENT_ID, MAX_LINE,
 };
 use nhi_core::{SpiffeId, Workload};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
-use crate::issuer::Issuer;
+use crate::issuer::{now_unix, Issuer};
 use crate::netns::NetNs;
+use crate::revoke::Revocations;
 use crate::spawn::{spawn_companion, CompanionUser, Spawned};
+use crate::store::Store;
 
 /// What every companion task needs from the daemon.
 pub struct Ctx {
     pub config: nhi_core::Config,
     pub issuer: Arc<dyn Issuer>,
     pub user: CompanionUser,
+    pub store: Arc<Store>,
+    pub revocations: Arc<Revocations>,
+}
+
+impl Ctx {
+    /// A JWT-SVID of this trust domain: signature by one of its keys, audience, expiry, and not
+    /// on the deny list.
+    pub fn validate(&self, token: &str, audience: &str) -> Result<Validated, String> {
+        let jwks = serde_json::to_string(self.issuer.jwks()).expect("jwks serializes");
+        let claims =
+            nhi_core::jwt::verify_token(token, &jwks, audience, Some(self.issuer.trust_domain()))?;
+        let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("");
+        let jti = claims.get("jti").and_then(|v| v.as_str());
+        let iat = claims.get("iat").and_then(|v| v.as_u64());
+        if let Some(why) = self.revocations.denies_jwt(sub, jti, iat) {
+            return Err(format!("token revoked: {why}"));
+        }
+        Ok(Validated {
+            spiffe_id: sub.to_string(),
+            claims: serde_json::Value::Object(claims),
+        })
+    }
 }
 
 /// The identity a companion serves, fixed for its life.
@@ -39,9 +66,16 @@ pub struct Identity {
 pub struct CompanionHandle {
     pid: Arc<AtomicI32>,
     stop: Option<oneshot::Sender<oneshot::Sender<()>>>,
+    events: mpsc::UnboundedSender<CompanionResponse>,
 }
 
 impl CompanionHandle {
+    /// Pushes an event (secret changed, revoked, restored) to the companion; delivered to its
+    /// next incarnation too if it is restarting.
+    pub fn notify(&self, event: CompanionResponse) {
+        let _ = self.events.send(event);
+    }
+
     pub fn pid(&self) -> i32 {
         self.pid.load(Ordering::Relaxed)
     }
@@ -89,6 +123,7 @@ pub async fn start(
     ));
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
     tokio::spawn(run(
         ctx.clone(),
         identity,
@@ -97,11 +132,13 @@ pub async fn start(
         pid.clone(),
         ready_tx,
         stop_rx,
+        events_rx,
         last_stderr.clone(),
     ));
     let handle = CompanionHandle {
         pid,
         stop: Some(stop_tx),
+        events: events_tx,
     };
     match tokio::time::timeout(ctx.config.companion.ready_timeout, ready_rx).await {
         Ok(Ok(())) => Ok(handle),
@@ -178,13 +215,22 @@ async fn run(
     pid: Arc<AtomicI32>,
     ready_tx: oneshot::Sender<()>,
     mut stop_rx: oneshot::Receiver<oneshot::Sender<()>>,
+    mut events_rx: mpsc::UnboundedReceiver<CompanionResponse>,
     last_stderr: Arc<Mutex<String>>,
 ) {
     let mut ready_tx = Some(ready_tx);
     let mut backoff = MIN_BACKOFF;
     loop {
         let started_at = tokio::time::Instant::now();
-        let ended = serve(&ctx, &identity, &mut spawned, &mut ready_tx, &mut stop_rx).await;
+        let ended = serve(
+            &ctx,
+            &identity,
+            &mut spawned,
+            &mut ready_tx,
+            &mut stop_rx,
+            &mut events_rx,
+        )
+        .await;
         match ended {
             Ended::Stop(done) => {
                 terminate(&mut spawned.child).await;
@@ -240,17 +286,42 @@ async fn wait_for_stop(stop_rx: oneshot::Receiver<oneshot::Sender<()>>) {
     }
 }
 
+/// Most requests of one companion answered at once; more wait in its channel.
+const MAX_IN_FLIGHT: usize = 16;
+
+async fn write_line(
+    wr: &mut (impl AsyncWriteExt + Unpin),
+    resp: &ChannelResponse,
+) -> Result<(), Ended> {
+    let mut out = serde_json::to_vec(resp).expect("response serializes");
+    out.push(b'\n');
+    let res = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await;
+    // Responses may carry credentials: wipe the buffer.
+    zeroize::Zeroize::zeroize(&mut out);
+    match res {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Ended::Exited("channel closed".into())),
+        Err(_) => Err(Ended::Exited(
+            "companion stopped reading its channel".into(),
+        )),
+    }
+}
+
 async fn serve(
-    ctx: &Ctx,
-    identity: &Identity,
+    ctx: &Arc<Ctx>,
+    identity: &Arc<Identity>,
     spawned: &mut Spawned,
     ready_tx: &mut Option<oneshot::Sender<()>>,
     stop_rx: &mut oneshot::Receiver<oneshot::Sender<()>>,
+    events_rx: &mut mpsc::UnboundedReceiver<CompanionResponse>,
 ) -> Ended {
     let (rd, mut wr) = spawned.channel.split();
     let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
+    // Requests are answered concurrently (a slow store read does not hold up a token).
+    let (out_tx, mut out_rx) = mpsc::channel::<ChannelResponse>(MAX_IN_FLIGHT);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     loop {
-        tokio::select! {
+        let res = tokio::select! {
             done = &mut *stop_rx => {
                 return match done {
                     Ok(done) => Ended::Stop(done),
@@ -261,58 +332,88 @@ async fn serve(
             status = spawned.child.wait() => {
                 return Ended::Exited(format!("{status:?}"));
             }
+            Some(body) = events_rx.recv() => {
+                write_line(&mut wr, &ChannelResponse { id: EVENT_ID, body }).await
+            }
+            Some(resp) = out_rx.recv() => write_line(&mut wr, &resp).await,
             next = lines.next() => {
                 let line = match next {
                     Some(Ok(line)) => line,
                     Some(Err(e)) => return Ended::Exited(format!("channel: {e}")),
                     None => return Ended::Exited("channel closed".into()),
                 };
-                let resp = match serde_json::from_str::<ChannelRequest>(&line) {
-                    Ok(req) => {
-                        let body = answer(ctx, identity, req.body, ready_tx);
-                        ChannelResponse { id: req.id, body }
+                match serde_json::from_str::<ChannelRequest>(&line) {
+                    Ok(ChannelRequest { id, body: CompanionRequest::Hello }) => {
+                        let body = hello(ctx, identity, ready_tx);
+                        write_line(&mut wr, &ChannelResponse { id, body }).await
                     }
-                    Err(e) => ChannelResponse { id: 0, body: CompanionResponse::Error { message: format!("bad request: {e}") } },
-                };
-                let mut out = serde_json::to_vec(&resp).expect("response serializes");
-                out.push(b'\n');
-                match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Ended::Exited("channel closed".into()),
-                    Err(_) => return Ended::Exited("companion stopped reading its channel".into()),
+                    Ok(req) => {
+                        let permit = in_flight.clone().acquire_owned().await.expect("never closed");
+                        let (ctx, identity, out) = (ctx.clone(), identity.clone(), out_tx.clone());
+                        tokio::spawn(async move {
+                            let body = answer(&ctx, &identity, req.body).await;
+                            let _ = out.send(ChannelResponse { id: req.id, body }).await;
+                            drop(permit);
+                        });
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let body = CompanionResponse::Error { message: format!("bad request: {e}") };
+                        write_line(&mut wr, &ChannelResponse { id: 0, body }).await
+                    }
                 }
             }
+        };
+        if let Err(ended) = res {
+            return ended;
         }
     }
 }
 
-fn answer(
+fn hello(
     ctx: &Ctx,
     identity: &Identity,
-    req: CompanionRequest,
     ready_tx: &mut Option<oneshot::Sender<()>>,
 ) -> CompanionResponse {
+    if let Some(tx) = ready_tx.take() {
+        let _ = tx.send(());
+    }
+    CompanionResponse::Init(Box::new(Init {
+        spiffe_id: identity.spiffe_id.to_string(),
+        trust_domain: ctx.issuer.trust_domain().to_string(),
+        rule: identity.rule.clone(),
+        workload: identity.workload.clone(),
+        bundle_pem: ctx.issuer.bundle_pem().to_string(),
+        jwks: ctx.issuer.jwks().clone(),
+        revoked: ctx.revocations.is_revoked(identity.spiffe_id.as_str()),
+    }))
+}
+
+async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> CompanionResponse {
+    let id = identity.spiffe_id.as_str();
     let err = |e: crate::issuer::IssueError| CompanionResponse::Error {
         message: e.to_string(),
     };
+    let revoked = || CompanionResponse::Denied {
+        message: format!("{id} is revoked"),
+    };
     match req {
-        CompanionRequest::Hello => {
-            if let Some(tx) = ready_tx.take() {
-                let _ = tx.send(());
-            }
-            CompanionResponse::Init(Box::new(Init {
-                spiffe_id: identity.spiffe_id.to_string(),
-                trust_domain: ctx.issuer.trust_domain().to_string(),
-                rule: identity.rule.clone(),
-                workload: identity.workload.clone(),
-                bundle_pem: ctx.issuer.bundle_pem().to_string(),
-                jwks: ctx.issuer.jwks().clone(),
-            }))
+        CompanionRequest::Hello => CompanionResponse::Error {
+            message: "hello is answered once".into(),
+        },
+        CompanionRequest::Validate { token, audience } => match ctx.validate(&token, &audience) {
+            Ok(v) => CompanionResponse::Validated(v),
+            Err(message) => CompanionResponse::Denied { message },
+        },
+        _ if ctx.revocations.is_revoked(id) => {
+            tracing::warn!(spiffe_id = %id, "refused: identity is revoked");
+            revoked()
         }
         CompanionRequest::Jwt { audience } => {
             match ctx.issuer.issue_jwt(&identity.spiffe_id, &audience) {
                 Ok(j) => {
-                    tracing::info!(spiffe_id = %identity.spiffe_id, audience = ?audience, expires_at = j.expires_at, "issued JWT-SVID");
+                    ctx.revocations.record_jwt(id, &j.jti, j.expires_at);
+                    tracing::info!(spiffe_id = %id, audience = ?audience, jti = %j.jti, expires_at = j.expires_at, "issued JWT-SVID");
                     CompanionResponse::Jwt(j)
                 }
                 Err(e) => err(e),
@@ -320,11 +421,37 @@ fn answer(
         }
         CompanionRequest::X509 => match ctx.issuer.issue_x509(&identity.spiffe_id) {
             Ok(x) => {
-                tracing::info!(spiffe_id = %identity.spiffe_id, serial = %x.serial, expires_at = x.expires_at, "issued X.509-SVID");
+                ctx.revocations.record_x509(id, &x.serial, x.expires_at);
+                tracing::info!(spiffe_id = %id, serial = %x.serial, expires_at = x.expires_at, "issued X.509-SVID");
                 CompanionResponse::X509(Box::new(x))
             }
             Err(e) => err(e),
         },
+        CompanionRequest::Secret { name } => {
+            if !nhi_core::grant::granted(&ctx.config.grants, id, &identity.rule, &name) {
+                tracing::warn!(spiffe_id = %id, secret = %name, "refused: secret not granted");
+                return CompanionResponse::Denied {
+                    message: format!("secret {name:?} is not granted to {id}"),
+                };
+            }
+            match ctx.store.get(&name).await {
+                Ok(Some(s)) => {
+                    tracing::info!(spiffe_id = %id, secret = %name, version = s.version, "delivered secret");
+                    CompanionResponse::Secret(SecretValue {
+                        name,
+                        version: s.version,
+                        value_b64: B64.encode(&s.value[..]),
+                        expires_at: now_unix() + ctx.config.store.secret_ttl.as_secs(),
+                    })
+                }
+                Ok(None) => CompanionResponse::NotFound {
+                    message: format!("no secret named {name:?}"),
+                },
+                Err(e) => CompanionResponse::Error {
+                    message: e.to_string(),
+                },
+            }
+        }
     }
 }
 

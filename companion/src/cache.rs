@@ -9,10 +9,45 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nhi_core::wire::{CompanionRequest, CompanionResponse, JwtSvid, X509Svid};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nhi_core::wire::{CompanionRequest, CompanionResponse, JwtSvid, SecretValue, X509Svid};
 use tokio::sync::Notify;
 
-use crate::channel::Channel;
+use crate::channel::{Channel, Events};
+
+/// Most secrets cached at once.
+const MAX_SECRETS: usize = 256;
+
+/// Why a credential could not be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredError {
+    /// Not for this workload (revoked, not granted): 403.
+    Denied(String),
+    /// No such secret: 404.
+    NotFound(String),
+    /// nhid or the store could not answer: 503.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for CredError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CredError::Denied(m) | CredError::NotFound(m) | CredError::Unavailable(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+fn unexpected(other: CompanionResponse) -> CredError {
+    match other {
+        CompanionResponse::Denied { message } => CredError::Denied(message),
+        CompanionResponse::NotFound { message } => CredError::NotFound(message),
+        CompanionResponse::Error { message } => CredError::Unavailable(message),
+        _ => CredError::Unavailable("unexpected answer from nhid".into()),
+    }
+}
 
 pub fn now_unix() -> u64 {
     SystemTime::now()
@@ -66,6 +101,7 @@ impl<T> Entry<T> {
 struct Inner {
     x509: Option<Entry<X509Svid>>,
     jwt: HashMap<Vec<String>, Entry<JwtSvid>>,
+    secrets: HashMap<String, Arc<SecretValue>>,
 }
 
 pub struct Creds {
@@ -73,25 +109,109 @@ pub struct Creds {
     inner: Mutex<Inner>,
     changed: Notify,
     max_audiences: usize,
+    revoked: AtomicBool,
 }
 
 impl Creds {
-    pub fn new(channel: Channel, max_audiences: usize) -> Arc<Self> {
+    pub fn new(channel: Channel, events: Events, max_audiences: usize, revoked: bool) -> Arc<Self> {
         let c = Arc::new(Creds {
             channel,
             inner: Mutex::new(Inner::default()),
             changed: Notify::new(),
             max_audiences,
+            revoked: AtomicBool::new(revoked),
         });
         tokio::spawn(refresher(c.clone()));
+        tokio::spawn(on_events(c.clone(), events));
         c
+    }
+
+    fn check_revoked(&self) -> Result<(), CredError> {
+        if self.revoked.load(Ordering::SeqCst) {
+            Err(CredError::Denied(
+                "this workload's identity is revoked".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Applies an event pushed by nhid.
+    pub fn apply(&self, event: CompanionResponse) {
+        match event {
+            CompanionResponse::Revoked { message } => {
+                self.revoked.store(true, Ordering::SeqCst);
+                let mut inner = self.lock();
+                inner.x509 = None;
+                inner.jwt.clear();
+                inner.secrets.clear();
+                eprintln!("nhi-companion: {message}; cached credentials dropped");
+            }
+            CompanionResponse::Restored => {
+                self.revoked.store(false, Ordering::SeqCst);
+                eprintln!("nhi-companion: revocation lifted");
+            }
+            CompanionResponse::SecretChanged { name } => {
+                self.lock().secrets.remove(&name);
+            }
+            _ => {}
+        }
+    }
+
+    /// The secret `name`, from the cache while nhid's lease on it runs, else from nhid.
+    pub async fn secret(&self, name: &str) -> Result<Arc<SecretValue>, CredError> {
+        self.check_revoked()?;
+        let now = now_unix();
+        if let Some(s) = self.lock().secrets.get(name).filter(|s| now < s.expires_at) {
+            return Ok(s.clone());
+        }
+        let s = match self
+            .channel
+            .call(CompanionRequest::Secret { name: name.into() })
+            .await
+            .map_err(CredError::Unavailable)?
+        {
+            CompanionResponse::Secret(s) => Arc::new(s),
+            other => return Err(unexpected(other)),
+        };
+        // A revocation that arrived meanwhile wins.
+        self.check_revoked()?;
+        let mut inner = self.lock();
+        if inner.secrets.len() >= MAX_SECRETS {
+            inner.secrets.retain(|_, v| now < v.expires_at);
+        }
+        if inner.secrets.len() < MAX_SECRETS {
+            inner.secrets.insert(name.into(), s.clone());
+        }
+        Ok(s)
+    }
+
+    /// Asks nhid to validate a JWT-SVID (signature, audience, expiry, deny list).
+    pub async fn validate(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<nhi_core::wire::Validated, CredError> {
+        match self
+            .channel
+            .call(CompanionRequest::Validate {
+                token: token.into(),
+                audience: audience.into(),
+            })
+            .await
+            .map_err(CredError::Unavailable)?
+        {
+            CompanionResponse::Validated(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub async fn jwt(&self, audience: Vec<String>) -> Result<Arc<JwtSvid>, String> {
+    pub async fn jwt(&self, audience: Vec<String>) -> Result<Arc<JwtSvid>, CredError> {
+        self.check_revoked()?;
         let now = now_unix();
         if let Some(e) = self.lock().jwt.get_mut(&audience).filter(|e| e.valid(now)) {
             e.last_used = Instant::now();
@@ -116,7 +236,8 @@ impl Creds {
         Ok(svid)
     }
 
-    pub async fn x509(&self) -> Result<Arc<X509Svid>, String> {
+    pub async fn x509(&self) -> Result<Arc<X509Svid>, CredError> {
+        self.check_revoked()?;
         let now = now_unix();
         if let Some(e) = self.lock().x509.as_mut().filter(|e| e.valid(now)) {
             e.last_used = Instant::now();
@@ -129,29 +250,33 @@ impl Creds {
         Ok(s)
     }
 
-    async fn fetch_jwt(&self, audience: Vec<String>) -> Result<Entry<JwtSvid>, String> {
+    async fn fetch_jwt(&self, audience: Vec<String>) -> Result<Entry<JwtSvid>, CredError> {
         match self
             .channel
             .call(CompanionRequest::Jwt { audience })
-            .await?
+            .await
+            .map_err(CredError::Unavailable)?
         {
             CompanionResponse::Jwt(j) => {
                 let (i, e) = (j.issued_at, j.expires_at);
                 Ok(Entry::new(j, i, e))
             }
-            CompanionResponse::Error { message } => Err(message),
-            other => Err(format!("unexpected answer from nhid: {other:?}")),
+            other => Err(unexpected(other)),
         }
     }
 
-    async fn fetch_x509(&self) -> Result<Entry<X509Svid>, String> {
-        match self.channel.call(CompanionRequest::X509).await? {
+    async fn fetch_x509(&self) -> Result<Entry<X509Svid>, CredError> {
+        match self
+            .channel
+            .call(CompanionRequest::X509)
+            .await
+            .map_err(CredError::Unavailable)?
+        {
             CompanionResponse::X509(x) => {
                 let (i, e) = (x.issued_at, x.expires_at);
                 Ok(Entry::new(*x, i, e))
             }
-            CompanionResponse::Error { message } => Err(message),
-            _ => Err("unexpected answer from nhid".into()),
+            other => Err(unexpected(other)),
         }
     }
 }
@@ -159,6 +284,13 @@ impl Creds {
 enum Due {
     X509,
     Jwt(Vec<String>),
+}
+
+async fn on_events(c: Arc<Creds>, mut events: Events) {
+    while let Some(e) = events.recv().await {
+        c.apply(e);
+        c.changed.notify_one();
+    }
 }
 
 /// Refreshes whatever is due, then sleeps until the next refresh or a cache change.
@@ -229,7 +361,7 @@ async fn refresher(c: Arc<Creds>) {
     }
 }
 
-fn retry_soon<T>(entry: Option<&mut Entry<T>>, why: &str) {
+fn retry_soon<T>(entry: Option<&mut Entry<T>>, why: &CredError) {
     eprintln!("nhi-companion: refresh failed, retrying in 1s: {why}");
     if let Some(e) = entry {
         e.refresh_at = now_unix() + 1;

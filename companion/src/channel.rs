@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 
 use futures_util::StreamExt;
 use nhi_core::wire::{
-    ChannelRequest, ChannelResponse, CompanionRequest, CompanionResponse, MAX_LINE,
+    ChannelRequest, ChannelResponse, CompanionRequest, CompanionResponse, EVENT_ID, MAX_LINE,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
 type Reply = oneshot::Sender<CompanionResponse>;
+pub type Events = mpsc::UnboundedReceiver<CompanionResponse>;
 
 #[derive(Clone)]
 pub struct Channel {
@@ -23,17 +24,21 @@ pub struct Channel {
 
 impl Channel {
     /// Takes ownership of the channel fd and starts its I/O task. `on_close` runs when nhid
-    /// closes the channel.
-    pub fn start(fd: OwnedFd, on_close: impl FnOnce() + Send + 'static) -> std::io::Result<Self> {
+    /// closes the channel. Events nhid pushes (rotation, revocation) arrive on the receiver.
+    pub fn start(
+        fd: OwnedFd,
+        on_close: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<(Self, Events)> {
         let std_stream = std::os::unix::net::UnixStream::from(fd);
         std_stream.set_nonblocking(true)?;
         let stream = UnixStream::from_std(std_stream)?;
         let (tx, rx) = mpsc::channel(64);
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            io_task(stream, rx).await;
+            io_task(stream, rx, events_tx).await;
             on_close();
         });
-        Ok(Channel { tx })
+        Ok((Channel { tx }, events_rx))
     }
 
     pub async fn call(&self, req: CompanionRequest) -> Result<CompanionResponse, String> {
@@ -47,7 +52,11 @@ impl Channel {
     }
 }
 
-async fn io_task(stream: UnixStream, mut rx: mpsc::Receiver<(CompanionRequest, Reply)>) {
+async fn io_task(
+    stream: UnixStream,
+    mut rx: mpsc::Receiver<(CompanionRequest, Reply)>,
+    events: mpsc::UnboundedSender<CompanionResponse>,
+) {
     let (rd, mut wr) = stream.into_split();
     let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
     let mut pending: HashMap<u64, Reply> = HashMap::new();
@@ -68,6 +77,9 @@ async fn io_task(stream: UnixStream, mut rx: mpsc::Receiver<(CompanionRequest, R
             line = lines.next() => {
                 let Some(Ok(line)) = line else { return };
                 match serde_json::from_str::<ChannelResponse>(&line) {
+                    Ok(resp) if resp.id == EVENT_ID => {
+                        let _ = events.send(resp.body);
+                    }
                     Ok(resp) => {
                         if let Some(reply) = pending.remove(&resp.id) {
                             let _ = reply.send(resp.body);

@@ -14,7 +14,10 @@ use nhi_core::wire::Init;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::cache::Creds;
+use base64::Engine;
+use http_body_util::BodyExt;
+
+use crate::cache::{CredError, Creds};
 
 /// Most connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
@@ -48,15 +51,18 @@ impl Api {
         }
     }
 
-    pub async fn route(&self, req: &Request<Incoming>) -> Resp {
+    pub async fn route(&self, req: Request<Incoming>) -> Resp {
         if let Err(why) = local_request(req.headers()) {
             return error(StatusCode::FORBIDDEN, "not_local", why);
         }
-        let path = req.uri().path();
-        let known = matches!(
-            path,
-            "/healthz" | "/v1/identity" | "/v1/token" | "/v1/x509" | "/v1/bundle" | "/v1/jwks"
-        );
+        let path = req.uri().path().to_string();
+        let (allowed, known) = match path.as_str() {
+            "/healthz" | "/v1/identity" | "/v1/token" | "/v1/x509" | "/v1/bundle" | "/v1/jwks" => {
+                (Method::GET, true)
+            }
+            "/v1/validate" => (Method::POST, true),
+            p => (Method::GET, p.starts_with("/v1/secrets/")),
+        };
         if !known {
             return error(
                 StatusCode::NOT_FOUND,
@@ -64,17 +70,19 @@ impl Api {
                 &format!("no such endpoint: {path}"),
             );
         }
-        if req.method() != Method::GET {
+        if req.method() != allowed {
             let mut r = error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                &format!("{path} only answers GET"),
+                &format!("{path} only answers {allowed}"),
             );
-            r.headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("GET"));
+            r.headers_mut().insert(
+                ALLOW,
+                HeaderValue::from_str(allowed.as_str()).expect("method is a header value"),
+            );
             return r;
         }
-        match path {
+        match path.as_str() {
             "/healthz" => ok(self.health.clone(), "application/json"),
             "/v1/identity" => ok(self.identity.clone(), "application/json"),
             "/v1/bundle" => ok(self.bundle.clone(), "application/x-pem-file"),
@@ -87,9 +95,85 @@ impl Api {
                     pem.push_str(&x.key_pem);
                     secret(ok(Bytes::from(pem), "application/x-pem-file"))
                 }
-                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "issuer_unavailable", &e),
+                Err(e) => cred_error(e),
             },
-            _ => unreachable!("checked above"),
+            "/v1/validate" => self.validate(req).await,
+            p => self.secret(&p["/v1/secrets/".len()..]).await,
+        }
+    }
+
+    async fn secret(&self, name: &str) -> Resp {
+        if !nhi_core::grant::valid_secret_name(name) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "secret names use ASCII letters, digits, '.', '-', '_'",
+            );
+        }
+        match self.creds.secret(name).await {
+            Ok(s) => {
+                let raw = match base64::engine::general_purpose::STANDARD.decode(&s.value_b64) {
+                    Ok(r) => zeroize::Zeroizing::new(r),
+                    Err(_) => {
+                        return error(StatusCode::BAD_GATEWAY, "bad_secret", "undecodable value")
+                    }
+                };
+                let mut body = serde_json::json!({
+                    "name": s.name,
+                    "version": s.version,
+                    "expires_at": s.expires_at,
+                });
+                match std::str::from_utf8(&raw) {
+                    Ok(text) => body["value"] = text.into(),
+                    Err(_) => body["value_base64"] = s.value_b64.clone().into(),
+                }
+                let resp = secret(ok(json_bytes(&body), "application/json"));
+                zeroize_json(body);
+                resp
+            }
+            Err(e) => cred_error(e),
+        }
+    }
+
+    async fn validate(&self, req: Request<Incoming>) -> Resp {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Body {
+            token: String,
+            audience: String,
+        }
+        let limited = http_body_util::Limited::new(req.into_body(), MAX_VALIDATE_BODY);
+        let bytes = match limited.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "bad_request",
+                    &format!("body: {e}"),
+                )
+            }
+        };
+        let body: Body = match serde_json::from_slice(&bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("expected {{\"token\": ..., \"audience\": ...}}: {e}"),
+                )
+            }
+        };
+        match self.creds.validate(&body.token, &body.audience).await {
+            Ok(v) => ok(
+                json_bytes(&serde_json::json!({
+                    "valid": true,
+                    "spiffe_id": v.spiffe_id,
+                    "claims": v.claims,
+                })),
+                "application/json",
+            ),
+            Err(CredError::Denied(m)) => error(StatusCode::FORBIDDEN, "invalid_token", &m),
+            Err(e) => cred_error(e),
         }
     }
 
@@ -109,7 +193,30 @@ impl Api {
                 });
                 secret(ok(json_bytes(&body), "application/json"))
             }
-            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "issuer_unavailable", &e),
+            Err(e) => cred_error(e),
+        }
+    }
+}
+
+const MAX_VALIDATE_BODY: usize = 64 * 1024;
+
+/// Wipes the string values of a JSON body that held a secret.
+fn zeroize_json(v: serde_json::Value) {
+    if let serde_json::Value::Object(map) = v {
+        for (_, v) in map {
+            if let serde_json::Value::String(s) = v {
+                zeroize::Zeroize::zeroize(&mut s.into_bytes());
+            }
+        }
+    }
+}
+
+fn cred_error(e: CredError) -> Resp {
+    match e {
+        CredError::Denied(m) => error(StatusCode::FORBIDDEN, "forbidden", &m),
+        CredError::NotFound(m) => error(StatusCode::NOT_FOUND, "not_found", &m),
+        CredError::Unavailable(m) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "issuer_unavailable", &m)
         }
     }
 }
@@ -224,7 +331,7 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let api = api.clone();
-                async move { Ok::<_, Infallible>(api.route(&req).await) }
+                async move { Ok::<_, Infallible>(api.route(req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

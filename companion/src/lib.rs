@@ -39,7 +39,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             .await
             .map_err(|e| format!("listening on {}: {e}", opts.listen))?;
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
-        let channel = channel::Channel::start(channel_fd, move || {
+        let (channel, events) = channel::Channel::start(channel_fd, move || {
             let _ = closed_tx.send(());
         })
         .map_err(|e| format!("channel: {e}"))?;
@@ -49,7 +49,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             other => return Err(format!("unexpected hello answer: {other:?}")),
         };
         eprintln!("serving {} on http://{}", init.spiffe_id, opts.listen);
-        let creds = cache::Creds::new(channel, opts.max_cached_audiences);
+        let creds = cache::Creds::new(channel, events, opts.max_cached_audiences, init.revoked);
         let api = Arc::new(http::Api::new(&init, creds));
         tokio::select! {
             _ = http::serve(listener, api) => Ok(()),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::grant::Grant;
 use crate::select::Match;
 use crate::spiffe::validate_trust_domain;
 use crate::template::Template;
@@ -18,6 +19,7 @@ pub const DEFAULT_SOCKET: &str = "/run/nhi/nhid.sock";
 pub const DEFAULT_COMPANION_BINARY: &str = "/usr/libexec/nhi/nhi-companion";
 pub const DEFAULT_COMPANION_USER: &str = "nhi-companion";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15100";
+pub const DEFAULT_CONTAINERS_DIR: &str = "/run/nhi/containers";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -50,8 +52,12 @@ struct RawConfig {
     runtime: RuntimeConfig,
     #[serde(default)]
     kubernetes: KubernetesConfig,
+    #[serde(default)]
+    store: StoreConfig,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
+    #[serde(default, rename = "grant")]
+    grants: Vec<Grant>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -85,6 +91,31 @@ impl Default for IssuerConfig {
             jwt_ttl: Duration::from_secs(5 * 60),
             x509_ttl: Duration::from_secs(60 * 60),
             ca_ttl: Duration::from_secs(365 * 24 * 60 * 60),
+        }
+    }
+}
+
+/// Where secrets and revocations live and how they reach workloads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `embedded` (sealed files in the state dir) or `openbao` (KV v2 on OpenBao/Vault).
+    pub kind: String,
+    /// How long a companion may serve a secret it fetched without hearing from `nhid` again:
+    /// the bound on serving a stale value while the store is unreachable.
+    #[serde(with = "humantime_serde")]
+    pub secret_ttl: Duration,
+    /// Host directory with one subdirectory per container that `nhi-runc` bind-mounts read-only
+    /// at `/run/nhi` in the container; `nhid` keeps `secrets/<name>` files in it.
+    pub containers_dir: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: "embedded".into(),
+            secret_ttl: Duration::from_secs(10 * 60),
+            containers_dir: DEFAULT_CONTAINERS_DIR.into(),
         }
     }
 }
@@ -221,7 +252,9 @@ pub struct Config {
     pub hook: HookConfig,
     pub runtime: RuntimeConfig,
     pub kubernetes: KubernetesConfig,
+    pub store: StoreConfig,
     pub rules: Vec<Rule>,
+    pub grants: Vec<Grant>,
 }
 
 impl Config {
@@ -306,6 +339,24 @@ impl Config {
                 matcher: r.matcher,
             });
         }
+        if raw.store.kind != "embedded" {
+            return Err(invalid(format!(
+                "store.kind {:?} is not supported (supported: \"embedded\")",
+                raw.store.kind
+            )));
+        }
+        if raw.store.secret_ttl < Duration::from_secs(5) {
+            return Err(invalid("store.secret_ttl must be at least 5s".into()));
+        }
+        if !raw.store.containers_dir.is_absolute() {
+            return Err(invalid(
+                "store.containers_dir must be an absolute path".into(),
+            ));
+        }
+        for (i, g) in raw.grants.iter().enumerate() {
+            g.validate(&raw.trust_domain, |r| seen.contains_key(r))
+                .map_err(|e| invalid(format!("grant #{}: {e}", i + 1)))?;
+        }
         Ok(Config {
             path: path.to_path_buf(),
             trust_domain: raw.trust_domain,
@@ -316,7 +367,9 @@ impl Config {
             hook: raw.hook,
             runtime: raw.runtime,
             kubernetes: raw.kubernetes,
+            store: raw.store,
             rules,
+            grants: raw.grants,
         })
     }
 

@@ -3,6 +3,8 @@
 //! beyond the one blocking client call the hook and nhictl make.
 
 pub mod config;
+pub mod grant;
+pub mod jwt;
 pub mod k8s;
 pub mod select;
 pub mod spiffe;

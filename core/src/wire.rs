@@ -25,6 +25,38 @@ pub enum AgentRequest {
         container_id: String,
     },
     Status,
+    /// `nhictl secret put` / `rotate`: store a new version. `value_b64` `None` (rotate only):
+    /// nhid generates 32 random bytes.
+    SecretPut {
+        name: String,
+        value_b64: Option<String>,
+        /// Only replace an existing secret (`rotate`).
+        must_exist: bool,
+    },
+    SecretGet {
+        name: String,
+    },
+    SecretList,
+    SecretRm {
+        name: String,
+    },
+    /// `nhictl revoke`: by SPIFFE ID or by a container (whose identity is revoked).
+    Revoke {
+        target: RevokeTarget,
+        undo: bool,
+    },
+    /// `nhictl token verify` and companions: signature, audience, expiry and the deny list.
+    Validate {
+        token: String,
+        audience: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokeTarget {
+    SpiffeId(String),
+    Workload(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,9 +80,76 @@ pub enum AgentResponse {
         stopped: bool,
     },
     Status(Status),
+    SecretStored {
+        name: String,
+        version: u64,
+    },
+    Secret(SecretValue),
+    Secrets {
+        secrets: Vec<SecretInfo>,
+    },
+    SecretRemoved {
+        name: String,
+    },
+    Revoked {
+        spiffe_id: String,
+        /// Credentials already issued and now on the deny list.
+        jtis: usize,
+        serials: usize,
+        undone: bool,
+    },
+    Validated(Validated),
     Error {
         message: String,
     },
+}
+
+/// A secret's value in transit (base64, any bytes). Debug never shows the value.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecretValue {
+    pub name: String,
+    pub version: u64,
+    pub value_b64: String,
+    /// Unix time after which a holder must not serve it without asking `nhid` again.
+    pub expires_at: u64,
+}
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretValue")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("value_b64", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// A secret's name and version, never its value.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecretInfo {
+    pub name: String,
+    pub version: u64,
+    pub updated_at: u64,
+}
+
+/// A JWT-SVID that passed validation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Validated {
+    pub spiffe_id: String,
+    pub claims: serde_json::Value,
+}
+
+/// One revoked identity: credentials issued to it up to `revoked_at` are refused, and the ones
+/// `nhid` knows it issued are listed by `jti` / certificate serial.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Revocation {
+    pub spiffe_id: String,
+    pub revoked_at: u64,
+    #[serde(default)]
+    pub jtis: Vec<String>,
+    #[serde(default)]
+    pub serials: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +158,19 @@ pub struct Status {
     pub issuer: String,
     pub bundle_pem: String,
     pub workloads: Vec<WorkloadStatus>,
+    #[serde(default)]
+    pub store: StoreStatus,
+    #[serde(default)]
+    pub revocations: Vec<Revocation>,
+}
+
+/// The secret store's health, for `nhictl status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreStatus {
+    pub kind: String,
+    /// Empty when healthy; otherwise what is degraded and why.
+    #[serde(default)]
+    pub degraded: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,9 +202,17 @@ pub enum CompanionRequest {
         audience: Vec<String>,
     },
     X509,
+    Secret {
+        name: String,
+    },
+    Validate {
+        token: String,
+        audience: String,
+    },
 }
 
-/// nhid → companion.
+/// nhid → companion. Responses carry the request's `id`; events nhid pushes on its own
+/// (rotation, revocation) carry `id` 0.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChannelResponse {
     pub id: u64,
@@ -106,8 +226,33 @@ pub enum CompanionResponse {
     Init(Box<Init>),
     Jwt(JwtSvid),
     X509(Box<X509Svid>),
-    Error { message: String },
+    Secret(SecretValue),
+    Validated(Validated),
+    /// Not allowed for this identity (not granted, revoked, bad token): HTTP 403.
+    Denied {
+        message: String,
+    },
+    /// No such secret: HTTP 404.
+    NotFound {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+    /// Event: a secret has a new version (or was removed); drop the cached value.
+    SecretChanged {
+        name: String,
+    },
+    /// Event: the identity was revoked; drop every cached credential and refuse until restored.
+    Revoked {
+        message: String,
+    },
+    /// Event: the revocation was undone.
+    Restored,
 }
+
+/// `id` of events nhid pushes to a companion.
+pub const EVENT_ID: u64 = 0;
 
 /// What a companion learns about its workload when it says hello.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,11 +263,17 @@ pub struct Init {
     pub workload: Workload,
     pub bundle_pem: String,
     pub jwks: serde_json::Value,
+    /// The identity is revoked: serve nothing until a `restored` event.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JwtSvid {
     pub token: String,
+    /// The token's `jti`, for the issuer's ledger and deny list.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub jti: String,
     pub spiffe_id: String,
     pub audience: Vec<String>,
     pub issued_at: u64,

@@ -6,17 +6,21 @@ pub mod configure;
 use std::path::Path;
 use std::time::Duration;
 
-use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use nhi_core::wire::{call_agent, AgentRequest, AgentResponse, Status};
-use nhi_core::SpiffeId;
+
+/// One request to nhid; its `Error` answer becomes `Err`.
+pub fn agent(socket: &Path, req: &AgentRequest) -> Result<AgentResponse, String> {
+    match call_agent(socket, req, Duration::from_secs(30)) {
+        Ok(AgentResponse::Error { message }) => Err(message),
+        Ok(r) => Ok(r),
+        Err(e) => Err(format!("cannot reach nhid at {}: {e}", socket.display())),
+    }
+}
 
 pub fn status(socket: &Path) -> Result<Status, String> {
-    match call_agent(socket, &AgentRequest::Status, Duration::from_secs(10)) {
-        Ok(AgentResponse::Status(s)) => Ok(s),
-        Ok(AgentResponse::Error { message }) => Err(message),
-        Ok(other) => Err(format!("unexpected answer: {other:?}")),
-        Err(e) => Err(format!("cannot reach nhid at {}: {e}", socket.display())),
+    match agent(socket, &AgentRequest::Status)? {
+        AgentResponse::Status(s) => Ok(s),
+        other => Err(format!("unexpected answer: {other:?}")),
     }
 }
 
@@ -28,6 +32,26 @@ pub fn render_status(s: &Status) -> String {
         s.issuer,
         s.workloads.len()
     );
+    if !s.store.kind.is_empty() {
+        out.push_str(&format!("store:        {}", s.store.kind));
+        if s.store.degraded.is_empty() {
+            out.push_str(" (healthy)\n");
+        } else {
+            out.push_str(&format!(" DEGRADED: {}\n", s.store.degraded.join("; ")));
+        }
+    }
+    if !s.revocations.is_empty() {
+        out.push_str(&format!("revoked:      {}\n", s.revocations.len()));
+        for r in &s.revocations {
+            out.push_str(&format!(
+                "  {}  at={} jtis={} serials={}\n",
+                r.spiffe_id,
+                r.revoked_at,
+                r.jtis.len(),
+                r.serials.len()
+            ));
+        }
+    }
     for w in &s.workloads {
         out.push_str(&format!(
             "  {}  rule={} companion_pid={} netns={} containers={}\n",
@@ -41,43 +65,4 @@ pub fn render_status(s: &Status) -> String {
     out
 }
 
-/// Claims of a verified JWT-SVID.
-pub type Claims = serde_json::Map<String, serde_json::Value>;
-
-/// Verifies a JWT-SVID against a JWKS: ES256 signature by a key of the set (by `kid`), not
-/// expired, `aud` containing `audience`, `sub` a valid SPIFFE ID (in `trust_domain` if given).
-pub fn verify_token(
-    token: &str,
-    jwks: &str,
-    audience: &str,
-    trust_domain: Option<&str>,
-) -> Result<Claims, String> {
-    let set: JwkSet = serde_json::from_str(jwks).map_err(|e| format!("JWKS: {e}"))?;
-    let header = jsonwebtoken::decode_header(token).map_err(|e| format!("token header: {e}"))?;
-    if header.alg != Algorithm::ES256 {
-        return Err(format!("token alg {:?} is not ES256", header.alg));
-    }
-    let kid = header.kid.ok_or("token has no kid")?;
-    let jwk = set
-        .find(&kid)
-        .ok_or_else(|| format!("no key {kid:?} in the JWKS"))?;
-    let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("JWKS key {kid}: {e}"))?;
-    let mut v = Validation::new(Algorithm::ES256);
-    v.set_audience(&[audience]);
-    v.set_required_spec_claims(&["exp", "sub", "aud"]);
-    v.leeway = 30;
-    let data = jsonwebtoken::decode::<Claims>(token, &key, &v)
-        .map_err(|e| format!("token rejected: {e}"))?;
-    let sub = data
-        .claims
-        .get("sub")
-        .and_then(|s| s.as_str())
-        .unwrap_or_default();
-    let id = SpiffeId::parse(sub).map_err(|e| format!("sub: {e}"))?;
-    if let Some(td) = trust_domain {
-        if id.trust_domain() != td {
-            return Err(format!("sub {id} is not in trust domain {td}"));
-        }
-    }
-    Ok(data.claims)
-}
+pub use nhi_core::jwt::{verify_token, Claims};

@@ -1,7 +1,11 @@
 use std::io::Read;
 use std::path::PathBuf;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use clap::{Parser, Subcommand};
+use nhi_core::wire::{AgentRequest, AgentResponse, RevokeTarget};
+use zeroize::Zeroizing;
 
 /// nhictl: operate nhi on this node.
 #[derive(Parser)]
@@ -28,6 +32,24 @@ enum Cmd {
     Token {
         #[command(subcommand)]
         cmd: TokenCmd,
+    },
+    /// Manage secrets in the store (values are read from a file or stdin, never argv).
+    Secret {
+        #[command(subcommand)]
+        cmd: SecretCmd,
+    },
+    /// Revoke an identity: no new credentials, cached ones dropped, issued ones denied.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["spiffe_id", "workload"])))]
+    Revoke {
+        /// The SPIFFE ID to revoke.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// A container (or pod sandbox) id: its identity is revoked.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Lift the revocation instead.
+        #[arg(long)]
+        undo: bool,
     },
     /// Wire nhi into a container runtime's configuration (idempotent; never restarts it).
     Configure {
@@ -87,13 +109,56 @@ enum ConfigureCmd {
     Nomad,
 }
 
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct ValueSource {
+    /// Read the value from this file.
+    #[arg(long)]
+    from_file: Option<PathBuf>,
+    /// Read the value from stdin.
+    #[arg(long)]
+    from_stdin: bool,
+}
+
+#[derive(Subcommand)]
+enum SecretCmd {
+    /// Store a secret (a new version if it exists).
+    Put {
+        name: String,
+        #[command(flatten)]
+        source: ValueSource,
+    },
+    /// Print a secret's value to stdout.
+    Get { name: String },
+    /// Names and versions, never values.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// New version of an existing secret: from a file or stdin, else 256 random bits.
+    Rotate {
+        name: String,
+        #[arg(long, conflicts_with = "from_stdin")]
+        from_file: Option<PathBuf>,
+        #[arg(long)]
+        from_stdin: bool,
+    },
+    /// Delete a secret and all its versions.
+    Rm { name: String },
+}
+
 #[derive(Subcommand)]
 enum TokenCmd {
     /// Verify a JWT-SVID read from stdin (never from argv, where other users could read it).
+    /// With --jwks the signature is checked offline; nhid is asked too (its keys and deny list)
+    /// unless --offline.
     Verify {
         /// JWKS file (e.g. saved from a companion's /v1/jwks).
+        #[arg(long, required_if_eq("offline", "true"))]
+        jwks: Option<PathBuf>,
+        /// Do not ask nhid (no deny list check).
         #[arg(long)]
-        jwks: PathBuf,
+        offline: bool,
         /// Audience the token must carry.
         #[arg(long)]
         audience: String,
@@ -135,28 +200,78 @@ fn run(cli: Cli) -> Result<(), String> {
             cmd:
                 TokenCmd::Verify {
                     jwks,
+                    offline,
                     audience,
                     trust_domain,
                 },
         } => {
-            let jwks =
-                std::fs::read_to_string(&jwks).map_err(|e| format!("{}: {e}", jwks.display()))?;
-            let mut token = String::new();
-            std::io::stdin()
-                .take(64 * 1024)
-                .read_to_string(&mut token)
-                .map_err(|e| format!("reading the token from stdin: {e}"))?;
+            let token = read_limited(std::io::stdin(), 64 * 1024, "stdin")?;
+            let token = String::from_utf8(token.to_vec()).map_err(|_| "token is not UTF-8")?;
             let token = token.trim();
             // Accept the companion's /v1/token JSON as well as a bare token.
             let token = serde_json::from_str::<serde_json::Value>(token)
                 .ok()
                 .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_string))
                 .unwrap_or_else(|| token.to_string());
-            let claims = nhi_ctl::verify_token(&token, &jwks, &audience, trust_domain.as_deref())?;
+            let mut claims = None;
+            if let Some(jwks) = jwks {
+                let jwks = std::fs::read_to_string(&jwks)
+                    .map_err(|e| format!("{}: {e}", jwks.display()))?;
+                claims = Some(serde_json::Value::Object(nhi_ctl::verify_token(
+                    &token,
+                    &jwks,
+                    &audience,
+                    trust_domain.as_deref(),
+                )?));
+            }
+            if !offline {
+                let req = AgentRequest::Validate {
+                    token: token.clone(),
+                    audience: audience.clone(),
+                };
+                match nhi_ctl::agent(&socket(&cli.config)?, &req) {
+                    Ok(AgentResponse::Validated(v)) => claims = Some(v.claims),
+                    Ok(other) => return Err(format!("unexpected answer: {other:?}")),
+                    Err(e) => return Err(format!("token rejected by nhid: {e}")),
+                }
+            }
+            let claims = claims.ok_or("nothing verified")?;
             println!(
                 "{}",
                 serde_json::to_string_pretty(&claims).map_err(|e| e.to_string())?
             );
+        }
+        Cmd::Secret { cmd } => secret(&socket(&cli.config)?, cmd)?,
+        Cmd::Revoke {
+            spiffe_id,
+            workload,
+            undo,
+        } => {
+            let target = match (spiffe_id, workload) {
+                (Some(id), _) => RevokeTarget::SpiffeId(id),
+                (None, Some(w)) => RevokeTarget::Workload(w),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            match nhi_ctl::agent(
+                &socket(&cli.config)?,
+                &AgentRequest::Revoke { target, undo },
+            )? {
+                AgentResponse::Revoked {
+                    spiffe_id,
+                    jtis,
+                    serials,
+                    undone,
+                } => {
+                    if undone {
+                        println!("{spiffe_id}: revocation lifted");
+                    } else {
+                        println!(
+                            "{spiffe_id}: revoked ({jtis} tokens and {serials} certificates on the deny list)"
+                        );
+                    }
+                }
+                other => return Err(format!("unexpected answer: {other:?}")),
+            }
         }
         Cmd::Configure {
             runtime,
@@ -164,6 +279,86 @@ fn run(cli: Cli) -> Result<(), String> {
             nhi_runc,
             nhi_hook,
         } => configure(&cli.config, runtime, dry_run, nhi_runc, nhi_hook)?,
+    }
+    Ok(())
+}
+
+/// Largest secret value accepted.
+const MAX_SECRET: u64 = 1 << 20;
+
+fn read_limited(r: impl Read, limit: u64, what: &str) -> Result<Zeroizing<Vec<u8>>, String> {
+    let mut buf = Zeroizing::new(Vec::new());
+    r.take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("reading {what}: {e}"))?;
+    if buf.len() as u64 > limit {
+        return Err(format!("{what} is larger than {limit} bytes"));
+    }
+    Ok(buf)
+}
+
+fn read_value(from_file: Option<PathBuf>, from_stdin: bool) -> Result<Option<String>, String> {
+    let raw = match (from_file, from_stdin) {
+        (Some(f), _) => {
+            let file = std::fs::File::open(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+            read_limited(file, MAX_SECRET, &f.display().to_string())?
+        }
+        (None, true) => read_limited(std::io::stdin(), MAX_SECRET, "stdin")?,
+        (None, false) => return Ok(None),
+    };
+    Ok(Some(B64.encode(&raw[..])))
+}
+
+fn secret(socket: &std::path::Path, cmd: SecretCmd) -> Result<(), String> {
+    let req = match cmd {
+        SecretCmd::Put { name, source } => AgentRequest::SecretPut {
+            name,
+            value_b64: Some(
+                read_value(source.from_file, source.from_stdin)?.ok_or("no value given")?,
+            ),
+            must_exist: false,
+        },
+        SecretCmd::Rotate {
+            name,
+            from_file,
+            from_stdin,
+        } => AgentRequest::SecretPut {
+            name,
+            value_b64: read_value(from_file, from_stdin)?,
+            must_exist: true,
+        },
+        SecretCmd::Get { name } => AgentRequest::SecretGet { name },
+        SecretCmd::List { json } => {
+            let AgentResponse::Secrets { secrets } =
+                nhi_ctl::agent(socket, &AgentRequest::SecretList)?
+            else {
+                return Err("unexpected answer".into());
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&secrets).map_err(|e| e.to_string())?
+                );
+            } else {
+                for s in secrets {
+                    println!(
+                        "{}\tversion={}\tupdated_at={}",
+                        s.name, s.version, s.updated_at
+                    );
+                }
+            }
+            return Ok(());
+        }
+        SecretCmd::Rm { name } => AgentRequest::SecretRm { name },
+    };
+    match nhi_ctl::agent(socket, &req)? {
+        AgentResponse::SecretStored { name, version } => println!("{name}: version {version}"),
+        AgentResponse::SecretRemoved { name } => println!("{name}: removed"),
+        AgentResponse::Secret(s) => {
+            let value = Zeroizing::new(B64.decode(&s.value_b64).map_err(|e| e.to_string())?);
+            std::io::Write::write_all(&mut std::io::stdout(), &value).map_err(|e| e.to_string())?;
+        }
+        other => return Err(format!("unexpected answer: {other:?}")),
     }
     Ok(())
 }

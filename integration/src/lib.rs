@@ -133,10 +133,11 @@ impl Node {
         fs::write(
             &config,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\nuser = \"{COMPANION_UID}\"\n{rules}",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\nuser = \"{COMPANION_UID}\"\n[store]\ncontainers_dir = \"{}\"\n{rules}",
                 state_dir.display(),
                 socket.display(),
                 companion.display(),
+                dir.path().join("containers").display(),
             ),
         )
         .unwrap();
@@ -156,6 +157,21 @@ impl Node {
 
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
+    }
+
+    /// Runs `nhictl --config <this node's config> args...` with `stdin`.
+    pub fn nhictl(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = Command::new(bin("nhictl"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nhictl");
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().expect("nhictl")
     }
 
     /// Appends TOML (tables such as `[kubernetes]`) to the node's nhi config; before `start`.
@@ -444,6 +460,30 @@ impl Container {
         self.detached(&["run", "-d"])
     }
 
+    /// `nhi-runc run -d` with the node's config (write the bundle `without_hooks()`): the
+    /// injection path that also mounts `/run/nhi`.
+    pub fn start_with_nhi_runc(&self, config: &Path) -> Result<(), String> {
+        let err_path = self.bundle.join("runc.stderr");
+        let err = fs::File::create(&err_path).unwrap();
+        let status = Command::new(bin("nhi-runc"))
+            .arg("--root")
+            .arg(&self.runc_root)
+            .args(["run", "-d", "--bundle"])
+            .arg(&self.bundle)
+            .arg(&self.id)
+            .env("NHI_CONFIG", config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .status()
+            .expect("nhi-runc run");
+        if status.success() {
+            Ok(())
+        } else {
+            Err(fs::read_to_string(&err_path).unwrap_or_default())
+        }
+    }
+
     /// `runc create`: the container exists, its process waits for `runc start`.
     pub fn create(&self) -> Result<(), String> {
         self.detached(&["create"])
@@ -570,8 +610,16 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// Plain HTTP/1.1 request to the companion from a thread that joined the network namespace of
 /// `pid` (and nothing else), to see status codes and error bodies busybox wget hides.
 pub fn http_in_netns(pid: i32, method: &str, path: &str) -> (u16, String) {
+    http_in_netns_with(pid, method, path, "")
+}
+
+/// [`http_in_netns`] with a JSON request body.
+pub fn http_in_netns_with(pid: i32, method: &str, path: &str, body: &str) -> (u16, String) {
     let ns = fs::File::open(format!("/proc/{pid}/ns/net")).expect("open netns");
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     std::thread::spawn(move || {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         let mut s = std::net::TcpStream::connect("127.0.0.1:15100").expect("connect companion");

@@ -57,6 +57,8 @@ fn container_fetches_a_jwt_svid_that_verifies_against_jwks() {
     let jwks_path = node.path("jwks.json");
     fs::write(&jwks_path, jwks_of(&c)).unwrap();
     let out = std::process::Command::new(bin("nhictl"))
+        .arg("--config")
+        .arg(&node.config)
         .args(["token", "verify", "--audience", "it-audience", "--jwks"])
         .arg(&jwks_path)
         .stdin(std::process::Stdio::piped())

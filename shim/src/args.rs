@@ -17,6 +17,8 @@ pub struct RuncArgs {
     pub command: Option<String>,
     /// `--bundle` of `create`/`run`; `None` means the current directory.
     pub bundle: Option<PathBuf>,
+    /// The container id of `create`/`run`.
+    pub id: Option<String>,
 }
 
 impl RuncArgs {
@@ -78,11 +80,13 @@ pub fn parse(args: &[String]) -> RuncArgs {
     let Some(cmd) = args.get(i) else { return out };
     out.command = Some(cmd.clone());
     if out.creates() {
-        for (name, value) in scan(args, i + 1, CREATE_VALUE_FLAGS).0 {
+        let (flags, j) = scan(args, i + 1, CREATE_VALUE_FLAGS);
+        for (name, value) in flags {
             if matches!(name, "bundle" | "b") {
                 out.bundle = value.map(PathBuf::from);
             }
         }
+        out.id = args.get(j).cloned();
     }
     out
 }
@@ -100,6 +104,7 @@ mod tests {
         let a = p("--root /run/containerd/runc/k8s.io --log /run/x/log.json --log-format json --systemd-cgroup create --bundle /run/b --pid-file /run/b/init.pid c1");
         assert_eq!(a.command.as_deref(), Some("create"));
         assert_eq!(a.bundle, Some("/run/b".into()));
+        assert_eq!(a.id.as_deref(), Some("c1"));
         assert_eq!(a.log, Some("/run/x/log.json".into()));
         assert!(a.log_json && a.creates());
     }

@@ -21,7 +21,13 @@ pub enum InjectError {
 pub struct Injection<'a> {
     pub hook: &'a Path,
     pub config: &'a Path,
+    /// Host directory to bind-mount read-only at [`RUN_NHI`] (secret files), for containers a
+    /// rule selects.
+    pub run_dir: Option<&'a Path>,
 }
+
+/// Where the container sees its nhi directory (`secrets/<name>` inside).
+pub const RUN_NHI: &str = "/run/nhi";
 
 impl Injection<'_> {
     fn entry(&self, stage: &str) -> Value {
@@ -62,6 +68,23 @@ impl Injection<'_> {
                 .ok_or_else(|| format!("hooks.{stage} is not an array"))?;
             if !list.iter().any(|h| self.is_ours(h, stage)) {
                 list.push(self.entry(stage));
+                changed = true;
+            }
+        }
+        if let Some(dir) = self.run_dir {
+            let mounts = obj.entry("mounts").or_insert_with(|| json!([]));
+            if mounts.is_null() {
+                *mounts = json!([]);
+            }
+            let mounts = mounts.as_array_mut().ok_or("\"mounts\" is not an array")?;
+            let ours = |m: &Value| m.get("destination").and_then(Value::as_str) == Some(RUN_NHI);
+            if !mounts.iter().any(ours) {
+                mounts.push(json!({
+                    "destination": RUN_NHI,
+                    "type": "bind",
+                    "source": dir.display().to_string(),
+                    "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+                }));
                 changed = true;
             }
         }
@@ -111,6 +134,7 @@ mod tests {
         Injection {
             hook: Path::new("/usr/bin/nhi-hook"),
             config: Path::new("/etc/nhi/nhi.toml"),
+            run_dir: None,
         }
     }
 
@@ -146,6 +170,23 @@ mod tests {
         assert_eq!(keys, ["ociVersion", "zzz_unknown", "hooks", "process"]);
         let text = serde_json::to_string(&spec).unwrap();
         assert!(text.contains("18446744073709551615") && text.contains("-9223372036854775808"));
+    }
+
+    #[test]
+    fn run_dir_mount_is_added_once() {
+        let dir = Path::new("/run/nhi/containers/c1");
+        let inj = Injection {
+            run_dir: Some(dir),
+            ..inj()
+        };
+        let mut spec =
+            json!({"ociVersion": "1.0.2", "mounts": [{"destination": "/proc", "type": "proc"}]});
+        assert!(inj.apply(&mut spec).unwrap());
+        assert!(!inj.apply(&mut spec).unwrap());
+        let m = spec["mounts"].as_array().unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1]["source"], "/run/nhi/containers/c1");
+        assert_eq!(m[1]["options"][1], "ro");
     }
 
     #[test]

@@ -87,13 +87,63 @@ fn prepare(config: &Config, cfg_path: &Path, parsed: &RuncArgs) -> Result<(), St
         ));
     }
     let cfg_abs = std::fs::canonicalize(cfg_path).unwrap_or_else(|_| cfg_path.to_path_buf());
+    let run_dir = match &parsed.id {
+        Some(id) if selected(config, &bundle, id) => Some(make_run_dir(config, id)?),
+        _ => None,
+    };
     Injection {
         hook: &hook,
         config: &cfg_abs,
+        run_dir: run_dir.as_deref(),
     }
     .apply_to_bundle(&bundle)
     .map(|_| ())
     .map_err(|e| e.to_string())
+}
+
+/// Whether a rule selects the container (only those get a `/run/nhi` directory).
+fn selected(config: &Config, bundle: &Path, id: &str) -> bool {
+    let Ok(data) = std::fs::read(bundle.join("config.json")) else {
+        return false;
+    };
+    let Ok(spec) = serde_json::from_slice::<oci_spec::runtime::Spec>(&data) else {
+        return false;
+    };
+    let state = serde_json::json!({
+        "ociVersion": "1.0.2", "id": id, "status": "creating", "pid": 0,
+        "bundle": bundle.display().to_string(),
+    });
+    let Ok(state) = serde_json::from_value::<oci_spec::runtime::State>(state) else {
+        return false;
+    };
+    let w = nhi_core::Workload::from_oci(&state, &spec);
+    nhi_core::select::select(config, &w).is_some()
+}
+
+/// `<store.containers_dir>/<id>`, root-owned, 0755 (files inside are 0400 to the container's
+/// uid). `nhid` removes it when the container is detached.
+fn make_run_dir(config: &Config, id: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if id.is_empty() || id.starts_with('.') || id.contains('/') {
+        return Err(format!(
+            "container id {id:?} is not usable as a directory name"
+        ));
+    }
+    let base = &config.store.containers_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(base)
+        .map_err(|e| format!("{}: {e}", base.display()))?;
+    let dir = base.join(id);
+    match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Reports like runc: to the caller's `--log` file in its format, and to stderr. Never stdout.

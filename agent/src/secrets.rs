@@ -1,0 +1,125 @@
+//! Secret files: `<containers_dir>/<container id>/secrets/<name>`, which `nhi-runc` bind-mounts
+//! read-only at `/run/nhi` in the container, so the workload reads `/run/nhi/secrets/<name>`.
+//! `nhid` writes them (the companion never touches the host's filesystem): mode 0400, owned by
+//! the container's uid, replaced by rename so a reader sees the old or the new value, never a
+//! partial one. `/run` is a tmpfs: nothing reaches a disk.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The per-container directory, if the injection path created it (only `nhi-runc` and the shim
+/// can add the mount; with the plain OCI hook there is none and secrets are HTTP-only).
+pub fn container_dir(containers_dir: &Path, container_id: &str) -> Option<PathBuf> {
+    let ok_id = !container_id.is_empty()
+        && !container_id.starts_with('.')
+        && container_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'+'));
+    if !ok_id {
+        return None;
+    }
+    let dir = containers_dir.join(container_id);
+    // Only a real directory (not a symlink planted there) is used.
+    fs::symlink_metadata(&dir)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|_| dir)
+}
+
+/// The real uid and gid of process `pid`, as the host sees them.
+pub fn owner_of(pid: i32) -> std::io::Result<(u32, u32)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no {name} in /proc/{pid}/status")))
+    };
+    Ok((field("Uid:")?, field("Gid:")?))
+}
+
+/// Atomically replaces `<dir>/secrets/<name>` with `value`, mode 0400, owned by `owner`.
+pub fn write(dir: &Path, name: &str, value: &[u8], owner: (u32, u32)) -> std::io::Result<()> {
+    let secrets = dir.join("secrets");
+    match fs::DirBuilder::new().mode(0o755).create(&secrets) {
+        Ok(()) => fs::set_permissions(&secrets, fs::Permissions::from_mode(0o755))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let tmp = secrets.join(format!(".{name}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))?;
+        f.write_all(value)?;
+        f.sync_all()?;
+        fs::rename(&tmp, secrets.join(name))
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+pub fn remove(dir: &Path, name: &str) {
+    let _ = fs::remove_file(dir.join("secrets").join(name));
+}
+
+/// Removes every secret file of the container (revocation).
+pub fn clear(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir.join("secrets")) {
+        for e in entries.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes the container's directory (detach); `nhi-runc` made it, `nhid` ends it.
+pub fn remove_container_dir(containers_dir: &Path, container_id: &str) {
+    if let Some(dir) = container_dir(containers_dir, container_id) {
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn files_are_replaced_whole_with_owner_and_mode() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("c1")).unwrap();
+        assert!(container_dir(root.path(), "c2").is_none());
+        assert!(container_dir(root.path(), "../c1").is_none());
+        std::os::unix::fs::symlink("/etc", root.path().join("evil")).unwrap();
+        assert!(container_dir(root.path(), "evil").is_none());
+        let dir = container_dir(root.path(), "c1").unwrap();
+        let me = owner_of(std::process::id() as i32).unwrap();
+        write(&dir, "db", b"v1", me).unwrap();
+        write(&dir, "db", b"v2", me).unwrap();
+        let f = dir.join("secrets/db");
+        assert_eq!(fs::read(&f).unwrap(), b"v2");
+        let m = fs::metadata(&f).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o400);
+        assert_eq!((m.uid(), m.gid()), me);
+        assert_eq!(
+            fs::read_dir(dir.join("secrets")).unwrap().count(),
+            1,
+            "no temp left"
+        );
+        clear(&dir);
+        assert!(!f.exists());
+        remove_container_dir(root.path(), "c1");
+        assert!(!root.path().join("c1").exists());
+    }
+}

@@ -438,7 +438,7 @@ impl Agent {
         AgentResponse::Status(Status {
             trust_domain: self.ctx.issuer.trust_domain().to_string(),
             issuer: self.ctx.issuer.kind().to_string(),
-            bundle_pem: self.ctx.issuer.bundle_pem().to_string(),
+            bundle_pem: self.ctx.issuer.bundle_pem(),
             workloads,
             store: self.store_status().await,
             revocations: self.ctx.revocations.snapshot(),

@@ -274,6 +274,23 @@ impl Agent {
         }
     }
 
+    /// Tells every companion the current trust bundle and JWKS (after a CA renewal or when
+    /// another node's signing key appeared or went).
+    pub async fn push_trust(&self) {
+        let bundle_pem = self.ctx.issuer.bundle_pem();
+        let jwks = self.ctx.issuer.jwks();
+        self.targets(
+            |_| true,
+            |c| {
+                c.notify(CompanionResponse::Trust {
+                    bundle_pem: bundle_pem.clone(),
+                    jwks: jwks.clone(),
+                })
+            },
+        )
+        .await;
+    }
+
     pub(crate) async fn store_status(&self) -> StoreStatus {
         StoreStatus {
             kind: self.ctx.store.kind().into(),

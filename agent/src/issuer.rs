@@ -25,10 +25,10 @@ use crate::keystore::{self, KeystoreError, MasterKey};
 pub trait Issuer: Send + Sync {
     fn kind(&self) -> &'static str;
     fn trust_domain(&self) -> &str;
-    /// PEM of the trust anchors X.509-SVIDs chain to.
-    fn bundle_pem(&self) -> &str;
-    /// JWKS of the keys JWT-SVIDs are signed with.
-    fn jwks(&self) -> &serde_json::Value;
+    /// PEM of the trust anchors X.509-SVIDs chain to (may change: CA renewal, new nodes).
+    fn bundle_pem(&self) -> String;
+    /// JWKS of the keys JWT-SVIDs of this trust domain are signed with (every node's).
+    fn jwks(&self) -> serde_json::Value;
     fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError>;
     fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError>;
 }
@@ -75,17 +75,101 @@ struct IssuerKeys {
     created_at: u64,
 }
 
-pub struct EmbeddedIssuer {
+/// Signs SVIDs with one CA key (a root, or an intermediate under a shared root) and one JWT
+/// key. Immutable: a renewed CA is a new `Signer`.
+pub struct Signer {
     trust_domain: String,
     ca: CaIssuer<'static, KeyPair>,
-    ca_pem: String,
+    /// PEM of the certificates between leaves and the bundle (the intermediate); empty when the
+    /// CA is itself the root.
+    chain_pem: String,
+    bundle_pem: String,
     jwt_key: EncodingKey,
     kid: String,
-    jwks: serde_json::Value,
+    jwk: serde_json::Value,
     jwt_ttl: Duration,
     x509_ttl: Duration,
     /// Unix time the CA certificate expires; leaves never outlive it.
     ca_not_after: u64,
+}
+
+/// The public JWK (and its RFC 7638 thumbprint as `kid`) of a P-256 key.
+pub fn jwk_of(pair: &KeyPair) -> Result<(String, serde_json::Value), String> {
+    let raw = pair.public_key_raw(); // 0x04 || X || Y
+    if raw.len() != 65 || raw[0] != 4 {
+        return Err("JWT key is not an uncompressed P-256 point".into());
+    }
+    let (x, y) = (B64URL.encode(&raw[1..33]), B64URL.encode(&raw[33..65]));
+    let thumb = Sha256::digest(format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#
+    ));
+    let kid = B64URL.encode(thumb);
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "x": x, "y": y,
+        "kid": kid, "alg": "ES256", "use": "jwt-svid",
+    });
+    Ok((kid, jwk))
+}
+
+/// Unix time a DER certificate expires.
+pub fn not_after(der: &[u8]) -> Result<u64, String> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("certificate: {e}"))?;
+    Ok(u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0))
+}
+
+impl Signer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        trust_domain: &str,
+        ca_der: &[u8],
+        ca_key: KeyPair,
+        chain_pem: String,
+        bundle_pem: String,
+        jwt_pkcs8: &[u8],
+        jwt_ttl: Duration,
+        x509_ttl: Duration,
+    ) -> Result<Self, String> {
+        let ca_not_after = not_after(ca_der)?;
+        let ca_cert_der = rustls_pki_types::CertificateDer::from(ca_der.to_vec());
+        let ca = CaIssuer::from_ca_cert_der(&ca_cert_der, ca_key)
+            .map_err(|e| format!("CA certificate: {e}"))?;
+        let jwt_pair = KeyPair::try_from(jwt_pkcs8).map_err(|e| format!("JWT key: {e}"))?;
+        let (kid, jwk) = jwk_of(&jwt_pair)?;
+        Ok(Signer {
+            trust_domain: trust_domain.into(),
+            ca,
+            chain_pem,
+            bundle_pem,
+            jwt_key: EncodingKey::from_ec_der(jwt_pkcs8),
+            kid,
+            jwk,
+            jwt_ttl,
+            x509_ttl,
+            ca_not_after,
+        })
+    }
+
+    pub fn ca_not_after(&self) -> u64 {
+        self.ca_not_after
+    }
+
+    /// This signer's public JWK.
+    pub fn jwk(&self) -> &serde_json::Value {
+        &self.jwk
+    }
+
+    fn check_domain(&self, id: &SpiffeId) -> Result<(), IssueError> {
+        if id.trust_domain() != self.trust_domain {
+            return Err(IssueError::ForeignTrustDomain(id.to_string()));
+        }
+        Ok(())
+    }
+}
+
+pub struct EmbeddedIssuer {
+    signer: Signer,
+    jwks: serde_json::Value,
 }
 
 pub fn now_unix() -> u64 {
@@ -155,7 +239,7 @@ impl EmbeddedIssuer {
         // The public bundle, for operators and tools; never read back as a source of trust.
         keystore::write_atomic(
             &cfg.state_dir.join(BUNDLE_FILE),
-            issuer.ca_pem.as_bytes(),
+            issuer.signer.bundle_pem.as_bytes(),
             0o644,
         )?;
         Ok(issuer)
@@ -171,12 +255,7 @@ impl EmbeddedIssuer {
         let ca_key = KeyPair::try_from(zeroizing(d(&keys.ca_key_pkcs8)?).as_slice())
             .map_err(|e| corrupt(format!("CA key: {e}")))?;
         let jwt_pkcs8 = zeroizing(d(&keys.jwt_key_pkcs8)?);
-        let jwt_pair = KeyPair::try_from(jwt_pkcs8.as_slice())
-            .map_err(|e| corrupt(format!("JWT key: {e}")))?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&ca_der)
-            .map_err(|e| corrupt(format!("CA certificate: {e}")))?;
-        let ca_not_after = parsed.validity().not_after.timestamp();
-        let ca_not_after = u64::try_from(ca_not_after).unwrap_or(0);
+        let ca_not_after = not_after(&ca_der).map_err(corrupt)?;
         if ca_not_after <= now_unix() {
             return Err(IssuerInitError::Generate(format!(
                 "the trust domain's CA in {} expired at {} (unix); rotate it (move the state dir's sealed keys away to create a new one) and redistribute the bundle",
@@ -184,45 +263,19 @@ impl EmbeddedIssuer {
                 ca_not_after
             )));
         }
-        let ca_cert_der = rustls_pki_types::CertificateDer::from(ca_der.clone());
-        let ca = CaIssuer::from_ca_cert_der(&ca_cert_der, ca_key)
-            .map_err(|e| corrupt(format!("CA certificate: {e}")))?;
-        let ca_pem = pem_encode("CERTIFICATE", &ca_der);
-
-        // kid: RFC 7638-style thumbprint of the public key, stable across restarts.
-        let raw = jwt_pair.public_key_raw(); // 0x04 || X || Y
-        if raw.len() != 65 || raw[0] != 4 {
-            return Err(corrupt("JWT key is not an uncompressed P-256 point".into()));
-        }
-        let (x, y) = (B64URL.encode(&raw[1..33]), B64URL.encode(&raw[33..65]));
-        let thumb = Sha256::digest(format!(
-            r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#
-        ));
-        let kid = B64URL.encode(thumb);
-        let jwks = serde_json::json!({
-            "keys": [{
-                "kty": "EC", "crv": "P-256", "x": x, "y": y,
-                "kid": kid, "alg": "ES256", "use": "jwt-svid",
-            }]
-        });
-        Ok(EmbeddedIssuer {
-            trust_domain: keys.trust_domain,
-            ca,
-            ca_pem,
-            jwt_key: EncodingKey::from_ec_der(&jwt_pkcs8),
-            kid,
-            jwks,
-            jwt_ttl: cfg.issuer.jwt_ttl,
-            x509_ttl: cfg.issuer.x509_ttl,
-            ca_not_after,
-        })
-    }
-
-    fn check_domain(&self, id: &SpiffeId) -> Result<(), IssueError> {
-        if id.trust_domain() != self.trust_domain {
-            return Err(IssueError::ForeignTrustDomain(id.to_string()));
-        }
-        Ok(())
+        let signer = Signer::new(
+            &keys.trust_domain,
+            &ca_der,
+            ca_key,
+            String::new(),
+            pem_encode("CERTIFICATE", &ca_der),
+            &jwt_pkcs8,
+            cfg.issuer.jwt_ttl,
+            cfg.issuer.x509_ttl,
+        )
+        .map_err(corrupt)?;
+        let jwks = serde_json::json!({ "keys": [signer.jwk().clone()] });
+        Ok(EmbeddedIssuer { signer, jwks })
     }
 }
 
@@ -284,24 +337,8 @@ struct Claims<'a> {
     jti: String,
 }
 
-impl Issuer for EmbeddedIssuer {
-    fn kind(&self) -> &'static str {
-        "embedded"
-    }
-
-    fn trust_domain(&self) -> &str {
-        &self.trust_domain
-    }
-
-    fn bundle_pem(&self) -> &str {
-        &self.ca_pem
-    }
-
-    fn jwks(&self) -> &serde_json::Value {
-        &self.jwks
-    }
-
-    fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
+impl Signer {
+    pub fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
         self.check_domain(id)?;
         if audience.is_empty() {
             return Err(IssueError::NoAudience);
@@ -331,7 +368,7 @@ impl Issuer for EmbeddedIssuer {
         })
     }
 
-    fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError> {
+    pub fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError> {
         self.check_domain(id)?;
         let s = |e: rcgen::Error| IssueError::Sign(e.to_string());
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(s)?;
@@ -363,13 +400,39 @@ impl Issuer for EmbeddedIssuer {
         let cert = p.signed_by(&key, &self.ca).map_err(s)?;
         Ok(X509Svid {
             spiffe_id: id.to_string(),
-            cert_chain_pem: cert.pem(),
+            cert_chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
             key_pem: key.serialize_pem(),
-            bundle_pem: self.ca_pem.clone(),
+            bundle_pem: self.bundle_pem.clone(),
             serial: serial.to_string(),
             issued_at: iat,
             expires_at,
         })
+    }
+}
+
+impl Issuer for EmbeddedIssuer {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn trust_domain(&self) -> &str {
+        &self.signer.trust_domain
+    }
+
+    fn bundle_pem(&self) -> String {
+        self.signer.bundle_pem.clone()
+    }
+
+    fn jwks(&self) -> serde_json::Value {
+        self.jwks.clone()
+    }
+
+    fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
+        self.signer.issue_jwt(id, audience)
+    }
+
+    fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError> {
+        self.signer.issue_x509(id)
     }
 }
 

@@ -38,7 +38,7 @@ impl Ctx {
     /// A JWT-SVID of this trust domain: signature by one of its keys, audience, expiry, and not
     /// on the deny list.
     pub fn validate(&self, token: &str, audience: &str) -> Result<Validated, String> {
-        let jwks = serde_json::to_string(self.issuer.jwks()).expect("jwks serializes");
+        let jwks = serde_json::to_string(&self.issuer.jwks()).expect("jwks serializes");
         let claims =
             nhi_core::jwt::verify_token(token, &jwks, audience, Some(self.issuer.trust_domain()))?;
         let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("");
@@ -383,8 +383,8 @@ fn hello(
         trust_domain: ctx.issuer.trust_domain().to_string(),
         rule: identity.rule.clone(),
         workload: identity.workload.clone(),
-        bundle_pem: ctx.issuer.bundle_pem().to_string(),
-        jwks: ctx.issuer.jwks().clone(),
+        bundle_pem: ctx.issuer.bundle_pem(),
+        jwks: ctx.issuer.jwks(),
         revoked: ctx.revocations.is_revoked(identity.spiffe_id.as_str()),
     }))
 }

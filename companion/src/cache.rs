@@ -104,8 +104,26 @@ struct Inner {
     secrets: HashMap<String, Arc<SecretValue>>,
 }
 
+/// The trust bundle (PEM) and JWKS (JSON) as served.
+pub struct Trust {
+    pub bundle: bytes::Bytes,
+    pub jwks: bytes::Bytes,
+}
+
+impl Trust {
+    pub fn new(bundle_pem: &str, jwks: &serde_json::Value) -> Self {
+        let mut j = serde_json::to_vec(jwks).expect("jwks serializes");
+        j.push(b'\n');
+        Trust {
+            bundle: bytes::Bytes::from(bundle_pem.to_string()),
+            jwks: bytes::Bytes::from(j),
+        }
+    }
+}
+
 pub struct Creds {
     channel: Channel,
+    trust: std::sync::RwLock<Arc<Trust>>,
     inner: Mutex<Inner>,
     changed: Notify,
     max_audiences: usize,
@@ -113,9 +131,16 @@ pub struct Creds {
 }
 
 impl Creds {
-    pub fn new(channel: Channel, events: Events, max_audiences: usize, revoked: bool) -> Arc<Self> {
+    pub fn new(
+        channel: Channel,
+        events: Events,
+        max_audiences: usize,
+        revoked: bool,
+        trust: Trust,
+    ) -> Arc<Self> {
         let c = Arc::new(Creds {
             channel,
+            trust: std::sync::RwLock::new(Arc::new(trust)),
             inner: Mutex::new(Inner::default()),
             changed: Notify::new(),
             max_audiences,
@@ -124,6 +149,10 @@ impl Creds {
         tokio::spawn(refresher(c.clone()));
         tokio::spawn(on_events(c.clone(), events));
         c
+    }
+
+    pub fn trust(&self) -> Arc<Trust> {
+        self.trust.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn check_revoked(&self) -> Result<(), CredError> {
@@ -153,6 +182,10 @@ impl Creds {
             }
             CompanionResponse::SecretChanged { name } => {
                 self.lock().secrets.remove(&name);
+            }
+            CompanionResponse::Trust { bundle_pem, jwks } => {
+                *self.trust.write().unwrap_or_else(|p| p.into_inner()) =
+                    Arc::new(Trust::new(&bundle_pem, &jwks));
             }
             _ => {}
         }

@@ -27,8 +27,6 @@ const MAX_AUDIENCE_LEN: usize = 256;
 pub struct Api {
     creds: Arc<Creds>,
     identity: Bytes,
-    bundle: Bytes,
-    jwks: Bytes,
     health: Bytes,
 }
 
@@ -45,8 +43,6 @@ impl Api {
         Api {
             creds,
             identity: json_bytes(&identity),
-            bundle: Bytes::from(init.bundle_pem.clone()),
-            jwks: json_bytes(&init.jwks),
             health: json_bytes(&serde_json::json!({"status": "ok", "spiffe_id": init.spiffe_id})),
         }
     }
@@ -85,8 +81,8 @@ impl Api {
         match path.as_str() {
             "/healthz" => ok(self.health.clone(), "application/json"),
             "/v1/identity" => ok(self.identity.clone(), "application/json"),
-            "/v1/bundle" => ok(self.bundle.clone(), "application/x-pem-file"),
-            "/v1/jwks" => ok(self.jwks.clone(), "application/json"),
+            "/v1/bundle" => ok(self.creds.trust().bundle.clone(), "application/x-pem-file"),
+            "/v1/jwks" => ok(self.creds.trust().jwks.clone(), "application/json"),
             "/v1/token" => self.token(req.uri().query().unwrap_or("")).await,
             "/v1/x509" => match self.creds.x509().await {
                 Ok(x) => {

@@ -49,7 +49,14 @@ pub fn run(opts: Options) -> Result<(), String> {
             other => return Err(format!("unexpected hello answer: {other:?}")),
         };
         eprintln!("serving {} on http://{}", init.spiffe_id, opts.listen);
-        let creds = cache::Creds::new(channel, events, opts.max_cached_audiences, init.revoked);
+        let trust = cache::Trust::new(&init.bundle_pem, &init.jwks);
+        let creds = cache::Creds::new(
+            channel,
+            events,
+            opts.max_cached_audiences,
+            init.revoked,
+            trust,
+        );
         let api = Arc::new(http::Api::new(&init, creds));
         tokio::select! {
             _ = http::serve(listener, api) => Ok(()),

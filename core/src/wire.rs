@@ -249,6 +249,11 @@ pub enum CompanionResponse {
     },
     /// Event: the revocation was undone.
     Restored,
+    /// Event: the trust bundle or the JWKS changed (CA renewal, a node joined or left).
+    Trust {
+        bundle_pem: String,
+        jwks: serde_json::Value,
+    },
 }
 
 /// `id` of events nhid pushes to a companion.

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod k8s;
+pub mod openbao;
 pub mod select;
 pub mod spiffe;
 pub mod template;

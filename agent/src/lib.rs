@@ -6,6 +6,7 @@ pub mod api;
 pub mod issuer;
 pub mod keystore;
 pub mod netns;
+pub mod openbao;
 pub mod persist;
 pub mod spawn;
 pub mod supervisor;

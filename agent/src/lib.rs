@@ -7,6 +7,7 @@ pub mod control;
 pub mod issuer;
 pub mod keystore;
 pub mod netns;
+pub mod openbao;
 pub mod persist;
 pub mod revoke;
 pub mod secrets;

@@ -6,6 +6,7 @@ pub mod config;
 pub mod grant;
 pub mod jwt;
 pub mod k8s;
+pub mod openbao;
 pub mod select;
 pub mod spiffe;
 pub mod template;

@@ -4,7 +4,7 @@ use clap::Parser;
 
 /// nhid: the nhi node daemon.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "nhid", version, about)]
 struct Args {
     /// Configuration file.
     #[arg(long, default_value = nhi_core::config::DEFAULT_CONFIG_PATH)]

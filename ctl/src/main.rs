@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 
 /// nhictl: operate nhi on this node.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "nhictl", version, about)]
 struct Cli {
     /// Configuration file (for the socket path).
     #[arg(long, global = true, default_value = nhi_core::config::DEFAULT_CONFIG_PATH)]

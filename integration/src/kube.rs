@@ -122,6 +122,9 @@ pub struct CriContainerd {
     net_name: String,
     child: Option<Child>,
     nhi_config: PathBuf,
+    /// Put first on containerd's `PATH`, where it finds `containerd-shim-nhi-v2`: the
+    /// workspace's build ([`bin_dir`]) unless a test points it elsewhere (e.g. `/usr/bin`).
+    pub path_prefix: PathBuf,
 }
 
 impl CriContainerd {
@@ -200,6 +203,7 @@ state = "{d}/state"
             net_name,
             child: None,
             nhi_config: node.config.clone(),
+            path_prefix: bin_dir(),
         }
     }
 
@@ -219,7 +223,7 @@ state = "{d}/state"
         let log = fs::File::create(self.dir.join("containerd.log")).unwrap();
         let path = format!(
             "{}:{}",
-            bin_dir().display(),
+            self.path_prefix.display(),
             std::env::var("PATH").unwrap_or_default()
         );
         self.child = Some(

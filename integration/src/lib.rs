@@ -180,6 +180,22 @@ impl Node {
         fs::write(&self.config, format!("{cfg}\n{toml}\n")).unwrap();
     }
 
+    /// Runs companions from `binary` as `user` instead of the copy of the workspace's build as
+    /// uid 65533 (e.g. an installed package's). Before `start`.
+    pub fn set_companion(&self, binary: &Path, user: &str) {
+        let cfg = fs::read_to_string(&self.config).unwrap();
+        let old = format!(
+            "[companion]\nbinary = \"{}\"\nuser = \"{COMPANION_UID}\"\n",
+            self.path("bin/nhi-companion").display()
+        );
+        assert!(cfg.contains(&old), "companion section not found in {cfg}");
+        let new = format!(
+            "[companion]\nbinary = \"{}\"\nuser = \"{user}\"\n",
+            binary.display()
+        );
+        fs::write(&self.config, cfg.replace(&old, &new)).unwrap();
+    }
+
     /// Points nhi at a kubelet root inside the node's temp dir (see [`kube::kubelet_token`]).
     pub fn with_kubelet_root(&self) {
         let root = self.path("kubelet");
@@ -195,13 +211,19 @@ impl Node {
     }
 
     pub fn try_start(&mut self) -> Result<(), String> {
+        self.try_start_with(Command::new(bin("nhid")))
+    }
+
+    /// Starts nhid through `nhid` (a command that ends in an nhid binary, e.g. an installed one
+    /// under `setpriv`); `--config` and the log are added here.
+    pub fn try_start_with(&mut self, mut nhid: Command) -> Result<(), String> {
         assert!(self.nhid.is_none(), "nhid already running");
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path("nhid.log"))
             .unwrap();
-        let mut child = Command::new(bin("nhid"))
+        let mut child = nhid
             .arg("--config")
             .arg(&self.config)
             .env("NHI_LOG", "info")

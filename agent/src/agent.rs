@@ -51,6 +51,11 @@ pub struct Agent {
     starting: std::sync::Mutex<HashMap<u64, Arc<Mutex<()>>>>,
     /// Attachments on disk, restored by [`Agent::recover`] after a restart.
     store: Store,
+    /// What is degraded (central store unreachable, ...), for `nhictl status`.
+    pub(crate) degraded: std::sync::Mutex<Vec<String>>,
+    /// Serializes revocation changes with the store poll, so a poll that read the list just
+    /// before a local revocation was saved never lifts it.
+    pub(crate) revocation_sync: Mutex<()>,
 }
 
 impl Agent {
@@ -62,6 +67,8 @@ impl Agent {
             host_netns: NetNs::own()?.inode,
             registry: Mutex::new(Registry::default()),
             starting: std::sync::Mutex::new(HashMap::new()),
+            degraded: std::sync::Mutex::new(Vec::new()),
+            revocation_sync: Mutex::new(()),
         })
     }
 

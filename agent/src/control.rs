@@ -211,18 +211,16 @@ impl Agent {
             }
         };
         let id = spiffe_id.as_str();
-        if undo {
+        let _sync = self.revocation_sync.lock().await;
+        let persisted = if undo {
             if !self.ctx.revocations.undo(id) {
                 return Err(format!("{id} is not revoked"));
             }
+            self.ctx.store.remove_revocation(id).await
         } else {
-            self.ctx.revocations.revoke(id);
-        }
-        let persisted = self
-            .ctx
-            .store
-            .save_revocations(&self.ctx.revocations.snapshot())
-            .await;
+            let r = self.ctx.revocations.revoke(id);
+            self.ctx.store.put_revocation(&r).await
+        };
         self.apply_revocation(id, !undo).await;
         persisted.map_err(|e| {
             format!(
@@ -294,7 +292,11 @@ impl Agent {
     pub(crate) async fn store_status(&self) -> StoreStatus {
         StoreStatus {
             kind: self.ctx.store.kind().into(),
-            degraded: Vec::new(),
+            degraded: self
+                .degraded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }

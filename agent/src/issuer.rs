@@ -31,6 +31,10 @@ pub trait Issuer: Send + Sync {
     fn jwks(&self) -> serde_json::Value;
     fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError>;
     fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError>;
+    /// The OpenBao issuer, which needs periodic upkeep (intermediate renewal, JWKS refresh).
+    fn maintainer(&self) -> Option<&crate::bao_issuer::BaoIssuer> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod bao_issuer;
 pub mod control;
 pub mod issuer;
 pub mod keystore;
@@ -14,6 +15,7 @@ pub mod secrets;
 pub mod spawn;
 pub mod store;
 pub mod supervisor;
+pub mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,17 +41,34 @@ pub async fn run(config: Config) -> Result<(), String> {
     keystore::create_private_dir(&config.state_dir).map_err(|e| e.to_string())?;
     // One nhid per state dir: a second one would restore (and fight over) the same companions.
     let _single = lock_state_dir(&config.state_dir)?;
-    let issuer = issuer::EmbeddedIssuer::load_or_create(&config).map_err(|e| e.to_string())?;
-    let store = store::Store::Embedded(
-        store::EmbeddedStore::open(&config.state_dir, &config.key_file())
-            .map_err(|e| e.to_string())?,
-    );
+    let uses_bao = config.issuer.kind == "openbao" || config.store.kind == "openbao";
+    let bao = match (&config.openbao, uses_bao) {
+        (Some(ob), true) => Some(
+            openbao::Bao::connect(ob)
+                .await
+                .map_err(|e| format!("OpenBao: {e}"))?,
+        ),
+        _ => None,
+    };
+    let issuer: Arc<dyn issuer::Issuer> = match (&bao, config.issuer.kind.as_str()) {
+        (Some(bao), "openbao") => {
+            Arc::new(bao_issuer::BaoIssuer::start(&config, bao.clone()).await?)
+        }
+        _ => Arc::new(issuer::EmbeddedIssuer::load_or_create(&config).map_err(|e| e.to_string())?),
+    };
+    let store = match (&bao, config.store.kind.as_str()) {
+        (Some(bao), "openbao") => store::Store::OpenBao(store::BaoStore::new(bao.clone())),
+        _ => store::Store::Embedded(
+            store::EmbeddedStore::open(&config.state_dir, &config.key_file())
+                .map_err(|e| e.to_string())?,
+        ),
+    };
     let revocations = store
         .load_revocations()
         .await
         .map_err(|e| format!("loading revocations: {e}"))?;
     let ctx = Arc::new(supervisor::Ctx {
-        issuer: Arc::new(issuer),
+        issuer,
         user,
         store: Arc::new(store),
         revocations: Arc::new(revoke::Revocations::new(revocations)),
@@ -82,6 +101,10 @@ pub async fn run(config: Config) -> Result<(), String> {
         })
     };
     let server = tokio::spawn(api::serve(agent.clone(), listener));
+    let follower = match &ctx.config.openbao {
+        Some(ob) if bao.is_some() => Some(tokio::spawn(sync::run(agent.clone(), ob.poll_interval))),
+        _ => None,
+    };
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -93,6 +116,9 @@ pub async fn run(config: Config) -> Result<(), String> {
     tracing::info!("shutting down: stopping companions");
     server.abort();
     gc.abort();
+    if let Some(f) = follower {
+        f.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     agent.shutdown().await;
     Ok(())

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::grant::Grant;
+use crate::openbao::OpenBaoConfig;
 use crate::select::Match;
 use crate::spiffe::validate_trust_domain;
 use crate::template::Template;
@@ -54,6 +55,12 @@ struct RawConfig {
     kubernetes: KubernetesConfig,
     #[serde(default)]
     store: StoreConfig,
+    #[serde(default)]
+    openbao: Option<OpenBaoConfig>,
+    /// This node's name in the cluster store (its JWT key, its intermediate CA). Default: the
+    /// host name.
+    #[serde(default)]
+    node_name: Option<String>,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
     #[serde(default, rename = "grant")]
@@ -253,6 +260,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub kubernetes: KubernetesConfig,
     pub store: StoreConfig,
+    pub openbao: Option<OpenBaoConfig>,
+    pub node_name: String,
     pub rules: Vec<Rule>,
     pub grants: Vec<Grant>,
 }
@@ -276,10 +285,35 @@ impl Config {
             message,
         };
         validate_trust_domain(&raw.trust_domain).map_err(|e| invalid(e.to_string()))?;
-        if raw.issuer.kind != "embedded" {
+        for (what, kind) in [
+            ("issuer.kind", &raw.issuer.kind),
+            ("store.kind", &raw.store.kind),
+        ] {
+            match kind.as_str() {
+                "embedded" => {}
+                "openbao" if raw.openbao.is_none() => {
+                    return Err(invalid(format!(
+                        "{what} = \"openbao\" needs an [openbao] section (addresses, auth)"
+                    )))
+                }
+                "openbao" => {}
+                other => {
+                    return Err(invalid(format!(
+                        "{what} {other:?} is not supported (supported: \"embedded\", \"openbao\")"
+                    )))
+                }
+            }
+        }
+        if let Some(ob) = &raw.openbao {
+            ob.validate().map_err(invalid)?;
+        }
+        let node_name = match raw.node_name.clone() {
+            Some(n) => n,
+            None => hostname(),
+        };
+        if !crate::grant::valid_secret_name(&node_name) {
             return Err(invalid(format!(
-                "issuer.kind {:?} is not supported (supported: \"embedded\")",
-                raw.issuer.kind
+                "node_name {node_name:?}: use ASCII letters, digits, '.', '-', '_' (set node_name explicitly)"
             )));
         }
         for (what, d) in [
@@ -339,12 +373,6 @@ impl Config {
                 matcher: r.matcher,
             });
         }
-        if raw.store.kind != "embedded" {
-            return Err(invalid(format!(
-                "store.kind {:?} is not supported (supported: \"embedded\")",
-                raw.store.kind
-            )));
-        }
         if raw.store.secret_ttl < Duration::from_secs(5) {
             return Err(invalid("store.secret_ttl must be at least 5s".into()));
         }
@@ -368,6 +396,8 @@ impl Config {
             runtime: raw.runtime,
             kubernetes: raw.kubernetes,
             store: raw.store,
+            openbao: raw.openbao,
+            node_name,
             rules,
             grants: raw.grants,
         })
@@ -383,6 +413,13 @@ impl Config {
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
     }
+}
+
+/// The host name (kernel's nodename), for `node_name`'s default.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -130,14 +130,26 @@ impl Node {
         let state_dir = dir.path().join("state");
         let socket = dir.path().join("run/nhid.sock");
         let config = dir.path().join("nhi.toml");
+        // Secret dirs stay inside the test's temp dir; a caller's own [store] table gets it too.
+        let containers = format!(
+            "containers_dir = \"{}\"\n",
+            dir.path().join("containers").display()
+        );
+        let (extra_top, store) = if extra_top.contains("[store]\n") {
+            (
+                extra_top.replacen("[store]\n", &format!("[store]\n{containers}"), 1),
+                String::new(),
+            )
+        } else {
+            (extra_top.to_string(), format!("[store]\n{containers}"))
+        };
         fs::write(
             &config,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\nuser = \"{COMPANION_UID}\"\n[store]\ncontainers_dir = \"{}\"\n{rules}",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\nuser = \"{COMPANION_UID}\"\n{store}{rules}",
                 state_dir.display(),
                 socket.display(),
                 companion.display(),
-                dir.path().join("containers").display(),
             ),
         )
         .unwrap();

@@ -3,11 +3,13 @@
 //! every node shares them.
 
 pub mod embedded;
+pub mod openbao;
 
 use nhi_core::wire::{Revocation, SecretInfo};
 use zeroize::Zeroizing;
 
 pub use embedded::EmbeddedStore;
+pub use openbao::BaoStore;
 
 /// A secret's current version.
 #[derive(Clone)]
@@ -43,12 +45,14 @@ pub enum StoreError {
 
 pub enum Store {
     Embedded(EmbeddedStore),
+    OpenBao(BaoStore),
 }
 
 impl Store {
     pub fn kind(&self) -> &'static str {
         match self {
             Store::Embedded(_) => "embedded",
+            Store::OpenBao(_) => "openbao",
         }
     }
 
@@ -56,6 +60,7 @@ impl Store {
         check_name(name)?;
         match self {
             Store::Embedded(s) => s.get(name),
+            Store::OpenBao(s) => s.get(name).await,
         }
     }
 
@@ -69,6 +74,7 @@ impl Store {
         check_name(name)?;
         match self {
             Store::Embedded(s) => s.put(name, value, must_exist),
+            Store::OpenBao(s) => s.put(name, value, must_exist).await,
         }
     }
 
@@ -76,6 +82,7 @@ impl Store {
     pub async fn list(&self) -> Result<Vec<SecretInfo>, StoreError> {
         match self {
             Store::Embedded(s) => Ok(s.list()),
+            Store::OpenBao(s) => s.list().await,
         }
     }
 
@@ -83,18 +90,38 @@ impl Store {
         check_name(name)?;
         match self {
             Store::Embedded(s) => s.remove(name),
+            Store::OpenBao(s) => s.remove(name).await,
         }
     }
 
     pub async fn load_revocations(&self) -> Result<Vec<Revocation>, StoreError> {
         match self {
             Store::Embedded(s) => s.load_revocations(),
+            Store::OpenBao(s) => s.load_revocations().await,
         }
     }
 
-    pub async fn save_revocations(&self, list: &[Revocation]) -> Result<(), StoreError> {
+    /// Adds or replaces the revocation of `r.spiffe_id`.
+    pub async fn put_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
         match self {
-            Store::Embedded(s) => s.save_revocations(list),
+            Store::Embedded(s) => {
+                let mut list = s.load_revocations()?;
+                list.retain(|x| x.spiffe_id != r.spiffe_id);
+                list.push(r.clone());
+                s.save_revocations(&list)
+            }
+            Store::OpenBao(s) => s.put_revocation(r).await,
+        }
+    }
+
+    pub async fn remove_revocation(&self, spiffe_id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => {
+                let mut list = s.load_revocations()?;
+                list.retain(|x| x.spiffe_id != spiffe_id);
+                s.save_revocations(&list)
+            }
+            Store::OpenBao(s) => s.remove_revocation(spiffe_id).await,
         }
     }
 }

@@ -1,0 +1,215 @@
+//! The cluster store on OpenBao/Vault KV v2 (under `<kv_mount>/<kv_prefix>/`):
+//! `secrets/<name>` holds `{"value": text}` (or `{"value_base64": ...}` for bytes), its version
+//! is KV's; `revocations/<sha256(spiffe id)>` holds one revocation each, so nodes revoking
+//! different identities at once never overwrite each other. An operator may write secrets
+//! directly in OpenBao (`bao kv put secret/nhi/secrets/db value=...`): nodes notice on their
+//! next poll.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use nhi_core::wire::{Revocation, SecretInfo};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::{StoreError, Stored};
+use crate::openbao::{Bao, BaoError};
+
+pub struct BaoStore {
+    bao: Bao,
+}
+
+fn unavailable(e: BaoError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn secret_path(name: &str) -> String {
+    format!("secrets/{name}")
+}
+
+fn revocation_path(spiffe_id: &str) -> String {
+    let h = Sha256::digest(spiffe_id.as_bytes());
+    let hex: String = h[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("revocations/{hex}")
+}
+
+/// RFC 3339 (as KV reports times) to unix seconds; 0 if unparsable.
+fn unix(rfc3339: &str) -> u64 {
+    humantime::parse_rfc3339_weak(rfc3339.trim_end_matches('Z'))
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+impl BaoStore {
+    pub fn new(bao: Bao) -> Self {
+        BaoStore { bao }
+    }
+
+    pub fn bao(&self) -> &Bao {
+        &self.bao
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<Stored>, StoreError> {
+        let Some(s) = self
+            .bao
+            .kv_read(&secret_path(name))
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        let value = match (s.data.get("value"), s.data.get("value_base64")) {
+            (Some(Value::String(v)), _) => Zeroizing::new(v.as_bytes().to_vec()),
+            (_, Some(Value::String(b))) => Zeroizing::new(
+                B64.decode(b)
+                    .map_err(|e| StoreError::Io(format!("secret {name:?}: value_base64: {e}")))?,
+            ),
+            _ => {
+                return Err(StoreError::Io(format!(
+                "secret {name:?} in OpenBao has neither a \"value\" nor a \"value_base64\" string"
+            )))
+            }
+        };
+        let mut data = s.data;
+        for (_, v) in data.iter_mut() {
+            if let Value::String(st) = v {
+                zeroize::Zeroize::zeroize(st);
+            }
+        }
+        Ok(Some(Stored {
+            version: s.version,
+            updated_at: unix(&s.created_time),
+            value,
+        }))
+    }
+
+    pub async fn put(
+        &self,
+        name: &str,
+        value: Zeroizing<Vec<u8>>,
+        must_exist: bool,
+    ) -> Result<u64, StoreError> {
+        let path = secret_path(name);
+        if must_exist
+            && self
+                .bao
+                .kv_metadata(&path)
+                .await
+                .map_err(unavailable)?
+                .is_none()
+        {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        let mut data = Map::new();
+        match std::str::from_utf8(&value) {
+            Ok(text) => data.insert("value".into(), Value::String(text.to_string())),
+            Err(_) => data.insert("value_base64".into(), Value::String(B64.encode(&value[..]))),
+        };
+        let res = self.bao.kv_write(&path, data, None).await;
+        res.map_err(unavailable)
+    }
+
+    /// Names and versions (one metadata read per secret).
+    pub async fn list(&self) -> Result<Vec<SecretInfo>, StoreError> {
+        let names = self.bao.kv_list("secrets/").await.map_err(unavailable)?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if name.ends_with('/') || !nhi_core::grant::valid_secret_name(&name) {
+                continue;
+            }
+            if let Some(m) = self
+                .bao
+                .kv_metadata(&secret_path(&name))
+                .await
+                .map_err(unavailable)?
+            {
+                if m.current_version > 0 {
+                    out.push(SecretInfo {
+                        name,
+                        version: m.current_version,
+                        updated_at: unix(&m.updated_time),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<(), StoreError> {
+        let path = secret_path(name);
+        if self
+            .bao
+            .kv_metadata(&path)
+            .await
+            .map_err(unavailable)?
+            .is_none()
+        {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        self.bao.kv_delete(&path).await.map_err(unavailable)
+    }
+
+    pub async fn load_revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        let keys = self
+            .bao
+            .kv_list("revocations/")
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if k.ends_with('/') {
+                continue;
+            }
+            let Some(s) = self
+                .bao
+                .kv_read(&format!("revocations/{k}"))
+                .await
+                .map_err(unavailable)?
+            else {
+                continue;
+            };
+            match serde_json::from_value::<Revocation>(Value::Object(s.data)) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    tracing::error!(key = %k, "ignoring a malformed revocation in OpenBao: {e}")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn put_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
+        let Value::Object(data) = serde_json::to_value(r).expect("serializes") else {
+            unreachable!("a struct serializes to an object")
+        };
+        self.bao
+            .kv_write(&revocation_path(&r.spiffe_id), data, None)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    pub async fn remove_revocation(&self, spiffe_id: &str) -> Result<(), StoreError> {
+        self.bao
+            .kv_delete(&revocation_path(spiffe_id))
+            .await
+            .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_times() {
+        assert_eq!(secret_path("db"), "secrets/db");
+        let p = revocation_path("spiffe://td/a");
+        assert!(p.starts_with("revocations/") && p.len() == "revocations/".len() + 32);
+        assert_ne!(p, revocation_path("spiffe://td/b"));
+        assert_eq!(unix("1970-01-01T00:00:10Z"), 10);
+        assert_eq!(unix("2024-05-01T12:00:00.123456789Z"), 1_714_564_800);
+        assert_eq!(unix("nope"), 0);
+    }
+}

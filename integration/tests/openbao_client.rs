@@ -327,7 +327,7 @@ fn time_now() -> i64 {
 }
 
 #[test]
-fn sign_intermediate_chains_to_the_root_over_tls() {
+fn sign_intermediate_chains_to_the_root_over_tls_and_token_login() {
     let bao = BaoDev::start_tls();
     let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
     let ca = bao.ca_file.clone().unwrap();
@@ -349,6 +349,30 @@ fn sign_intermediate_chains_to_the_root_over_tls() {
                 .unwrap(),
             format!("nhi {TD} root CA")
         );
+        // Token login (a token file, e.g. written by an OpenBao agent): the root token here,
+        // which never expires, so there is nothing to renew.
+        let token_file = bao.dir.path().join("token");
+        std::fs::write(&token_file, format!("{}\n", bao.root_token)).unwrap();
+        let mut cfg = config(vec![bao.addr.clone()], &setup, Some(&ca));
+        cfg.auth = OpenBaoAuth::Token { token_file };
+        let by_token = Bao::connect(&cfg).await.unwrap();
+        let h = by_token.health();
+        assert!(h.logged_in && h.token_expires_at.is_none(), "{h:?}");
+        by_token
+            .kv_write("secrets/api", map(json!({"key": "v"})), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            client
+                .kv_read("secrets/api")
+                .await
+                .unwrap()
+                .unwrap()
+                .version,
+            1
+        );
+        assert!(!format!("{by_token:?}").contains(&bao.root_token));
+
         // Without the CA the server's certificate is not trusted: no silent fallback.
         let e = Bao::connect(&config(vec![bao.addr.clone()], &setup, None))
             .await

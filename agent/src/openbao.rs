@@ -7,11 +7,14 @@
 //! token are wiped after parsing, and JSON decode errors only say where parsing failed, never
 //! what the offending value was.
 //!
-//! Failover: every request starts at the address that answered last and moves on through the
-//! list on connection errors, timeouts (`request_timeout` per address), 5xx, 429 and
-//! redirects (a standby that does not forward). Full passes over the list are repeated with a
-//! short backoff until `request_timeout` × number of addresses has gone by, which covers a
-//! raft leader election. A request that failed ambiguously (timeout, 5xx) may thus be sent
+//! Failover: every request goes to the address that answered last. On a connection error, a
+//! timeout (`request_timeout` per address), 5xx, 429, a redirect (a standby that does not
+//! forward) or the 400 a KV v2 mount gives while it starts up on a newly elected leader, the
+//! addresses are probed in order with `sys/health` and the request goes to the active node
+//! (standbys and sealed nodes are skipped: OpenBao standbys answer some reads themselves and
+//! may lag, e.g. during an election). Rounds repeat with a short pause until
+//! `request_timeout` × number of addresses has gone by, which covers a raft leader election.
+//! An HTTP 500 from the node that is active is the answer, not retried. A request that failed ambiguously (timeout, 5xx) may thus be sent
 //! twice: writes with `cas` then fail with [`BaoError::CasMismatch`] and a re-read tells.
 
 use std::fmt;
@@ -239,6 +242,32 @@ impl fmt::Debug for Bao {
     }
 }
 
+/// Why one address gave no usable answer, with the answer if there was one.
+struct Failure {
+    reason: String,
+    answer: Option<Answer>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    /// `sys/health` 200: initialized, unsealed, active.
+    Active,
+    /// Standby, sealed, uninitialized, or not reachable.
+    Unavailable(String),
+    /// Something else answered (a proxy that hides `sys/health`?): usable as a last resort.
+    Unknown,
+}
+
+fn probe_verdict(status: StatusCode) -> Probe {
+    match status.as_u16() {
+        200 => Probe::Active,
+        429 | 472 | 473 => Probe::Unavailable("standby".into()),
+        501 => Probe::Unavailable("not initialized".into()),
+        503 => Probe::Unavailable("sealed".into()),
+        _ => Probe::Unknown,
+    }
+}
+
 /// One answer from one address.
 struct Answer {
     address: String,
@@ -306,6 +335,7 @@ impl Bao {
             status: Mutex::new(Status::default()),
             renewer: Mutex::new(None),
         });
+        inner.find_active().await;
         inner.login().await?;
         let task = tokio::spawn(renew_loop(Arc::downgrade(&inner)));
         *inner.renewer.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
@@ -545,61 +575,63 @@ impl Inner {
     ) -> Result<Answer, BaoError> {
         let n = self.addresses.len();
         let deadline = Instant::now() + self.request_timeout * n as u32;
-        let mut tried: Vec<String> = Vec::new();
         let mut round = 0u32;
         loop {
-            let start = self.current_index();
-            for idx in failover_order(start, n) {
-                let address = &self.addresses[idx];
-                let mut req = self
-                    .http
-                    .request(method.clone(), format!("{address}/v1/{api}"));
-                if let Some(t) = token {
-                    let mut v = reqwest::header::HeaderValue::from_str(t).map_err(|_| {
-                        BaoError::Invalid("the OpenBao token contains invalid characters".into())
-                    })?;
-                    v.set_sensitive(true);
-                    req = req.header("X-Vault-Token", v);
-                }
-                if let Some(ns) = &self.namespace {
-                    req = req.header("X-Vault-Namespace", ns);
-                }
-                if let Some(b) = body {
-                    req = req
-                        .header(reqwest::header::CONTENT_TYPE, "application/json")
-                        .body(b.to_vec());
-                }
-                let reason = match req.send().await {
-                    Ok(resp) => {
-                        let status = resp.status();
-                        match read_body(resp).await {
-                            Ok(body) => match classify(status) {
-                                Verdict::Final => {
-                                    self.current.store(idx, Ordering::Relaxed);
-                                    return Ok(Answer {
-                                        address: address.clone(),
-                                        status,
-                                        body,
-                                    });
-                                }
-                                Verdict::TryNext => describe_status(status, &body),
-                            },
-                            Err(e) => e,
+            round += 1;
+            let mut tried: Vec<String> = Vec::new();
+            let cur = self.current_index();
+            let failure = match self.attempt(cur, &method, api, body, token).await? {
+                Ok(ans) => return Ok(ans),
+                Err(f) => f,
+            };
+            tracing::debug!(address = %self.addresses[cur], path = %api, reason = %failure.reason, "OpenBao request failed here");
+            tried.push(format!("{} ({})", self.addresses[cur], failure.reason));
+            // Where is the active node now? A node that did not answer at all is not asked
+            // again in this round (a stalled node would cost another request_timeout).
+            let first = if failure.answer.is_some() { 0 } else { 1 };
+            let mut active = None;
+            let mut unknown = None;
+            for idx in failover_order(cur, n).skip(first) {
+                match self.probe(idx).await {
+                    Probe::Active => {
+                        active = Some(idx);
+                        break;
+                    }
+                    Probe::Unknown => {
+                        unknown = unknown.or(Some(idx));
+                    }
+                    Probe::Unavailable(reason) => {
+                        if idx != cur {
+                            tried.push(format!("{} ({reason})", self.addresses[idx]));
                         }
                     }
-                    Err(e) => describe_transport(&e, self.request_timeout),
-                };
-                tracing::debug!(address = %address, path = %api, %reason, "OpenBao: trying next address");
-                tried.push(format!("{address} ({reason})"));
+                }
             }
-            round += 1;
+            match active.or(unknown) {
+                Some(idx) if idx == cur => {
+                    // The node that answered is the active one: an internal error is its
+                    // answer to this request, not a reason to look elsewhere.
+                    if let Some(ans) = failure
+                        .answer
+                        .filter(|a| a.status == StatusCode::INTERNAL_SERVER_ERROR)
+                    {
+                        return Ok(ans);
+                    }
+                }
+                Some(idx) => match self.attempt(idx, &method, api, body, token).await? {
+                    Ok(ans) => {
+                        self.current.store(idx, Ordering::Relaxed);
+                        tracing::info!(address = %self.addresses[idx], "OpenBao: switched to this address");
+                        return Ok(ans);
+                    }
+                    Err(f) => tried.push(format!("{} ({})", self.addresses[idx], f.reason)),
+                },
+                None => {}
+            }
             let pause = round_pause(round);
             if Instant::now() + pause >= deadline {
-                // Keep the last pass's reasons: the earlier ones say the same.
-                let keep = tried.len().saturating_sub(n);
-                tried.drain(..keep);
                 if round > 1 {
-                    tried.push(format!("{round} passes over {n} address(es)"));
+                    tried.push(format!("for {round} rounds"));
                 }
                 return Err(BaoError::Unreachable {
                     path: api.to_string(),
@@ -607,6 +639,98 @@ impl Inner {
                 });
             }
             tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// One request to one address. The outer `Err` is a local problem (bad token bytes);
+    /// the inner `Err` says why this address gave no usable answer.
+    async fn attempt(
+        &self,
+        idx: usize,
+        method: &Method,
+        api: &str,
+        body: Option<&[u8]>,
+        token: Option<&str>,
+    ) -> Result<Result<Answer, Failure>, BaoError> {
+        let address = &self.addresses[idx];
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{address}/v1/{api}"));
+        if let Some(t) = token {
+            let mut v = reqwest::header::HeaderValue::from_str(t).map_err(|_| {
+                BaoError::Invalid("the OpenBao token contains invalid characters".into())
+            })?;
+            v.set_sensitive(true);
+            req = req.header("X-Vault-Token", v);
+        }
+        if let Some(ns) = &self.namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_vec());
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(Err(Failure {
+                    reason: describe_transport(&e, self.request_timeout),
+                    answer: None,
+                }))
+            }
+        };
+        let status = resp.status();
+        let body = match read_body(resp).await {
+            Ok(b) => b,
+            Err(reason) => {
+                return Ok(Err(Failure {
+                    reason,
+                    answer: None,
+                }))
+            }
+        };
+        Ok(match classify(status, &body) {
+            Verdict::Final => Ok(Answer {
+                address: address.clone(),
+                status,
+                body,
+            }),
+            Verdict::TryNext => Err(Failure {
+                reason: describe_status(status, &body),
+                answer: Some(Answer {
+                    address: address.clone(),
+                    status,
+                    body,
+                }),
+            }),
+        })
+    }
+
+    /// `sys/health` of one address: is it the active node?
+    async fn probe(&self, idx: usize) -> Probe {
+        let url = format!("{}/v1/sys/health", self.addresses[idx]);
+        let mut req = self.http.get(url);
+        if let Some(ns) = &self.namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
+        match req.send().await {
+            Ok(r) => probe_verdict(r.status()),
+            Err(e) => Probe::Unavailable(describe_transport(&e, self.request_timeout)),
+        }
+    }
+
+    /// Points `current` at the active node, if one answers (at connect: a standby would
+    /// forward, but reads it serves itself may lag the active node).
+    async fn find_active(&self) {
+        if self.addresses.len() < 2 {
+            return;
+        }
+        for idx in 0..self.addresses.len() {
+            if self.probe(idx).await == Probe::Active {
+                self.current.store(idx, Ordering::Relaxed);
+                return;
+            }
         }
     }
 
@@ -859,15 +983,25 @@ enum Verdict {
     TryNext,
 }
 
-fn classify(status: StatusCode) -> Verdict {
+/// What a KV v2 mount answers (HTTP 400) while it is being set up on a node that just became
+/// active, e.g. right after a leader failover: unavailable for a moment, not a bad request.
+const KV_UPGRADING: &str = "Waiting for the primary to upgrade";
+
+fn classify(status: StatusCode, body: &[u8]) -> Verdict {
     if status.is_server_error()
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_redirection()
     {
-        Verdict::TryNext
-    } else {
-        Verdict::Final
+        return Verdict::TryNext;
     }
+    if status == StatusCode::BAD_REQUEST
+        && openbao_errors(body)
+            .iter()
+            .any(|e| e.starts_with(KV_UPGRADING))
+    {
+        return Verdict::TryNext;
+    }
+    Verdict::Final
 }
 
 fn describe_status(status: StatusCode, body: &[u8]) -> String {
@@ -1186,18 +1320,30 @@ mod tests {
     fn which_answers_move_to_the_next_address() {
         for code in [500, 502, 503, 504, 429, 307, 301] {
             assert_eq!(
-                classify(StatusCode::from_u16(code).unwrap()),
+                classify(StatusCode::from_u16(code).unwrap(), b""),
                 Verdict::TryNext,
                 "{code}"
             );
         }
         for code in [200, 204, 400, 403, 404, 405, 412] {
             assert_eq!(
-                classify(StatusCode::from_u16(code).unwrap()),
+                classify(StatusCode::from_u16(code).unwrap(), b"{}"),
                 Verdict::Final,
                 "{code}"
             );
         }
+        let upgrading = br#"{"errors":["Waiting for the primary to upgrade from non-versioned to versioned data. This backend will be unavailable for a brief period and will resume service when the primary is finished."]}"#;
+        assert_eq!(
+            classify(StatusCode::BAD_REQUEST, upgrading),
+            Verdict::TryNext
+        );
+        assert_eq!(
+            classify(
+                StatusCode::BAD_REQUEST,
+                br#"{"errors":["check-and-set parameter did not match"]}"#
+            ),
+            Verdict::Final
+        );
         assert_eq!(
             describe_status(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -1490,8 +1636,8 @@ mod tests {
         assert_eq!(bao.health().address, active);
         // The next request goes straight to the address that worked.
         bao.kv_list("nodes").await.unwrap();
-        assert_eq!(sealed_hits.load(Ordering::SeqCst), 1);
-        assert_eq!(active_hits.load(Ordering::SeqCst), 2);
+        assert_eq!(sealed_hits.load(Ordering::SeqCst), 1, "one health probe");
+        assert_eq!(active_hits.load(Ordering::SeqCst), 3, "probe + 2 requests");
         let dbg = format!("{bao:?}");
         assert!(
             !dbg.contains("TOPSECRET") && !dbg.contains("role-id-value"),
@@ -1518,10 +1664,7 @@ mod tests {
         assert!(matches!(e, BaoError::Unreachable { .. }), "{msg}");
         assert!(msg.contains("secret/data/nhi/secrets/x"), "{msg}");
         assert!(msg.contains(&format!("{down} (connection failed")), "{msg}");
-        assert!(
-            msg.contains(&format!("{sealed} (HTTP 503: Vault is sealed)")),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("{sealed} (sealed)")), "{msg}");
         assert!(!msg.contains("TOPSECRET"), "{msg}");
     }
 

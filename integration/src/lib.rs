@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use nhi_core::wire::{call_agent, AgentRequest, AgentResponse, Status};
 
+pub mod bao;
 /// Uid (and gid) companions run as in tests: an unprivileged id no real user has.
 pub mod kube;
 

@@ -1,0 +1,439 @@
+//! nhid's OpenBao client (`nhi_agent::openbao`) against a real OpenBao: AppRole login, KV v2,
+//! token renewal and re-login, PKI sign-intermediate, TLS with a private CA, and failover in a
+//! 3-node raft cluster whose leader is killed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nhi_agent::openbao::{Bao, BaoError};
+use nhi_core::openbao::{OpenBaoAuth, OpenBaoConfig};
+use nhi_integration::bao::{BaoApi, BaoCluster, BaoDev, BaoNhiSetup, NhiRoleOptions};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use serde_json::{json, Map, Value};
+use x509_parser::pem::Pem;
+use x509_parser::prelude::*;
+
+const TD: &str = "example.org";
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn config(addresses: Vec<String>, setup: &BaoNhiSetup, ca_file: Option<&Path>) -> OpenBaoConfig {
+    OpenBaoConfig {
+        addresses,
+        ca_file: ca_file.map(Path::to_path_buf),
+        namespace: None,
+        auth: OpenBaoAuth::AppRole {
+            role_id: setup.role_id.clone(),
+            secret_id_file: setup.secret_id_file.clone(),
+            mount: "approle".into(),
+        },
+        kv_mount: "secret".into(),
+        kv_prefix: "nhi".into(),
+        pki_mount: "pki".into(),
+        intermediate_ttl: Duration::from_secs(3600),
+        poll_interval: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(2),
+    }
+}
+
+/// OpenBao service tokens look like `s.` followed by 24 base62 characters.
+fn looks_like_token(s: &str) -> bool {
+    s.match_indices("s.").any(|(i, _)| {
+        s[i + 2..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .count()
+            >= 20
+    })
+}
+
+/// Runs a harness call (blocking HTTP) from async test code. The [`BaoApi`] is made outside
+/// the runtime and dropped on the blocking thread: the blocking client must not be built or
+/// dropped in async context.
+async fn blocking(api: BaoApi, f: impl FnOnce(&BaoApi) + Send + 'static) {
+    tokio::task::spawn_blocking(move || f(&api)).await.unwrap();
+}
+
+fn map(v: Value) -> Map<String, Value> {
+    v.as_object().unwrap().clone()
+}
+
+#[test]
+fn approle_login_and_kv_versions_and_secrets_stay_out_of_debug() {
+    let bao = BaoDev::start();
+    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
+    let secret_id = std::fs::read_to_string(&setup.secret_id_file).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&setup.secret_id_file)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "secret_id file is private");
+    // What an operator (root here) puts under nhi/secrets/ for workloads.
+    bao.root().must(
+        "POST",
+        "secret/data/nhi/secrets/db",
+        Some(json!({"data": {"password": "db-pass-0123456789"}})),
+    );
+
+    let root = bao.root();
+    rt().block_on(async {
+        let client = Bao::connect(&config(vec![bao.addr.clone()], &setup, None))
+            .await
+            .unwrap();
+        let h = client.health();
+        assert!(h.logged_in && h.last_error.is_none(), "{h:?}");
+        assert_eq!(h.address, bao.addr);
+        assert_eq!(h.logins, 1);
+        assert!(h.token_expires_at.is_some());
+
+        let db = client.kv_read("secrets/db").await.unwrap().unwrap();
+        assert_eq!(db.data["password"], "db-pass-0123456789");
+        assert_eq!(db.version, 1);
+
+        // Versions, check-and-set, metadata.
+        let path = "nodes/node-a/jwks";
+        assert!(client.kv_read(path).await.unwrap().is_none());
+        assert!(client.kv_metadata(path).await.unwrap().is_none());
+        let v1 = client
+            .kv_write(path, map(json!({"keys": [1]})), Some(0))
+            .await
+            .unwrap();
+        assert_eq!(v1, 1);
+        let e = client
+            .kv_write(path, map(json!({"keys": [9]})), Some(0))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BaoError::CasMismatch { cas: 0, .. }), "{e}");
+        let v2 = client
+            .kv_write(path, map(json!({"keys": [1, 2]})), Some(1))
+            .await
+            .unwrap();
+        assert_eq!(v2, 2);
+        let v3 = client
+            .kv_write(path, map(json!({"keys": [3]})), None)
+            .await
+            .unwrap();
+        assert_eq!(v3, 3);
+        let s = client.kv_read(path).await.unwrap().unwrap();
+        assert_eq!((s.version, s.data["keys"].clone()), (3, json!([3])));
+        assert!(!s.created_time.is_empty());
+        let m = client.kv_metadata(path).await.unwrap().unwrap();
+        assert_eq!(m.current_version, 3);
+        assert!(!m.updated_time.is_empty());
+
+        // Listing: a missing directory is empty, sub-directories end in '/'.
+        client
+            .kv_write("nodes/node-b/jwks", map(json!({"keys": []})), None)
+            .await
+            .unwrap();
+        let mut nodes = client.kv_list("nodes").await.unwrap();
+        nodes.sort();
+        assert_eq!(nodes, ["node-a/", "node-b/"]);
+        assert_eq!(client.kv_list("nodes/node-a").await.unwrap(), ["jwks"]);
+        assert!(client.kv_list("nodes/nobody").await.unwrap().is_empty());
+        assert_eq!(
+            client.kv_list("").await.unwrap().len(),
+            2,
+            "nodes/ and secrets/"
+        );
+
+        // A soft-deleted current version reads as absent; kv_delete removes everything.
+        blocking(root, |root| {
+            root.must("DELETE", "secret/data/nhi/nodes/node-b/jwks", None);
+        })
+        .await;
+        assert!(client.kv_read("nodes/node-b/jwks").await.unwrap().is_none());
+        client.kv_delete(path).await.unwrap();
+        assert!(client.kv_read(path).await.unwrap().is_none());
+        assert!(client.kv_metadata(path).await.unwrap().is_none());
+        client.kv_delete(path).await.unwrap();
+
+        // The policy holds: a node may not write workload secrets.
+        let e = client
+            .kv_write("secrets/db", map(json!({"password": "x"})), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BaoError::Denied { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("secret/data/nhi/secrets/db") && msg.contains(&bao.addr),
+            "{msg}"
+        );
+        assert_eq!(
+            client.health().logins,
+            1,
+            "a policy denial is not a dead token"
+        );
+
+        // Nothing secret in Debug, health or errors.
+        let shown = format!("{client:?} {:?} {db:?} {e:?}", client.health());
+        assert!(!shown.contains(secret_id.trim()), "{shown}");
+        assert!(!shown.contains(&setup.role_id), "{shown}");
+        assert!(!shown.contains("db-pass"), "{shown}");
+        assert!(!looks_like_token(&shown), "{shown}");
+    });
+}
+
+#[test]
+fn token_is_renewed_past_its_ttl_and_replaced_after_max_ttl_and_revocation() {
+    let bao = BaoDev::start();
+    let setup = bao.setup_nhi(
+        TD,
+        &NhiRoleOptions {
+            token_ttl: Duration::from_secs(4),
+            token_max_ttl: Duration::from_secs(9),
+        },
+    );
+    let root = bao.root();
+    rt().block_on(async {
+        let client = Bao::connect(&config(vec![bao.addr.clone()], &setup, None))
+            .await
+            .unwrap();
+        let first_expiry = client.health().token_expires_at.unwrap();
+        // Renewals at 2/3 TTL until the 9 s max TTL caps them, then a fresh login; requests
+        // keep working throughout.
+        let start = Instant::now();
+        loop {
+            client.kv_list("nodes").await.unwrap();
+            let h = client.health();
+            if h.renewals >= 2 && h.logins >= 2 {
+                assert!(h.logged_in && h.last_error.is_none(), "{h:?}");
+                assert!(h.token_expires_at.unwrap() > first_expiry, "{h:?}");
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no renewal + re-login within 20 s: {h:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(
+            start.elapsed() > Duration::from_secs(4),
+            "outlived the first TTL"
+        );
+
+        // Revoked out of band: the next request notices, logs in again and succeeds.
+        let before = client.health().logins;
+        blocking(root, |root| root.revoke_approle_tokens()).await;
+        client.kv_list("nodes").await.unwrap();
+        assert_eq!(client.health().logins, before + 1);
+    });
+}
+
+fn pem_ders(pem: &str) -> Vec<Vec<u8>> {
+    Pem::iter_from_buffer(pem.as_bytes())
+        .map(|p| p.unwrap().contents)
+        .collect()
+}
+
+/// Signs an intermediate for a fresh key, checks it as a CA under pki/ca/pem with the requested
+/// URI SAN, then issues a leaf SVID with it and verifies leaf → intermediate → root.
+async fn sign_and_verify(client: &Bao, node: &str) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let uri = format!("spiffe://{TD}/nhi/node/{node}");
+    let signed = client
+        .pki_sign_intermediate(
+            &csr,
+            &format!("nhi {node} intermediate"),
+            Duration::from_secs(3600),
+            std::slice::from_ref(&uri),
+        )
+        .await
+        .unwrap();
+    let root_pem = client.pki_root_ca_pem().await.unwrap();
+    let root_der = pem_ders(&root_pem).remove(0);
+    assert_eq!(pem_ders(&signed.issuing_ca_pem).remove(0), root_der);
+    assert_eq!(signed.ca_chain_pem.len(), 2, "intermediate, root");
+
+    let int_der = pem_ders(&signed.certificate_pem).remove(0);
+    let (_, int) = X509Certificate::from_der(&int_der).unwrap();
+    let (_, root) = X509Certificate::from_der(&root_der).unwrap();
+    assert!(int.is_ca());
+    assert_eq!(int.issuer(), root.subject());
+    assert_eq!(
+        int.subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap(),
+        format!("nhi {node} intermediate")
+    );
+    let bc = int.basic_constraints().unwrap().unwrap().value;
+    assert_eq!(bc.path_len_constraint, Some(0));
+    let sans: Vec<String> = int
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|g| g.to_string())
+        .collect();
+    assert_eq!(sans, [format!("URI({uri})")], "exactly the requested SAN");
+    let ttl = signed.expiration as i64 - time_now();
+    assert!((3500..=3700).contains(&ttl), "1 h TTL: {ttl}");
+    assert_eq!(
+        int.validity().not_after.timestamp() as u64,
+        signed.expiration
+    );
+
+    // The intermediate works as nhid will use it: it issues an X.509-SVID that chains to the
+    // root OpenBao publishes.
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&signed.certificate_pem, key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://{TD}/ns/default/sa/web")
+            .try_into()
+            .unwrap(),
+    )];
+    leaf.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    let root_cd = CertificateDer::from(root_der);
+    let anchor = webpki::anchor_from_trusted_cert(&root_cd).unwrap();
+    let leaf_cd = CertificateDer::from(leaf.der().to_vec());
+    let ee = webpki::EndEntityCert::try_from(&leaf_cd).unwrap();
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &[anchor],
+        &[CertificateDer::from(int_der)],
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .expect("leaf → OpenBao-signed intermediate → pki/ca/pem");
+}
+
+fn time_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn sign_intermediate_chains_to_the_root_over_tls_and_token_login() {
+    let bao = BaoDev::start_tls();
+    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
+    let ca = bao.ca_file.clone().unwrap();
+    rt().block_on(async {
+        let client = Bao::connect(&config(vec![bao.addr.clone()], &setup, Some(&ca)))
+            .await
+            .unwrap();
+        assert!(bao.addr.starts_with("https://"));
+        sign_and_verify(&client, "node-a").await;
+        let root = client.pki_root_ca_pem().await.unwrap();
+        let root_der = pem_ders(&root).remove(0);
+        let (_, root) = X509Certificate::from_der(&root_der).unwrap();
+        assert_eq!(
+            root.subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+            format!("nhi {TD} root CA")
+        );
+        // Token login (a token file, e.g. written by an OpenBao agent): the root token here,
+        // which never expires, so there is nothing to renew.
+        let token_file = bao.dir.path().join("token");
+        std::fs::write(&token_file, format!("{}\n", bao.root_token)).unwrap();
+        let mut cfg = config(vec![bao.addr.clone()], &setup, Some(&ca));
+        cfg.auth = OpenBaoAuth::Token { token_file };
+        let by_token = Bao::connect(&cfg).await.unwrap();
+        let h = by_token.health();
+        assert!(h.logged_in && h.token_expires_at.is_none(), "{h:?}");
+        by_token
+            .kv_write("secrets/api", map(json!({"key": "v"})), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            client
+                .kv_read("secrets/api")
+                .await
+                .unwrap()
+                .unwrap()
+                .version,
+            1
+        );
+        assert!(!format!("{by_token:?}").contains(&bao.root_token));
+
+        // Without the CA the server's certificate is not trusted: no silent fallback.
+        let e = Bao::connect(&config(vec![bao.addr.clone()], &setup, None))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BaoError::Unreachable { .. }), "{e}");
+    });
+}
+
+#[test]
+fn raft_cluster_survives_the_leader_being_killed() {
+    let mut cluster = BaoCluster::start(3);
+    let setup = cluster.setup_nhi(TD, &NhiRoleOptions::default());
+    let leader = cluster.leader_index();
+    // The leader first, so the client's remembered address is the one that dies.
+    let mut addresses = cluster.addresses();
+    addresses.rotate_left(leader);
+    let runtime = rt();
+    let client = runtime.block_on(async {
+        let client = Bao::connect(&config(addresses, &setup, None))
+            .await
+            .unwrap();
+        assert_eq!(client.health().address, cluster.address(leader));
+        let v = client
+            .kv_write("nodes/node-a/jwks", map(json!({"keys": ["k1"]})), None)
+            .await
+            .unwrap();
+        assert_eq!(v, 1);
+        client
+    });
+
+    cluster.stop(leader);
+    let t = Instant::now();
+    runtime.block_on(async {
+        let v = client
+            .kv_write("nodes/node-a/jwks", map(json!({"keys": ["k2"]})), Some(1))
+            .await
+            .unwrap();
+        assert_eq!(v, 2);
+        let s = client.kv_read("nodes/node-a/jwks").await.unwrap().unwrap();
+        assert_eq!(s.data["keys"], json!(["k2"]));
+        sign_and_verify(&client, "node-b").await;
+    });
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(10), "failover took {took:?}");
+    assert_ne!(client.health().address, cluster.address(leader));
+    eprintln!("kv write + read + sign-intermediate after killing the leader: {took:?}");
+
+    // The old leader comes back as a follower with its data and the cluster keeps serving.
+    cluster.restart(leader);
+    let new_leader = cluster.leader_index();
+    assert_ne!(new_leader, leader);
+    runtime.block_on(async {
+        assert_eq!(
+            client
+                .kv_metadata("nodes/node-a/jwks")
+                .await
+                .unwrap()
+                .unwrap()
+                .current_version,
+            2
+        );
+        assert_eq!(client.health().logins, 1, "failover needed no new login");
+    });
+}

@@ -568,8 +568,11 @@ path "secret/data/nhi/nodes/*" {
 path "secret/metadata/nhi/nodes/*" {
   capabilities = ["read", "list", "delete"]
 }
-path "secret/data/nhi/revocations*" {
+path "secret/data/nhi/revocations/*" {
   capabilities = ["create", "read", "update"]
+}
+path "secret/metadata/nhi/revocations/*" {
+  capabilities = ["read", "list", "delete"]
 }
 path "pki/root/sign-intermediate" {
   capabilities = ["update"]

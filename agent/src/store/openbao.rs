@@ -23,6 +23,16 @@ fn unavailable(e: BaoError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// Writes of secrets are the operators' in the default policy: say what to do instead.
+fn write_error(name: &str, e: BaoError) -> StoreError {
+    match e {
+        BaoError::Denied { .. } => StoreError::Io(format!(
+            "this node's OpenBao policy does not allow writing secrets (docs/OPENBAO.md); write it in OpenBao: bao kv put -mount=<kv_mount> <kv_prefix>/secrets/{name} value=@FILE ({e})"
+        )),
+        e => unavailable(e),
+    }
+}
+
 fn secret_path(name: &str) -> String {
     format!("secrets/{name}")
 }
@@ -107,7 +117,7 @@ impl BaoStore {
             Err(_) => data.insert("value_base64".into(), Value::String(B64.encode(&value[..]))),
         };
         let res = self.bao.kv_write(&path, data, None).await;
-        res.map_err(unavailable)
+        res.map_err(|e| write_error(name, e))
     }
 
     /// Names and versions (one metadata read per secret).
@@ -147,7 +157,10 @@ impl BaoStore {
         {
             return Err(StoreError::NotFound(name.into()));
         }
-        self.bao.kv_delete(&path).await.map_err(unavailable)
+        self.bao
+            .kv_delete(&path)
+            .await
+            .map_err(|e| write_error(name, e))
     }
 
     pub async fn load_revocations(&self) -> Result<Vec<Revocation>, StoreError> {

@@ -1,0 +1,363 @@
+//! nhid on a real OpenBao: two "nodes" (separate nhid, state dir, socket) share one trust
+//! domain, secrets and revocations through it; a 3-node raft cluster loses its leader and
+//! then its quorum while workloads keep running.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use nhi_integration::bao::{BaoCluster, BaoDev, BaoNhiSetup, NhiRoleOptions};
+use nhi_integration::*;
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+fn rules() -> String {
+    format!(
+        r#"{ANNOTATED_RULE}
+[[grant]]
+secrets = ["db-password"]
+spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
+"#
+    )
+}
+
+/// A node whose issuer and store are OpenBao at `addresses`.
+fn bao_node(name: &str, addresses: &[String], setup: &BaoNhiSetup) -> Node {
+    let addrs: Vec<String> = addresses.iter().map(|a| format!("{a:?}")).collect();
+    let mut node = Node::with_config(
+        &rules(),
+        &format!(
+            r#"node_name = "{name}"
+[issuer]
+kind = "openbao"
+[store]
+kind = "openbao"
+secret_ttl = "6s"
+[openbao]
+addresses = [{}]
+poll_interval = "1s"
+request_timeout = "2s"
+intermediate_ttl = "1h"
+[openbao.auth]
+method = "approle"
+role_id = "{}"
+secret_id_file = "{}"
+"#,
+            addrs.join(", "),
+            setup.role_id,
+            setup.secret_id_file.display()
+        ),
+    );
+    node.start();
+    node
+}
+
+fn named(node: &Node, name: &str) -> Container {
+    let c = node
+        .bundle(&unique_id(name))
+        .inject()
+        .annotation("nerdctl/name", name)
+        .without_hooks()
+        .write();
+    c.start_with_nhi_runc(&node.config)
+        .unwrap_or_else(|e| panic!("nhi-runc run {name}: {e}"));
+    c
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn validate(pid: i32, token: &str, audience: &str) -> u16 {
+    let body = serde_json::json!({"token": token, "audience": audience}).to_string();
+    http_in_netns_with(pid, "POST", "/v1/validate", &body).0
+}
+
+fn pem_certs(pem: &str) -> Vec<Vec<u8>> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .map(|p| p.unwrap())
+        .filter(|p| p.label == "CERTIFICATE")
+        .map(|p| p.contents)
+        .collect()
+}
+
+fn secret_version(c: &Container) -> Option<u64> {
+    let (status, body) = http_in_netns(c.pid(), "GET", "/v1/secrets/db-password");
+    (status == 200).then(|| {
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["version"]
+            .as_u64()
+            .unwrap()
+    })
+}
+
+#[test]
+fn two_nodes_share_one_trust_domain_secrets_and_revocations() {
+    let dev = BaoDev::start();
+    let setup = dev.setup_nhi(TRUST_DOMAIN, &NhiRoleOptions::default());
+    let addrs = vec![dev.addr.clone()];
+    let a = bao_node("node-a", &addrs, &setup);
+    let b = bao_node("node-b", &addrs, &setup);
+    assert_eq!(a.status().issuer, "openbao");
+    assert_eq!(a.status().store.kind, "openbao");
+    let alpha = named(&a, "alpha");
+    let beta = named(&b, "beta");
+
+    // Both nodes serve the same root, and each JWKS ends up holding both nodes' keys.
+    assert_eq!(
+        alpha.get("/v1/bundle").unwrap(),
+        beta.get("/v1/bundle").unwrap()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let ka = alpha.get_json("/v1/jwks")["keys"]
+                .as_array()
+                .map_or(0, |k| k.len());
+            let kb = beta.get_json("/v1/jwks")["keys"]
+                .as_array()
+                .map_or(0, |k| k.len());
+            ka == 2 && kb == 2
+        }),
+        "JWKS not shared"
+    );
+
+    // A JWT-SVID from node A validates on node B.
+    let token = alpha.get_json("/v1/token?audience=svc")["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(validate(beta.pid(), &token, "svc"), 200);
+    let jwks = node_path_write(&b, "jwks-b.json", &beta.get("/v1/jwks").unwrap());
+    let out = b.nhictl(
+        &[
+            "token",
+            "verify",
+            "--audience",
+            "svc",
+            "--jwks",
+            jwks.to_str().unwrap(),
+        ],
+        token.as_bytes(),
+    );
+    assert!(ok(&out).contains("container/alpha"));
+
+    // An X.509-SVID from node A chains (through A's intermediate) to the bundle B serves.
+    let pem = alpha.get("/v1/x509").unwrap();
+    let chain = pem_certs(&pem);
+    assert_eq!(chain.len(), 2, "leaf + node A's intermediate");
+    let bundle = pem_certs(&beta.get("/v1/bundle").unwrap());
+    let root = CertificateDer::from(bundle[0].clone());
+    let anchor = webpki::anchor_from_trusted_cert(&root).unwrap();
+    let leaf = CertificateDer::from(chain[0].clone());
+    let inter = CertificateDer::from(chain[1].clone());
+    webpki::EndEntityCert::try_from(&leaf)
+        .unwrap()
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &[inter],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .expect("node A's X.509-SVID verifies with node B's bundle");
+
+    // Secrets are the operators': a node's policy refuses writes, and nhictl says what to do.
+    let out = b.nhictl(&["secret", "put", "db-password", "--from-stdin"], b"nope");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bao kv put"),
+        "{out:?}"
+    );
+    // Written in OpenBao: served on node A to the granted identity only; then a new version
+    // reaches node A's workload (HTTP and file) within 5 s.
+    put_secret(&dev.root(), "from-operator");
+    assert!(eventually(Duration::from_secs(5), || secret_version(
+        &alpha
+    ) == Some(1)));
+    assert_eq!(
+        alpha.get_json("/v1/secrets/db-password")["value"],
+        "from-operator"
+    );
+    assert!(ok(&a.nhictl(&["secret", "list"], b"")).contains("db-password\tversion=1"));
+    assert_eq!(
+        http_in_netns(beta.pid(), "GET", "/v1/secrets/db-password").0,
+        403
+    );
+    let t = Instant::now();
+    put_secret(&dev.root(), "written-in-openbao");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            secret_version(&alpha) == Some(2)
+                && fs::read_to_string(
+                    a.path(&format!("containers/{}/secrets/db-password", alpha.id)),
+                )
+                .is_ok_and(|v| v == "written-in-openbao")
+        }),
+        "a change made in OpenBao did not reach the workload within 5 s"
+    );
+    eprintln!(
+        "OpenBao-side rotation reached the workload after {:?}",
+        t.elapsed()
+    );
+
+    // Revocation on node B reaches node A within 2 s.
+    let id = format!("spiffe://{TRUST_DOMAIN}/container/alpha");
+    let t = Instant::now();
+    ok(&b.nhictl(&["revoke", "--spiffe-id", &id], b""));
+    assert_eq!(
+        validate(beta.pid(), &token, "svc"),
+        403,
+        "denied on B at once"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || http_in_netns(
+            alpha.pid(),
+            "GET",
+            "/v1/token?audience=svc"
+        )
+        .0 == 403),
+        "revocation made on node B not in effect on node A within 2 s"
+    );
+    eprintln!("revocation reached the other node after {:?}", t.elapsed());
+    ok(&a.nhictl(&["revoke", "--spiffe-id", &id, "--undo"], b""));
+    assert!(eventually(Duration::from_secs(3), || alpha
+        .get("/v1/token?audience=svc")
+        .is_ok()));
+    for n in [&a, &b] {
+        assert!(!n.log().contains("from-operator") && !n.log().contains("written-in-openbao"));
+    }
+    alpha.delete();
+    beta.delete();
+}
+
+/// What an operator does: `bao kv put secret/nhi/secrets/db-password value=...`.
+fn put_secret(root: &nhi_integration::bao::BaoApi, value: &str) {
+    root.must(
+        "POST",
+        "secret/data/nhi/secrets/db-password",
+        Some(serde_json::json!({"data": {"value": value}})),
+    );
+}
+
+/// [`put_secret`] on whichever cluster node answers (during a failover).
+fn put_secret_anywhere(cluster: &BaoCluster, value: &str) -> bool {
+    (0..3).any(|i| {
+        cluster.is_running(i)
+            && cluster
+                .root(i)
+                .call(
+                    "POST",
+                    "secret/data/nhi/secrets/db-password",
+                    Some(serde_json::json!({"data": {"value": value}})),
+                )
+                .is_ok_and(|(st, _)| st == 200)
+    })
+}
+
+fn node_path_write(node: &Node, rel: &str, content: &str) -> std::path::PathBuf {
+    let p = node.path(rel);
+    fs::write(&p, content).unwrap();
+    p
+}
+
+#[test]
+fn raft_leader_loss_and_full_outage_with_workloads_running() {
+    let mut cluster = BaoCluster::start(3);
+    let setup = cluster.setup_nhi(TRUST_DOMAIN, &NhiRoleOptions::default());
+    let node = bao_node("node-a", &cluster.addresses(), &setup);
+    let alpha = named(&node, "alpha");
+    put_secret(&cluster.root(cluster.leader_index()), "v1");
+    assert!(eventually(Duration::from_secs(5), || secret_version(
+        &alpha
+    ) == Some(1)));
+
+    // The leader goes: the operator's next version still reaches the workload, through
+    // whichever node nhid fails over to, without restarting nhid.
+    let leader = cluster.leader_index();
+    cluster.stop(leader);
+    let t = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(20), || put_secret_anywhere(
+            &cluster, "v2"
+        )),
+        "OpenBao took no write after the leader stopped"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || secret_version(&alpha)
+            == Some(2)),
+        "new version not served after failover: {}",
+        node.log()
+    );
+    eprintln!(
+        "new secret version served {:?} after the leader stopped",
+        t.elapsed()
+    );
+    assert!(alpha.get("/v1/token?audience=after-failover").is_ok());
+    assert!(alpha.get("/v1/x509").is_ok());
+
+    // Quorum lost: the cached secret is served until its lease (`expires_at`, secret_ttl 6 s)
+    // ends, never after; status says what is degraded.
+    let (st, body) = http_in_netns(alpha.pid(), "GET", "/v1/secrets/db-password");
+    assert_eq!(st, 200);
+    let expires_at = serde_json::from_str::<serde_json::Value>(&body).unwrap()["expires_at"]
+        .as_u64()
+        .unwrap();
+    for i in 0..3 {
+        if i != leader {
+            cluster.stop(i);
+        }
+    }
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused_at = loop {
+        let st = http_in_netns(alpha.pid(), "GET", "/v1/secrets/db-password").0;
+        let now = unix();
+        if st == 200 {
+            assert!(
+                now <= expires_at,
+                "served after its lease ended ({now} > {expires_at})"
+            );
+        } else {
+            assert_eq!(st, 503);
+            break now;
+        }
+        assert!(Instant::now() < deadline, "cached secret never expired");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        refused_at + 1 >= expires_at,
+        "dropped before its lease ended"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || !node
+            .status()
+            .store
+            .degraded
+            .is_empty()),
+        "outage not reported"
+    );
+    let status = ok(&node.nhictl(&["status"], b""));
+    assert!(status.contains("DEGRADED"), "{status}");
+
+    // OpenBao back: service resumes by itself, no nhid restart.
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || secret_version(&alpha)
+            == Some(2)),
+        "secrets not served again after OpenBao came back: {}",
+        node.log()
+    );
+    assert!(eventually(Duration::from_secs(10), || node
+        .status()
+        .store
+        .degraded
+        .is_empty()));
+    alpha.delete();
+}

@@ -172,6 +172,20 @@ impl Node {
         self.dir.path().join(rel)
     }
 
+    /// A container annotated for injection and named `name` (so its identity is
+    /// `container/<name>`), started through `nhi-runc` (which also mounts `/run/nhi`).
+    pub fn named_container(&self, name: &str) -> Container {
+        let c = self
+            .bundle(&unique_id(name))
+            .inject()
+            .annotation("nerdctl/name", name)
+            .without_hooks()
+            .write();
+        c.start_with_nhi_runc(&self.config)
+            .unwrap_or_else(|e| panic!("nhi-runc run {name}: {e}"));
+        c
+    }
+
     /// Runs `nhictl --config <this node's config> args...` with `stdin`.
     pub fn nhictl(&self, args: &[&str], stdin: &[u8]) -> Output {
         let mut child = Command::new(bin("nhictl"))
@@ -498,25 +512,9 @@ impl Container {
     /// `nhi-runc run -d` with the node's config (write the bundle `without_hooks()`): the
     /// injection path that also mounts `/run/nhi`.
     pub fn start_with_nhi_runc(&self, config: &Path) -> Result<(), String> {
-        let err_path = self.bundle.join("runc.stderr");
-        let err = fs::File::create(&err_path).unwrap();
-        let status = Command::new(bin("nhi-runc"))
-            .arg("--root")
-            .arg(&self.runc_root)
-            .args(["run", "-d", "--bundle"])
-            .arg(&self.bundle)
-            .arg(&self.id)
-            .env("NHI_CONFIG", config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .status()
-            .expect("nhi-runc run");
-        if status.success() {
-            Ok(())
-        } else {
-            Err(fs::read_to_string(&err_path).unwrap_or_default())
-        }
+        let mut cmd = Command::new(bin("nhi-runc"));
+        cmd.env("NHI_CONFIG", config);
+        self.detached_with(cmd, &["run", "-d"])
     }
 
     /// `runc create`: the container exists, its process waits for `runc start`.
@@ -526,9 +524,14 @@ impl Container {
 
     /// The container inherits runc's stdio, so never hand it a pipe we wait on.
     fn detached(&self, verb: &[&str]) -> Result<(), String> {
+        self.detached_with(Command::new("runc"), verb)
+    }
+
+    /// `cmd` (runc or a wrapper) with `--root`, `verb`, the bundle and the id.
+    fn detached_with(&self, mut cmd: Command, verb: &[&str]) -> Result<(), String> {
         let err_path = self.bundle.join("runc.stderr");
         let err = fs::File::create(&err_path).unwrap();
-        let status = Command::new("runc")
+        let status = cmd
             .arg("--root")
             .arg(&self.runc_root)
             .args(verb)
@@ -539,7 +542,7 @@ impl Container {
             .stdout(Stdio::null())
             .stderr(err)
             .status()
-            .expect("runc run");
+            .expect("runtime");
         if status.success() {
             Ok(())
         } else {

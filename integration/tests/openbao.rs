@@ -50,18 +50,6 @@ secret_id_file = "{}"
     node
 }
 
-fn named(node: &Node, name: &str) -> Container {
-    let c = node
-        .bundle(&unique_id(name))
-        .inject()
-        .annotation("nerdctl/name", name)
-        .without_hooks()
-        .write();
-    c.start_with_nhi_runc(&node.config)
-        .unwrap_or_else(|e| panic!("nhi-runc run {name}: {e}"));
-    c
-}
-
 fn ok(out: &std::process::Output) -> String {
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -98,8 +86,8 @@ fn two_nodes_share_one_trust_domain_secrets_and_revocations() {
     let b = bao_node("node-b", &addrs, &setup);
     assert_eq!(a.status().issuer, "openbao");
     assert_eq!(a.status().store.kind, "openbao");
-    let alpha = named(&a, "alpha");
-    let beta = named(&b, "beta");
+    let alpha = a.named_container("alpha");
+    let beta = b.named_container("beta");
 
     // Both nodes serve the same root, and each JWKS ends up holding both nodes' keys.
     assert_eq!(
@@ -265,7 +253,7 @@ fn raft_leader_loss_and_full_outage_with_workloads_running() {
     let mut cluster = BaoCluster::start(3);
     let setup = cluster.setup_nhi(TRUST_DOMAIN, &NhiRoleOptions::default());
     let node = bao_node("node-a", &cluster.addresses(), &setup);
-    let alpha = named(&node, "alpha");
+    let alpha = node.named_container("alpha");
     put_secret(&cluster.root(cluster.leader_index()), "v1");
     assert!(eventually(Duration::from_secs(5), || secret_version(
         &alpha

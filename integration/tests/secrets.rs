@@ -22,18 +22,6 @@ spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
     node
 }
 
-fn named(node: &Node, name: &str) -> Container {
-    let c = node
-        .bundle(&unique_id(name))
-        .inject()
-        .annotation("nerdctl/name", name)
-        .without_hooks()
-        .write();
-    c.start_with_nhi_runc(&node.config)
-        .unwrap_or_else(|e| panic!("nhi-runc run {name}: {e}"));
-    c
-}
-
 fn ok(out: &std::process::Output) -> String {
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -70,8 +58,8 @@ fn a_granted_secret_reaches_its_workload_and_no_other() {
     assert!(list.contains("db-password\tversion=1"), "{list}");
     assert!(!list.contains(&value), "list never shows values");
 
-    let a = named(&node, "alpha");
-    let b = named(&node, "beta");
+    let a = node.named_container("alpha");
+    let b = node.named_container("beta");
     let got = a.get_json("/v1/secrets/db-password");
     assert_eq!(got["value"], value.as_str());
     assert_eq!(got["version"], 1);
@@ -133,7 +121,7 @@ fn a_granted_secret_reaches_its_workload_and_no_other() {
 fn rotation_reaches_http_and_files_within_5s_and_files_are_swapped_whole() {
     let node = node();
     put(&node, "db-password", "value-0000000000000001");
-    let a = named(&node, "alpha");
+    let a = node.named_container("alpha");
     assert_eq!(a.get_json("/v1/secrets/db-password")["version"], 1);
 
     // A reader inside the container loops on the file while we rotate.
@@ -231,8 +219,8 @@ fn validate(pid: i32, token: &str, audience: &str) -> (u16, serde_json::Value) {
 fn revocation_takes_effect_within_2s_denies_issued_tokens_and_survives_restart() {
     let mut node = node();
     put(&node, "db-password", "pw-revoke-test-0001");
-    let a = named(&node, "alpha");
-    let b = named(&node, "beta");
+    let a = node.named_container("alpha");
+    let b = node.named_container("beta");
     let token = a.get_json("/v1/token?audience=svc")["token"]
         .as_str()
         .unwrap()

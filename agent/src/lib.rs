@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod bao_issuer;
 pub mod control;
 pub mod issuer;

@@ -347,6 +347,10 @@ async fn serve(
                         let body = hello(ctx, identity, ready_tx);
                         write_line(&mut wr, &ChannelResponse { id, body }).await
                     }
+                    Ok(ChannelRequest { body: CompanionRequest::Audit { events, dropped }, .. }) => {
+                        crate::audit::ingest(ctx, identity, events, dropped);
+                        Ok(())
+                    }
                     Ok(req) => {
                         let permit = in_flight.clone().acquire_owned().await.expect("never closed");
                         let (ctx, identity, out) = (ctx.clone(), identity.clone(), out_tx.clone());
@@ -400,6 +404,9 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
     match req {
         CompanionRequest::Hello => CompanionResponse::Error {
             message: "hello is answered once".into(),
+        },
+        CompanionRequest::Audit { .. } => CompanionResponse::Error {
+            message: "audit events are notifications".into(),
         },
         CompanionRequest::Validate { token, audience } => match ctx.validate(&token, &audience) {
             Ok(v) => CompanionResponse::Validated(v),

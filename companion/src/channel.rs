@@ -19,7 +19,7 @@ pub type Events = mpsc::UnboundedReceiver<CompanionResponse>;
 
 #[derive(Clone)]
 pub struct Channel {
-    tx: mpsc::Sender<(CompanionRequest, Reply)>,
+    tx: mpsc::Sender<(CompanionRequest, Option<Reply>)>,
 }
 
 impl Channel {
@@ -44,17 +44,26 @@ impl Channel {
     pub async fn call(&self, req: CompanionRequest) -> Result<CompanionResponse, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send((req, reply))
+            .send((req, Some(reply)))
             .await
             .map_err(|_| "channel to nhid is closed".to_string())?;
         rx.await
+            .map_err(|_| "channel to nhid is closed".to_string())
+    }
+
+    /// Sends a notification nhid does not answer (audit events). Waits only for room in the
+    /// channel's queue, never for nhid.
+    pub async fn notify(&self, req: CompanionRequest) -> Result<(), String> {
+        self.tx
+            .send((req, None))
+            .await
             .map_err(|_| "channel to nhid is closed".to_string())
     }
 }
 
 async fn io_task(
     stream: UnixStream,
-    mut rx: mpsc::Receiver<(CompanionRequest, Reply)>,
+    mut rx: mpsc::Receiver<(CompanionRequest, Option<Reply>)>,
     events: mpsc::UnboundedSender<CompanionResponse>,
 ) {
     let (rd, mut wr) = stream.into_split();
@@ -65,14 +74,20 @@ async fn io_task(
         tokio::select! {
             req = rx.recv() => {
                 let Some((body, reply)) = req else { return };
-                let id = next_id;
-                next_id += 1;
+                let id = if reply.is_some() {
+                    next_id += 1;
+                    next_id - 1
+                } else {
+                    EVENT_ID
+                };
                 let mut line = serde_json::to_vec(&ChannelRequest { id, body }).expect("request serializes");
                 line.push(b'\n');
                 if wr.write_all(&line).await.is_err() {
                     return;
                 }
-                pending.insert(id, reply);
+                if let Some(reply) = reply {
+                    pending.insert(id, reply);
+                }
             }
             line = lines.next() => {
                 let Some(Ok(line)) = line else { return };

@@ -1,6 +1,7 @@
 //! nhi-companion: one per workload network namespace. Serves its workload's identity on
 //! loopback, from a cache refreshed at half-life through the socketpair to `nhid`.
 
+pub mod audit;
 pub mod cache;
 pub mod channel;
 pub mod harden;

@@ -2,6 +2,7 @@
 //! SPIFFE IDs and identity templates, selection rules and the wire types. No daemons, no sockets
 //! beyond the one blocking client call the hook and nhictl make.
 
+pub mod audit;
 pub mod config;
 pub mod grant;
 pub mod jwt;

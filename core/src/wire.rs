@@ -209,6 +209,14 @@ pub enum CompanionRequest {
         token: String,
         audience: String,
     },
+    /// Notification (sent with `id` [`EVENT_ID`], never answered): audit events the companion
+    /// observed, and how many it had to drop since the last batch because this channel fell
+    /// behind. `nhid` attributes them to the companion's workload itself.
+    Audit {
+        events: Vec<crate::audit::AuditEvent>,
+        #[serde(default)]
+        dropped: u64,
+    },
 }
 
 /// nhid → companion. Responses carry the request's `id`; events nhid pushes on its own

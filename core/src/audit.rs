@@ -1,0 +1,131 @@
+//! Audit events: what a companion observed at its workload's edge (a connection, an HTTP request,
+//! an inbound call) and what `nhid` decided about a credential. A companion never says who it
+//! serves: `nhid` adds the workload's SPIFFE ID and runtime metadata from its own attachment
+//! record before the event is chained into the audit log, so a compromised companion can lie
+//! about traffic but not about whose traffic it was.
+//!
+//! Events never carry a credential's value: only its name and version.
+
+use serde::{Deserialize, Serialize};
+
+/// One thing that happened at a workload's edge or in issuance.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Unix time in milliseconds when the event ended (connection closed, request answered,
+    /// credential issued or refused).
+    pub ts_ms: u64,
+    pub kind: AuditKind,
+    /// Where the traffic came from, `ip:port` (the workload for outbound, the peer for inbound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Destination>,
+    pub decision: Decision,
+    /// The policy rule (or grant) that decided; `None` when a default action applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Bytes from the workload towards the destination.
+    #[serde(default)]
+    pub bytes_out: u64,
+    /// Bytes from the destination back to the workload.
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// A credential issued, refused or injected (name and version, never the value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialRef>,
+    /// A short human-readable reason (why denied, what failed). Never a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditKind {
+    /// An outbound TCP connection (L4 or TLS by SNI).
+    #[default]
+    Connection,
+    /// One outbound plaintext HTTP request.
+    HttpRequest,
+    /// One inbound request checked by an inbound rule.
+    Inbound,
+    /// A credential (JWT-SVID, X.509-SVID, secret, AWS credentials) issued or refused.
+    Credential,
+    /// Events lost because the sink fell behind; `detail` says how many.
+    Dropped,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    #[default]
+    Allow,
+    Deny,
+    /// The request was allowed but failed (upstream unreachable, issuer error).
+    Error,
+}
+
+/// Where outbound traffic was going (or, for inbound, which local port was called).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Destination {
+    /// The original destination `ip:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// TLS server name from the ClientHello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// HTTP Host header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CredentialRef {
+    /// `jwt-svid`, `x509-svid`, `secret:<name>`, `aws`, ...
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// Most events one `audit` message on the companion channel carries.
+pub const MAX_BATCH: usize = 256;
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialize_compactly_and_round_trip() {
+        let ev = AuditEvent {
+            ts_ms: 1,
+            kind: AuditKind::HttpRequest,
+            destination: Some(Destination {
+                addr: Some("10.0.0.1:80".into()),
+                method: Some("GET".into()),
+                path: Some("/x".into()),
+                ..Default::default()
+            }),
+            decision: Decision::Deny,
+            rule: Some("no-admin".into()),
+            ..Default::default()
+        };
+        let s = serde_json::to_string(&ev).unwrap();
+        assert_eq!(
+            s,
+            r#"{"ts_ms":1,"kind":"http_request","destination":{"addr":"10.0.0.1:80","method":"GET","path":"/x"},"decision":"deny","rule":"no-admin","bytes_out":0,"bytes_in":0,"duration_ms":0}"#
+        );
+        assert_eq!(serde_json::from_str::<AuditEvent>(&s).unwrap(), ev);
+    }
+}

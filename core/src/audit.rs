@@ -54,6 +54,9 @@ pub enum AuditKind {
     Credential,
     /// Events lost because the sink fell behind; `detail` says how many.
     Dropped,
+    /// Written by `nhid` only: at startup it found its log's end did not match the head (a
+    /// truncated, edited or missing file) and started a new segment; `detail` says what it found.
+    ChainBreak,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]

@@ -21,6 +21,7 @@ pub const DEFAULT_COMPANION_BINARY: &str = "/usr/libexec/nhi/nhi-companion";
 pub const DEFAULT_COMPANION_USER: &str = "nhi-companion";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15100";
 pub const DEFAULT_CONTAINERS_DIR: &str = "/run/nhi/containers";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -57,6 +58,10 @@ struct RawConfig {
     store: StoreConfig,
     #[serde(default)]
     openbao: Option<OpenBaoConfig>,
+    #[serde(default)]
+    audit: AuditConfig,
+    #[serde(default)]
+    metrics: MetricsConfig,
     /// This node's name in the cluster store (its JWT key, its intermediate CA). Default: the
     /// host name.
     #[serde(default)]
@@ -123,6 +128,63 @@ impl Default for StoreConfig {
             kind: "embedded".into(),
             secret_ttl: Duration::from_secs(10 * 60),
             containers_dir: DEFAULT_CONTAINERS_DIR.into(),
+        }
+    }
+}
+
+/// When the audit log is flushed to stable storage.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    /// Left to the kernel (a crash of the node, not of nhid, may lose the last seconds).
+    Never,
+    /// After each batch the writer takes from its queue (default).
+    #[default]
+    Batch,
+    /// After every record.
+    Always,
+}
+
+/// The append-only, hash-chained audit log `nhid` writes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Log directory. Default `<state_dir>/audit`.
+    pub dir: Option<PathBuf>,
+    /// A segment is closed and the next begun before it would grow past this.
+    pub max_file_bytes: u64,
+    /// Segments kept; the oldest are removed beyond it. 0 keeps all.
+    pub max_files: u64,
+    pub fsync: Fsync,
+    /// Events waiting for the writer; beyond it they are dropped, counted and the loss is
+    /// itself written to the log.
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            dir: None,
+            max_file_bytes: 64 * 1024 * 1024,
+            max_files: 0,
+            fsync: Fsync::Batch,
+            queue: 64 * 1024,
+        }
+    }
+}
+
+/// The Prometheus endpoint of `nhid` (host side only).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `ip:port` to serve `GET /metrics` on; empty disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: DEFAULT_METRICS_LISTEN.into(),
         }
     }
 }
@@ -261,6 +323,8 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     pub store: StoreConfig,
     pub openbao: Option<OpenBaoConfig>,
+    pub audit: AuditConfig,
+    pub metrics: MetricsConfig,
     pub node_name: String,
     pub rules: Vec<Rule>,
     pub grants: Vec<Grant>,
@@ -381,6 +445,18 @@ impl Config {
                 "store.containers_dir must be an absolute path".into(),
             ));
         }
+        if raw.audit.max_file_bytes < 4096 {
+            return Err(invalid("audit.max_file_bytes must be at least 4096".into()));
+        }
+        if raw.audit.queue == 0 {
+            return Err(invalid("audit.queue must be at least 1".into()));
+        }
+        if !raw.metrics.listen.is_empty() {
+            raw.metrics
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| invalid(format!("metrics.listen {:?}: {e}", raw.metrics.listen)))?;
+        }
         for (i, g) in raw.grants.iter().enumerate() {
             g.validate(&raw.trust_domain, |r| seen.contains_key(r))
                 .map_err(|e| invalid(format!("grant #{}: {e}", i + 1)))?;
@@ -397,6 +473,8 @@ impl Config {
             kubernetes: raw.kubernetes,
             store: raw.store,
             openbao: raw.openbao,
+            audit: raw.audit,
+            metrics: raw.metrics,
             node_name,
             rules,
             grants: raw.grants,
@@ -408,6 +486,14 @@ impl Config {
             .key_file
             .clone()
             .unwrap_or_else(|| self.state_dir.join("master.key"))
+    }
+
+    /// Where the audit log lives: `audit.dir`, else `<state_dir>/audit`.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit"))
     }
 
     pub fn rule(&self, name: &str) -> Option<&Rule> {
@@ -438,6 +524,9 @@ mod tests {
         assert_eq!(c.issuer.x509_ttl, Duration::from_secs(3600));
         assert_eq!(c.companion.listen, "127.0.0.1:15100");
         assert_eq!(c.key_file(), PathBuf::from("/var/lib/nhi/master.key"));
+        assert_eq!(c.audit_dir(), PathBuf::from("/var/lib/nhi/audit"));
+        assert_eq!(c.audit.fsync, Fsync::Batch);
+        assert_eq!(c.metrics.listen, "127.0.0.1:9464");
         assert!(c.rules.is_empty());
     }
 
@@ -452,6 +541,13 @@ socket = "/tmp/s/nhid.sock"
 jwt_ttl = "2m"
 [companion]
 user = "65534"
+[audit]
+dir = "/tmp/a"
+max_file_bytes = 1048576
+max_files = 3
+fsync = "always"
+[metrics]
+listen = ""
 [[rule]]
 name = "k8s"
 spiffe_id = "ns/{k8s.namespace}/pod/{k8s.pod}"
@@ -463,6 +559,10 @@ annotations = { "nhi.dev/inject" = "true" }
         )
         .unwrap();
         assert_eq!(c.issuer.jwt_ttl, Duration::from_secs(120));
+        assert_eq!(c.audit_dir(), PathBuf::from("/tmp/a"));
+        assert_eq!((c.audit.max_file_bytes, c.audit.max_files), (1 << 20, 3));
+        assert_eq!(c.audit.fsync, Fsync::Always);
+        assert!(c.metrics.listen.is_empty());
         assert_eq!(c.rules.len(), 1);
         assert!(c.rules[0].fail_open);
         assert_eq!(

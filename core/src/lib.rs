@@ -3,6 +3,7 @@
 //! beyond the one blocking client call the hook and nhictl make.
 
 pub mod audit;
+pub mod audit_log;
 pub mod config;
 pub mod grant;
 pub mod jwt;

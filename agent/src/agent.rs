@@ -452,6 +452,17 @@ impl Agent {
         })
     }
 
+    /// Sets the gauges read at scrape time.
+    pub async fn refresh_metrics(&self) {
+        let reg = self.registry.lock().await;
+        let running = reg
+            .by_netns
+            .values()
+            .filter(|a| a.running.is_some())
+            .count();
+        self.ctx.metrics.attached.set(running as i64);
+    }
+
     /// Detaches containers whose process is gone without a poststop (runtime crash, `kill -9`
     /// of the runtime, a missed hook), so companions and issuance never outlive their workload.
     pub async fn collect_garbage(&self) {

@@ -8,6 +8,7 @@ pub mod bao_issuer;
 pub mod control;
 pub mod issuer;
 pub mod keystore;
+pub mod metrics;
 pub mod netns;
 pub mod openbao;
 pub mod persist;
@@ -68,7 +69,16 @@ pub async fn run(config: Config) -> Result<(), String> {
         .load_revocations()
         .await
         .map_err(|e| format!("loading revocations: {e}"))?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let audit = Arc::new(audit::AuditSink::start(
+        &config.audit_dir(),
+        (&config.audit).into(),
+        config.audit.queue,
+        metrics.clone(),
+    )?);
     let ctx = Arc::new(supervisor::Ctx {
+        audit,
+        metrics,
         issuer,
         user,
         store: Arc::new(store),
@@ -102,6 +112,18 @@ pub async fn run(config: Config) -> Result<(), String> {
         })
     };
     let server = tokio::spawn(api::serve(agent.clone(), listener));
+    // Metrics are not worth failing identity issuance for: a taken port is logged, not fatal.
+    let metrics_server = match metrics::bind(&ctx.config.metrics.listen).await {
+        Ok(Some(l)) => {
+            tracing::info!(listen = %ctx.config.metrics.listen, "metrics endpoint ready");
+            Some(tokio::spawn(metrics::serve(l, agent.clone())))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::error!("{e}; serving without metrics");
+            None
+        }
+    };
     let follower = match &ctx.config.openbao {
         Some(ob) if bao.is_some() => Some(tokio::spawn(sync::run(agent.clone(), ob.poll_interval))),
         _ => None,
@@ -121,7 +143,13 @@ pub async fn run(config: Config) -> Result<(), String> {
         f.abort();
     }
     let _ = std::fs::remove_file(&socket);
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     agent.shutdown().await;
+    // What the companions reported last is on disk before nhid exits.
+    let audit = ctx.audit.clone();
+    let _ = tokio::task::spawn_blocking(move || audit.sync(Duration::from_secs(5))).await;
     Ok(())
 }
 

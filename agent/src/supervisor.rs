@@ -28,6 +28,8 @@ use crate::store::Store;
 /// What every companion task needs from the daemon.
 pub struct Ctx {
     pub config: nhi_core::Config,
+    pub audit: Arc<crate::audit::AuditSink>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub issuer: Arc<dyn Issuer>,
     pub user: CompanionUser,
     pub store: Arc<Store>,
@@ -401,6 +403,20 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
     let revoked = || CompanionResponse::Denied {
         message: format!("{id} is revoked"),
     };
+    // One audit record (and metric) per issuance outcome.
+    let (started, requested) = (std::time::Instant::now(), crate::audit::requested(&req));
+    let audit = |version: Option<String>, decision, detail: Option<String>| {
+        crate::audit::credential(
+            ctx,
+            identity,
+            requested.clone(),
+            version,
+            decision,
+            detail,
+            started,
+        )
+    };
+    use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
     match req {
         CompanionRequest::Hello => CompanionResponse::Error {
             message: "hello is answered once".into(),
@@ -414,6 +430,7 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
         },
         _ if ctx.revocations.is_revoked(id) => {
             tracing::warn!(spiffe_id = %id, "refused: identity is revoked");
+            audit(None, Deny, Some("identity is revoked".into()));
             revoked()
         }
         CompanionRequest::Jwt { audience } => {
@@ -421,22 +438,35 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
                 Ok(j) => {
                     ctx.revocations.record_jwt(id, &j.jti, j.expires_at);
                     tracing::info!(spiffe_id = %id, audience = ?audience, jti = %j.jti, expires_at = j.expires_at, "issued JWT-SVID");
+                    audit(
+                        Some(j.jti.clone()),
+                        Allow,
+                        Some(format!("audience={}", audience.join(","))),
+                    );
                     CompanionResponse::Jwt(j)
                 }
-                Err(e) => err(e),
+                Err(e) => {
+                    audit(None, Failed, Some(e.to_string()));
+                    err(e)
+                }
             }
         }
         CompanionRequest::X509 => match ctx.issuer.issue_x509(&identity.spiffe_id) {
             Ok(x) => {
                 ctx.revocations.record_x509(id, &x.serial, x.expires_at);
                 tracing::info!(spiffe_id = %id, serial = %x.serial, expires_at = x.expires_at, "issued X.509-SVID");
+                audit(Some(x.serial.clone()), Allow, None);
                 CompanionResponse::X509(Box::new(x))
             }
-            Err(e) => err(e),
+            Err(e) => {
+                audit(None, Failed, Some(e.to_string()));
+                err(e)
+            }
         },
         CompanionRequest::Secret { name } => {
             if !nhi_core::grant::granted(&ctx.config.grants, id, &identity.rule, &name) {
                 tracing::warn!(spiffe_id = %id, secret = %name, "refused: secret not granted");
+                audit(None, Deny, Some("not granted".into()));
                 return CompanionResponse::Denied {
                     message: format!("secret {name:?} is not granted to {id}"),
                 };
@@ -444,6 +474,7 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
             match ctx.store.get(&name).await {
                 Ok(Some(s)) => {
                     tracing::info!(spiffe_id = %id, secret = %name, version = s.version, "delivered secret");
+                    audit(Some(s.version.to_string()), Allow, None);
                     CompanionResponse::Secret(SecretValue {
                         name,
                         version: s.version,
@@ -451,12 +482,18 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
                         expires_at: now_unix() + ctx.config.store.secret_ttl.as_secs(),
                     })
                 }
-                Ok(None) => CompanionResponse::NotFound {
-                    message: format!("no secret named {name:?}"),
-                },
-                Err(e) => CompanionResponse::Error {
-                    message: e.to_string(),
-                },
+                Ok(None) => {
+                    audit(None, Deny, Some("not found".into()));
+                    CompanionResponse::NotFound {
+                        message: format!("no secret named {name:?}"),
+                    }
+                }
+                Err(e) => {
+                    audit(None, Failed, Some(e.to_string()));
+                    CompanionResponse::Error {
+                        message: e.to_string(),
+                    }
+                }
             }
         }
     }

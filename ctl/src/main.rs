@@ -51,6 +51,14 @@ enum Cmd {
         #[arg(long)]
         undo: bool,
     },
+    /// Read and check the audit log (as root: the log is 0600).
+    Audit {
+        /// Log directory (default: `[audit] dir` of the config, else `<state_dir>/audit`).
+        #[arg(long, global = true)]
+        dir: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     /// Wire nhi into a container runtime's configuration (idempotent; never restarts it).
     Configure {
         #[command(subcommand)]
@@ -145,6 +153,25 @@ enum SecretCmd {
     },
     /// Delete a secret and all its versions.
     Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Print the last records (JSON lines), optionally of one identity, and keep following.
+    Tail {
+        /// Number of records to print first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// Only records of this SPIFFE ID.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Keep printing records as they are written (across rotations).
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Check the hash chain and the head: exits non-zero naming the file, line and sequence
+    /// number of every changed, dropped or reordered record.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -273,12 +300,76 @@ fn run(cli: Cli) -> Result<(), String> {
                 other => return Err(format!("unexpected answer: {other:?}")),
             }
         }
+        Cmd::Audit { dir, cmd } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => nhi_core::Config::load(&cli.config)
+                    .map_err(|e| e.to_string())?
+                    .audit_dir(),
+            };
+            audit(&dir, cmd)?
+        }
         Cmd::Configure {
             runtime,
             dry_run,
             nhi_runc,
             nhi_hook,
         } => configure(&cli.config, runtime, dry_run, nhi_runc, nhi_hook)?,
+    }
+    Ok(())
+}
+
+fn audit(dir: &std::path::Path, cmd: AuditCmd) -> Result<(), String> {
+    use nhi_core::audit_log;
+    use std::io::Write;
+    let err = |e: std::io::Error| format!("audit log {}: {e}", dir.display());
+    match cmd {
+        AuditCmd::Verify => {
+            let v = audit_log::verify(dir).map_err(err)?;
+            for p in &v.problems {
+                eprintln!("{p}");
+            }
+            if !v.ok() {
+                return Err(format!(
+                    "audit log {} FAILED verification: {} problem(s)",
+                    dir.display(),
+                    v.problems.len()
+                ));
+            }
+            println!(
+                "audit log {} verified: {} records (seq {}..={}) in {} file(s){}",
+                dir.display(),
+                v.records,
+                v.first_seq,
+                v.last_seq,
+                v.files,
+                if v.unanchored > 0 {
+                    format!(", {} written after the head", v.unanchored)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        AuditCmd::Tail {
+            lines,
+            identity,
+            follow,
+        } => {
+            let mut follower =
+                audit_log::Follower::at_end(dir, identity.as_deref()).map_err(err)?;
+            let mut out = std::io::stdout().lock();
+            for l in audit_log::tail(dir, lines, identity.as_deref()).map_err(err)? {
+                writeln!(out, "{l}").map_err(|e| e.to_string())?;
+            }
+            out.flush().map_err(|e| e.to_string())?;
+            while follow {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                for l in follower.poll().map_err(err)? {
+                    writeln!(out, "{l}").map_err(|e| e.to_string())?;
+                }
+                out.flush().map_err(|e| e.to_string())?;
+            }
+        }
     }
     Ok(())
 }

@@ -401,12 +401,41 @@ fn previous_spot(dir: &Path, seg: u64, lines: &[(usize, &[u8])], idx: usize) -> 
 
 /// The last `n` records (of `identity` when given), oldest first, as their raw lines.
 pub fn tail(dir: &Path, n: usize, identity: Option<&str>) -> io::Result<Vec<String>> {
+    tail_upto(dir, n, identity, None)
+}
+
+/// [`tail`], then a [`Follower`] that goes on exactly after the last line returned (no line
+/// twice, none missed).
+pub fn tail_and_follow(
+    dir: &Path,
+    n: usize,
+    identity: Option<&str>,
+) -> io::Result<(Vec<String>, Follower)> {
+    let f = Follower::at_end(dir, identity)?;
+    let lines = tail_upto(dir, n, identity, Some((f.segment, f.offset)))?;
+    Ok((lines, f))
+}
+
+fn tail_upto(
+    dir: &Path,
+    n: usize,
+    identity: Option<&str>,
+    end: Option<(u64, u64)>,
+) -> io::Result<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     for seg in segments(dir)?.into_iter().rev() {
         if out.len() >= n {
             break;
         }
-        let bytes = fs::read(dir.join(segment_name(seg)))?;
+        let mut bytes = match end {
+            Some((s, _)) if seg > s => continue,
+            _ => fs::read(dir.join(segment_name(seg)))?,
+        };
+        if let Some((s, off)) = end {
+            if seg == s {
+                bytes.truncate(off as usize);
+            }
+        }
         let mut here: Vec<String> = lines_of(&bytes)
             .into_iter()
             .filter(|(_, l)| matches(l, identity))
@@ -1120,11 +1149,17 @@ mod tests {
         assert!(t
             .iter()
             .all(|l| l.contains("\"spiffe_id\":\"spiffe://td/w1\"")));
+        let (t, mut f) = tail_and_follow(d.path(), 3, None).unwrap();
+        assert!(t[2].contains("\"seq\":60"), "{t:?}");
+        write(d.path(), 61, 2, opts(4096, 0));
+        let next = f.poll().unwrap();
+        assert_eq!(next.len(), 2);
+        assert!(next[0].contains("\"seq\":61"), "{next:?}");
         let mut f = Follower::at_end(d.path(), Some("spiffe://td/w2")).unwrap();
         assert!(f.poll().unwrap().is_empty());
-        write(d.path(), 61, 90, opts(4096, 0));
+        write(d.path(), 63, 90, opts(4096, 0));
         let got = f.poll().unwrap();
         assert_eq!(got.len(), 30, "every new w2 record, across rotations");
-        assert!(got[0].contains("\"seq\":62"), "{}", got[0]);
+        assert!(got[0].contains("\"seq\":65"), "{}", got[0]);
     }
 }

@@ -355,19 +355,21 @@ fn audit(dir: &std::path::Path, cmd: AuditCmd) -> Result<(), String> {
             identity,
             follow,
         } => {
-            let mut follower =
-                audit_log::Follower::at_end(dir, identity.as_deref()).map_err(err)?;
+            let (first, mut follower) =
+                audit_log::tail_and_follow(dir, lines, identity.as_deref()).map_err(err)?;
             let mut out = std::io::stdout().lock();
-            for l in audit_log::tail(dir, lines, identity.as_deref()).map_err(err)? {
+            for l in first {
                 writeln!(out, "{l}").map_err(|e| e.to_string())?;
             }
             out.flush().map_err(|e| e.to_string())?;
-            while follow {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                for l in follower.poll().map_err(err)? {
-                    writeln!(out, "{l}").map_err(|e| e.to_string())?;
+            if follow {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    for l in follower.poll().map_err(err)? {
+                        writeln!(out, "{l}").map_err(|e| e.to_string())?;
+                    }
+                    out.flush().map_err(|e| e.to_string())?;
                 }
-                out.flush().map_err(|e| e.to_string())?;
             }
         }
     }

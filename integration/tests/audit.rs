@@ -240,6 +240,30 @@ fn credential_fetches_are_audited_with_identity_and_container_never_the_value() 
         "{lines}"
     );
 
+    // tail --follow prints records as they are written.
+    let mut follow = std::process::Command::new(bin("nhictl"))
+        .args(["--config", node.config.to_str().unwrap()])
+        .args(["audit", "tail", "--follow", "-n", "0", "--identity", &alpha])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    a.get_json("/v1/token?audience=followed");
+    assert!(eventually(Duration::from_secs(10), || reader.is_finished()));
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let line = reader.join().unwrap();
+    assert!(
+        line.contains("audience=followed") && line.contains(&alpha),
+        "{line}"
+    );
+
     // The metrics endpoint, scraped for real.
     let text = scrape(port);
     for series in [
@@ -399,8 +423,8 @@ fn ten_thousand_requests_make_exactly_ten_thousand_records_and_tampering_is_name
     }
     let last = segs
         .iter()
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .last()
+        .rev()
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
         .unwrap();
     let last = copy.join(last.file_name().unwrap());
     let text = fs::read_to_string(&last).unwrap();

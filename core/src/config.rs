@@ -572,6 +572,12 @@ annotations = { "nhi.dev/inject" = "true" }
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let c = parse(include_str!("../../config/nhi.toml")).unwrap();
+        assert_eq!(c.audit.max_file_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
     fn errors_name_the_problem() {
         let e =
             parse("trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x/{k8s.bogus}\"\n")

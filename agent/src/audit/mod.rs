@@ -17,6 +17,7 @@ use nhi_core::wire::CompanionRequest;
 
 pub use sink::AuditSink;
 
+use crate::metrics::Metrics;
 use crate::supervisor::{Ctx, Identity};
 
 /// The record skeleton for `identity`: its SPIFFE ID and runtime metadata.
@@ -31,6 +32,16 @@ fn about(identity: &Identity, event: AuditEvent) -> Record {
 
 /// Takes a batch a companion sent. Never blocks the companion's channel.
 pub fn ingest(ctx: &Ctx, identity: &Identity, events: Vec<AuditEvent>, dropped: u64) {
+    ingest_into(&ctx.audit, &ctx.metrics, identity, events, dropped)
+}
+
+fn ingest_into(
+    sink: &AuditSink,
+    metrics: &Metrics,
+    identity: &Identity,
+    events: Vec<AuditEvent>,
+    dropped: u64,
+) {
     let id = identity.spiffe_id.as_str();
     for ev in events {
         if ev.kind == AuditKind::ChainBreak {
@@ -38,12 +49,12 @@ pub fn ingest(ctx: &Ctx, identity: &Identity, events: Vec<AuditEvent>, dropped: 
             tracing::warn!(spiffe_id = %id, "companion sent a chain_break event; ignored");
             continue;
         }
-        ctx.metrics.event(id, ev.kind, ev.decision);
-        ctx.audit.submit(about(identity, ev));
+        metrics.event(id, ev.kind, ev.decision);
+        sink.submit(about(identity, ev));
     }
     if dropped > 0 {
         tracing::warn!(spiffe_id = %id, dropped, "companion dropped audit events");
-        ctx.metrics.dropped("companion", dropped);
+        metrics.dropped("companion", dropped);
         let mut rec = about(
             identity,
             AuditEvent {
@@ -57,7 +68,7 @@ pub fn ingest(ctx: &Ctx, identity: &Identity, events: Vec<AuditEvent>, dropped: 
             },
         );
         rec.dropped = Some(dropped);
-        ctx.audit.submit(rec);
+        sink.submit(rec);
     }
 }
 
@@ -105,4 +116,86 @@ pub fn credential(
             ..Default::default()
         },
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nhi_core::audit::Destination;
+    use nhi_core::audit_log::WriterOptions;
+    use nhi_core::config::Fsync;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn companion_events_are_attributed_by_nhid_and_their_drops_recorded() {
+        let d = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let opts = WriterOptions {
+            max_file_bytes: 1 << 20,
+            max_files: 0,
+            fsync: Fsync::Never,
+        };
+        let sink = AuditSink::start(d.path(), opts, 64, metrics.clone()).unwrap();
+        let identity = Identity {
+            spiffe_id: nhi_core::SpiffeId::parse("spiffe://td/container/web").unwrap(),
+            rule: "r".into(),
+            workload: nhi_core::Workload {
+                container_id: "c0ffee".into(),
+                container_name: Some("web".into()),
+                ..Default::default()
+            },
+        };
+        let denied = AuditEvent {
+            ts_ms: 5,
+            kind: AuditKind::Connection,
+            destination: Some(Destination {
+                addr: Some("10.0.0.1:443".into()),
+                sni: Some("evil.example".into()),
+                ..Default::default()
+            }),
+            decision: Decision::Deny,
+            rule: Some("no-evil".into()),
+            ..Default::default()
+        };
+        let forged_break = AuditEvent {
+            kind: AuditKind::ChainBreak,
+            ..Default::default()
+        };
+        ingest_into(
+            &sink,
+            &metrics,
+            &identity,
+            vec![denied.clone(), forged_break],
+            3,
+        );
+        assert!(sink.sync(Duration::from_secs(10)));
+        let lines = nhi_core::audit_log::tail(d.path(), 100, None).unwrap();
+        let recs: Vec<Record> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            recs.len(),
+            2,
+            "the forged chain_break is not written: {lines:?}"
+        );
+        assert_eq!(recs[0].event, denied);
+        assert_eq!(
+            recs[0].spiffe_id.as_deref(),
+            Some("spiffe://td/container/web")
+        );
+        assert_eq!(recs[0].workload.as_ref().unwrap().container_id, "c0ffee");
+        assert_eq!(recs[1].event.kind, AuditKind::Dropped);
+        assert_eq!(recs[1].dropped, Some(3));
+        assert_eq!(
+            recs[1].spiffe_id.as_deref(),
+            Some("spiffe://td/container/web")
+        );
+        assert_eq!(metrics.dropped_total("companion"), 3);
+        assert!(metrics.render().contains(
+            r#"nhi_audit_events_total{spiffe_id="spiffe://td/container/web",kind="connection",decision="deny"} 1"#
+        ));
+        assert!(nhi_core::audit_log::verify(d.path()).unwrap().ok());
+    }
 }

@@ -32,6 +32,8 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 pub const HEAD_FILE: &str = "head.json";
 const SEGMENT_PREFIX: &str = "audit-";
 const SEGMENT_SUFFIX: &str = ".jsonl";
+/// How far past a sequence gap `verify` looks for the missing record (reordered vs dropped).
+const LOOKAHEAD: usize = 4096;
 
 pub fn segment_name(n: u64) -> String {
     format!("{SEGMENT_PREFIX}{n:08}{SEGMENT_SUFFIX}")
@@ -296,7 +298,8 @@ pub fn verify(dir: &Path) -> io::Result<Verified> {
             if let Some((pseq, phash)) = &prev {
                 let expected = pseq + 1;
                 if rec.seq != expected {
-                    let later = lines[idx + 1..].iter().any(|(_, l)| {
+                    // Bounded look-ahead: a shuffled file must not cost quadratic time.
+                    let later = lines[idx + 1..].iter().take(LOOKAHEAD).any(|(_, l)| {
                         serde_json::from_slice::<Record>(l).is_ok_and(|r| r.seq == expected)
                     });
                     let what = if rec.seq <= *pseq || later {

@@ -143,7 +143,7 @@ async fn request(
     match app.send(req).await {
         Ok(resp) => {
             finish(edge, ev, started);
-            resp.map(|b| http_body_util::BodyExt::boxed(b))
+            resp.map(http_body_util::BodyExt::boxed)
         }
         Err(e) => {
             ev.decision = Decision::Error;

@@ -199,7 +199,9 @@ fn packages_hold_exactly_the_expected_files() {
         "/usr/share/licenses/nhi/copyright",
     ]);
     assert_eq!(rpm, want, "files of {}", p.rpm.display());
-    let recommends = ok(Command::new("rpm").args(["-qp", "--recommends"]).arg(&p.rpm));
+    let recommends = ok(Command::new("rpm")
+        .args(["-qp", "--recommends"])
+        .arg(&p.rpm));
     assert!(recommends.contains("nftables"), "{recommends}");
     let config = ok(Command::new("rpm").args(["-qpc"]).arg(&p.rpm));
     assert_eq!(config.trim(), "/etc/nhi/nhi.toml", "the only config file");

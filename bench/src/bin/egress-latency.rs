@@ -127,7 +127,10 @@ fn main() {
         workers.push(Worker::new(container_ns(c.pid())));
     }
     let to = |port| SocketAddr::new(PEER_IP.into(), port);
-    for (port, what) in [(8080, "HTTP path (per-request decisions)"), (9000, "L4 path (spliced)")] {
+    for (port, what) in [
+        (8080, "HTTP path (per-request decisions)"),
+        (9000, "L4 path (spliced)"),
+    ] {
         let (base, nhi) = interleave(args.runs, args.warmup, |with| {
             workers[with as usize].get(to(port), "/small")
         });

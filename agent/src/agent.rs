@@ -22,6 +22,8 @@ use crate::supervisor::{self, CompanionHandle, Ctx, Identity};
 pub(crate) struct Running {
     pub(crate) identity: Arc<Identity>,
     pub(crate) companion: CompanionHandle,
+    /// The namespace holding our edge-policy rules, when the identity has a policy.
+    pub(crate) edge: Option<NetNs>,
 }
 
 pub(crate) struct Attachment {
@@ -242,9 +244,19 @@ impl Agent {
         // Start the companion without holding the registry: other containers keep starting
         // and stopping meanwhile.
         drop(reg);
-        let started = supervisor::start(self.ctx.clone(), identity.clone(), ns).await;
+        let started = match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
+            // Rules only once the companion listens: intercepted traffic never meets a closed port.
+            Ok(c) => match crate::edge::install(&self.ctx, &identity, pid).await {
+                Ok(edge) => Ok((c, edge)),
+                Err(e) => {
+                    c.stop().await;
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
         let mut reg = self.registry.lock().await;
-        let companion = match started {
+        let (companion, edge) = match started {
             Ok(c) => c,
             Err(e) => {
                 match reg.by_netns.get_mut(&inode) {
@@ -275,6 +287,7 @@ impl Agent {
         attachment.running = Some(Running {
             identity,
             companion,
+            edge,
         });
         attachment.containers.insert(cid.clone(), proc_ref);
         reg.netns_of.insert(cid, inode);
@@ -370,12 +383,23 @@ impl Agent {
                         rule: rule.name.clone(),
                         workload: rec.workload.clone(),
                     });
+                    let pid = attachment.containers.values().next().map(|p| p.pid);
                     match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
                         Ok(companion) => {
                             tracing::info!(netns = inode, spiffe_id = %id, companion_pid = companion.pid(), "companion restored after restart");
+                            let edge = match pid {
+                                Some(pid) => crate::edge::install(&self.ctx, &identity, pid)
+                                    .await
+                                    .unwrap_or_else(|e| {
+                                        tracing::error!(netns = inode, spiffe_id = %id, "restoring edge policy: {e}");
+                                        None
+                                    }),
+                                None => None,
+                            };
                             attachment.running = Some(Running {
                                 identity,
                                 companion,
+                                edge,
                             });
                         }
                         Err(e) => {
@@ -416,6 +440,9 @@ impl Agent {
             let stopped = matches!(ended, Some(Some(_)));
             if let Some(Some(r)) = ended {
                 r.companion.stop().await;
+                if let Some(ns) = r.edge {
+                    crate::edge::remove(ns).await;
+                }
                 tracing::info!(container = %container_id, spiffe_id = %r.identity.spiffe_id, "detached; companion stopped");
             }
             AgentResponse::Detached { stopped }

@@ -6,10 +6,12 @@ pub mod api;
 pub mod audit;
 pub mod bao_issuer;
 pub mod control;
+pub mod edge;
 pub mod issuer;
 pub mod keystore;
 pub mod metrics;
 pub mod netns;
+pub mod nft;
 pub mod openbao;
 pub mod persist;
 pub mod revoke;
@@ -83,6 +85,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         user,
         store: Arc::new(store),
         revocations: Arc::new(revoke::Revocations::new(revocations)),
+        policies: std::sync::RwLock::new(Arc::new(config.policies.clone())),
         config,
     });
     let agent = Arc::new(
@@ -132,9 +135,13 @@ pub async fn run(config: Config) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => agent.reload_policies().await,
+        }
     }
     tracing::info!("shutting down: stopping companions");
     server.abort();

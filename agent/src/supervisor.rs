@@ -34,9 +34,21 @@ pub struct Ctx {
     pub user: CompanionUser,
     pub store: Arc<Store>,
     pub revocations: Arc<Revocations>,
+    /// Edge policies: from the config at start, replaced on SIGHUP.
+    pub policies: std::sync::RwLock<Arc<Vec<nhi_core::policy::Policy>>>,
 }
 
 impl Ctx {
+    /// The edge policy of an identity now (the first `[[policy]]` that covers it).
+    pub fn policy_for(&self, identity: &Identity) -> Option<nhi_core::policy::Policy> {
+        let all = self
+            .policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        nhi_core::policy::policy_for(&all, identity.spiffe_id.as_str(), &identity.rule).cloned()
+    }
+
     /// A JWT-SVID of this trust domain: signature by one of its keys, audience, expiry, and not
     /// on the deny list.
     pub fn validate(&self, token: &str, audience: &str) -> Result<Validated, String> {
@@ -392,6 +404,8 @@ fn hello(
         bundle_pem: ctx.issuer.bundle_pem(),
         jwks: ctx.issuer.jwks(),
         revoked: ctx.revocations.is_revoked(identity.spiffe_id.as_str()),
+        policy: ctx.policy_for(identity),
+        egress: ctx.config.egress,
     }))
 }
 
@@ -463,6 +477,9 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
                 err(e)
             }
         },
+        CompanionRequest::BrokeredSecret { rule_id } => {
+            brokered_secret(ctx, identity, &rule_id).await
+        }
         CompanionRequest::Secret { name } => {
             if !nhi_core::grant::granted(&ctx.config.grants, id, &identity.rule, &name) {
                 tracing::warn!(spiffe_id = %id, secret = %name, "refused: secret not granted");
@@ -496,6 +513,40 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
                 }
             }
         }
+    }
+}
+
+/// A secret for the companion to inject upstream: only the one egress rule `rule_id` of the
+/// identity's current policy names. Never a grant: the workload's `/v1/secrets` still refuses it.
+async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> CompanionResponse {
+    let id = identity.spiffe_id.as_str();
+    let name = ctx.policy_for(identity).and_then(|p| {
+        p.egress_rule(rule_id)
+            .and_then(|r| r.broker.as_ref())
+            .and_then(|b| b.secret.clone())
+    });
+    let Some(name) = name else {
+        tracing::warn!(spiffe_id = %id, rule = %rule_id, "refused: no brokered secret in that rule");
+        return CompanionResponse::Denied {
+            message: format!("no egress rule {rule_id:?} brokering a secret for {id}"),
+        };
+    };
+    match ctx.store.get(&name).await {
+        Ok(Some(s)) => {
+            tracing::info!(spiffe_id = %id, secret = %name, version = s.version, rule = %rule_id, "delivered brokered secret");
+            CompanionResponse::Secret(SecretValue {
+                name,
+                version: s.version,
+                value_b64: B64.encode(&s.value[..]),
+                expires_at: now_unix() + ctx.config.store.secret_ttl.as_secs(),
+            })
+        }
+        Ok(None) => CompanionResponse::NotFound {
+            message: format!("no secret named {name:?}"),
+        },
+        Err(e) => CompanionResponse::Error {
+            message: e.to_string(),
+        },
     }
 }
 

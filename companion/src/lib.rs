@@ -6,6 +6,7 @@ pub mod cache;
 pub mod channel;
 pub mod harden;
 pub mod http;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -51,6 +52,9 @@ pub fn run(opts: Options) -> Result<(), String> {
         };
         eprintln!("serving {} on http://{}", init.spiffe_id, opts.listen);
         let trust = cache::Trust::new(&init.bundle_pem, &init.jwks);
+        let recorder = audit::Recorder::start(channel.clone());
+        let edge_channel = channel.clone();
+        let (events, edge_events) = split_events(events);
         let creds = cache::Creds::new(
             channel,
             events,
@@ -58,6 +62,12 @@ pub fn run(opts: Options) -> Result<(), String> {
             init.revoked,
             trust,
         );
+        start_edge(
+            &init,
+            proxy::Edge::new(init.policy.clone(), recorder, edge_channel, creds.clone()),
+            edge_events,
+        )
+        .await;
         let api = Arc::new(http::Api::new(&init, creds));
         tokio::select! {
             _ = http::serve(listener, api) => Ok(()),
@@ -67,4 +77,55 @@ pub fn run(opts: Options) -> Result<(), String> {
             }
         }
     })
+}
+
+type EdgeEvents = tokio::sync::mpsc::UnboundedReceiver<CompanionResponse>;
+
+/// Copies nhid's events to the credential cache and to the edge proxy (policy reloads,
+/// secret changes and revocations concern both).
+fn split_events(mut events: channel::Events) -> (channel::Events, EdgeEvents) {
+    let (creds_tx, creds_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (edge_tx, edge_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            if matches!(
+                e,
+                CompanionResponse::Policy { .. }
+                    | CompanionResponse::SecretChanged { .. }
+                    | CompanionResponse::Revoked { .. }
+            ) {
+                let _ = edge_tx.send(e.clone());
+            }
+            if !matches!(e, CompanionResponse::Policy { .. }) {
+                let _ = creds_tx.send(e);
+            }
+        }
+    });
+    (creds_rx, edge_rx)
+}
+
+/// Binds the edge proxy's listeners (outbound on loopback, where nftables' output REDIRECT
+/// sends it; inbound on all addresses, where prerouting REDIRECT does) and serves them. A port
+/// already taken only disables that side: without a policy nothing is redirected to it anyway.
+async fn start_edge(init: &nhi_core::wire::Init, edge: Arc<proxy::Edge>, mut events: EdgeEvents) {
+    let e = edge.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            e.apply(&ev);
+        }
+    });
+    let out: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, init.egress.proxy_port).into();
+    match tokio::net::TcpListener::bind(out).await {
+        Ok(l) => {
+            tokio::spawn(proxy::serve_outbound(l, edge.clone()));
+        }
+        Err(e) => eprintln!("edge proxy disabled: listening on {out}: {e}"),
+    }
+    let inb: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, init.egress.inbound_port).into();
+    match tokio::net::TcpListener::bind(inb).await {
+        Ok(l) => {
+            tokio::spawn(proxy::inbound::serve(l, edge));
+        }
+        Err(e) => eprintln!("inbound policy disabled: listening on {inb}: {e}"),
+    }
 }

@@ -70,6 +70,10 @@ struct RawConfig {
     rules: Vec<RawRule>,
     #[serde(default, rename = "grant")]
     grants: Vec<Grant>,
+    #[serde(default)]
+    egress: crate::policy::EgressConfig,
+    #[serde(default, rename = "policy")]
+    policies: Vec<crate::policy::Policy>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -328,6 +332,10 @@ pub struct Config {
     pub node_name: String,
     pub rules: Vec<Rule>,
     pub grants: Vec<Grant>,
+    /// `[egress]`: the companion's proxy ports.
+    pub egress: crate::policy::EgressConfig,
+    /// `[[policy]]`: edge policies (reloaded by `nhid` on SIGHUP).
+    pub policies: Vec<crate::policy::Policy>,
 }
 
 impl Config {
@@ -461,6 +469,7 @@ impl Config {
             g.validate(&raw.trust_domain, |r| seen.contains_key(r))
                 .map_err(|e| invalid(format!("grant #{}: {e}", i + 1)))?;
         }
+        validate_policies(&raw.trust_domain, &raw.egress, &raw.policies, &seen).map_err(invalid)?;
         Ok(Config {
             path: path.to_path_buf(),
             trust_domain: raw.trust_domain,
@@ -478,6 +487,8 @@ impl Config {
             node_name,
             rules,
             grants: raw.grants,
+            egress: raw.egress,
+            policies: raw.policies,
         })
     }
 
@@ -499,6 +510,26 @@ impl Config {
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
     }
+}
+
+/// `[egress]` and `[[policy]]` checks: distinct ports, unique ids, each policy valid.
+fn validate_policies(
+    trust_domain: &str,
+    e: &crate::policy::EgressConfig,
+    policies: &[crate::policy::Policy],
+    rules: &BTreeMap<String, ()>,
+) -> Result<(), String> {
+    if e.proxy_port == 0 || e.inbound_port == 0 || e.proxy_port == e.inbound_port {
+        return Err("egress.proxy_port and egress.inbound_port must be two different ports".into());
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for p in policies {
+        if !ids.insert(p.id.as_str()) {
+            return Err(format!("policy id {:?} is used twice", p.id));
+        }
+        p.validate(trust_domain, e, |r| rules.contains_key(r))?;
+    }
+    Ok(())
 }
 
 /// The host name (kernel's nodename), for `node_name`'s default.
@@ -599,6 +630,14 @@ annotations = { "nhi.dev/inject" = "true" }
             .unwrap_err()
             .to_string();
         assert!(e.contains("never root"), "{e}");
+        let e = parse("trust_domain = \"td\"\n[[policy]]\nid = \"p\"\nspiffe_ids = [\"spiffe://td/a\"]\n[[policy.egress]]\nid = \"r\"\ncidr = [\"10.0.0.0/40\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prefix"), "{e}");
+        let e = parse("trust_domain = \"td\"\n[egress]\nproxy_port = 1\ninbound_port = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("two different ports"), "{e}");
         let dup = "trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"y\"\n";
         assert!(parse(dup).unwrap_err().to_string().contains("used twice"));
     }

@@ -9,6 +9,7 @@ pub mod grant;
 pub mod jwt;
 pub mod k8s;
 pub mod openbao;
+pub mod policy;
 pub mod select;
 pub mod spiffe;
 pub mod template;

@@ -209,6 +209,11 @@ pub enum CompanionRequest {
         token: String,
         audience: String,
     },
+    /// A secret the identity's edge policy brokers in egress rule `rule_id`: for the companion
+    /// to inject upstream, never served to the workload (no grant needed, none implied).
+    BrokeredSecret {
+        rule_id: String,
+    },
     /// Notification (sent with `id` [`EVENT_ID`], never answered): audit events the companion
     /// observed, and how many it had to drop since the last batch because this channel fell
     /// behind. `nhid` attributes them to the companion's workload itself.
@@ -257,6 +262,11 @@ pub enum CompanionResponse {
     },
     /// Event: the revocation was undone.
     Restored,
+    /// Event: the edge policy changed (`nhid` reloaded its config); applies to new connections.
+    Policy {
+        #[serde(default)]
+        policy: Option<Box<crate::policy::Policy>>,
+    },
     /// Event: the trust bundle or the JWKS changed (CA renewal, a node joined or left).
     Trust {
         bundle_pem: String,
@@ -279,6 +289,12 @@ pub struct Init {
     /// The identity is revoked: serve nothing until a `restored` event.
     #[serde(default)]
     pub revoked: bool,
+    /// The edge policy for this identity; `None`: its traffic is not intercepted.
+    #[serde(default)]
+    pub policy: Option<crate::policy::Policy>,
+    /// The proxy ports the companion listens on.
+    #[serde(default)]
+    pub egress: crate::policy::EgressConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use nhi_core::wire::{call_agent, AgentRequest, AgentResponse, Status};
 
 pub mod bao;
+pub mod edge;
 /// Uid (and gid) companions run as in tests: an unprivileged id no real user has.
 pub mod kube;
 
@@ -296,6 +297,16 @@ impl Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends SIGHUP to nhid (reloads the edge policies).
+    pub fn reload(&self) {
+        let c = self.nhid.as_ref().expect("nhid running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP nhid");
     }
 
     pub fn log(&self) -> String {

@@ -186,6 +186,11 @@ fn packages_hold_exactly_the_expected_files() {
         "{control}"
     );
     assert!(control.contains("Depends: libc6"), "{control}");
+    // Edge policy: nhid runs nft inside workload network namespaces.
+    assert!(
+        control.contains("Recommends: runc | crun, nftables"),
+        "{control}"
+    );
 
     let rpm = lines(&ok(Command::new("rpm").arg("-qpl").arg(&p.rpm)));
     let want = expected(&[
@@ -194,6 +199,10 @@ fn packages_hold_exactly_the_expected_files() {
         "/usr/share/licenses/nhi/copyright",
     ]);
     assert_eq!(rpm, want, "files of {}", p.rpm.display());
+    let recommends = ok(Command::new("rpm")
+        .args(["-qp", "--recommends"])
+        .arg(&p.rpm));
+    assert!(recommends.contains("nftables"), "{recommends}");
     let config = ok(Command::new("rpm").args(["-qpc"]).arg(&p.rpm));
     assert_eq!(config.trim(), "/etc/nhi/nhi.toml", "the only config file");
     let noreplace = ok(Command::new("rpm")

@@ -1,0 +1,158 @@
+//! Inbound rules: `nhid`'s rules redirect calls to listed ports here. Each HTTP request needs
+//! `Authorization: Bearer <JWT-SVID>` for the rule's audience from an allowed SPIFFE ID,
+//! validated by `nhid` (trust bundle, expiry, revocation list); only then is it forwarded to the
+//! application on loopback at the port the caller dialed. Otherwise 401/403, and the application
+//! never sees the request.
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::header::AUTHORIZATION;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use nhi_core::audit::{AuditKind, Decision, Destination};
+use nhi_core::policy::InboundRule;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::http::{json, Body, Upstream};
+use super::{event, finish, original_dst, reset, Edge};
+use crate::cache::CredError;
+
+pub async fn serve(listener: TcpListener, edge: Arc<Edge>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("inbound accept: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        tokio::spawn(connection(edge.clone(), stream, peer));
+    }
+}
+
+async fn connection(edge: Arc<Edge>, stream: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let _ = stream.set_nodelay(true);
+    let dest = original_dst(&stream).ok();
+    let rule = match (dest, edge.policy()) {
+        (Some(d), Some(p)) => p.inbound_for_port(d.port()).cloned(),
+        _ => None,
+    };
+    let (Some(dest), Some(rule)) = (dest, rule) else {
+        let mut ev = event(
+            AuditKind::Inbound,
+            peer,
+            Destination {
+                addr: dest.map(|d| d.to_string()),
+                ..Default::default()
+            },
+        );
+        ev.decision = Decision::Deny;
+        ev.detail = Some("no inbound rule for this port".into());
+        finish(&edge, ev, started);
+        reset(stream);
+        return;
+    };
+    let app = Arc::new(Upstream::new(SocketAddr::new(
+        Ipv4Addr::LOCALHOST.into(),
+        dest.port(),
+    )));
+    let rule = Arc::new(rule);
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (edge, app, rule) = (edge.clone(), app.clone(), rule.clone());
+        async move { Ok::<_, Infallible>(request(&edge, &app, &rule, peer, dest, req).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
+}
+
+async fn request(
+    edge: &Edge,
+    app: &Upstream,
+    rule: &InboundRule,
+    peer: SocketAddr,
+    dest: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let mut ev = event(
+        AuditKind::Inbound,
+        peer,
+        Destination {
+            addr: Some(dest.to_string()),
+            method: Some(req.method().as_str().into()),
+            path: Some(req.uri().path().into()),
+            ..Default::default()
+        },
+    );
+    ev.rule = Some(rule.id.clone());
+    let token = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .map(str::to_string);
+    let deny = |mut ev: nhi_core::audit::AuditEvent, status: StatusCode, why: String| {
+        ev.decision = Decision::Deny;
+        ev.detail = Some(why.clone());
+        finish(edge, ev, started);
+        json(
+            status,
+            serde_json::json!({"error": if status == StatusCode::UNAUTHORIZED {"unauthorized"} else {"forbidden"}, "rule": rule.id, "message": why}),
+        )
+    };
+    let Some(token) = token else {
+        return deny(
+            ev,
+            StatusCode::UNAUTHORIZED,
+            "a JWT-SVID is required: Authorization: Bearer <token>".into(),
+        );
+    };
+    let caller = match edge.creds.validate(&token, &rule.audience).await {
+        Ok(v) => v.spiffe_id,
+        Err(CredError::Denied(m)) => return deny(ev, StatusCode::FORBIDDEN, m),
+        Err(e) => {
+            let why = format!("{e:?}");
+            return deny(ev, StatusCode::FORBIDDEN, why);
+        }
+    };
+    if !rule
+        .allow
+        .iter()
+        .any(|p| nhi_core::select::glob_match(p, &caller))
+    {
+        return deny(
+            ev,
+            StatusCode::FORBIDDEN,
+            format!("{caller} is not allowed by inbound rule {:?}", rule.id),
+        );
+    }
+    ev.detail = Some(format!("caller {caller}"));
+    match app.send(req).await {
+        Ok(resp) => {
+            finish(edge, ev, started);
+            resp.map(http_body_util::BodyExt::boxed)
+        }
+        Err(e) => {
+            ev.decision = Decision::Error;
+            ev.detail = Some(format!("caller {caller}; app: {e}"));
+            finish(edge, ev, started);
+            json(
+                StatusCode::BAD_GATEWAY,
+                serde_json::json!({"error": "app_unreachable", "message": e}),
+            )
+        }
+    }
+}

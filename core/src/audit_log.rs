@@ -248,7 +248,7 @@ pub fn verify(dir: &Path) -> io::Result<Verified> {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if n >= head.first_segment && n <= head.segment {
+                if head.seq > 0 && n >= head.first_segment && n <= head.segment {
                     problem(
                         &mut out,
                         &path,
@@ -629,8 +629,12 @@ impl Writer {
                 w.segment = w.segment.max(segs.last().copied().unwrap_or(1));
                 if tail.is_some() || head.is_some() {
                     w.open_segment()?;
+                } else {
+                    // A new log: its head (seq 0) is written at once, so records written before
+                    // a crash that precedes the first head update still chain on from a head.
+                    w.head_dirty = true;
                 }
-                w.head_dirty = tail.as_ref().map(|t| t.1) != head.as_ref().map(|h| h.seq);
+                w.head_dirty |= tail.as_ref().map(|t| t.1) != head.as_ref().map(|h| h.seq);
                 Ok((w, None))
             }
             Err(why) => {
@@ -1117,6 +1121,52 @@ mod tests {
         assert_eq!(v.unanchored, 5);
         assert_eq!(write(d.path(), 16, 1, opts(1 << 20, 0)), None);
         assert!(verify(d.path()).unwrap().ok());
+    }
+
+    #[test]
+    fn a_new_log_has_a_head_at_once_so_a_crash_before_its_first_update_is_resumed() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, broken) = Writer::open(d.path(), opts(1 << 20, 0)).unwrap();
+        assert!(broken.is_none());
+        w.commit().unwrap();
+        let empty = fs::read(d.path().join(HEAD_FILE)).unwrap();
+        let v = verify(d.path()).unwrap();
+        assert!(v.ok() && v.records == 0, "{v:?}");
+        for i in 1..=5 {
+            w.append(rec(i)).unwrap();
+        }
+        w.commit().unwrap();
+        drop(w);
+        fs::write(d.path().join(HEAD_FILE), empty).unwrap();
+        let v = verify(d.path()).unwrap();
+        assert!(v.ok() && v.unanchored == 5, "{v:?}");
+        assert_eq!(write(d.path(), 6, 1, opts(1 << 20, 0)), None);
+        let v = verify(d.path()).unwrap();
+        assert!(v.ok() && v.last_seq == 6 && v.unanchored == 0, "{v:?}");
+    }
+
+    #[test]
+    fn workload_metadata_comes_from_the_attachment() {
+        let w = Workload {
+            container_id: "c1".into(),
+            k8s: Some(crate::workload::K8s {
+                namespace: Some("shop".into()),
+                pod: Some("web-1".into()),
+                pod_uid: Some("u-1".into()),
+                ..Default::default()
+            }),
+            nomad: Some(crate::workload::Nomad {
+                alloc_id: Some("a-1".into()),
+                task: Some("api".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = WorkloadRef::from(&w);
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"container_id":"c1","pod_namespace":"shop","pod_name":"web-1","pod_uid":"u-1","nomad_alloc":"a-1","nomad_task":"api"}"#
+        );
     }
 
     #[test]

@@ -432,6 +432,32 @@ fn ten_thousand_requests_make_exactly_ten_thousand_records_and_tampering_is_name
     fs::write(&last, kept[..kept.len() - 2].join("\n") + "\n").unwrap();
     let (ok, out) = verify(&node, &copy);
     assert!(!ok && out.contains("log truncated"), "{out}");
+
+    // nhid restarted on a cut log never appends to it: a new segment opens with a chain_break
+    // record, and verify keeps naming both the gap and the break.
+    let real_last = dir.join(last.file_name().unwrap());
+    let text = fs::read_to_string(&real_last).unwrap();
+    let kept: Vec<&str> = text.lines().collect();
+    fs::write(&real_last, kept[..kept.len() - 2].join("\n") + "\n").unwrap();
+    node.start();
+    assert_eq!(tokens_in_netns(a.pid(), "after-break-", 0..3, 1), 3);
+    assert!(
+        node.log().contains("audit log chain is broken"),
+        "{}",
+        node.log()
+    );
+    node.stop();
+    let breaks: Vec<serde_json::Value> = records(&node)
+        .into_iter()
+        .filter(|r| r["kind"] == "chain_break")
+        .collect();
+    assert_eq!(breaks.len(), 1, "{breaks:?}");
+    assert!(breaks[0]["detail"].as_str().unwrap().contains("truncated"));
+    let (ok, out) = verify(&node, &dir);
+    assert!(
+        !ok && out.contains("are missing (dropped)") && out.contains("broken when it started"),
+        "{out}"
+    );
     a.delete();
 }
 

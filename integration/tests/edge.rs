@@ -300,6 +300,15 @@ ports = [{port}]
     };
     let node = node(&policy(9000));
     let c = node.named_container("edge-reload");
+    // Not covered at first: untouched until a reload gives it a policy.
+    let late = node.named_container("edge-late");
+    let late_peer = peer(&short("edgel"), late.pid());
+    let late_ns = container_ns(late.pid());
+    let late_named = NamedNs::attach(&short("edgen"), late.pid());
+    echo_server(listen_in(&late_peer.path(), at(9000)));
+    let late_9001 = echo_server(listen_in(&late_peer.path(), at(9001)));
+    assert!(nft_in(&late_named).is_empty(), "no policy, no rules");
+    assert!(tcp_echo(&late_ns, at(9000), "x").is_ok());
     let pid = c.pid();
     let companion = node.companion_pid(&c.id).unwrap();
     let peer = peer(&short("edger"), pid);
@@ -312,7 +321,10 @@ ports = [{port}]
     let cfg = std::fs::read_to_string(&node.config).unwrap();
     std::fs::write(
         &node.config,
-        cfg.replace("ports = [9000]", "ports = [9001]"),
+        cfg.replace("ports = [9000]", "ports = [9001]").replace(
+            "spiffe_ids = [\"spiffe://example.org/container/edge-reload\"]",
+            "spiffe_ids = [\"spiffe://example.org/container/edge-reload\", \"spiffe://example.org/container/edge-late\"]",
+        ),
     )
     .unwrap();
     node.reload();
@@ -327,6 +339,20 @@ ports = [{port}]
     assert!(b.connections() >= 1);
     assert_eq!(c.pid(), pid, "the container was not restarted");
     assert_eq!(node.companion_pid(&c.id), Some(companion));
+    // The newly covered workload is intercepted now: its rules exist and 9000 is denied.
+    assert!(
+        eventually(Duration::from_secs(5), || tcp_echo(&late_ns, at(9000), "x")
+            .is_err()),
+        "edge-late not intercepted after reload: {}",
+        node.log()
+    );
+    assert!(nft_in(&late_named).contains("redirect to :15001"));
+    // ... and its companion, which had nothing to proxy before, now proxies what is allowed.
+    assert_eq!(
+        tcp_echo(&late_ns, at(9001), "via proxy").unwrap(),
+        "via proxy"
+    );
+    assert_eq!(late_9001.connections(), 1);
 
     // A config that no longer loads keeps the current policy.
     std::fs::write(&node.config, "not toml").unwrap();
@@ -336,4 +362,5 @@ ports = [{port}]
     assert!(node.log().contains("keeping the current policies"));
     std::fs::write(&node.config, cfg).unwrap();
     c.delete();
+    late.delete();
 }

@@ -364,3 +364,41 @@ ports = [{port}]
     c.delete();
     late.delete();
 }
+
+#[test]
+fn rules_fail_closed_while_nhid_restarts_and_come_back_with_the_companion() {
+    let mut node = node(
+        r#"
+[[policy]]
+id = "restart"
+spiffe_ids = ["spiffe://example.org/container/edge-restart"]
+default = "deny"
+[[policy.egress]]
+id = "only"
+ports = [9000]
+"#,
+    );
+    let c = node.named_container("edge-restart");
+    let pid = c.pid();
+    let peer = peer(&short("edgeq"), pid);
+    let ns = container_ns(pid);
+    let up = echo_server(listen_in(&peer.path(), at(9000)));
+    let other = echo_server(listen_in(&peer.path(), at(9001)));
+    assert!(tcp_echo(&ns, at(9000), "a").is_ok());
+
+    // nhid down: its companions stop, the rules stay, so nothing leaves unchecked.
+    node.stop();
+    assert!(tcp_echo(&ns, at(9000), "b").is_err());
+    assert!(tcp_echo(&ns, at(9001), "b").is_err());
+    node.start();
+    assert!(
+        eventually(Duration::from_secs(10), || tcp_echo(&ns, at(9000), "c")
+            .is_ok()),
+        "{}",
+        node.log()
+    );
+    assert!(tcp_echo(&ns, at(9001), "d").is_err());
+    assert_eq!(other.connections(), 0);
+    assert_eq!(up.connections(), 2);
+    c.delete();
+}

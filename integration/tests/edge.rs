@@ -172,6 +172,10 @@ id = "api"
 ports = [8080]
 host = "10.77.0.1"
 broker = { secret = "edge-api-token", header = "authorization", format = "Bearer {value}" }
+[[policy.egress]]
+id = "svid"
+ports = [8081]
+broker = { jwt_audience = "upstream-api", header = "x-svid", format = "{value}" }
 "#,
     );
     let value = format!("tok-{}", unique_id("v"));
@@ -211,6 +215,26 @@ broker = { secret = "edge-api-token", header = "authorization", format = "Bearer
         &format!("cat /run/nhi/* /run/nhi/*/* 2>/dev/null | grep -c {value} || true"),
     ]);
     assert_eq!(String::from_utf8_lossy(&grep.stdout).trim(), "0");
+    // A JWT-SVID of the workload for the rule's audience is brokerable too.
+    let svid = http_server(listen_in(&peer.path(), at(8081)));
+    let out = c.exec(&["wget", "-qO-", "http://10.77.0.1:8081/x"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok", "{out:?}");
+    let head = svid.requests().remove(0);
+    let token = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-svid: "))
+        .unwrap_or_else(|| panic!("no x-svid header: {head}"))
+        .trim()
+        .to_string();
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], "spiffe://example.org/container/edge-broker");
+    assert_eq!(claims["aud"], serde_json::json!(["upstream-api"]));
     assert!(!node.log().contains(&value), "secret value in nhid's log");
     assert!(node.log().contains("delivered brokered secret"));
     c.delete();

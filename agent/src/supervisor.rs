@@ -520,11 +520,9 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
 /// identity's current policy names. Never a grant: the workload's `/v1/secrets` still refuses it.
 async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> CompanionResponse {
     let id = identity.spiffe_id.as_str();
-    let name = ctx.policy_for(identity).and_then(|p| {
-        p.egress_rule(rule_id)
-            .and_then(|r| r.broker.as_ref())
-            .and_then(|b| b.secret.clone())
-    });
+    let name = ctx
+        .policy_for(identity)
+        .and_then(|p| p.brokered_secret(rule_id).map(str::to_string));
     let Some(name) = name else {
         tracing::warn!(spiffe_id = %id, rule = %rule_id, "refused: no brokered secret in that rule");
         return CompanionResponse::Denied {

@@ -104,27 +104,40 @@ fn split_events(mut events: channel::Events) -> (channel::Events, EdgeEvents) {
     (creds_rx, edge_rx)
 }
 
-/// Binds the edge proxy's listeners (outbound on loopback, where nftables' output REDIRECT
-/// sends it; inbound on all addresses, where prerouting REDIRECT does) and serves them. A port
-/// already taken only disables that side: without a policy nothing is redirected to it anyway.
+/// Serves the edge proxy once the identity has a policy (at hello, or when a reload gives it
+/// one): outbound on loopback, where nftables' output REDIRECT sends it; inbound on all
+/// addresses, where prerouting REDIRECT does. Without a policy nothing is redirected, so
+/// nothing is bound. A port already taken only disables that side, with a log line.
 async fn start_edge(init: &nhi_core::wire::Init, edge: Arc<proxy::Edge>, mut events: EdgeEvents) {
-    let e = edge.clone();
+    let ports = init.egress;
+    let mut listening = false;
+    if edge.policy().is_some() {
+        listen(&edge, ports).await;
+        listening = true;
+    }
     tokio::spawn(async move {
         while let Some(ev) = events.recv().await {
-            e.apply(&ev);
+            edge.apply(&ev);
+            if !listening && edge.policy().is_some() {
+                listen(&edge, ports).await;
+                listening = true;
+            }
         }
     });
-    let out: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, init.egress.proxy_port).into();
+}
+
+async fn listen(edge: &Arc<proxy::Edge>, ports: nhi_core::policy::EgressConfig) {
+    let out: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, ports.proxy_port).into();
     match tokio::net::TcpListener::bind(out).await {
         Ok(l) => {
             tokio::spawn(proxy::serve_outbound(l, edge.clone()));
         }
         Err(e) => eprintln!("edge proxy disabled: listening on {out}: {e}"),
     }
-    let inb: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, init.egress.inbound_port).into();
+    let inb: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, ports.inbound_port).into();
     match tokio::net::TcpListener::bind(inb).await {
         Ok(l) => {
-            tokio::spawn(proxy::inbound::serve(l, edge));
+            tokio::spawn(proxy::inbound::serve(l, edge.clone()));
         }
         Err(e) => eprintln!("inbound policy disabled: listening on {inb}: {e}"),
     }

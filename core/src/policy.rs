@@ -341,6 +341,15 @@ impl Policy {
         self.egress.iter().find(|r| r.id == id)
     }
 
+    /// The secret egress rule `rule_id` brokers, if it is an allow rule of this policy with a
+    /// secret broker: the only way a companion gets a secret value without a grant.
+    pub fn brokered_secret(&self, rule_id: &str) -> Option<&str> {
+        self.egress_rule(rule_id)
+            .filter(|r| r.action == Action::Allow)
+            .and_then(|r| r.broker.as_ref())
+            .and_then(|b| b.secret.as_deref())
+    }
+
     /// Load-time checks.
     pub fn validate(
         &self,
@@ -653,6 +662,27 @@ audience = "web"
             ..Default::default()
         };
         assert_eq!(p.decide(&l4).rule, None);
+    }
+
+    #[test]
+    fn only_a_secret_broker_rule_yields_a_brokered_secret() {
+        let p = sample();
+        assert_eq!(p.brokered_secret("api"), Some("api-token"));
+        assert_eq!(p.brokered_secret("tls"), None, "no broker");
+        assert_eq!(p.brokered_secret("no-admin"), None);
+        assert_eq!(p.brokered_secret("nope"), None);
+        let mut jwt = p.clone();
+        jwt.egress[1].broker = Some(Broker {
+            header: "authorization".into(),
+            secret: None,
+            jwt_audience: Some("a".into()),
+            format: "Bearer {value}".into(),
+        });
+        assert_eq!(
+            jwt.brokered_secret("api"),
+            None,
+            "a JWT broker names no secret"
+        );
     }
 
     #[test]

@@ -172,6 +172,10 @@ id = "api"
 ports = [8080]
 host = "10.77.0.1"
 broker = { secret = "edge-api-token", header = "authorization", format = "Bearer {value}" }
+[[policy.egress]]
+id = "svid"
+ports = [8081]
+broker = { jwt_audience = "upstream-api", header = "x-svid", format = "{value}" }
 "#,
     );
     let value = format!("tok-{}", unique_id("v"));
@@ -211,6 +215,26 @@ broker = { secret = "edge-api-token", header = "authorization", format = "Bearer
         &format!("cat /run/nhi/* /run/nhi/*/* 2>/dev/null | grep -c {value} || true"),
     ]);
     assert_eq!(String::from_utf8_lossy(&grep.stdout).trim(), "0");
+    // A JWT-SVID of the workload for the rule's audience is brokerable too.
+    let svid = http_server(listen_in(&peer.path(), at(8081)));
+    let out = c.exec(&["wget", "-qO-", "http://10.77.0.1:8081/x"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok", "{out:?}");
+    let head = svid.requests().remove(0);
+    let token = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-svid: "))
+        .unwrap_or_else(|| panic!("no x-svid header: {head}"))
+        .trim()
+        .to_string();
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], "spiffe://example.org/container/edge-broker");
+    assert_eq!(claims["aud"], serde_json::json!(["upstream-api"]));
     assert!(!node.log().contains(&value), "secret value in nhid's log");
     assert!(node.log().contains("delivered brokered secret"));
     c.delete();
@@ -300,6 +324,15 @@ ports = [{port}]
     };
     let node = node(&policy(9000));
     let c = node.named_container("edge-reload");
+    // Not covered at first: untouched until a reload gives it a policy.
+    let late = node.named_container("edge-late");
+    let late_peer = peer(&short("edgel"), late.pid());
+    let late_ns = container_ns(late.pid());
+    let late_named = NamedNs::attach(&short("edgen"), late.pid());
+    echo_server(listen_in(&late_peer.path(), at(9000)));
+    let late_9001 = echo_server(listen_in(&late_peer.path(), at(9001)));
+    assert!(nft_in(&late_named).is_empty(), "no policy, no rules");
+    assert!(tcp_echo(&late_ns, at(9000), "x").is_ok());
     let pid = c.pid();
     let companion = node.companion_pid(&c.id).unwrap();
     let peer = peer(&short("edger"), pid);
@@ -312,7 +345,10 @@ ports = [{port}]
     let cfg = std::fs::read_to_string(&node.config).unwrap();
     std::fs::write(
         &node.config,
-        cfg.replace("ports = [9000]", "ports = [9001]"),
+        cfg.replace("ports = [9000]", "ports = [9001]").replace(
+            "spiffe_ids = [\"spiffe://example.org/container/edge-reload\"]",
+            "spiffe_ids = [\"spiffe://example.org/container/edge-reload\", \"spiffe://example.org/container/edge-late\"]",
+        ),
     )
     .unwrap();
     node.reload();
@@ -327,6 +363,20 @@ ports = [{port}]
     assert!(b.connections() >= 1);
     assert_eq!(c.pid(), pid, "the container was not restarted");
     assert_eq!(node.companion_pid(&c.id), Some(companion));
+    // The newly covered workload is intercepted now: its rules exist and 9000 is denied.
+    assert!(
+        eventually(Duration::from_secs(5), || tcp_echo(&late_ns, at(9000), "x")
+            .is_err()),
+        "edge-late not intercepted after reload: {}",
+        node.log()
+    );
+    assert!(nft_in(&late_named).contains("redirect to :15001"));
+    // ... and its companion, which had nothing to proxy before, now proxies what is allowed.
+    assert_eq!(
+        tcp_echo(&late_ns, at(9001), "via proxy").unwrap(),
+        "via proxy"
+    );
+    assert_eq!(late_9001.connections(), 1);
 
     // A config that no longer loads keeps the current policy.
     std::fs::write(&node.config, "not toml").unwrap();
@@ -335,5 +385,44 @@ ports = [{port}]
     assert!(tcp_echo(&ns, at(9001), "z").is_ok());
     assert!(node.log().contains("keeping the current policies"));
     std::fs::write(&node.config, cfg).unwrap();
+    c.delete();
+    late.delete();
+}
+
+#[test]
+fn rules_fail_closed_while_nhid_restarts_and_come_back_with_the_companion() {
+    let mut node = node(
+        r#"
+[[policy]]
+id = "restart"
+spiffe_ids = ["spiffe://example.org/container/edge-restart"]
+default = "deny"
+[[policy.egress]]
+id = "only"
+ports = [9000]
+"#,
+    );
+    let c = node.named_container("edge-restart");
+    let pid = c.pid();
+    let peer = peer(&short("edgeq"), pid);
+    let ns = container_ns(pid);
+    let up = echo_server(listen_in(&peer.path(), at(9000)));
+    let other = echo_server(listen_in(&peer.path(), at(9001)));
+    assert!(tcp_echo(&ns, at(9000), "a").is_ok());
+
+    // nhid down: its companions stop, the rules stay, so nothing leaves unchecked.
+    node.stop();
+    assert!(tcp_echo(&ns, at(9000), "b").is_err());
+    assert!(tcp_echo(&ns, at(9001), "b").is_err());
+    node.start();
+    assert!(
+        eventually(Duration::from_secs(10), || tcp_echo(&ns, at(9000), "c")
+            .is_ok()),
+        "{}",
+        node.log()
+    );
+    assert!(tcp_echo(&ns, at(9001), "d").is_err());
+    assert_eq!(other.connections(), 0);
+    assert_eq!(up.connections(), 2);
     c.delete();
 }

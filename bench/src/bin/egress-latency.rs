@@ -4,7 +4,7 @@
 //!
 //! - small HTTP request, new connection each (`GET /small`, `Connection: close`): latency of the
 //!   whole exchange, through the per-request HTTP path (port 8080: a path rule makes the proxy
-//!   read each request) and through the L4 path (port 9000: address/port rules only, spliced);
+//!   read each request) and through the L4 path (port 9000: address/port rules only, splice(2));
 //! - 100 MiB transfer (`GET /bytes/104857600`) through both paths: time and throughput.
 //!
 //! Runs are interleaved (direct and proxied alternate, alternating which goes first).

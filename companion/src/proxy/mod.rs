@@ -9,6 +9,7 @@
 pub mod http;
 pub mod inbound;
 pub mod sniff;
+pub mod splice;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -31,8 +32,6 @@ use sniff::{sniff, Sniffed, MAX_HELLO};
 /// protocol where the server speaks first is decided by address and port after this.
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction for spliced connections.
-const COPY_BUF: usize = 256 * 1024;
 /// Most connections proxied at once (each direction); more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 4096;
 
@@ -293,8 +292,7 @@ async fn outbound(edge: Arc<Edge>, client: TcpStream, peer: SocketAddr) {
         Err(_) => return fail(&edge, ev, started, client, "connect: timed out".into()),
     };
     let _ = upstream.set_nodelay(true);
-    let (mut c, mut u) = (client, upstream);
-    let res = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, COPY_BUF, COPY_BUF).await;
+    let res = splice::relay(&client, &upstream).await;
     match res {
         Ok((out, inn)) => {
             ev.bytes_out = out;

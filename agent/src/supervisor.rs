@@ -519,12 +519,30 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
 /// A secret for the companion to inject upstream: only the one egress rule `rule_id` of the
 /// identity's current policy names. Never a grant: the workload's `/v1/secrets` still refuses it.
 async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> CompanionResponse {
+    use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
     let id = identity.spiffe_id.as_str();
+    let started = std::time::Instant::now();
     let name = ctx
         .policy_for(identity)
         .and_then(|p| p.brokered_secret(rule_id).map(str::to_string));
+    // One audit record per outcome, like every other issuance; the detail names the rule.
+    let audit = |name: &str, version: Option<String>, decision, why: &str| {
+        crate::audit::credential(
+            ctx,
+            identity,
+            Some(nhi_core::audit::CredentialRef {
+                name: format!("secret:{name}"),
+                version: None,
+            }),
+            version,
+            decision,
+            Some(format!("brokered by rule {rule_id}{why}")),
+            started,
+        )
+    };
     let Some(name) = name else {
         tracing::warn!(spiffe_id = %id, rule = %rule_id, "refused: no brokered secret in that rule");
+        audit("?", None, Deny, ": the rule brokers no secret");
         return CompanionResponse::Denied {
             message: format!("no egress rule {rule_id:?} brokering a secret for {id}"),
         };
@@ -532,6 +550,7 @@ async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> Compa
     match ctx.store.get(&name).await {
         Ok(Some(s)) => {
             tracing::info!(spiffe_id = %id, secret = %name, version = s.version, rule = %rule_id, "delivered brokered secret");
+            audit(&name, Some(s.version.to_string()), Allow, "");
             CompanionResponse::Secret(SecretValue {
                 name,
                 version: s.version,
@@ -539,12 +558,18 @@ async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> Compa
                 expires_at: now_unix() + ctx.config.store.secret_ttl.as_secs(),
             })
         }
-        Ok(None) => CompanionResponse::NotFound {
-            message: format!("no secret named {name:?}"),
-        },
-        Err(e) => CompanionResponse::Error {
-            message: e.to_string(),
-        },
+        Ok(None) => {
+            audit(&name, None, Deny, ": not found");
+            CompanionResponse::NotFound {
+                message: format!("no secret named {name:?}"),
+            }
+        }
+        Err(e) => {
+            audit(&name, None, Failed, &format!(": {e}"));
+            CompanionResponse::Error {
+                message: e.to_string(),
+            }
+        }
     }
 }
 

@@ -237,6 +237,38 @@ broker = { jwt_audience = "upstream-api", header = "x-svid", format = "{value}" 
     assert_eq!(claims["aud"], serde_json::json!(["upstream-api"]));
     assert!(!node.log().contains(&value), "secret value in nhid's log");
     assert!(node.log().contains("delivered brokered secret"));
+    // Audited like any issuance (name, version, the rule; never the value), and the proxied
+    // request records which credential it carried.
+    assert!(
+        eventually(Duration::from_secs(5), || audit_records(&node).iter().any(
+            |r| {
+                r["kind"] == "credential"
+                    && r["credential"]["name"] == "secret:edge-api-token"
+                    && r["credential"]["version"] == "1"
+                    && r["detail"] == "brokered by rule api"
+            }
+        )),
+        "no brokered-secret record: {:?}",
+        audit_records(&node)
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || audit_records(&node).iter().any(
+            |r| {
+                r["kind"] == "http_request"
+                    && r["destination"]["path"] == "/v1/charge"
+                    && r["credential"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("edge-api-token"))
+            }
+        )),
+        "no request record naming the injected credential: {:?}",
+        audit_records(&node)
+    );
+    let audit_files = std::fs::read_dir(node.state_dir.join("audit")).unwrap();
+    for f in audit_files {
+        let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+        assert!(!text.contains(&value), "secret value in the audit log");
+    }
     c.delete();
 }
 
@@ -425,4 +457,167 @@ ports = [9000]
     assert_eq!(other.connections(), 0);
     assert_eq!(up.connections(), 2);
     c.delete();
+}
+
+const AUDITED_HTTP: &str = r#"
+[[policy]]
+id = "audited"
+spiffe_ids = ["spiffe://example.org/container/edge-audit"]
+default = "deny"
+[[policy.egress]]
+id = "no-admin"
+action = "deny"
+ports = [8080]
+path_prefix = "/admin"
+[[policy.egress]]
+id = "web"
+action = "allow"
+ports = [8080]
+methods = ["GET"]
+"#;
+
+/// `n` HTTP/1.1 requests over one keep-alive connection from inside `ns`; every tenth goes to
+/// `/admin/...` (denied by the proxy with a 403, the connection stays up). Returns the statuses.
+fn keep_alive_requests(ns: &std::path::Path, addr: SocketAddr, tag: u32, n: u32) -> Vec<u16> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    in_netns(ns, move || {
+        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut statuses = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let path = if i % 10 == 9 {
+                format!("/admin/{tag}/{i}")
+            } else {
+                format!("/ok/{tag}/{i}")
+            };
+            let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+            w.write_all(req.as_bytes()).unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            let mut len = 0usize;
+            loop {
+                let mut h = String::new();
+                r.read_line(&mut h).unwrap();
+                if h == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            statuses.push(status);
+        }
+        statuses
+    })
+}
+
+/// Every audit record on disk, oldest first.
+fn audit_records(node: &Node) -> Vec<serde_json::Value> {
+    let dir = node.state_dir.join("audit");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<serde_json::Value>>()
+        })
+        .collect()
+}
+
+#[test]
+fn ten_thousand_proxied_requests_make_exactly_ten_thousand_chained_audit_records() {
+    let mut node = Node::with_config(ANNOTATED_RULE, "[audit]\nmax_file_bytes = 1000000\n");
+    node.append_config(AUDITED_HTTP);
+    node.start();
+    let c = node.named_container("edge-audit");
+    let pid = c.pid();
+    let peer = peer(&short("edgea"), pid);
+    let web = http_server(listen_in(&peer.path(), at(8080)));
+    let ns = container_ns(pid);
+
+    const THREADS: u32 = 4;
+    const PER: u32 = 2_500;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let ns = ns.clone();
+            std::thread::spawn(move || keep_alive_requests(&ns, at(8080), t, PER))
+        })
+        .collect();
+    let statuses: Vec<u16> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert_eq!(statuses.len(), 10_000);
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 9_000);
+    assert_eq!(statuses.iter().filter(|s| **s == 403).count(), 1_000);
+    assert_eq!(web.requests().len(), 9_000, "denied requests never arrive");
+
+    let http_records = |node: &Node| -> Vec<serde_json::Value> {
+        audit_records(node)
+            .into_iter()
+            .filter(|r| r["kind"] == "http_request")
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || http_records(&node).len()
+            >= 10_000),
+        "only {} records",
+        http_records(&node).len()
+    );
+    let recs = http_records(&node);
+    assert_eq!(recs.len(), 10_000, "exactly one record per request");
+    assert!(
+        !audit_records(&node).iter().any(|r| r["kind"] == "dropped"),
+        "nothing lost"
+    );
+    // Every request is there once, attributed by nhid to this container, with its decision.
+    let paths: std::collections::BTreeSet<&str> = recs
+        .iter()
+        .map(|r| r["destination"]["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths.len(), 10_000, "one record for each distinct request");
+    for r in &recs {
+        assert_eq!(r["workload"]["container_id"], c.id.as_str(), "{r}");
+        assert_eq!(
+            r["spiffe_id"], "spiffe://example.org/container/edge-audit",
+            "{r}"
+        );
+        let path = r["destination"]["path"].as_str().unwrap();
+        let (decision, rule) = if path.starts_with("/admin/") {
+            ("deny", "no-admin")
+        } else {
+            ("allow", "web")
+        };
+        assert_eq!(
+            (r["decision"].as_str(), r["rule"].as_str()),
+            (Some(decision), Some(rule)),
+            "{r}"
+        );
+        assert_eq!(r["destination"]["method"], "GET", "{r}");
+    }
+
+    let dir = node.state_dir.join("audit");
+    let out = node.nhictl(&["audit", "verify", "--dir", dir.to_str().unwrap()], b"");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -78,6 +78,9 @@ pub fn requested(req: &CompanionRequest) -> Option<CredentialRef> {
         CompanionRequest::Jwt { .. } => "jwt-svid".to_string(),
         CompanionRequest::X509 => "x509-svid".to_string(),
         CompanionRequest::Secret { name } => format!("secret:{name}"),
+        // Which secret depends on the current policy; `brokered_secret` audits the outcome with
+        // the name. This one only shows up when the request is refused before (revoked).
+        CompanionRequest::BrokeredSecret { rule_id } => format!("brokered:{rule_id}"),
         _ => return None,
     };
     Some(CredentialRef {

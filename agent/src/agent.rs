@@ -81,9 +81,10 @@ impl Agent {
             } => {
                 let cid = workload.container_id.clone();
                 let res = self.attach(*workload, pid, &rule).await;
-                if let Ok(AgentResponse::Attached { .. }) = &res {
+                if let Ok(AgentResponse::Attached { netns_inode, .. }) = &res {
                     // Secret files are in place before the workload's process starts.
                     self.deliver_files(&cid, pid).await;
+                    self.link_workload_socket(&cid, pid, *netns_inode);
                 }
                 res
             }
@@ -287,6 +288,18 @@ impl Agent {
         })
     }
 
+    /// Gives the container its Workload API socket (`/run/nhi/workload.sock`) if the injection
+    /// path made it a `/run/nhi` directory.
+    fn link_workload_socket(&self, container_id: &str, pid: i32, inode: u64) {
+        let containers_dir = &self.ctx.config.store.containers_dir;
+        if let Some(dir) = crate::secrets::container_dir(containers_dir, container_id) {
+            match crate::secrets::owner_of(pid) {
+                Ok(owner) => crate::wapi::link_into(&dir, containers_dir, inode, owner),
+                Err(e) => tracing::error!(container = %container_id, "workload API socket: {e}"),
+            }
+        }
+    }
+
     /// Writes (or removes) the on-disk record of namespace `inode` from the registry.
     fn sync(&self, reg: &Registry, inode: u64) {
         match reg.by_netns.get(&inode) {
@@ -373,6 +386,9 @@ impl Agent {
                     match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
                         Ok(companion) => {
                             tracing::info!(netns = inode, spiffe_id = %id, companion_pid = companion.pid(), "companion restored after restart");
+                            for (cid, p) in &attachment.containers {
+                                self.link_workload_socket(cid, p.pid, inode);
+                            }
                             attachment.running = Some(Running {
                                 identity,
                                 companion,

@@ -22,7 +22,7 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 use crate::issuer::{now_unix, Issuer};
 use crate::netns::NetNs;
 use crate::revoke::Revocations;
-use crate::spawn::{spawn_companion, CompanionUser, Spawned};
+use crate::spawn::{CompanionUser, Spawned};
 use crate::store::Store;
 
 /// What every companion task needs from the daemon.
@@ -112,7 +112,13 @@ pub async fn start(
     netns: NetNs,
 ) -> Result<CompanionHandle, String> {
     let last_stderr = Arc::new(Mutex::new(String::new()));
-    let spawned = spawn(&ctx, &identity, &netns, &last_stderr).map_err(|e| {
+    let wapi = crate::wapi::bind(&ctx.config.store.containers_dir, netns.inode)
+        .map_err(|e| {
+            tracing::warn!(spiffe_id = %identity.spiffe_id, "Workload API unix socket unavailable (TCP only): {e}")
+        })
+        .ok()
+        .map(Arc::new);
+    let spawned = spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_deref()).map_err(|e| {
         format!(
             "cannot start companion {}: {e}",
             ctx.config.companion.binary.display()
@@ -124,7 +130,7 @@ pub async fn start(
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(
+    let runner = run(
         ctx.clone(),
         identity,
         netns,
@@ -134,7 +140,14 @@ pub async fn start(
         stop_rx,
         events_rx,
         last_stderr.clone(),
-    ));
+        wapi.clone(),
+    );
+    tokio::spawn(async move {
+        runner.await;
+        if let Some(w) = wapi {
+            w.unbind();
+        }
+    });
     let handle = CompanionHandle {
         pid,
         stop: Some(stop_tx),
@@ -162,14 +175,20 @@ fn spawn(
     identity: &Identity,
     netns: &NetNs,
     last_stderr: &Arc<Mutex<String>>,
+    wapi: Option<&crate::wapi::Socket>,
 ) -> std::io::Result<Spawned> {
+    use std::os::fd::AsRawFd;
     let c = &ctx.config.companion;
-    let mut s = spawn_companion(
+    let mut s = crate::spawn::spawn_companion_serving(
         &c.binary,
         &c.listen,
         c.max_cached_audiences,
         ctx.user,
         &netns.file,
+        crate::spawn::Serving {
+            workload_api_listen: Some(&c.workload_api_listen),
+            listener_fd: wapi.map(|w| w.listener.as_raw_fd()),
+        },
     )?;
     // Relay the companion's log lines into nhid's log, tagged with the identity. Lines are cut
     // at MAX_LOG_LINE bytes: a misbehaving companion cannot grow nhid's memory.
@@ -217,6 +236,7 @@ async fn run(
     mut stop_rx: oneshot::Receiver<oneshot::Sender<()>>,
     mut events_rx: mpsc::UnboundedReceiver<CompanionResponse>,
     last_stderr: Arc<Mutex<String>>,
+    wapi: Option<Arc<crate::wapi::Socket>>,
 ) {
     let mut ready_tx = Some(ready_tx);
     let mut backoff = MIN_BACKOFF;
@@ -263,7 +283,7 @@ async fn run(
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            match spawn(&ctx, &identity, &netns, &last_stderr) {
+            match spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_deref()) {
                 Ok(s) => {
                     spawned = s;
                     pid.store(

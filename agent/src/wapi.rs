@@ -1,0 +1,129 @@
+//! The SPIFFE Workload API's unix socket. The companion runs in the host's mount namespace as
+//! an unprivileged uid, so it cannot bind inside a container. `nhid` binds one listening socket
+//! per companion (per network namespace) at `<containers_dir>/.wapi/<netns inode>.sock` (a
+//! root-only directory) and hands the listening fd to the companion at every (re)start; for
+//! each container with a `/run/nhi` directory (made by `nhi-runc`) it hard-links that socket
+//! as `<containers_dir>/<id>/workload.sock`, which the container sees as
+//! `/run/nhi/workload.sock` (`SPIFFE_ENDPOINT_SOCKET`). The socket belongs to the uid of the
+//! container's init, mode 0600, like the secret files next to it.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+/// Name of the socket in the container's `/run/nhi`.
+pub const SOCKET_NAME: &str = "workload.sock";
+
+fn hidden_dir(containers_dir: &Path) -> PathBuf {
+    containers_dir.join(".wapi")
+}
+
+/// Where the listening socket of network namespace `inode` lives on the host.
+pub fn socket_path(containers_dir: &Path, inode: u64) -> PathBuf {
+    hidden_dir(containers_dir).join(format!("{inode}.sock"))
+}
+
+/// A bound Workload API socket: the listener and the path (and inode) it was bound at.
+pub struct Socket {
+    pub listener: UnixListener,
+    path: PathBuf,
+    ino: u64,
+}
+
+impl Socket {
+    /// Removes the socket's path if it is still this socket (a newer companion of the same
+    /// namespace may have bound it again meanwhile).
+    pub fn unbind(&self) {
+        if fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds the Workload API socket of namespace `inode` (replacing a stale one).
+pub fn bind(containers_dir: &Path, inode: u64) -> io::Result<Socket> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(containers_dir)?;
+    let dir = hidden_dir(containers_dir);
+    match fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = fs::symlink_metadata(&dir)?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory owned by nhid",
+            dir.display()
+        )));
+    }
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+    let path = socket_path(containers_dir, inode);
+    let _ = fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+    let ino = fs::symlink_metadata(&path)?.ino();
+    Ok(Socket {
+        listener,
+        path,
+        ino,
+    })
+}
+
+/// Links namespace `inode`'s socket into the container's `/run/nhi` directory (if the
+/// injection path made one) and gives it to the container's init uid (`owner`).
+pub fn link_into(container_dir: &Path, containers_dir: &Path, inode: u64, owner: (u32, u32)) {
+    let src = socket_path(containers_dir, inode);
+    let dst = container_dir.join(SOCKET_NAME);
+    let res = (|| {
+        if !src.exists() {
+            return Ok(());
+        }
+        let _ = fs::remove_file(&dst);
+        fs::hard_link(&src, &dst)?;
+        std::os::unix::fs::lchown(&dst, Some(owner.0), Some(owner.1))?;
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o600))
+    })();
+    if let Err(e) = res {
+        tracing::error!(dir = %container_dir.display(), "workload API socket: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_link_and_unbind() {
+        let root = tempfile::tempdir().unwrap();
+        let s1 = bind(root.path(), 42).unwrap();
+        let p = socket_path(root.path(), 42);
+        assert!(p.exists());
+        assert_eq!(
+            fs::metadata(hidden_dir(root.path())).unwrap().mode() & 0o777,
+            0o700
+        );
+        let c = root.path().join("c1");
+        fs::create_dir(&c).unwrap();
+        let me = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        link_into(&c, root.path(), 42, me);
+        let linked = c.join(SOCKET_NAME);
+        assert_eq!(fs::metadata(&linked).unwrap().mode() & 0o777, 0o600);
+        // The link reaches the same listener.
+        let _s = std::os::unix::net::UnixStream::connect(&linked).unwrap();
+        s1.listener.accept().unwrap();
+        // A newer bind of the same namespace is not removed by the older socket.
+        let s2 = bind(root.path(), 42).unwrap();
+        s1.unbind();
+        assert!(p.exists());
+        s2.unbind();
+        assert!(!p.exists());
+    }
+}

@@ -112,7 +112,11 @@ pub async fn start(
     netns: NetNs,
 ) -> Result<CompanionHandle, String> {
     let last_stderr = Arc::new(Mutex::new(String::new()));
-    let wapi = crate::wapi::bind(&ctx.config.store.containers_dir, netns.inode)
+    let aws = ctx
+        .config
+        .rule(&identity.rule)
+        .is_some_and(|r| r.aws_credentials.is_some());
+    let wapi = crate::wapi::bind(&ctx.config.store.containers_dir, netns.inode, aws)
         .map_err(|e| {
             tracing::warn!(spiffe_id = %identity.spiffe_id, "Workload API unix socket unavailable (TCP only): {e}")
         })
@@ -245,6 +249,7 @@ async fn run(
         let ended = serve(
             &ctx,
             &identity,
+            wapi.as_deref(),
             &mut spawned,
             &mut ready_tx,
             &mut stop_rx,
@@ -330,6 +335,7 @@ async fn write_line(
 async fn serve(
     ctx: &Arc<Ctx>,
     identity: &Arc<Identity>,
+    wapi: Option<&crate::wapi::Socket>,
     spawned: &mut Spawned,
     ready_tx: &mut Option<oneshot::Sender<()>>,
     stop_rx: &mut oneshot::Receiver<oneshot::Sender<()>>,
@@ -364,7 +370,7 @@ async fn serve(
                 };
                 match serde_json::from_str::<ChannelRequest>(&line) {
                     Ok(ChannelRequest { id, body: CompanionRequest::Hello }) => {
-                        let body = hello(ctx, identity, ready_tx);
+                        let body = hello(ctx, identity, ready_tx, wapi);
                         write_line(&mut wr, &ChannelResponse { id, body }).await
                     }
                     Ok(ChannelRequest { body: CompanionRequest::Audit { events, dropped }, .. }) => {
@@ -398,6 +404,7 @@ fn hello(
     ctx: &Ctx,
     identity: &Identity,
     ready_tx: &mut Option<oneshot::Sender<()>>,
+    wapi: Option<&crate::wapi::Socket>,
 ) -> CompanionResponse {
     if let Some(tx) = ready_tx.take() {
         let _ = tx.send(());
@@ -410,7 +417,23 @@ fn hello(
         bundle_pem: ctx.issuer.bundle_pem(),
         jwks: ctx.issuer.jwks(),
         revoked: ctx.revocations.is_revoked(identity.spiffe_id.as_str()),
+        aws: aws_provider(ctx, identity, wapi),
     }))
+}
+
+/// The AWS container-credential provider of a companion whose rule names an AWS source and
+/// whose token could be delivered (it needs the `/run/nhi` directory of `nhi-runc`).
+fn aws_provider(
+    ctx: &Ctx,
+    identity: &Identity,
+    wapi: Option<&crate::wapi::Socket>,
+) -> Option<nhi_core::wire::AwsProvider> {
+    let source = ctx.config.rule(&identity.rule)?.aws_credentials.as_ref()?;
+    let token = wapi?.aws_token.as_ref()?;
+    Some(nhi_core::wire::AwsProvider {
+        secret: source.secret.clone(),
+        token: token.to_string(),
+    })
 }
 
 async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> CompanionResponse {

@@ -25,11 +25,52 @@ pub fn socket_path(containers_dir: &Path, inode: u64) -> PathBuf {
     hidden_dir(containers_dir).join(format!("{inode}.sock"))
 }
 
-/// A bound Workload API socket: the listener and the path (and inode) it was bound at.
+/// Name of the AWS container-credential token file in the container's `/run/nhi`.
+pub const AWS_TOKEN_NAME: &str = "aws-token";
+
+/// A bound Workload API socket: the listener and the path (and inode) it was bound at, plus
+/// the companion's AWS authorization token (and its root-only copy next to the socket) when its
+/// rule names an AWS source.
 pub struct Socket {
     pub listener: UnixListener,
     path: PathBuf,
     ino: u64,
+    pub aws_token: Option<zeroize::Zeroizing<String>>,
+}
+
+fn token_path(containers_dir: &Path, inode: u64) -> PathBuf {
+    hidden_dir(containers_dir).join(format!("{inode}.{AWS_TOKEN_NAME}"))
+}
+
+/// A fresh random authorization token: 32 bytes, URL-safe base64.
+pub fn new_token() -> zeroize::Zeroizing<String> {
+    use base64::Engine;
+    let mut raw = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut raw[..]).expect("the OS random source failed");
+    zeroize::Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[..]))
+}
+
+/// Writes `value` to `path` (replaced by rename), mode 0400, owned by `owner`.
+fn write_file(path: &Path, value: &[u8], owner: (u32, u32)) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let res = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))?;
+        f.write_all(value)?;
+        fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
 }
 
 impl Socket {
@@ -38,12 +79,14 @@ impl Socket {
     pub fn unbind(&self) {
         if fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
             let _ = fs::remove_file(&self.path);
+            let _ = fs::remove_file(self.path.with_extension(AWS_TOKEN_NAME));
         }
     }
 }
 
-/// Binds the Workload API socket of namespace `inode` (replacing a stale one).
-pub fn bind(containers_dir: &Path, inode: u64) -> io::Result<Socket> {
+/// Binds the Workload API socket of namespace `inode` (replacing a stale one); with `aws`, also
+/// makes the companion's AWS authorization token.
+pub fn bind(containers_dir: &Path, inode: u64, aws: bool) -> io::Result<Socket> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -67,10 +110,19 @@ pub fn bind(containers_dir: &Path, inode: u64) -> io::Result<Socket> {
     let listener = UnixListener::bind(&path)?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
     let ino = fs::symlink_metadata(&path)?.ino();
+    let aws_token = if aws {
+        let t = new_token();
+        write_file(&token_path(containers_dir, inode), t.as_bytes(), (0, 0))?;
+        Some(t)
+    } else {
+        let _ = fs::remove_file(token_path(containers_dir, inode));
+        None
+    };
     Ok(Socket {
         listener,
         path,
         ino,
+        aws_token,
     })
 }
 
@@ -91,6 +143,19 @@ pub fn link_into(container_dir: &Path, containers_dir: &Path, inode: u64, owner:
     if let Err(e) = res {
         tracing::error!(dir = %container_dir.display(), "workload API socket: {e}");
     }
+    // The AWS token file, if this namespace's companion serves AWS credentials.
+    let token = zeroize::Zeroizing::new(fs::read(token_path(containers_dir, inode)).ok());
+    let dst = container_dir.join(AWS_TOKEN_NAME);
+    match token.as_deref() {
+        Some(t) => {
+            if let Err(e) = write_file(&dst, t, owner) {
+                tracing::error!(dir = %container_dir.display(), "AWS token file: {e}");
+            }
+        }
+        None => {
+            let _ = fs::remove_file(&dst);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -100,7 +165,9 @@ mod tests {
     #[test]
     fn bind_link_and_unbind() {
         let root = tempfile::tempdir().unwrap();
-        let s1 = bind(root.path(), 42).unwrap();
+        let s1 = bind(root.path(), 42, true).unwrap();
+        let token = s1.aws_token.clone().unwrap();
+        assert_eq!(token.len(), 43);
         let p = socket_path(root.path(), 42);
         assert!(p.exists());
         assert_eq!(
@@ -116,11 +183,15 @@ mod tests {
         link_into(&c, root.path(), 42, me);
         let linked = c.join(SOCKET_NAME);
         assert_eq!(fs::metadata(&linked).unwrap().mode() & 0o777, 0o600);
+        let tf = c.join(AWS_TOKEN_NAME);
+        assert_eq!(fs::read(&tf).unwrap(), token.as_bytes());
+        assert_eq!(fs::metadata(&tf).unwrap().mode() & 0o777, 0o400);
         // The link reaches the same listener.
         let _s = std::os::unix::net::UnixStream::connect(&linked).unwrap();
         s1.listener.accept().unwrap();
         // A newer bind of the same namespace is not removed by the older socket.
-        let s2 = bind(root.path(), 42).unwrap();
+        let s2 = bind(root.path(), 42, false).unwrap();
+        assert!(!token_path(root.path(), 42).exists());
         s1.unbind();
         assert!(p.exists());
         s2.unbind();

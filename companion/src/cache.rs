@@ -238,6 +238,11 @@ impl Creds {
         Ok(s)
     }
 
+    /// Drops the cached copy of secret `name`: the next read asks nhid.
+    pub fn forget_secret(&self, name: &str) {
+        self.lock().secrets.remove(name);
+    }
+
     /// Asks nhid to validate a JWT-SVID (signature, audience, expiry, deny list).
     pub async fn validate(
         &self,

@@ -2,6 +2,7 @@
 //! loopback, from a cache refreshed at half-life through the socketpair to `nhid`.
 
 pub mod audit;
+pub mod aws;
 pub mod cache;
 pub mod channel;
 pub mod h2fix;

@@ -238,3 +238,58 @@ fn x509_stream_rotates_without_reconnecting_and_revocation_ends_it() {
     });
     c.delete();
 }
+
+#[test]
+fn the_socket_survives_a_companion_crash_and_an_nhid_restart_and_goes_with_the_container() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.named_container("epsilon");
+    let sock_path = host_socket(&node, &c);
+    let sock = format!("unix://{}", sock_path.display());
+    let id = format!("spiffe://{TRUST_DOMAIN}/container/epsilon");
+    let fetch = |sock: &str| {
+        rt().block_on(async {
+            let client = spiffe::WorkloadApiClient::connect_to(sock).await?;
+            client
+                .fetch_x509_svid()
+                .await
+                .map(|s| s.spiffe_id().to_string())
+        })
+    };
+    assert_eq!(fetch(&sock).unwrap(), id);
+    // The companion dies: its replacement serves the same socket (nhid kept the listener).
+    let before = node.companion_pid(&c.id).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || node
+            .companion_pid(&c.id)
+            .is_some_and(|p| p != before && alive(p))
+            && fetch(&sock).is_ok()),
+        "{}",
+        node.log()
+    );
+    assert_eq!(fetch(&sock).unwrap(), id);
+    // nhid restarts: the restored companion's new socket is linked into the container again.
+    node.stop();
+    node.start();
+    assert!(
+        eventually(Duration::from_secs(10), || fetch(&sock).is_ok()),
+        "{}",
+        node.log()
+    );
+    assert_eq!(fetch(&sock).unwrap(), id);
+    let ls = c.exec(&["ls", "-ln", "/run/nhi/workload.sock"]);
+    let ls = String::from_utf8_lossy(&ls.stdout).to_string();
+    assert!(ls.starts_with("srw-------"), "socket in the container again: {ls}");
+    // Gone with the container, host side included.
+    c.delete();
+    assert!(!sock_path.exists());
+    let hidden: Vec<_> = std::fs::read_dir(node.path("containers/.wapi"))
+        .unwrap()
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+}

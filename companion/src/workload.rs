@@ -342,7 +342,15 @@ pub async fn serve(
     };
     let tcp_srv = builder()
         .add_service(svc())
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(tcp));
+        .serve_with_incoming(futures_util::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(tcp),
+            |c| {
+                // Small request/response messages: never wait for Nagle + delayed ACK.
+                c.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            },
+        ));
     match unix {
         Some(u) => {
             let unix_srv =

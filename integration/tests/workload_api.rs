@@ -284,7 +284,10 @@ fn the_socket_survives_a_companion_crash_and_an_nhid_restart_and_goes_with_the_c
     assert_eq!(fetch(&sock).unwrap(), id);
     let ls = c.exec(&["ls", "-ln", "/run/nhi/workload.sock"]);
     let ls = String::from_utf8_lossy(&ls.stdout).to_string();
-    assert!(ls.starts_with("srw-------"), "socket in the container again: {ls}");
+    assert!(
+        ls.starts_with("srw-------"),
+        "socket in the container again: {ls}"
+    );
     // Gone with the container, host side included.
     c.delete();
     assert!(!sock_path.exists());

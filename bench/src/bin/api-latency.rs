@@ -171,7 +171,7 @@ fn main() {
             }
             t.elapsed()
         };
-        let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(runs); 3];
+        let mut lat: Vec<Vec<Duration>> = (0..3).map(|_| Vec::with_capacity(runs)).collect();
         for i in 0..warmup + runs {
             for k in 0..3 {
                 let idx = (i + k) % 3;

@@ -330,6 +330,7 @@ impl Agent {
     /// still run, if the current config still gives them the same identity. Everything else
     /// is dropped.
     pub async fn recover(&self) {
+        crate::wapi::clear_stale(&self.ctx.config.store.containers_dir);
         for rec in self.store.load_all() {
             let inode = rec.netns_inode;
             let alive: BTreeMap<String, ProcRef> = rec

@@ -126,6 +126,19 @@ pub fn bind(containers_dir: &Path, inode: u64, aws: bool) -> io::Result<Socket> 
     })
 }
 
+/// Removes every socket and token left by a previous `nhid` (at start, before any companion
+/// runs: whatever is there belongs to companions that are gone).
+pub fn clear_stale(containers_dir: &Path) {
+    let dir = hidden_dir(containers_dir);
+    if fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 /// Links namespace `inode`'s socket into the container's `/run/nhi` directory (if the
 /// injection path made one) and gives it to the container's init uid (`owner`).
 pub fn link_into(container_dir: &Path, containers_dir: &Path, inode: u64, owner: (u32, u32)) {
@@ -196,5 +209,8 @@ mod tests {
         assert!(p.exists());
         s2.unbind();
         assert!(!p.exists());
+        let _s3 = bind(root.path(), 7, true).unwrap();
+        clear_stale(root.path());
+        assert_eq!(fs::read_dir(hidden_dir(root.path())).unwrap().count(), 0);
     }
 }

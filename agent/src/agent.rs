@@ -83,9 +83,10 @@ impl Agent {
             } => {
                 let cid = workload.container_id.clone();
                 let res = self.attach(*workload, pid, &rule).await;
-                if let Ok(AgentResponse::Attached { .. }) = &res {
+                if let Ok(AgentResponse::Attached { netns_inode, .. }) = &res {
                     // Secret files are in place before the workload's process starts.
                     self.deliver_files(&cid, pid).await;
+                    self.link_workload_socket(&cid, pid, *netns_inode);
                 }
                 res
             }
@@ -300,6 +301,18 @@ impl Agent {
         })
     }
 
+    /// Gives the container its Workload API socket (`/run/nhi/workload.sock`) if the injection
+    /// path made it a `/run/nhi` directory.
+    fn link_workload_socket(&self, container_id: &str, pid: i32, inode: u64) {
+        let containers_dir = &self.ctx.config.store.containers_dir;
+        if let Some(dir) = crate::secrets::container_dir(containers_dir, container_id) {
+            match crate::secrets::owner_of(pid) {
+                Ok(owner) => crate::wapi::link_into(&dir, containers_dir, inode, owner),
+                Err(e) => tracing::error!(container = %container_id, "workload API socket: {e}"),
+            }
+        }
+    }
+
     /// Writes (or removes) the on-disk record of namespace `inode` from the registry.
     fn sync(&self, reg: &Registry, inode: u64) {
         match reg.by_netns.get(&inode) {
@@ -330,6 +343,7 @@ impl Agent {
     /// still run, if the current config still gives them the same identity. Everything else
     /// is dropped.
     pub async fn recover(&self) {
+        crate::wapi::clear_stale(&self.ctx.config.store.containers_dir);
         for rec in self.store.load_all() {
             let inode = rec.netns_inode;
             let alive: BTreeMap<String, ProcRef> = rec
@@ -396,6 +410,9 @@ impl Agent {
                                     }),
                                 None => None,
                             };
+                            for (cid, p) in &attachment.containers {
+                                self.link_workload_socket(cid, p.pid, inode);
+                            }
                             attachment.running = Some(Running {
                                 identity,
                                 companion,

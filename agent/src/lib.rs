@@ -20,6 +20,7 @@ pub mod spawn;
 pub mod store;
 pub mod supervisor;
 pub mod sync;
+pub mod wapi;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -8,7 +8,7 @@
 //! capability sets), set `no_new_privs`. The companion re-checks all of it at startup.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Stdio;
 
@@ -54,6 +54,15 @@ pub struct Spawned {
     pub channel: tokio::net::UnixStream,
 }
 
+/// Where the companion serves, beyond its HTTP address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Serving<'a> {
+    /// SPIFFE Workload API TCP address (`companion.workload_api_listen`).
+    pub workload_api_listen: Option<&'a str>,
+    /// A listening unix socket nhid bound for the Workload API; inherited by the child.
+    pub listener_fd: Option<RawFd>,
+}
+
 /// Forks and execs `binary` inside the network namespace behind `netns_fd`.
 pub fn spawn_companion(
     binary: &Path,
@@ -61,6 +70,25 @@ pub fn spawn_companion(
     max_cached_audiences: usize,
     user: CompanionUser,
     netns_fd: &impl AsRawFd,
+) -> io::Result<Spawned> {
+    spawn_companion_serving(
+        binary,
+        listen,
+        max_cached_audiences,
+        user,
+        netns_fd,
+        Serving::default(),
+    )
+}
+
+/// [`spawn_companion`], also passing the Workload API address and socket.
+pub fn spawn_companion_serving(
+    binary: &Path,
+    listen: &str,
+    max_cached_audiences: usize,
+    user: CompanionUser,
+    netns_fd: &impl AsRawFd,
+    serving: Serving<'_>,
 ) -> io::Result<Spawned> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let theirs: OwnedFd = theirs.into();
@@ -72,8 +100,15 @@ pub fn spawn_companion(
         .arg("--channel-fd")
         .arg(theirs_fd.to_string())
         .arg("--max-cached-audiences")
-        .arg(max_cached_audiences.to_string())
-        .env_clear()
+        .arg(max_cached_audiences.to_string());
+    if let Some(addr) = serving.workload_api_listen {
+        cmd.arg("--workload-api-listen").arg(addr);
+    }
+    let listener_fd = serving.listener_fd.unwrap_or(-1);
+    if listener_fd >= 0 {
+        cmd.arg("--listener-fd").arg(listener_fd.to_string());
+    }
+    cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .current_dir("/")
         .stdin(Stdio::null())
@@ -102,6 +137,11 @@ pub fn spawn_companion(
             let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
             check(flags as _)?;
             check(libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) as _)?;
+            if listener_fd >= 0 {
+                let flags = libc::fcntl(listener_fd, libc::F_GETFD);
+                check(flags as _)?;
+                check(libc::fcntl(listener_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) as _)?;
+            }
             // Own session: signals to nhid's process group (e.g. on restart) don't reach it.
             check(libc::setsid() as _)?;
             for cap in 0..=63 {

@@ -22,7 +22,7 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 use crate::issuer::{now_unix, Issuer};
 use crate::netns::NetNs;
 use crate::revoke::Revocations;
-use crate::spawn::{spawn_companion, CompanionUser, Spawned};
+use crate::spawn::{CompanionUser, Spawned};
 use crate::store::Store;
 
 /// What every companion task needs from the daemon.
@@ -126,7 +126,17 @@ pub async fn start(
     netns: NetNs,
 ) -> Result<CompanionHandle, String> {
     let last_stderr = Arc::new(Mutex::new(String::new()));
-    let spawned = spawn(&ctx, &identity, &netns, &last_stderr).map_err(|e| {
+    let aws = ctx
+        .config
+        .rule(&identity.rule)
+        .is_some_and(|r| r.aws_credentials.is_some());
+    let wapi = crate::wapi::bind(&ctx.config.store.containers_dir, netns.inode, aws)
+        .map_err(|e| {
+            tracing::warn!(spiffe_id = %identity.spiffe_id, "Workload API unix socket unavailable (TCP only): {e}")
+        })
+        .ok()
+        .map(Arc::new);
+    let spawned = spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_deref()).map_err(|e| {
         format!(
             "cannot start companion {}: {e}",
             ctx.config.companion.binary.display()
@@ -138,7 +148,7 @@ pub async fn start(
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(
+    let runner = run(
         ctx.clone(),
         identity,
         netns,
@@ -148,7 +158,14 @@ pub async fn start(
         stop_rx,
         events_rx,
         last_stderr.clone(),
-    ));
+        wapi.clone(),
+    );
+    tokio::spawn(async move {
+        runner.await;
+        if let Some(w) = wapi {
+            w.unbind();
+        }
+    });
     let handle = CompanionHandle {
         pid,
         stop: Some(stop_tx),
@@ -176,14 +193,20 @@ fn spawn(
     identity: &Identity,
     netns: &NetNs,
     last_stderr: &Arc<Mutex<String>>,
+    wapi: Option<&crate::wapi::Socket>,
 ) -> std::io::Result<Spawned> {
+    use std::os::fd::AsRawFd;
     let c = &ctx.config.companion;
-    let mut s = spawn_companion(
+    let mut s = crate::spawn::spawn_companion_serving(
         &c.binary,
         &c.listen,
         c.max_cached_audiences,
         ctx.user,
         &netns.file,
+        crate::spawn::Serving {
+            workload_api_listen: Some(&c.workload_api_listen),
+            listener_fd: wapi.map(|w| w.listener.as_raw_fd()),
+        },
     )?;
     // Relay the companion's log lines into nhid's log, tagged with the identity. Lines are cut
     // at MAX_LOG_LINE bytes: a misbehaving companion cannot grow nhid's memory.
@@ -231,6 +254,7 @@ async fn run(
     mut stop_rx: oneshot::Receiver<oneshot::Sender<()>>,
     mut events_rx: mpsc::UnboundedReceiver<CompanionResponse>,
     last_stderr: Arc<Mutex<String>>,
+    wapi: Option<Arc<crate::wapi::Socket>>,
 ) {
     let mut ready_tx = Some(ready_tx);
     let mut backoff = MIN_BACKOFF;
@@ -239,6 +263,7 @@ async fn run(
         let ended = serve(
             &ctx,
             &identity,
+            wapi.as_deref(),
             &mut spawned,
             &mut ready_tx,
             &mut stop_rx,
@@ -277,7 +302,7 @@ async fn run(
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            match spawn(&ctx, &identity, &netns, &last_stderr) {
+            match spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_deref()) {
                 Ok(s) => {
                     spawned = s;
                     pid.store(
@@ -324,6 +349,7 @@ async fn write_line(
 async fn serve(
     ctx: &Arc<Ctx>,
     identity: &Arc<Identity>,
+    wapi: Option<&crate::wapi::Socket>,
     spawned: &mut Spawned,
     ready_tx: &mut Option<oneshot::Sender<()>>,
     stop_rx: &mut oneshot::Receiver<oneshot::Sender<()>>,
@@ -358,7 +384,7 @@ async fn serve(
                 };
                 match serde_json::from_str::<ChannelRequest>(&line) {
                     Ok(ChannelRequest { id, body: CompanionRequest::Hello }) => {
-                        let body = hello(ctx, identity, ready_tx);
+                        let body = hello(ctx, identity, ready_tx, wapi);
                         write_line(&mut wr, &ChannelResponse { id, body }).await
                     }
                     Ok(ChannelRequest { body: CompanionRequest::Audit { events, dropped }, .. }) => {
@@ -392,6 +418,7 @@ fn hello(
     ctx: &Ctx,
     identity: &Identity,
     ready_tx: &mut Option<oneshot::Sender<()>>,
+    wapi: Option<&crate::wapi::Socket>,
 ) -> CompanionResponse {
     if let Some(tx) = ready_tx.take() {
         let _ = tx.send(());
@@ -406,7 +433,23 @@ fn hello(
         revoked: ctx.revocations.is_revoked(identity.spiffe_id.as_str()),
         policy: ctx.policy_for(identity),
         egress: ctx.config.egress,
+        aws: aws_provider(ctx, identity, wapi),
     }))
+}
+
+/// The AWS container-credential provider of a companion whose rule names an AWS source and
+/// whose token could be delivered (it needs the `/run/nhi` directory of `nhi-runc`).
+fn aws_provider(
+    ctx: &Ctx,
+    identity: &Identity,
+    wapi: Option<&crate::wapi::Socket>,
+) -> Option<nhi_core::wire::AwsProvider> {
+    let source = ctx.config.rule(&identity.rule)?.aws_credentials.as_ref()?;
+    let token = wapi?.aws_token.as_ref()?;
+    Some(nhi_core::wire::AwsProvider {
+        secret: source.secret.clone(),
+        token: token.to_string(),
+    })
 }
 
 async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> CompanionResponse {

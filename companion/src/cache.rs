@@ -128,6 +128,9 @@ pub struct Creds {
     changed: Notify,
     max_audiences: usize,
     revoked: AtomicBool,
+    /// Bumped whenever what the Workload API streams (X.509-SVID, bundles, revocation state)
+    /// changes, so open streams send the new state.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Creds {
@@ -145,10 +148,25 @@ impl Creds {
             changed: Notify::new(),
             max_audiences,
             revoked: AtomicBool::new(revoked),
+            generation: tokio::sync::watch::channel(0).0,
         });
         tokio::spawn(refresher(c.clone()));
         tokio::spawn(on_events(c.clone(), events));
         c
+    }
+
+    /// A receiver that changes whenever the X.509-SVID, the trust bundle or the revocation
+    /// state changes (Workload API streams wait on it).
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
     }
 
     pub fn trust(&self) -> Arc<Trust> {
@@ -187,8 +205,9 @@ impl Creds {
                 *self.trust.write().unwrap_or_else(|p| p.into_inner()) =
                     Arc::new(Trust::new(&bundle_pem, &jwks));
             }
-            _ => {}
+            _ => return,
         }
+        self.bump();
     }
 
     /// The secret `name`, from the cache while nhid's lease on it runs, else from nhid.
@@ -217,6 +236,11 @@ impl Creds {
             inner.secrets.insert(name.into(), s.clone());
         }
         Ok(s)
+    }
+
+    /// Drops the cached copy of secret `name`: the next read asks nhid.
+    pub fn forget_secret(&self, name: &str) {
+        self.lock().secrets.remove(name);
     }
 
     /// Asks nhid to validate a JWT-SVID (signature, audience, expiry, deny list).
@@ -280,6 +304,7 @@ impl Creds {
         let s = e.svid.clone();
         self.lock().x509 = Some(e);
         self.changed.notify_one();
+        self.bump();
         Ok(s)
     }
 
@@ -363,7 +388,10 @@ async fn refresher(c: Arc<Creds>) {
         for d in due {
             match d {
                 Due::X509 => match c.fetch_x509().await {
-                    Ok(e) => c.lock().x509 = Some(e),
+                    Ok(e) => {
+                        c.lock().x509 = Some(e);
+                        c.bump();
+                    }
                     Err(e) => retry_soon(c.lock().x509.as_mut(), &e),
                 },
                 Due::Jwt(aud) => match c.fetch_jwt(aud.clone()).await {

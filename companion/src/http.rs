@@ -26,6 +26,7 @@ const MAX_AUDIENCE_LEN: usize = 256;
 
 pub struct Api {
     creds: Arc<Creds>,
+    aws: Option<nhi_core::wire::AwsProvider>,
     identity: Bytes,
     health: Bytes,
 }
@@ -42,6 +43,7 @@ impl Api {
         });
         Api {
             creds,
+            aws: init.aws.clone(),
             identity: json_bytes(&identity),
             health: json_bytes(&serde_json::json!({"status": "ok", "spiffe_id": init.spiffe_id})),
         }
@@ -57,6 +59,7 @@ impl Api {
                 (Method::GET, true)
             }
             "/v1/validate" => (Method::POST, true),
+            AWS_PATH => (Method::GET, true),
             p => (Method::GET, p.starts_with("/v1/secrets/")),
         };
         if !known {
@@ -94,7 +97,61 @@ impl Api {
                 Err(e) => cred_error(e),
             },
             "/v1/validate" => self.validate(req).await,
+            AWS_PATH => self.aws_credentials(req.headers()).await,
             p => self.secret(&p["/v1/secrets/".len()..]).await,
+        }
+    }
+
+    /// The AWS container-credential provider: session credentials from the rule's secret,
+    /// for callers presenting the workload's token.
+    async fn aws_credentials(&self, headers: &hyper::HeaderMap) -> Resp {
+        let Some(p) = &self.aws else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no AWS credential source (aws_credentials) for this workload",
+            );
+        };
+        let auth = headers
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if !crate::aws::authorized(p, auth) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Authorization must be the workload's token (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)",
+            );
+        }
+        let mut fresh = false;
+        loop {
+            let s = match self.creds.secret(&p.secret).await {
+                Ok(s) => s,
+                Err(e) => return cred_error(e),
+            };
+            let raw = match base64::engine::general_purpose::STANDARD.decode(&s.value_b64) {
+                Ok(r) => zeroize::Zeroizing::new(r),
+                Err(_) => return error(StatusCode::BAD_GATEWAY, "bad_secret", "undecodable value"),
+            };
+            let (c, exp) = match crate::aws::SessionCredentials::parse(&raw) {
+                Ok(c) => c,
+                Err(m) => return error(StatusCode::BAD_GATEWAY, "bad_secret", &m),
+            };
+            let now = crate::cache::now_unix();
+            if exp <= now + crate::aws::REFRESH_MARGIN && !fresh {
+                // Close to expiry: ask nhid for what the store holds now.
+                self.creds.forget_secret(&p.secret);
+                fresh = true;
+                continue;
+            }
+            if exp <= now {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "expired",
+                    &format!("the AWS credentials in secret {:?} have expired", p.secret),
+                );
+            }
+            let body = serde_json::to_vec(&c).expect("credentials serialize");
+            return secret(ok(Bytes::from(body), "application/json"));
         }
     }
 
@@ -195,6 +252,8 @@ impl Api {
 }
 
 const MAX_VALIDATE_BODY: usize = 64 * 1024;
+/// The AWS container-credential endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI`).
+pub const AWS_PATH: &str = "/v1/aws/credentials";
 
 /// Wipes the string values of a JSON body that held a secret.
 fn zeroize_json(v: serde_json::Value) {

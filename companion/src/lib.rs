@@ -2,11 +2,14 @@
 //! loopback, from a cache refreshed at half-life through the socketpair to `nhid`.
 
 pub mod audit;
+pub mod aws;
 pub mod cache;
 pub mod channel;
+pub mod h2fix;
 pub mod harden;
 pub mod http;
 pub mod proxy;
+pub mod workload;
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -18,6 +21,11 @@ pub struct Options {
     pub listen: SocketAddr,
     pub channel_fd: RawFd,
     pub max_cached_audiences: usize,
+    /// SPIFFE Workload API (gRPC) TCP address inside the workload's network namespace.
+    pub workload_api_listen: SocketAddr,
+    /// A listening unix socket nhid bound for the Workload API (`/run/nhi/workload.sock` in
+    /// the container), inherited at spawn.
+    pub listener_fd: Option<RawFd>,
 }
 
 /// Hardens the process, binds, says hello to nhid and serves until nhid closes the channel.
@@ -31,6 +39,7 @@ pub fn run(opts: Options) -> Result<(), String> {
     // SAFETY: nhid passes the fd number of the socketpair end it left open for us across
     // exec; nothing else in this process owns or closes it.
     let channel_fd = unsafe { OwnedFd::from_raw_fd(opts.channel_fd) };
+    let unix_listener = opts.listener_fd.map(workload_listener).transpose()?;
     harden::harden()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -40,6 +49,13 @@ pub fn run(opts: Options) -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
             .map_err(|e| format!("listening on {}: {e}", opts.listen))?;
+        let wapi_listener = tokio::net::TcpListener::bind(opts.workload_api_listen)
+            .await
+            .map_err(|e| format!("listening on {}: {e}", opts.workload_api_listen))?;
+        let unix_listener = unix_listener
+            .map(|l| tokio::net::UnixListener::from_std(l))
+            .transpose()
+            .map_err(|e| format!("workload API socket: {e}"))?;
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
         let (channel, events) = channel::Channel::start(channel_fd, move || {
             let _ = closed_tx.send(());
@@ -68,6 +84,8 @@ pub fn run(opts: Options) -> Result<(), String> {
             edge_events,
         )
         .await;
+        let wapi = workload::WorkloadApi::new(creds.clone(), &init.spiffe_id, &init.trust_domain);
+        tokio::spawn(workload::serve(wapi_listener, unix_listener, wapi));
         let api = Arc::new(http::Api::new(&init, creds));
         tokio::select! {
             _ = http::serve(listener, api) => Ok(()),
@@ -141,4 +159,20 @@ async fn listen(edge: &Arc<proxy::Edge>, ports: nhi_core::policy::EgressConfig) 
         }
         Err(e) => eprintln!("inbound policy disabled: listening on {inb}: {e}"),
     }
+}
+
+/// Takes the inherited Workload API socket `fd`: it must be a listening unix stream socket.
+fn workload_listener(fd: RawFd) -> Result<std::os::unix::net::UnixListener, String> {
+    if fd < 3 {
+        return Err(format!("--listener-fd {fd} is not an inherited socket"));
+    }
+    // SAFETY: nhid passes the fd number of the listening socket it left open for us across
+    // exec; nothing else in this process owns or closes it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let l = std::os::unix::net::UnixListener::from(owned);
+    l.local_addr()
+        .map_err(|e| format!("--listener-fd {fd}: not a unix socket: {e}"))?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("--listener-fd {fd}: {e}"))?;
+    Ok(l)
 }

@@ -15,6 +15,12 @@ struct Args {
     /// Most JWT-SVID audience sets kept cached.
     #[arg(long, default_value_t = 64)]
     max_cached_audiences: usize,
+    /// SPIFFE Workload API (gRPC) address inside the workload's network namespace.
+    #[arg(long, default_value = nhi_core::config::DEFAULT_WORKLOAD_API_LISTEN)]
+    workload_api_listen: SocketAddr,
+    /// File descriptor of a listening unix socket for the Workload API, inherited at spawn.
+    #[arg(long)]
+    listener_fd: Option<i32>,
 }
 
 fn main() {
@@ -23,6 +29,8 @@ fn main() {
         listen: a.listen,
         channel_fd: a.channel_fd,
         max_cached_audiences: a.max_cached_audiences,
+        workload_api_listen: a.workload_api_listen,
+        listener_fd: a.listener_fd,
     };
     if let Err(e) = nhi_companion::run(opts) {
         eprintln!("nhi-companion: {e}");

@@ -20,6 +20,7 @@ pub const DEFAULT_SOCKET: &str = "/run/nhi/nhid.sock";
 pub const DEFAULT_COMPANION_BINARY: &str = "/usr/libexec/nhi/nhi-companion";
 pub const DEFAULT_COMPANION_USER: &str = "nhi-companion";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15100";
+pub const DEFAULT_WORKLOAD_API_LISTEN: &str = "127.0.0.1:15101";
 pub const DEFAULT_CONTAINERS_DIR: &str = "/run/nhi/containers";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
@@ -208,6 +209,8 @@ pub struct CompanionConfig {
     pub ready_timeout: Duration,
     /// Most JWT-SVID audiences a companion keeps cached at once.
     pub max_cached_audiences: usize,
+    /// SPIFFE Workload API (gRPC) listen address inside the workload's network namespace.
+    pub workload_api_listen: String,
 }
 
 impl Default for CompanionConfig {
@@ -218,6 +221,7 @@ impl Default for CompanionConfig {
             listen: DEFAULT_LISTEN.into(),
             ready_timeout: Duration::from_secs(5),
             max_cached_audiences: 64,
+            workload_api_listen: DEFAULT_WORKLOAD_API_LISTEN.into(),
         }
     }
 }
@@ -300,6 +304,18 @@ struct RawRule {
     fail_open: bool,
     #[serde(default, rename = "match")]
     matcher: Match,
+    #[serde(default)]
+    aws_credentials: Option<AwsCredentials>,
+}
+
+/// Where a rule's workloads get AWS credentials from, served by the companion as the AWS
+/// container-credential provider (`GET /v1/aws/credentials`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AwsCredentials {
+    /// A secret (granted to the rule's identities) holding session credentials as JSON:
+    /// `{"AccessKeyId", "SecretAccessKey", "Token", "Expiration"}`.
+    pub secret: String,
 }
 
 /// A selection rule: which containers it selects and what identity they get.
@@ -311,6 +327,8 @@ pub struct Rule {
     /// Let a selected container start without a companion when attaching fails.
     pub fail_open: bool,
     pub matcher: Match,
+    /// The AWS container-credential source of this rule's workloads, if any.
+    pub aws_credentials: Option<AwsCredentials>,
 }
 
 /// The validated configuration.
@@ -414,6 +432,7 @@ impl Config {
             .listen
             .parse::<std::net::SocketAddr>()
             .map_err(|e| invalid(format!("companion.listen {:?}: {e}", raw.companion.listen)))?;
+        validate_workload_api_listen(&raw.companion).map_err(invalid)?;
         if raw.runtime.runtime.is_empty() || raw.runtime.runc_shim.is_empty() {
             return Err(invalid(
                 "runtime.runtime and runtime.runc_shim must not be empty".into(),
@@ -438,11 +457,20 @@ impl Config {
             r.matcher
                 .validate()
                 .map_err(|e| invalid(format!("rule {:?}: {e}", r.name)))?;
+            if let Some(aws) = &r.aws_credentials {
+                if !crate::grant::valid_secret_name(&aws.secret) {
+                    return Err(invalid(format!(
+                        "rule {:?}: aws_credentials.secret {:?} is not a valid secret name",
+                        r.name, aws.secret
+                    )));
+                }
+            }
             rules.push(Rule {
                 name: r.name,
                 spiffe_id,
                 fail_open: r.fail_open,
                 matcher: r.matcher,
+                aws_credentials: r.aws_credentials,
             });
         }
         if raw.store.secret_ttl < Duration::from_secs(5) {
@@ -537,6 +565,20 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default()
+}
+
+/// `companion.workload_api_listen` must be an address other than the HTTP API's.
+fn validate_workload_api_listen(c: &CompanionConfig) -> Result<(), String> {
+    let addr: std::net::SocketAddr = c.workload_api_listen.parse().map_err(|e| {
+        format!(
+            "companion.workload_api_listen {:?}: {e}",
+            c.workload_api_listen
+        )
+    })?;
+    if c.listen.parse::<std::net::SocketAddr>().ok() == Some(addr) {
+        return Err("companion.workload_api_listen must differ from companion.listen".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -640,5 +682,28 @@ annotations = { "nhi.dev/inject" = "true" }
         assert!(e.contains("two different ports"), "{e}");
         let dup = "trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"y\"\n";
         assert!(parse(dup).unwrap_err().to_string().contains("used twice"));
+    }
+
+    #[test]
+    fn workload_api_and_aws_credentials() {
+        let base = "trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x\"\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.companion.workload_api_listen, "127.0.0.1:15101");
+        assert_eq!(c.rules[0].aws_credentials, None);
+        let c = parse(&format!(
+            "{base}aws_credentials = {{ secret = \"aws-dev\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.rules[0].aws_credentials.as_ref().unwrap().secret,
+            "aws-dev"
+        );
+        assert!(parse(&format!("{base}aws_credentials = {{ secret = \"a/b\" }}\n")).is_err());
+        assert!(parse(&format!("{base}aws_credentials = {{ role = \"r\" }}\n")).is_err());
+        let same =
+            "trust_domain = \"td\"\n[companion]\nworkload_api_listen = \"127.0.0.1:15100\"\n";
+        assert!(parse(same).unwrap_err().to_string().contains("differ"));
+        let bad = "trust_domain = \"td\"\n[companion]\nworkload_api_listen = \"nope\"\n";
+        assert!(parse(bad).is_err());
     }
 }

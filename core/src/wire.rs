@@ -295,6 +295,28 @@ pub struct Init {
     /// The proxy ports the companion listens on.
     #[serde(default)]
     pub egress: crate::policy::EgressConfig,
+    /// The AWS container-credential provider, when the workload's rule names an AWS source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsProvider>,
+}
+
+/// What the companion needs to serve `GET /v1/aws/credentials`. Debug never shows the token.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AwsProvider {
+    /// The granted secret holding the session credentials (JSON).
+    pub secret: String,
+    /// The `Authorization` value callers must present (`nhid` wrote it to the workload's
+    /// token file).
+    pub token: String,
+}
+
+impl std::fmt::Debug for AwsProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsProvider")
+            .field("secret", &self.secret)
+            .field("token", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -24,6 +24,9 @@ pub struct Injection<'a> {
     /// Host directory to bind-mount read-only at [`RUN_NHI`] (secret files), for containers a
     /// rule selects.
     pub run_dir: Option<&'a Path>,
+    /// `NAME=value` pointers added to the container's environment (socket paths, URLs, file
+    /// paths; never a secret). A variable the container already sets is left alone.
+    pub env: Vec<String>,
 }
 
 /// Where the container sees its nhi directory (`secrets/<name>` inside).
@@ -88,6 +91,7 @@ impl Injection<'_> {
                 changed = true;
             }
         }
+        changed |= add_env(obj, &self.env)?;
         Ok(changed)
     }
 
@@ -126,6 +130,56 @@ impl Injection<'_> {
     }
 }
 
+/// Environment pointers for a container that gets `/run/nhi`: the Workload API socket, and the
+/// AWS container-credential provider when its rule names an AWS source.
+pub fn pointers(aws: bool) -> Vec<String> {
+    let mut env = vec![format!(
+        "SPIFFE_ENDPOINT_SOCKET=unix://{RUN_NHI}/workload.sock"
+    )];
+    if aws {
+        env.push(format!(
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:15100{AWS_PATH}"
+        ));
+        env.push(format!(
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={RUN_NHI}/aws-token"
+        ));
+    }
+    env
+}
+
+/// The companion's AWS container-credential endpoint.
+pub const AWS_PATH: &str = "/v1/aws/credentials";
+
+fn add_env(obj: &mut serde_json::Map<String, Value>, env: &[String]) -> Result<bool, String> {
+    if env.is_empty() {
+        return Ok(false);
+    }
+    let process = obj
+        .get_mut("process")
+        .and_then(Value::as_object_mut)
+        .ok_or("\"process\" is missing or not an object")?;
+    let list = process.entry("env").or_insert_with(|| json!([]));
+    if list.is_null() {
+        *list = json!([]);
+    }
+    let list = list
+        .as_array_mut()
+        .ok_or("\"process.env\" is not an array")?;
+    let mut changed = false;
+    for var in env {
+        let name = var.split('=').next().unwrap_or("");
+        let set = list.iter().any(|v| {
+            v.as_str()
+                .is_some_and(|s| s.split('=').next() == Some(name))
+        });
+        if !set {
+            list.push(Value::String(var.clone()));
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +189,7 @@ mod tests {
             hook: Path::new("/usr/bin/nhi-hook"),
             config: Path::new("/etc/nhi/nhi.toml"),
             run_dir: None,
+            env: vec![],
         }
     }
 
@@ -187,6 +242,29 @@ mod tests {
         assert_eq!(m.len(), 2);
         assert_eq!(m[1]["source"], "/run/nhi/containers/c1");
         assert_eq!(m[1]["options"][1], "ro");
+    }
+
+    #[test]
+    fn env_pointers_are_added_once_and_never_override() {
+        let inj = Injection {
+            env: pointers(true),
+            ..inj()
+        };
+        let mut spec = json!({"process": {"args": ["sh"], "env": ["PATH=/bin", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=/mine"]}});
+        assert!(inj.apply(&mut spec).unwrap());
+        assert!(!inj.apply(&mut spec).unwrap());
+        let env = spec["process"]["env"].as_array().unwrap();
+        assert_eq!(env.len(), 4, "{env:?}");
+        assert_eq!(
+            env[2],
+            "SPIFFE_ENDPOINT_SOCKET=unix:///run/nhi/workload.sock"
+        );
+        assert_eq!(
+            env[3],
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:15100/v1/aws/credentials"
+        );
+        assert_eq!(env[1], "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=/mine");
+        assert_eq!(pointers(false).len(), 1);
     }
 
     #[test]

@@ -87,37 +87,41 @@ fn prepare(config: &Config, cfg_path: &Path, parsed: &RuncArgs) -> Result<(), St
         ));
     }
     let cfg_abs = std::fs::canonicalize(cfg_path).unwrap_or_else(|_| cfg_path.to_path_buf());
-    let run_dir = match &parsed.id {
-        Some(id) if selected(config, &bundle, id) => Some(make_run_dir(config, id)?),
+    let rule = parsed
+        .id
+        .as_deref()
+        .and_then(|id| selected_rule(config, &bundle, id));
+    let run_dir = match (&parsed.id, &rule) {
+        (Some(id), Some(_)) => Some(make_run_dir(config, id)?),
         _ => None,
+    };
+    let env = match &rule {
+        Some(r) => crate::inject::pointers(r.aws_credentials.is_some()),
+        None => vec![],
     };
     Injection {
         hook: &hook,
         config: &cfg_abs,
         run_dir: run_dir.as_deref(),
+        env,
     }
     .apply_to_bundle(&bundle)
     .map(|_| ())
     .map_err(|e| e.to_string())
 }
 
-/// Whether a rule selects the container (only those get a `/run/nhi` directory).
-fn selected(config: &Config, bundle: &Path, id: &str) -> bool {
-    let Ok(data) = std::fs::read(bundle.join("config.json")) else {
-        return false;
-    };
-    let Ok(spec) = serde_json::from_slice::<oci_spec::runtime::Spec>(&data) else {
-        return false;
-    };
+/// The rule that selects the container, if any (only those get a `/run/nhi` directory and
+/// the env pointers into it).
+fn selected_rule(config: &Config, bundle: &Path, id: &str) -> Option<nhi_core::Rule> {
+    let data = std::fs::read(bundle.join("config.json")).ok()?;
+    let spec = serde_json::from_slice::<oci_spec::runtime::Spec>(&data).ok()?;
     let state = serde_json::json!({
         "ociVersion": "1.0.2", "id": id, "status": "creating", "pid": 0,
         "bundle": bundle.display().to_string(),
     });
-    let Ok(state) = serde_json::from_value::<oci_spec::runtime::State>(state) else {
-        return false;
-    };
+    let state = serde_json::from_value::<oci_spec::runtime::State>(state).ok()?;
     let w = nhi_core::Workload::from_oci(&state, &spec);
-    nhi_core::select::select(config, &w).is_some()
+    nhi_core::select::select(config, &w).cloned()
 }
 
 /// `<store.containers_dir>/<id>`, root-owned, 0755 (files inside are 0400 to the container's

@@ -1,0 +1,237 @@
+//! The AWS container-credential provider, proven with botocore (PyPI): with only the two env
+//! pointers nhi-runc sets, botocore's default chain resolves the session credentials held in a
+//! granted secret; a wrong token is refused; a rotated secret reaches botocore when it
+//! refreshes ahead of expiry.
+//!
+//! botocore runs as a host process joined to the workload's network namespace (busybox has no
+//! Python), reading the token from the host side of the container's `/run/nhi/aws-token`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nhi_integration::*;
+
+const PY: &str = "/opt/nhi-test/pyclients/bin/python";
+
+const RULES: &str = r#"
+[[rule]]
+name = "aws"
+spiffe_id = "container/{container.name}"
+aws_credentials = { secret = "aws-dev" }
+[rule.match]
+annotations = { "nhi.dev/aws" = "true" }
+
+[[rule]]
+name = "plain"
+spiffe_id = "container/{container.name}"
+[rule.match]
+annotations = { "nhi.dev/inject" = "true" }
+
+[[grant]]
+secrets = ["aws-dev"]
+rules = ["aws"]
+"#;
+
+fn python() -> &'static str {
+    assert!(
+        Path::new(PY).is_file(),
+        "{PY} is missing: run scripts/install-deps (it creates the py-spiffe/botocore venv)"
+    );
+    PY
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("py/botocore_client.py")
+}
+
+fn rfc3339_in(secs: u64) -> String {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + secs;
+    let out = Command::new("date")
+        .args(["-u", "-d", &format!("@{t}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn put_creds(node: &Node, key_id: &str, expires_in: u64) {
+    let v = serde_json::json!({
+        "AccessKeyId": key_id,
+        "SecretAccessKey": format!("secret-of-{key_id}"),
+        "Token": format!("session-token-of-{key_id}"),
+        "Expiration": rfc3339_in(expires_in),
+    });
+    let out = node.nhictl(
+        &["secret", "put", "aws-dev", "--from-stdin"],
+        v.to_string().as_bytes(),
+    );
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn aws_container(node: &Node, name: &str) -> Container {
+    let c = node
+        .bundle(&unique_id(name))
+        .inject()
+        .annotation("nerdctl/name", name)
+        .annotation("nhi.dev/aws", "true")
+        .without_hooks()
+        .write();
+    c.start_with_nhi_runc(&node.config)
+        .unwrap_or_else(|e| panic!("nhi-runc run {name}: {e}"));
+    c
+}
+
+/// botocore in the container's netns with only the two AWS variables.
+fn botocore(pid: i32, token_file: &Path, refresh: bool) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/proc/{pid}/ns/net"))
+        .arg("--")
+        .arg(python())
+        .arg(script())
+        .args(if refresh { vec!["refresh"] } else { vec![] })
+        .env_clear()
+        .env(
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "http://127.0.0.1:15100/v1/aws/credentials",
+        )
+        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file);
+    cmd
+}
+
+fn run_json(mut cmd: Command) -> serde_json::Value {
+    let out = cmd.output().expect("botocore");
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn sha256(s: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Status of a GET to the companion from inside the netns, with an optional Authorization.
+fn status_with_auth(pid: i32, path: &str, auth: Option<&str>) -> u16 {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:15100\r\nConnection: close\r\n{}\r\n",
+        auth.map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default()
+    );
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut s = std::net::TcpStream::connect("127.0.0.1:15100").unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn botocore_resolves_credentials_from_the_companion_with_only_the_env_pointers() {
+    let mut node = Node::new(RULES);
+    node.start();
+    put_creds(&node, "AKIAV1", 3600);
+    let c = aws_container(&node, "awsapp");
+    let pid = c.pid();
+    let env = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+        .into_owned();
+    assert!(
+        env.contains(
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:15100/v1/aws/credentials"
+        ) && env.contains("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=/run/nhi/aws-token"),
+        "{env}"
+    );
+    assert!(
+        !env.contains("AKIAV1") && !env.contains("secret-of"),
+        "pointers only"
+    );
+    let ls = c.exec(&["ls", "-ln", "/run/nhi/aws-token"]);
+    let ls = String::from_utf8_lossy(&ls.stdout).to_string();
+    let f: Vec<&str> = ls.split_whitespace().collect();
+    assert_eq!((f[0], f[2]), ("-r--------", "0"), "{ls}");
+
+    let token_file = node.path("containers").join(&c.id).join("aws-token");
+    let got = run_json(botocore(pid, &token_file, false));
+    assert_eq!(got["first"]["method"], "container-role", "{got}");
+    assert_eq!(got["first"]["access_key"], "AKIAV1", "{got}");
+    assert_eq!(got["first"]["secret_sha256"], sha256("secret-of-AKIAV1"));
+    assert_eq!(
+        got["first"]["token_sha256"],
+        sha256("session-token-of-AKIAV1")
+    );
+
+    // A wrong token file, and no Authorization at all, are refused.
+    let wrong = node.path("wrong-token");
+    std::fs::write(&wrong, "not-the-token").unwrap();
+    let got = run_json(botocore(pid, &wrong, false));
+    assert!(got["error"].is_string(), "{got}");
+    assert_eq!(status_with_auth(pid, "/v1/aws/credentials", None), 401);
+    assert_eq!(
+        status_with_auth(pid, "/v1/aws/credentials", Some("not-the-token")),
+        401
+    );
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(
+        status_with_auth(pid, "/v1/aws/credentials", Some(&token)),
+        200
+    );
+
+    // A workload whose rule names no AWS source has no such endpoint and no pointers.
+    let other = node.named_container("noaws");
+    assert_eq!(
+        status_with_auth(other.pid(), "/v1/aws/credentials", Some(&token)),
+        404
+    );
+    let env = std::fs::read(format!("/proc/{}/environ", other.pid())).unwrap();
+    assert!(!String::from_utf8_lossy(&env).contains("AWS_CONTAINER"));
+    other.delete();
+    c.delete();
+}
+
+#[test]
+fn botocore_refreshes_before_expiry_and_gets_the_rotated_credentials() {
+    let mut node = Node::new(RULES);
+    node.start();
+    // Inside botocore's advisory refresh window (15 min) but valid: it refreshes on next use.
+    put_creds(&node, "AKIAOLD", 12 * 60);
+    let c = aws_container(&node, "awsrot");
+    let token_file = node.path("containers").join(&c.id).join("aws-token");
+    let mut child = botocore(c.pid(), &token_file, true)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "{line}");
+    put_creds(&node, "AKIANEW", 3600);
+    // Rotation reaches the companion within a moment (nhid pushes secret_changed).
+    std::thread::sleep(Duration::from_millis(300));
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{rest}");
+    let got: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
+    assert_eq!(got["first"]["access_key"], "AKIAOLD", "{got}");
+    assert_eq!(got["second"]["access_key"], "AKIANEW", "{got}");
+    assert_eq!(got["second"]["secret_sha256"], sha256("secret-of-AKIANEW"));
+    c.delete();
+}

@@ -1,0 +1,298 @@
+//! The SPIFFE Workload API, proven with clients nobody here wrote: py-spiffe (PyPI `spiffe`)
+//! and the crates.io `spiffe` crate, against real containers started through `nhi-runc`.
+//!
+//! py-spiffe speaks only unix sockets and busybox has no Python: it runs as a host process
+//! joined to the workload's network namespace (`nsenter --net`), pointed by
+//! `SPIFFE_ENDPOINT_SOCKET` alone at the same socket the container sees as
+//! `/run/nhi/workload.sock` (host side `<containers_dir>/<id>/workload.sock`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use nhi_integration::*;
+
+const PY: &str = "/opt/nhi-test/pyclients/bin/python";
+
+fn python() -> &'static str {
+    assert!(
+        Path::new(PY).is_file(),
+        "{PY} is missing: run scripts/install-deps (it creates the py-spiffe/botocore venv)"
+    );
+    PY
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
+}
+
+/// The host path of the container's `/run/nhi/workload.sock`.
+fn host_socket(node: &Node, c: &Container) -> PathBuf {
+    node.path("containers").join(&c.id).join("workload.sock")
+}
+
+/// Runs a Python client inside the workload's network namespace with exactly `env`.
+fn py_in_netns(pid: i32, script_name: &str, args: &[&str], env: &[(&str, String)]) -> Output {
+    Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .arg("--")
+        .arg(python())
+        .arg(script(script_name))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("nsenter python")
+}
+
+fn json_out(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn environ(pid: i32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).into_owned()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs `f` on a runtime in a thread that joined the network namespace of `pid`.
+fn in_netns<T: Send + 'static>(pid: i32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+#[test]
+fn py_spiffe_gets_svids_through_the_socket_with_only_the_env_pointer() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.named_container("alpha");
+    let pid = c.pid();
+    // The container is told where the socket is, and it is there, owned by its uid.
+    assert!(
+        environ(pid).contains("SPIFFE_ENDPOINT_SOCKET=unix:///run/nhi/workload.sock"),
+        "{}",
+        environ(pid)
+    );
+    let ls = c.exec(&["ls", "-ln", "/run/nhi/workload.sock"]);
+    let ls = String::from_utf8_lossy(&ls.stdout).to_string();
+    let f: Vec<&str> = ls.split_whitespace().collect();
+    assert_eq!((f[0], f[2]), ("srw-------", "0"), "{ls}");
+
+    let sock = format!("unix://{}", host_socket(&node, &c).display());
+    let got = json_out(&py_in_netns(
+        pid,
+        "spiffe_client.py",
+        &[],
+        &[("SPIFFE_ENDPOINT_SOCKET", sock)],
+    ));
+    let id = format!("spiffe://{TRUST_DOMAIN}/container/alpha");
+    assert_eq!(got["x509_spiffe_id"], id.as_str(), "{got}");
+    assert_eq!(got["x509_chain_len"], 1, "{got}");
+    assert_eq!(got["x509_bundle_authorities"], 1, "{got}");
+    assert_eq!(got["jwt_spiffe_id"], id.as_str(), "{got}");
+    assert_eq!(got["jwt_audience"], serde_json::json!(["aud-py"]), "{got}");
+    assert!(got["jwt_bundle_keys"].as_u64().unwrap() >= 1, "{got}");
+    assert_eq!(got["validate_good"], "accepted", "{got}");
+    let wrong = got["validate_wrong_audience"].as_str().unwrap();
+    assert!(wrong.starts_with("rejected"), "{got}");
+    c.delete();
+}
+
+#[test]
+fn requests_without_the_security_header_get_invalid_argument() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.named_container("beta");
+    let pid = c.pid();
+    let unix = format!("unix:{}", host_socket(&node, &c).display());
+    for target in ["127.0.0.1:15101", unix.as_str()] {
+        let got = json_out(&py_in_netns(pid, "raw_grpc.py", &[target], &[]));
+        assert_eq!(
+            got["jwt_without_header"], "INVALID_ARGUMENT",
+            "{target}: {got}"
+        );
+        assert_eq!(
+            got["x509_without_header"], "INVALID_ARGUMENT",
+            "{target}: {got}"
+        );
+        assert_eq!(got["jwt_with_header"], "OK", "{target}: {got}");
+        assert_eq!(
+            got["jwt_no_audience"], "INVALID_ARGUMENT",
+            "{target}: {got}"
+        );
+    }
+    c.delete();
+}
+
+#[test]
+fn rust_spiffe_crate_over_tcp_in_the_netns_and_over_the_socket() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.named_container("delta");
+    let pid = c.pid();
+    let id = format!("spiffe://{TRUST_DOMAIN}/container/delta");
+    let check = |endpoint: String| async move {
+        let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+            .await
+            .unwrap_or_else(|e| panic!("{endpoint}: {e}"));
+        let svid = client.fetch_x509_svid().await.expect("x509");
+        let x509_id = svid.spiffe_id().to_string();
+        let bundles = client.fetch_x509_bundles().await.expect("bundles");
+        let td = spiffe::TrustDomain::new(TRUST_DOMAIN).unwrap();
+        assert!(bundles.get(&td).is_some(), "bundle for {td}");
+        let jwt = client.fetch_jwt_svid(["aud-rs"], None).await.expect("jwt");
+        let ok = client.validate_jwt_token("aud-rs", jwt.token()).await;
+        let wrong = client.validate_jwt_token("not-me", jwt.token()).await;
+        let jwks = client.fetch_jwt_bundles().await.expect("jwt bundles");
+        assert!(jwks.get(&td).is_some(), "jwt bundle for {td}");
+        (
+            x509_id,
+            jwt.spiffe_id().to_string(),
+            ok.is_ok(),
+            wrong.err().map(|e| e.to_string()),
+        )
+    };
+    let (x, j, ok, wrong) = in_netns(pid, move || {
+        rt().block_on(check("tcp://127.0.0.1:15101".into()))
+    });
+    assert_eq!(
+        (x.as_str(), j.as_str(), ok),
+        (id.as_str(), id.as_str(), true)
+    );
+    assert!(wrong.is_some(), "a wrong audience is rejected");
+    let sock = format!("unix://{}", host_socket(&node, &c).display());
+    let (x, j, ok, wrong) = rt().block_on(check(sock));
+    assert_eq!(
+        (x.as_str(), j.as_str(), ok),
+        (id.as_str(), id.as_str(), true)
+    );
+    assert!(wrong.is_some(), "a wrong audience is rejected");
+    c.delete();
+}
+
+#[test]
+fn x509_stream_rotates_without_reconnecting_and_revocation_ends_it() {
+    // 10 s certificates: the companion refreshes at half-life (~5 s).
+    let mut node = Node::with_config(ANNOTATED_RULE, "[issuer]\nx509_ttl = \"10s\"\n");
+    node.start();
+    let c = node.named_container("gamma");
+    let sock = format!("unix://{}", host_socket(&node, &c).display());
+    let id = format!("spiffe://{TRUST_DOMAIN}/container/gamma");
+    rt().block_on(async {
+        let client = spiffe::WorkloadApiClient::connect_to(&sock).await.unwrap();
+        let mut stream = client.stream_x509_svids().await.expect("stream");
+        macro_rules! next {
+            ($s:expr) => {
+                tokio::time::timeout(Duration::from_secs(15), $s.next())
+            };
+        }
+        let first: spiffe::X509Svid = next!(stream)
+            .await
+            .expect("first SVID in time")
+            .expect("stream open")
+            .expect("first SVID");
+        assert_eq!(first.spiffe_id().to_string(), id);
+        let second: spiffe::X509Svid = next!(stream)
+            .await
+            .expect("rotated SVID within 15 s")
+            .expect("stream open")
+            .expect("rotated SVID");
+        assert_eq!(second.spiffe_id().to_string(), id);
+        assert_ne!(
+            first.leaf().as_bytes(),
+            second.leaf().as_bytes(),
+            "a new certificate on the same stream"
+        );
+        let out = node.nhictl(&["revoke", "--spiffe-id", &id], b"");
+        assert!(out.status.success(), "{out:?}");
+        let after = next!(stream).await.expect("revocation reaches the stream");
+        let err = after.expect("an answer").expect_err("no SVID once revoked");
+        assert!(
+            err.to_string().contains("PermissionDenied")
+                || err.to_string().to_lowercase().contains("permission denied")
+                || err.to_string().contains("revoked"),
+            "{err}"
+        );
+        assert!(
+            next!(stream).await.expect("stream closes").is_none(),
+            "the stream ends after PermissionDenied"
+        );
+    });
+    c.delete();
+}
+
+#[test]
+fn the_socket_survives_a_companion_crash_and_an_nhid_restart_and_goes_with_the_container() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.named_container("epsilon");
+    let sock_path = host_socket(&node, &c);
+    let sock = format!("unix://{}", sock_path.display());
+    let id = format!("spiffe://{TRUST_DOMAIN}/container/epsilon");
+    let fetch = |sock: &str| {
+        rt().block_on(async {
+            let client = spiffe::WorkloadApiClient::connect_to(sock).await?;
+            client
+                .fetch_x509_svid()
+                .await
+                .map(|s| s.spiffe_id().to_string())
+        })
+    };
+    assert_eq!(fetch(&sock).unwrap(), id);
+    // The companion dies: its replacement serves the same socket (nhid kept the listener).
+    let before = node.companion_pid(&c.id).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || node
+            .companion_pid(&c.id)
+            .is_some_and(|p| p != before && alive(p))
+            && fetch(&sock).is_ok()),
+        "{}",
+        node.log()
+    );
+    assert_eq!(fetch(&sock).unwrap(), id);
+    // nhid restarts: the restored companion's new socket is linked into the container again.
+    node.stop();
+    node.start();
+    assert!(
+        eventually(Duration::from_secs(10), || fetch(&sock).is_ok()),
+        "{}",
+        node.log()
+    );
+    assert_eq!(fetch(&sock).unwrap(), id);
+    let ls = c.exec(&["ls", "-ln", "/run/nhi/workload.sock"]);
+    let ls = String::from_utf8_lossy(&ls.stdout).to_string();
+    assert!(
+        ls.starts_with("srw-------"),
+        "socket in the container again: {ls}"
+    );
+    // Gone with the container, host side included.
+    c.delete();
+    assert!(!sock_path.exists());
+    let hidden: Vec<_> = std::fs::read_dir(node.path("containers/.wapi"))
+        .unwrap()
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+}

@@ -50,22 +50,38 @@ pub fn write(dir: &Path, name: &str, value: &[u8], owner: (u32, u32)) -> std::io
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
-    let tmp = secrets.join(format!(".{name}.tmp"));
-    let _ = fs::remove_file(&tmp);
+    write_owned(
+        &secrets.join(format!(".{name}.tmp")),
+        &secrets.join(name),
+        value,
+        owner,
+    )
+}
+
+/// Replaces `path` with `value` through `tmp` (same directory) by rename: readers see the old
+/// or the new content, never a partial one. Mode 0400, owned by `owner`, never through a
+/// symlink; the temporary file is removed on failure.
+pub fn write_owned(
+    tmp: &Path,
+    path: &Path,
+    value: &[u8],
+    owner: (u32, u32),
+) -> std::io::Result<()> {
+    let _ = fs::remove_file(tmp);
     let res = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o400)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
+            .open(tmp)?;
         std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))?;
         f.write_all(value)?;
         f.sync_all()?;
-        fs::rename(&tmp, secrets.join(name))
+        fs::rename(tmp, path)
     })();
     if res.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp);
     }
     res
 }

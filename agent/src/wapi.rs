@@ -52,25 +52,7 @@ pub fn new_token() -> zeroize::Zeroizing<String> {
 
 /// Writes `value` to `path` (replaced by rename), mode 0400, owned by `owner`.
 fn write_file(path: &Path, value: &[u8], owner: (u32, u32)) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let res = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
-        std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))?;
-        f.write_all(value)?;
-        fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
+    crate::secrets::write_owned(&path.with_extension("tmp"), path, value, owner)
 }
 
 impl Socket {

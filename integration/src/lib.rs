@@ -309,6 +309,27 @@ impl Node {
         .expect("SIGHUP nhid");
     }
 
+    /// Every record of this node's audit log (default `[audit] dir`), oldest first.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let dir = self.state_dir.join("audit");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<serde_json::Value>>()
+            })
+            .collect()
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.path("nhid.log")).unwrap_or_default()
     }

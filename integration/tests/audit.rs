@@ -43,29 +43,8 @@ fn audit_dir(node: &Node) -> PathBuf {
     node.state_dir.join("audit")
 }
 
-/// Every record on disk, oldest first.
-fn records(node: &Node) -> Vec<serde_json::Value> {
-    let dir = audit_dir(node);
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| {
-            fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 fn jwt_records(node: &Node) -> Vec<serde_json::Value> {
-    records(node)
+    node.audit_records()
         .into_iter()
         .filter(|r| r["kind"] == "credential" && r["credential"]["name"] == "jwt-svid")
         .collect()
@@ -182,7 +161,7 @@ fn credential_fetches_are_audited_with_identity_and_container_never_the_value() 
     assert_eq!(http_in_netns(a.pid(), "GET", "/v1/secrets/db-pass2").0, 403);
 
     let find = |id: &str, name: &str, decision: &str| {
-        records(&node).into_iter().find(|r| {
+        node.audit_records().into_iter().find(|r| {
             r["spiffe_id"] == id && r["credential"]["name"] == name && r["decision"] == decision
         })
     };
@@ -194,7 +173,7 @@ fn credential_fetches_are_audited_with_identity_and_container_never_the_value() 
         )
         .is_some()),
         "refusal audited: {:?}",
-        records(&node)
+        node.audit_records()
     );
     let got = find(&alpha, "secret:db-password", "allow").expect("delivery audited");
     assert_eq!(got["workload"]["container_id"], a.id.as_str());
@@ -313,7 +292,7 @@ fn ten_thousand_requests_make_exactly_ten_thousand_records_and_tampering_is_name
         .iter()
         .all(|r| r["workload"]["container_id"] == a.id.as_str()));
     assert!(
-        !records(&node).iter().any(|r| r["kind"] == "dropped"),
+        !node.audit_records().iter().any(|r| r["kind"] == "dropped"),
         "nothing lost"
     );
     eprintln!("records after {:?}", t.elapsed());
@@ -347,7 +326,7 @@ fn ten_thousand_requests_make_exactly_ten_thousand_records_and_tampering_is_name
     node.stop();
     let (ok, out) = verify(&node, &dir);
     assert!(
-        ok && out.contains(&format!("{} records", records(&node).len())),
+        ok && out.contains(&format!("{} records", node.audit_records().len())),
         "{out}"
     );
 
@@ -447,7 +426,8 @@ fn ten_thousand_requests_make_exactly_ten_thousand_records_and_tampering_is_name
         node.log()
     );
     node.stop();
-    let breaks: Vec<serde_json::Value> = records(&node)
+    let breaks: Vec<serde_json::Value> = node
+        .audit_records()
         .into_iter()
         .filter(|r| r["kind"] == "chain_break")
         .collect();
@@ -469,7 +449,7 @@ fn a_full_queue_loses_events_only_with_a_dropped_record_and_exact_accounting() {
     let mut issued = 0;
     let mut round = 0;
     let lost = |node: &Node| -> u64 {
-        records(node)
+        node.audit_records()
             .iter()
             .filter(|r| r["kind"] == "dropped")
             .map(|r| r["dropped"].as_u64().unwrap())
@@ -491,7 +471,8 @@ fn a_full_queue_loses_events_only_with_a_dropped_record_and_exact_accounting() {
         issued as u64,
         "every issuance is a record or counted in a dropped record"
     );
-    let dropped = records(&node)
+    let dropped = node
+        .audit_records()
         .into_iter()
         .find(|r| r["kind"] == "dropped")
         .unwrap();

@@ -240,7 +240,7 @@ broker = { jwt_audience = "upstream-api", header = "x-svid", format = "{value}" 
     // Audited like any issuance (name, version, the rule; never the value), and the proxied
     // request records which credential it carried.
     assert!(
-        eventually(Duration::from_secs(5), || audit_records(&node).iter().any(
+        eventually(Duration::from_secs(5), || node.audit_records().iter().any(
             |r| {
                 r["kind"] == "credential"
                     && r["credential"]["name"] == "secret:edge-api-token"
@@ -249,10 +249,10 @@ broker = { jwt_audience = "upstream-api", header = "x-svid", format = "{value}" 
             }
         )),
         "no brokered-secret record: {:?}",
-        audit_records(&node)
+        node.audit_records()
     );
     assert!(
-        eventually(Duration::from_secs(5), || audit_records(&node).iter().any(
+        eventually(Duration::from_secs(5), || node.audit_records().iter().any(
             |r| {
                 r["kind"] == "http_request"
                     && r["destination"]["path"] == "/v1/charge"
@@ -262,7 +262,7 @@ broker = { jwt_audience = "upstream-api", header = "x-svid", format = "{value}" 
             }
         )),
         "no request record naming the injected credential: {:?}",
-        audit_records(&node)
+        node.audit_records()
     );
     let audit_files = std::fs::read_dir(node.state_dir.join("audit")).unwrap();
     for f in audit_files {
@@ -519,27 +519,6 @@ fn keep_alive_requests(ns: &std::path::Path, addr: SocketAddr, tag: u32, n: u32)
     })
 }
 
-/// Every audit record on disk, oldest first.
-fn audit_records(node: &Node) -> Vec<serde_json::Value> {
-    let dir = node.state_dir.join("audit");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect::<Vec<serde_json::Value>>()
-        })
-        .collect()
-}
-
 #[test]
 fn ten_thousand_proxied_requests_make_exactly_ten_thousand_chained_audit_records() {
     let mut node = Node::with_config(ANNOTATED_RULE, "[audit]\nmax_file_bytes = 1000000\n");
@@ -569,7 +548,7 @@ fn ten_thousand_proxied_requests_make_exactly_ten_thousand_chained_audit_records
     assert_eq!(web.requests().len(), 9_000, "denied requests never arrive");
 
     let http_records = |node: &Node| -> Vec<serde_json::Value> {
-        audit_records(node)
+        node.audit_records()
             .into_iter()
             .filter(|r| r["kind"] == "http_request")
             .collect()
@@ -583,7 +562,7 @@ fn ten_thousand_proxied_requests_make_exactly_ten_thousand_chained_audit_records
     let recs = http_records(&node);
     assert_eq!(recs.len(), 10_000, "exactly one record per request");
     assert!(
-        !audit_records(&node).iter().any(|r| r["kind"] == "dropped"),
+        !node.audit_records().iter().any(|r| r["kind"] == "dropped"),
         "nothing lost"
     );
     // Every request is there once, attributed by nhid to this container, with its decision.

@@ -666,6 +666,50 @@ pub fn alive(pid: i32) -> bool {
 }
 
 /// Waits up to `timeout` for `cond`.
+/// HTTP/1.1 `GET`s of `paths`, in order, over the one keep-alive connection `s` (each request
+/// in a single write: pieces would meet Nagle). Returns each answer's status; bodies are read
+/// and dropped.
+pub fn keep_alive_gets(
+    s: std::net::TcpStream,
+    host: &str,
+    paths: impl IntoIterator<Item = String>,
+) -> Vec<u16> {
+    use std::io::{BufRead, Read, Write};
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut statuses = Vec::new();
+    for path in paths {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
+        w.write_all(req.as_bytes()).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status line: {line:?}"));
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).unwrap();
+            if h == "\r\n" || h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        statuses.push(status);
+    }
+    statuses
+}
+
 pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {

@@ -95,39 +95,11 @@ fn tokens_in_netns(pid: i32, prefix: &str, range: std::ops::Range<u32>, threads:
             std::thread::spawn(move || {
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
                 let s = TcpStream::connect("127.0.0.1:15100").expect("companion");
-                s.set_nodelay(true).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                let mut ok = 0;
-                for i in from..to {
-                    // One write per request (write! would send pieces and meet Nagle).
-                    let req = format!(
-                        "GET /v1/token?audience={prefix}{i} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                    );
-                    w.write_all(req.as_bytes()).unwrap();
-                    let mut status = String::new();
-                    r.read_line(&mut status).unwrap();
-                    let mut len = 0usize;
-                    loop {
-                        let mut h = String::new();
-                        r.read_line(&mut h).unwrap();
-                        if h == "\r\n" {
-                            break;
-                        }
-                        if let Some((k, v)) = h.split_once(':') {
-                            if k.eq_ignore_ascii_case("content-length") {
-                                len = v.trim().parse().unwrap();
-                            }
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    r.read_exact(&mut body).unwrap();
-                    if status.split_whitespace().nth(1) == Some("200") {
-                        ok += 1;
-                    }
-                }
-                ok
+                let paths = (from..to).map(|i| format!("/v1/token?audience={prefix}{i}"));
+                keep_alive_gets(s, "127.0.0.1", paths)
+                    .into_iter()
+                    .filter(|s| *s == 200)
+                    .count() as u32
             })
         })
         .collect();

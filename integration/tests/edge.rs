@@ -479,43 +479,16 @@ methods = ["GET"]
 /// `n` HTTP/1.1 requests over one keep-alive connection from inside `ns`; every tenth goes to
 /// `/admin/...` (denied by the proxy with a 403, the connection stays up). Returns the statuses.
 fn keep_alive_requests(ns: &std::path::Path, addr: SocketAddr, tag: u32, n: u32) -> Vec<u16> {
-    use std::io::{BufRead, BufReader, Read, Write};
     in_netns(ns, move || {
         let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut w = s.try_clone().unwrap();
-        let mut r = BufReader::new(s);
-        let mut statuses = Vec::with_capacity(n as usize);
-        for i in 0..n {
-            let path = if i % 10 == 9 {
+        let paths = (0..n).map(move |i| {
+            if i % 10 == 9 {
                 format!("/admin/{tag}/{i}")
             } else {
                 format!("/ok/{tag}/{i}")
-            };
-            let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
-            w.write_all(req.as_bytes()).unwrap();
-            let mut line = String::new();
-            r.read_line(&mut line).unwrap();
-            let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-            let mut len = 0usize;
-            loop {
-                let mut h = String::new();
-                r.read_line(&mut h).unwrap();
-                if h == "\r\n" {
-                    break;
-                }
-                if let Some((k, v)) = h.split_once(':') {
-                    if k.eq_ignore_ascii_case("content-length") {
-                        len = v.trim().parse().unwrap();
-                    }
-                }
             }
-            let mut body = vec![0; len];
-            r.read_exact(&mut body).unwrap();
-            statuses.push(status);
-        }
-        statuses
+        });
+        keep_alive_gets(s, &addr.to_string(), paths)
     })
 }
 

@@ -83,8 +83,11 @@ fn main() {
     c.get("/v1/token?audience=rss").unwrap();
     c.get("/v1/x509").unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let comp_rss = rss_kib(node.companion_pid(&c.id).unwrap());
-    let sleep_rss = rss_kib(c.pid());
+    let comp_pid = node.companion_pid(&c.id).unwrap();
+    let comp_rss = rss_kib(comp_pid, "VmRSS");
+    // Code pages shared with every other companion (file) vs this one's own memory (anon).
+    let (comp_anon, comp_file) = (rss_kib(comp_pid, "RssAnon"), rss_kib(comp_pid, "RssFile"));
+    let sleep_rss = rss_kib(c.pid(), "VmRSS");
     c.delete();
 
     let (sp, sh) = (summarize(&plain), summarize(&hooked));
@@ -113,6 +116,10 @@ fn main() {
     println!("## Companion resident memory, idle (after one token and one X.509-SVID)\n");
     println!("| process | VmRSS (KiB) |\n|---|---|");
     println!("| nhi-companion | {comp_rss} |");
+    println!("| nhi-companion, of which anonymous (its own heap and stacks) | {comp_anon} |");
+    println!(
+        "| nhi-companion, of which file-backed (code, shared by all companions) | {comp_file} |"
+    );
     println!("| busybox sleep (the workload, baseline) | {sleep_rss} |");
     println!(
         "\ncompanion vs the 4 MiB target: {:.2}x",
@@ -141,8 +148,8 @@ fn time_hook(node: &Node, stage: &str, state: &serde_json::Value) -> Duration {
     d
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    proc_status(pid, "VmRSS")
+fn rss_kib(pid: i32, field: &str) -> u64 {
+    proc_status(pid, field)
         .split_whitespace()
         .next()
         .and_then(|v| v.parse().ok())

@@ -531,30 +531,10 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
                     message: format!("secret {name:?} is not granted to {id}"),
                 };
             }
-            match ctx.store.get(&name).await {
-                Ok(Some(s)) => {
-                    tracing::info!(spiffe_id = %id, secret = %name, version = s.version, "delivered secret");
-                    audit(Some(s.version.to_string()), Allow, None);
-                    CompanionResponse::Secret(SecretValue {
-                        name,
-                        version: s.version,
-                        value_b64: B64.encode(&s.value[..]),
-                        expires_at: now_unix() + ctx.config.store.secret_ttl.as_secs(),
-                    })
-                }
-                Ok(None) => {
-                    audit(None, Deny, Some("not found".into()));
-                    CompanionResponse::NotFound {
-                        message: format!("no secret named {name:?}"),
-                    }
-                }
-                Err(e) => {
-                    audit(None, Failed, Some(e.to_string()));
-                    CompanionResponse::Error {
-                        message: e.to_string(),
-                    }
-                }
-            }
+            read_secret(ctx, id, name, "delivered secret", |v, d, why| {
+                audit(v, d, why.map(str::to_string))
+            })
+            .await
         }
     }
 }
@@ -562,14 +542,14 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
 /// A secret for the companion to inject upstream: only the one egress rule `rule_id` of the
 /// identity's current policy names. Never a grant: the workload's `/v1/secrets` still refuses it.
 async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> CompanionResponse {
-    use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
+    use nhi_core::audit::Decision::Deny;
     let id = identity.spiffe_id.as_str();
     let started = std::time::Instant::now();
     let name = ctx
         .policy_for(identity)
         .and_then(|p| p.brokered_secret(rule_id).map(str::to_string));
     // One audit record per outcome, like every other issuance; the detail names the rule.
-    let audit = |name: &str, version: Option<String>, decision, why: &str| {
+    let audit = |name: &str, version: Option<String>, decision, why: Option<&str>| {
         crate::audit::credential(
             ctx,
             identity,
@@ -579,21 +559,42 @@ async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> Compa
             }),
             version,
             decision,
-            Some(format!("brokered by rule {rule_id}{why}")),
+            Some(match why {
+                Some(why) => format!("brokered by rule {rule_id}: {why}"),
+                None => format!("brokered by rule {rule_id}"),
+            }),
             started,
         )
     };
     let Some(name) = name else {
         tracing::warn!(spiffe_id = %id, rule = %rule_id, "refused: no brokered secret in that rule");
-        audit("?", None, Deny, ": the rule brokers no secret");
+        audit("?", None, Deny, Some("the rule brokers no secret"));
         return CompanionResponse::Denied {
             message: format!("no egress rule {rule_id:?} brokering a secret for {id}"),
         };
     };
+    let (n, what) = (
+        name.clone(),
+        format!("delivered brokered secret (rule {rule_id})"),
+    );
+    read_secret(ctx, id, name, &what, |v, d, why| audit(&n, v, d, why)).await
+}
+
+/// Reads secret `name` from the store for a companion that may have it (granted, or brokered
+/// by its policy) and audits the outcome through `audit(version, decision, why)`: the version
+/// when delivered, never the value.
+async fn read_secret(
+    ctx: &Ctx,
+    spiffe_id: &str,
+    name: String,
+    what: &str,
+    audit: impl Fn(Option<String>, nhi_core::audit::Decision, Option<&str>),
+) -> CompanionResponse {
+    use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
     match ctx.store.get(&name).await {
         Ok(Some(s)) => {
-            tracing::info!(spiffe_id = %id, secret = %name, version = s.version, rule = %rule_id, "delivered brokered secret");
-            audit(&name, Some(s.version.to_string()), Allow, "");
+            tracing::info!(spiffe_id = %spiffe_id, secret = %name, version = s.version, "{what}");
+            audit(Some(s.version.to_string()), Allow, None);
             CompanionResponse::Secret(SecretValue {
                 name,
                 version: s.version,
@@ -602,13 +603,13 @@ async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> Compa
             })
         }
         Ok(None) => {
-            audit(&name, None, Deny, ": not found");
+            audit(None, Deny, Some("not found"));
             CompanionResponse::NotFound {
                 message: format!("no secret named {name:?}"),
             }
         }
         Err(e) => {
-            audit(&name, None, Failed, &format!(": {e}"));
+            audit(None, Failed, Some(&e.to_string()));
             CompanionResponse::Error {
                 message: e.to_string(),
             }

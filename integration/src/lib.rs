@@ -354,6 +354,19 @@ impl Node {
             .map(|w| w.companion_pid)
     }
 
+    /// SIGKILLs the companion serving `container_id` (a crash, as nhid sees it); its pid.
+    pub fn kill_companion(&self, container_id: &str) -> i32 {
+        let pid = self
+            .companion_pid(container_id)
+            .unwrap_or_else(|| panic!("no companion serves {container_id}"));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill the companion");
+        pid
+    }
+
     pub fn bundle(&self, id: &str) -> BundleBuilder<'_> {
         BundleBuilder {
             node: self,

@@ -779,12 +779,7 @@ fn a_crashed_companion_is_restarted_with_the_same_identity() {
     node.start();
     let c = node.bundle(&unique_id("crash")).inject().write();
     c.start().unwrap();
-    let before = node.companion_pid(&c.id).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(before),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let before = node.kill_companion(&c.id);
     assert!(
         eventually(Duration::from_secs(10), || node
             .companion_pid(&c.id)

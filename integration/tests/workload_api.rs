@@ -258,12 +258,7 @@ fn the_socket_survives_a_companion_crash_and_an_nhid_restart_and_goes_with_the_c
     };
     assert_eq!(fetch(&sock).unwrap(), id);
     // The companion dies: its replacement serves the same socket (nhid kept the listener).
-    let before = node.companion_pid(&c.id).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(before),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let before = node.kill_companion(&c.id);
     assert!(
         eventually(Duration::from_secs(10), || node
             .companion_pid(&c.id)

@@ -13,6 +13,7 @@ pub mod policy;
 pub mod select;
 pub mod spiffe;
 pub mod template;
+pub mod untrusted_fs;
 pub mod wire;
 pub mod workload;
 

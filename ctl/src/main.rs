@@ -77,7 +77,13 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ConfigureCmd {
-    /// CRI runtime handler `nhi` in containerd's config (version 2 or 3).
+    /// CRI runtime handler `nhi` in containerd's config: version 2 (containerd 1.x), 3 or 4
+    /// (containerd 2.x; 2.3's `containerd config default` writes 4).
+    ///
+    /// A missing or empty file gets the version the installed containerd writes (asked with
+    /// `containerd --version`) unless --config-version says otherwise. On 2.x the drop-in holds
+    /// only the handler (imports are merged key by key); on 1.x it carries a copy of the main
+    /// file's CRI section (imports replace whole sections).
     Containerd {
         /// containerd's config file.
         #[arg(long, default_value = "/etc/containerd/config.toml")]
@@ -89,6 +95,13 @@ enum ConfigureCmd {
         /// Also make `nhi` the default runtime handler.
         #[arg(long)]
         set_as_default: bool,
+        /// Config version for a new file (2, 3 or 4) instead of asking `containerd --version`;
+        /// must match the version of an existing file.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(2..=4))]
+        config_version: Option<i64>,
+        /// The containerd binary asked for its version.
+        #[arg(long, default_value = "containerd")]
+        containerd: PathBuf,
     },
     /// Runtime `nhi` in Docker's daemon.json.
     Docker {
@@ -483,11 +496,15 @@ fn configure(
             file,
             drop_in,
             set_as_default,
+            config_version,
+            containerd,
         } => containerd::plan(
             &containerd::Options {
                 config: file,
                 drop_in,
                 set_as_default,
+                config_version,
+                containerd,
             },
             &paths,
         )?,

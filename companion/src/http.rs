@@ -55,9 +55,8 @@ impl Api {
         }
         let path = req.uri().path().to_string();
         let (allowed, known) = match path.as_str() {
-            "/healthz" | "/v1/identity" | "/v1/token" | "/v1/x509" | "/v1/bundle" | "/v1/jwks" => {
-                (Method::GET, true)
-            }
+            "/healthz" | "/v1/identity" | "/v1/token" | "/v1/x509" | "/v1/bundle" | "/v1/jwks"
+            | SPIFFE_BUNDLE_PATH => (Method::GET, true),
             "/v1/validate" => (Method::POST, true),
             AWS_PATH => (Method::GET, true),
             p => (Method::GET, p.starts_with("/v1/secrets/")),
@@ -86,6 +85,14 @@ impl Api {
             "/v1/identity" => ok(self.identity.clone(), "application/json"),
             "/v1/bundle" => ok(self.creds.trust().bundle.clone(), "application/x-pem-file"),
             "/v1/jwks" => ok(self.creds.trust().jwks.clone(), "application/json"),
+            SPIFFE_BUNDLE_PATH => match self.creds.trust().spiffe.clone() {
+                b if b.is_empty() => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "issuer_unavailable",
+                    "nhid sent no SPIFFE bundle (an older nhid?)",
+                ),
+                b => ok(b, "application/json"),
+            },
             "/v1/token" => self.token(req.uri().query().unwrap_or("")).await,
             "/v1/x509" => match self.creds.x509().await {
                 Ok(x) => {
@@ -252,6 +259,8 @@ impl Api {
 }
 
 const MAX_VALIDATE_BODY: usize = 64 * 1024;
+/// The trust bundle in the SPIFFE bundle format (JWK Set with `x509-svid` and `jwt-svid` keys).
+pub const SPIFFE_BUNDLE_PATH: &str = "/v1/bundle.spiffe";
 /// The AWS container-credential endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI`).
 pub const AWS_PATH: &str = "/v1/aws/credentials";
 

@@ -67,7 +67,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             other => return Err(format!("unexpected hello answer: {other:?}")),
         };
         eprintln!("serving {} on http://{}", init.spiffe_id, opts.listen);
-        let trust = cache::Trust::new(&init.bundle_pem, &init.jwks);
+        let trust = cache::Trust::new(&init.bundle_pem, &init.jwks, &init.bundle_spiffe);
         let recorder = audit::Recorder::start(channel.clone());
         let edge_channel = channel.clone();
         let (events, edge_events) = split_events(events);

@@ -26,8 +26,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Print the trust bundle (PEM).
-    Bundle,
+    /// Print the trust bundle: PEM CA certificates, or the SPIFFE bundle format (a JWK Set with
+    /// the X.509 and JWT authorities, `spiffe_sequence`, `spiffe_refresh_hint`) that SPIRE and
+    /// other SPIFFE control planes import to federate (`spire-server bundle set -format spiffe`).
+    Bundle {
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
     /// Token operations.
     Token {
         #[command(subcommand)]
@@ -73,6 +78,12 @@ enum Cmd {
         #[arg(long, global = true)]
         nhi_hook: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BundleFormat {
+    Pem,
+    Spiffe,
 }
 
 #[derive(Subcommand)]
@@ -235,7 +246,19 @@ fn run(cli: Cli) -> Result<(), String> {
                 print!("{}", nhi_ctl::render_status(&s));
             }
         }
-        Cmd::Bundle => print!("{}", nhi_ctl::status(&socket(&cli.config)?)?.bundle_pem),
+        Cmd::Bundle { format } => {
+            let s = nhi_ctl::status(&socket(&cli.config)?)?;
+            match format {
+                BundleFormat::Pem => print!("{}", s.bundle_pem),
+                BundleFormat::Spiffe if !s.bundle_spiffe.is_object() => {
+                    return Err("nhid sent no SPIFFE bundle (is it older than nhictl?)".into())
+                }
+                BundleFormat::Spiffe => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s.bundle_spiffe).map_err(|e| e.to_string())?
+                ),
+            }
+        }
         Cmd::Token {
             cmd:
                 TokenCmd::Verify {

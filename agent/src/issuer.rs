@@ -287,9 +287,8 @@ impl EmbeddedIssuer {
         let jwks = serde_json::json!({ "keys": [signer.jwk().clone()] });
         // The content never changes for the life of these keys: their creation time is the
         // sequence, the same across restarts.
-        let spiffe_bundle =
-            crate::spiffe_bundle::build(&signer.bundle_pem, &jwks, keys.created_at)
-                .map_err(corrupt)?;
+        let spiffe_bundle = crate::spiffe_bundle::build(&signer.bundle_pem, &jwks, keys.created_at)
+            .map_err(corrupt)?;
         Ok(EmbeddedIssuer {
             signer,
             jwks,
@@ -552,7 +551,10 @@ mod tests {
         // "Key Usage | digitalSignature | This field must be set if and only if the SVID is a
         // leaf certificate."
         assert!(leaf_ku.digital_signature());
-        assert!(!ca_ku.digital_signature(), "the CA must not set digitalSignature");
+        assert!(
+            !ca_ku.digital_signature(),
+            "the CA must not set digitalSignature"
+        );
         // "Key Usage | keyAgreement / keyEncipherment | ... may be set if and only if the SVID
         // is a leaf certificate."
         assert!(!ca_ku.key_agreement() && !ca_ku.key_encipherment());
@@ -567,7 +569,11 @@ mod tests {
         let key = jwks["keys"][0].as_object().unwrap();
         let mut names: Vec<&str> = key.keys().map(String::as_str).collect();
         names.sort();
-        assert_eq!(names, ["crv", "kid", "kty", "use", "x", "y"], "no alg: {key:?}");
+        assert_eq!(
+            names,
+            ["crv", "kid", "kty", "use", "x", "y"],
+            "no alg: {key:?}"
+        );
         assert_eq!(key["use"], "jwt-svid");
         // The SPIFFE bundle carries the same authorities, and its sequence is stable across
         // restarts while the keys are the same.

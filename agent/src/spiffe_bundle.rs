@@ -35,9 +35,10 @@ pub fn jwt_authorities(jwks: &Value) -> Vec<Value> {
         .flatten()
         .filter_map(Value::as_object)
         .filter(|k| {
-            k.get("kid").and_then(Value::as_str).is_some_and(|s| !s.is_empty())
-                && k.get("use")
-                    .is_none_or(|u| u.as_str() == Some("jwt-svid"))
+            k.get("kid")
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty())
+                && k.get("use").is_none_or(|u| u.as_str() == Some("jwt-svid"))
         })
         .map(|k| {
             let mut out: Map<String, Value> = JWT_AUTHORITY_PARAMS
@@ -59,8 +60,7 @@ pub fn clean_jwks(jwks: &Value) -> Value {
 /// ("the `kid` parameter of each JWK entry MUST NOT be set"), `x5c` holding exactly this one
 /// certificate, and the public key's own parameters (RFC 7518 §6).
 pub fn x509_authority(der: &[u8]) -> Result<Value, String> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("CA certificate: {e}"))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("CA certificate: {e}"))?;
     let spki = cert.public_key();
     let mut k = Map::new();
     match spki.parsed().map_err(|e| format!("CA public key: {e}"))? {
@@ -92,7 +92,10 @@ pub fn x509_authority(der: &[u8]) -> Result<Value, String> {
         PublicKey::RSA(rsa) => {
             // base64urlUInt: big-endian without leading zero octets (RFC 7518 §2).
             let trim = |b: &[u8]| {
-                let i = b.iter().position(|x| *x != 0).unwrap_or(b.len().saturating_sub(1));
+                let i = b
+                    .iter()
+                    .position(|x| *x != 0)
+                    .unwrap_or(b.len().saturating_sub(1));
                 B64URL.encode(&b[i..])
             };
             k.insert("kty".into(), "RSA".into());
@@ -180,7 +183,11 @@ mod tests {
         assert_eq!(x["y"], B64URL.encode(&raw[33..65]));
         let mut names: Vec<&str> = x.keys().map(String::as_str).collect();
         names.sort();
-        assert_eq!(names, ["crv", "kty", "use", "x", "x5c", "y"], "§4.2: nothing else");
+        assert_eq!(
+            names,
+            ["crv", "kty", "use", "x", "x5c", "y"],
+            "§4.2: nothing else"
+        );
         // JWT-SVID authorities: `use` jwt-svid, `kid` set, no parameter outside the standards.
         let j = keys[1].as_object().unwrap();
         let mut names: Vec<&str> = j.keys().map(String::as_str).collect();
@@ -200,7 +207,11 @@ mod tests {
         ]});
         let keys = jwt_authorities(&jwks);
         let kids: Vec<&str> = keys.iter().map(|k| k["kid"].as_str().unwrap()).collect();
-        assert_eq!(kids, ["a", "b"], "no kid, or another use: not a JWT-SVID authority");
+        assert_eq!(
+            kids,
+            ["a", "b"],
+            "no kid, or another use: not a JWT-SVID authority"
+        );
         for k in &keys {
             assert!(k.get("alg").is_none(), "{k}");
             assert_eq!(k["use"], "jwt-svid");

@@ -63,7 +63,9 @@ impl SessionCredentials {
             format!("the AWS credentials secret is not {{\"AccessKeyId\", \"SecretAccessKey\", \"Token\", \"Expiration\"}} JSON: {}", e.classify_name())
         })?;
         if c.access_key_id.is_empty() || c.secret_access_key.is_empty() {
-            return Err("the AWS credentials secret has an empty AccessKeyId or SecretAccessKey".into());
+            return Err(
+                "the AWS credentials secret has an empty AccessKeyId or SecretAccessKey".into(),
+            );
         }
         if c.token.as_deref().is_none_or(str::is_empty) {
             return Err("the AWS credentials secret has no Token: the AWS SDKs' container provider needs session credentials (AccessKeyId, SecretAccessKey, Token, Expiration), e.g. from STS AssumeRole".into());

@@ -22,7 +22,8 @@ pub mod pb {
     tonic::include_proto!("_");
 
     /// The encoded descriptor of `workload.proto`, served by gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("workload_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("workload_descriptor");
 }
 
 use pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
@@ -388,9 +389,9 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
 }
 
-fn reflection_v1(
-) -> tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>
-{
+fn reflection_v1() -> tonic_reflection::server::v1::ServerReflectionServer<
+    impl tonic_reflection::server::v1::ServerReflection,
+> {
     reflection()
         .build_v1()
         .expect("the compiled-in workload.proto descriptor decodes")

@@ -83,8 +83,7 @@ pub fn verify_foreign(
     what: &str,
     check: &ForeignCheck<'_>,
 ) -> Result<Claims, String> {
-    let set: JwkSet =
-        serde_json::from_str(jwks).map_err(|e| format!("{what}: not a JWKS: {e}"))?;
+    let set: JwkSet = serde_json::from_str(jwks).map_err(|e| format!("{what}: not a JWKS: {e}"))?;
     let header = jsonwebtoken::decode_header(token).map_err(|e| format!("token: {e}"))?;
     if !ASYMMETRIC.contains(&header.alg) {
         return Err(format!(

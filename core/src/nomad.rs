@@ -86,8 +86,7 @@ impl NomadConfig {
             return Err("nomad.jwks and nomad.trust_env = true exclude each other: the workload identity is the proof, or the (spoofable) environment is; pick one".into());
         }
         let ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
-        if self.identity.is_empty() || self.identity.len() > 128 || !self.identity.chars().all(ok)
-        {
+        if self.identity.is_empty() || self.identity.len() > 128 || !self.identity.chars().all(ok) {
             return Err(format!(
                 "nomad.identity {:?} is not a Nomad identity name ([a-zA-Z0-9-_]{{1,128}})",
                 self.identity
@@ -236,7 +235,8 @@ pub fn claims_to_nomad(
             .and_then(|v| v.as_str())
             .filter(|v| !v.is_empty())
     };
-    let required = |k: &str| claim(k).ok_or_else(|| format!("the Nomad workload identity has no {k}"));
+    let required =
+        |k: &str| claim(k).ok_or_else(|| format!("the Nomad workload identity has no {k}"));
     let (token_alloc, token_task) = (required("nomad_allocation_id")?, required("nomad_task")?);
     if token_alloc != alloc || token_task != task {
         return Err(format!(
@@ -356,8 +356,12 @@ mod tests {
     fn token(claims: serde_json::Value) -> String {
         let mut h = Header::new(Algorithm::RS256);
         h.kid = Some(KID.into());
-        jsonwebtoken::encode(&h, &claims, &EncodingKey::from_rsa_pem(KEY.as_bytes()).unwrap())
-            .unwrap()
+        jsonwebtoken::encode(
+            &h,
+            &claims,
+            &EncodingKey::from_rsa_pem(KEY.as_bytes()).unwrap(),
+        )
+        .unwrap()
     }
 
     fn claims(job: &str, alloc: &str, task: &str) -> serde_json::Value {
@@ -443,8 +447,15 @@ mod tests {
             "NOMAD_TASK_NAME=server",
             &format!("NOMAD_ALLOC_ID={ALLOC}"),
         ];
-        let n = l.attach(&l.nomad_spec(ALLOC, "server", &env)).unwrap().unwrap();
-        assert_eq!(n.job.as_deref(), Some("billing"), "from the token, not the env");
+        let n = l
+            .attach(&l.nomad_spec(ALLOC, "server", &env))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            n.job.as_deref(),
+            Some("billing"),
+            "from the token, not the env"
+        );
         assert_eq!(n.namespace.as_deref(), Some("default"));
         assert_eq!(n.group.as_deref(), Some("api"), "from sub");
         assert_eq!(n.task.as_deref(), Some("server"));
@@ -458,7 +469,12 @@ mod tests {
         assert_eq!(w.nomad.unwrap().job.as_deref(), Some("payments"));
         // Neither configured: no Nomad metadata at all.
         let mut w = Workload::default();
-        attach(&NomadConfig::default(), &l.nomad_spec(ALLOC, "server", &env), &mut w).unwrap();
+        attach(
+            &NomadConfig::default(),
+            &l.nomad_spec(ALLOC, "server", &env),
+            &mut w,
+        )
+        .unwrap();
         assert!(w.nomad.is_none());
     }
 
@@ -508,14 +524,20 @@ mod tests {
         with_iss.issuer = Some("https://nomad.example".into());
         let mut w = Workload::default();
         assert!(attach(&with_iss, &l.nomad_spec(ALLOC, "server", &[]), &mut w).is_err());
-        assert!(l.attach(&l.nomad_spec(ALLOC, "server", &[])).unwrap().is_some());
+        assert!(l
+            .attach(&l.nomad_spec(ALLOC, "server", &[]))
+            .unwrap()
+            .is_some());
 
         // The token file is a symlink (to another task's token): refused, not followed.
         let victim = l.task(other, "db", &token(claims("payments", other, "db")));
         let secrets = l.cfg.alloc_dir.join(ALLOC).join("server/secrets");
         fs::remove_file(secrets.join("nomad_token")).unwrap();
-        std::os::unix::fs::symlink(victim.join("db/secrets/nomad_token"), secrets.join("nomad_token"))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            victim.join("db/secrets/nomad_token"),
+            secrets.join("nomad_token"),
+        )
+        .unwrap();
         let e = l.attach(&l.nomad_spec(ALLOC, "server", &[])).unwrap_err();
         assert!(e.contains("symbolic link"), "{e}");
         // No token file (identity without file = true): refused with the hint.
@@ -532,12 +554,27 @@ mod tests {
         l.task(ALLOC, "server", &token(claims("billing", ALLOC, "server")));
         let a = l.cfg.alloc_dir.join(ALLOC);
         // No /secrets mount, or one outside alloc_dir: not a Nomad task.
-        assert_eq!(l.attach(&l.spec(&[("/alloc", a.join("alloc"))], &[])).unwrap(), None);
-        let elsewhere = l.dir.path().join("x/alloc").join(ALLOC).join("server/secrets");
-        assert_eq!(l.attach(&l.spec(&[("/secrets", elsewhere)], &[])).unwrap(), None);
+        assert_eq!(
+            l.attach(&l.spec(&[("/alloc", a.join("alloc"))], &[]))
+                .unwrap(),
+            None
+        );
+        let elsewhere = l
+            .dir
+            .path()
+            .join("x/alloc")
+            .join(ALLOC)
+            .join("server/secrets");
+        assert_eq!(
+            l.attach(&l.spec(&[("/secrets", elsewhere)], &[])).unwrap(),
+            None
+        );
         // `..` in the source, or a deeper path: not the layout.
         let dotted = l.cfg.alloc_dir.join(ALLOC).join("server/../server/secrets");
-        assert_eq!(l.attach(&l.spec(&[("/secrets", dotted)], &[])).unwrap(), None);
+        assert_eq!(
+            l.attach(&l.spec(&[("/secrets", dotted)], &[])).unwrap(),
+            None
+        );
         // A job that adds a second /secrets mount (another task's), or mounts another
         // allocation at /alloc: refused.
         let e = l
@@ -552,7 +589,10 @@ mod tests {
         assert!(e.contains("2 mounts at /secrets"), "{e}");
         let e = l
             .attach(&l.spec(
-                &[("/alloc", victim.join("alloc")), ("/secrets", a.join("server/secrets"))],
+                &[
+                    ("/alloc", victim.join("alloc")),
+                    ("/secrets", a.join("server/secrets")),
+                ],
                 &[],
             ))
             .unwrap_err();
@@ -579,14 +619,48 @@ mod tests {
         both.jwks = Some("/j".into());
         both.trust_env = true;
         assert!(both.validate().is_err());
-        assert_eq!(group_of("global:default:web:api:server:default", "default", "web", "server", "default"), Some("api"));
         assert_eq!(
-            group_of("eu:prod:batch/dispatch-1-abc:g:t:default", "prod", "batch", "t", "default"),
+            group_of(
+                "global:default:web:api:server:default",
+                "default",
+                "web",
+                "server",
+                "default"
+            ),
+            Some("api")
+        );
+        assert_eq!(
+            group_of(
+                "eu:prod:batch/dispatch-1-abc:g:t:default",
+                "prod",
+                "batch",
+                "t",
+                "default"
+            ),
             Some("g"),
             "dispatched job: the claim names the parent"
         );
-        assert_eq!(group_of("global:default:a:b:c:api:server:default", "default", "a:b", "server", "default"), None, "ambiguous");
-        assert_eq!(group_of("global:other:web:api:server:default", "default", "web", "server", "default"), None);
+        assert_eq!(
+            group_of(
+                "global:default:a:b:c:api:server:default",
+                "default",
+                "a:b",
+                "server",
+                "default"
+            ),
+            None,
+            "ambiguous"
+        );
+        assert_eq!(
+            group_of(
+                "global:other:web:api:server:default",
+                "default",
+                "web",
+                "server",
+                "default"
+            ),
+            None
+        );
     }
 
     #[test]
@@ -602,7 +676,12 @@ mod tests {
             }))
             .unwrap()
         };
-        let env = ["NOMAD_JOB_NAME=billing", "NOMAD_TASK_NAME=api", "NOMAD_NAMESPACE=", "NOMAD_ALLOC_ID=a1"];
+        let env = [
+            "NOMAD_JOB_NAME=billing",
+            "NOMAD_TASK_NAME=api",
+            "NOMAD_NAMESPACE=",
+            "NOMAD_ALLOC_ID=a1",
+        ];
         let n = from_env(&spec(&env, Some("/var/lib/nomad/alloc/a1/alloc"))).unwrap();
         assert_eq!(n.job.as_deref(), Some("billing"));
         assert_eq!(n.namespace, None, "empty values count as absent");

@@ -19,6 +19,7 @@ pub mod bao;
 pub mod edge;
 /// Uid (and gid) companions run as in tests: an unprivileged id no real user has.
 pub mod kube;
+pub mod nomad;
 
 pub const COMPANION_UID: u32 = 65533;
 pub const TRUST_DOMAIN: &str = "example.org";

@@ -206,7 +206,10 @@ fn spellings(secs: u64) -> Vec<(String, &'static str)> {
         (date("+%Y-%m-%dT%H:%M:%SZ", t), "Z"),
         (date("+%Y-%m-%dT%H:%M:%S+00:00", t), "+00:00"),
         // Python's str(datetime) / isoformat(" ") of an aware UTC datetime.
-        (date("+%Y-%m-%d %H:%M:%S.123456+00:00", t), "space, fraction"),
+        (
+            date("+%Y-%m-%d %H:%M:%S.123456+00:00", t),
+            "space, fraction",
+        ),
         (date("+%Y-%m-%dT%H:%M:%S-05:00", t - 5 * 3600), "-05:00"),
         (date("+%Y-%m-%dt%H:%M:%Sz", t), "lower case"),
     ]
@@ -342,10 +345,17 @@ fn every_sdk_reads_each_expiration_spelling_and_bad_secrets_are_refused_and_audi
             let got = js_sdk(pid, &token_file, mode);
             assert_eq!(got["access_key"], key.as_str(), "JS {mode}, {what}: {got}");
             assert_eq!(got["expiration"], z_ms.as_str(), "JS {mode}, {what}: {got}");
-            assert_eq!(got["token_sha256"], sha256(&format!("session-token-of-{key}")));
+            assert_eq!(
+                got["token_sha256"],
+                sha256(&format!("session-token-of-{key}"))
+            );
         }
         let got = run_json(botocore(pid, &token_file, false));
-        assert_eq!(got["first"]["access_key"], key.as_str(), "botocore, {what}: {got}");
+        assert_eq!(
+            got["first"]["access_key"],
+            key.as_str(),
+            "botocore, {what}: {got}"
+        );
     }
 
     // fromContainerMetadata alone reads only AWS_CONTAINER_AUTHORIZATION_TOKEN, which nhi never

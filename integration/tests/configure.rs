@@ -145,7 +145,8 @@ fn containerd_v3_output_parses_as_v3() {
 /// `ctl/testdata` (copied from the machine where 2.3.4 ran: it is not installable here).
 fn containerd_2_3_default() -> String {
     fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../ctl/testdata/containerd-2.3-config-default.toml"),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../ctl/testdata/containerd-2.3-config-default.toml"),
     )
     .unwrap()
 }
@@ -177,7 +178,10 @@ fn containerd_2_3_default_config_in_place_drop_in_dry_run_and_idempotent() {
             fs::read_to_string(&drop).unwrap_or_default(),
         );
         let again = ok(nhictl(&args));
-        assert!(!again.contains("wrote"), "second run writes nothing: {again}");
+        assert!(
+            !again.contains("wrote"),
+            "second run writes nothing: {again}"
+        );
         let second = (
             fs::read_to_string(&main).unwrap(),
             fs::read_to_string(&drop).unwrap_or_default(),
@@ -191,14 +195,26 @@ fn containerd_2_3_default_config_in_place_drop_in_dry_run_and_idempotent() {
             // The main file only gains the import; the drop-in is the handler alone (2.x
             // merges imports key by key, so nothing of the main file's CRI section is copied).
             assert!(!main_out.contains("runtimes.nhi"), "{main_out}");
-            assert!(main_out.contains(&format!(
-                "imports = ['/etc/containerd/conf.d/*.toml', \"{}\"]",
-                d.path().join(format!("conf-{drop_in}.d/*.toml")).display()
-            )), "{main_out}");
+            assert!(
+                main_out.contains(&format!(
+                    "imports = ['/etc/containerd/conf.d/*.toml', \"{}\"]",
+                    d.path().join(format!("conf-{drop_in}.d/*.toml")).display()
+                )),
+                "{main_out}"
+            );
             assert!(drop_out.starts_with("version = 4\n"), "{drop_out}");
             assert!(drop_out.contains(handler_dq), "{drop_out}");
-            for absent in ["sandbox", "bin_dirs", "runtimes.runc", "enable_selinux", "cri.v1.images"] {
-                assert!(!drop_out.contains(absent), "{absent} copied into {drop_out}");
+            for absent in [
+                "sandbox",
+                "bin_dirs",
+                "runtimes.runc",
+                "enable_selinux",
+                "cri.v1.images",
+            ] {
+                assert!(
+                    !drop_out.contains(absent),
+                    "{absent} copied into {drop_out}"
+                );
             }
         } else {
             assert!(main_out.contains(handler), "{main_out}");
@@ -213,7 +229,12 @@ fn containerd_new_file_gets_the_installed_containerds_version_and_loads() {
     let d = tempfile::tempdir().unwrap();
     let main = d.path().join("config.toml");
     // No file at all: nhictl asks the installed containerd (Debian's 1.6 here: version 2).
-    ok(nhictl(&["configure", "containerd", "--file", main.to_str().unwrap()]));
+    ok(nhictl(&[
+        "configure",
+        "containerd",
+        "--file",
+        main.to_str().unwrap(),
+    ]));
     let out = fs::read_to_string(&main).unwrap();
     assert!(out.starts_with("version = 2\n"), "{out}");
     let dump = containerd_dump(&main);
@@ -228,7 +249,9 @@ fn containerd_new_file_gets_the_installed_containerds_version_and_loads() {
         "--config-version",
         "4",
     ]));
-    assert!(fs::read_to_string(&v4).unwrap().starts_with("version = 4\n"));
+    assert!(fs::read_to_string(&v4)
+        .unwrap()
+        .starts_with("version = 4\n"));
     let bad = nhictl(&[
         "configure",
         "containerd",

@@ -341,9 +341,15 @@ fn reflection_and_the_spiffe_bundle_format_read_by_independent_clients() {
     assert!(printed.status.success(), "{printed:?}");
     let served_v: serde_json::Value = serde_json::from_str(&served).unwrap();
     let printed_v: serde_json::Value = serde_json::from_slice(&printed.stdout).unwrap();
-    assert_eq!(served_v, printed_v, "the companion and nhictl give the same bundle");
+    assert_eq!(
+        served_v, printed_v,
+        "the companion and nhictl give the same bundle"
+    );
     let pem = node.nhictl(&["bundle"], b"");
-    assert_eq!(String::from_utf8_lossy(&pem.stdout), node.status().bundle_pem);
+    assert_eq!(
+        String::from_utf8_lossy(&pem.stdout),
+        node.status().bundle_pem
+    );
 
     let dir = node.path("spiffe-bundle");
     std::fs::create_dir_all(&dir).unwrap();

@@ -476,7 +476,10 @@ root = "/var/lib/containerd"
             Some(false),
             "runc's options are copied"
         );
-        assert_eq!(ctd["runtimes"]["runc"]["options"]["BinaryName"].as_str(), Some(""));
+        assert_eq!(
+            ctd["runtimes"]["runc"]["options"]["BinaryName"].as_str(),
+            Some("")
+        );
         assert_eq!(ctd["default_runtime_name"].as_str(), Some("runc"));
         assert!(doc["plugins"]["io.containerd.grpc.v1.cri"]
             .get("containerd")
@@ -492,9 +495,17 @@ root = "/var/lib/containerd"
                 added.push(line);
             }
         }
-        assert_eq!(original.next(), None, "a line of the input was changed or lost");
         assert_eq!(
-            added.iter().copied().filter(|l| l.starts_with('[')).collect::<Vec<_>>(),
+            original.next(),
+            None,
+            "a line of the input was changed or lost"
+        );
+        assert_eq!(
+            added
+                .iter()
+                .copied()
+                .filter(|l| l.starts_with('['))
+                .collect::<Vec<_>>(),
             [
                 "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.nhi]",
                 "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.nhi.options]"
@@ -522,9 +533,11 @@ root = "/var/lib/containerd"
             .collect();
         let pattern = d.path().join("conf.d/*.toml").display().to_string();
         assert_eq!(imports, ["/etc/containerd/conf.d/*.toml", pattern.as_str()]);
-        assert!(main["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]
-            .get("nhi")
-            .is_none());
+        assert!(
+            main["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]
+                .get("nhi")
+                .is_none()
+        );
         let di: toml::Value = toml::from_str(&p.changes[1].content).unwrap();
         assert_eq!(di["version"].as_integer(), Some(4));
         // Deep merge: nothing but the handler and the default runtime name.
@@ -592,14 +605,26 @@ root = "/var/lib/containerd"
             o.config_version = flag;
             plan(&o, &paths())
         };
-        let p = with("containerd github.com/containerd/containerd/v2 v2.3.4 abc", None).unwrap();
+        let p = with(
+            "containerd github.com/containerd/containerd/v2 v2.3.4 abc",
+            None,
+        )
+        .unwrap();
         assert!(p.changes[0].content.starts_with("version = 4\n"));
         assert!(p.changes[0]
             .content
             .contains("[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.nhi]"));
-        let p = with("containerd github.com/containerd/containerd/v2 v2.1.0 abc", None).unwrap();
+        let p = with(
+            "containerd github.com/containerd/containerd/v2 v2.1.0 abc",
+            None,
+        )
+        .unwrap();
         assert!(p.changes[0].content.starts_with("version = 3\n"));
-        let p = with("containerd github.com/containerd/containerd 1.6.20~ds1 x", None).unwrap();
+        let p = with(
+            "containerd github.com/containerd/containerd 1.6.20~ds1 x",
+            None,
+        )
+        .unwrap();
         assert!(p.changes[0].content.starts_with("version = 2\n"));
         // The flag wins over the binary; garbage from the binary is an error naming the flag.
         let p = with("nonsense", Some(3)).unwrap();
@@ -609,7 +634,10 @@ root = "/var/lib/containerd"
         let mut o = Options::new(&f);
         o.containerd = d.path().join("missing");
         let e = plan(&o, &paths()).unwrap_err();
-        assert!(e.contains("cannot ask") && e.contains("--config-version"), "{e}");
+        assert!(
+            e.contains("cannot ask") && e.contains("--config-version"),
+            "{e}"
+        );
         // An existing file keeps its version; a flag that disagrees is refused.
         std::fs::write(&f, "version = 2\n").unwrap();
         let e = with("x", Some(4)).unwrap_err();

@@ -615,9 +615,11 @@ mod tests {
         assert_eq!(cfg.audience(), None);
         cfg.identity = "../x".into();
         assert!(cfg.validate().is_err());
-        let mut both = NomadConfig::default();
-        both.jwks = Some("/j".into());
-        both.trust_env = true;
+        let both = NomadConfig {
+            jwks: Some("/j".into()),
+            trust_env: true,
+            ..Default::default()
+        };
         assert!(both.validate().is_err());
         assert_eq!(
             group_of(

@@ -135,31 +135,8 @@ fn status_with_auth(pid: i32, path: &str, auth: Option<&str>) -> u16 {
 
 /// Status and body of a GET to the companion from inside the netns.
 fn get_with_auth(pid: i32, path: &str, auth: Option<&str>) -> (u16, String) {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:15100\r\nConnection: close\r\n{}\r\n",
-        auth.map(|a| format!("Authorization: {a}\r\n"))
-            .unwrap_or_default()
-    );
-    std::thread::spawn(move || {
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let mut s = std::net::TcpStream::connect("127.0.0.1:15100").unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
-    })
-    .join()
-    .unwrap()
+    let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+    http_in_netns_with_headers(pid, "GET", path, &headers, "")
 }
 
 /// The AWS SDK for JavaScript v3 in the container's netns with only the two AWS variables;

@@ -320,6 +320,24 @@ mod tests {
     /// What `containerd config default` of containerd 2.3 writes (version 4).
     const V4_DEFAULT: &str = include_str!("../../testdata/containerd-2.3-config-default.toml");
 
+    /// The `nhi` handler as written: runc v2 shim, nhi-runc, runc's `SystemdCgroup` copied.
+    fn assert_handler(nhi: &toml::Value, systemd_cgroup: bool) {
+        assert_eq!(nhi["runtime_type"].as_str(), Some("io.containerd.runc.v2"));
+        assert_eq!(
+            nhi["options"]["BinaryName"].as_str(),
+            Some("/usr/bin/nhi-runc")
+        );
+        assert_eq!(
+            nhi["options"]["SystemdCgroup"].as_bool(),
+            Some(systemd_cgroup),
+            "copied from runc"
+        );
+        assert_eq!(
+            nhi["pod_annotations"].as_array().unwrap()[0].as_str(),
+            Some("nhi.dev/*")
+        );
+    }
+
     const V2: &str = r#"version = 2
 root = "/var/lib/containerd"
 
@@ -347,20 +365,7 @@ root = "/var/lib/containerd"
         );
         let doc: toml::Value = toml::from_str(out).unwrap();
         let nhi = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["nhi"];
-        assert_eq!(nhi["runtime_type"].as_str(), Some("io.containerd.runc.v2"));
-        assert_eq!(
-            nhi["options"]["BinaryName"].as_str(),
-            Some("/usr/bin/nhi-runc")
-        );
-        assert_eq!(
-            nhi["options"]["SystemdCgroup"].as_bool(),
-            Some(true),
-            "copied from runc"
-        );
-        assert_eq!(
-            nhi["pod_annotations"].as_array().unwrap()[0].as_str(),
-            Some("nhi.dev/*")
-        );
+        assert_handler(nhi, true);
         let runc = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["runc"];
         assert_eq!(
             runc["options"]["BinaryName"].as_str(),
@@ -465,17 +470,7 @@ root = "/var/lib/containerd"
         assert!(out.starts_with("version = 4\n"), "{out}");
         let doc: toml::Value = toml::from_str(out).unwrap();
         let ctd = &doc["plugins"]["io.containerd.cri.v1.runtime"]["containerd"];
-        let nhi = &ctd["runtimes"]["nhi"];
-        assert_eq!(nhi["runtime_type"].as_str(), Some("io.containerd.runc.v2"));
-        assert_eq!(
-            nhi["options"]["BinaryName"].as_str(),
-            Some("/usr/bin/nhi-runc")
-        );
-        assert_eq!(
-            nhi["options"]["SystemdCgroup"].as_bool(),
-            Some(false),
-            "runc's options are copied"
-        );
+        assert_handler(&ctd["runtimes"]["nhi"], false);
         assert_eq!(
             ctd["runtimes"]["runc"]["options"]["BinaryName"].as_str(),
             Some("")

@@ -490,6 +490,7 @@ impl Agent {
             trust_domain: self.ctx.issuer.trust_domain().to_string(),
             issuer: self.ctx.issuer.kind().to_string(),
             bundle_pem: self.ctx.issuer.bundle_pem(),
+            bundle_spiffe: self.ctx.issuer.spiffe_bundle(),
             workloads,
             store: self.store_status().await,
             revocations: self.ctx.revocations.snapshot(),

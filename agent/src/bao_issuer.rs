@@ -30,6 +30,8 @@ struct Current {
     issued_at: u64,
     bundle_pem: String,
     jwks: Value,
+    spiffe_sequence: u64,
+    spiffe_bundle: Value,
 }
 
 pub struct BaoIssuer {
@@ -107,6 +109,8 @@ impl BaoIssuer {
             .map_err(|e| format!("publishing this node's JWT key: {e}"))?;
         let bundle_pem = bao.pki_root_ca_pem().await.map_err(|e| e.to_string())?;
         let jwks = Self::fetch_jwks(&bao).await?;
+        let spiffe_sequence = crate::spiffe_bundle::next_sequence(0, now_unix());
+        let spiffe_bundle = crate::spiffe_bundle::build(&bundle_pem, &jwks, spiffe_sequence)?;
         tracing::info!(node = %node, intermediate_expires = signer.ca_not_after(), "OpenBao issuer ready");
         Ok(BaoIssuer {
             bao,
@@ -121,6 +125,8 @@ impl BaoIssuer {
                 issued_at: now_unix(),
                 bundle_pem,
                 jwks,
+                spiffe_sequence,
+                spiffe_bundle,
             }),
         })
     }
@@ -173,7 +179,8 @@ impl BaoIssuer {
         )
     }
 
-    /// The union of every node's published JWT keys.
+    /// The union of every node's published JWT keys, each reduced to the parameters the SPIFFE
+    /// standards define (a node of an older version may have published `alg`).
     async fn fetch_jwks(bao: &Bao) -> Result<Value, String> {
         let nodes = bao
             .kv_list("nodes/")
@@ -201,7 +208,7 @@ impl BaoIssuer {
             }
         }
         keys.sort_by(|a, b| a["kid"].as_str().cmp(&b["kid"].as_str()));
-        Ok(json!({ "keys": keys }))
+        Ok(crate::spiffe_bundle::clean_jwks(&json!({ "keys": keys })))
     }
 
     /// Renews the intermediate at half-life and refreshes the bundle and JWKS. Returns whether
@@ -241,6 +248,11 @@ impl BaoIssuer {
             c.issued_at = now;
         }
         let changed = c.bundle_pem != bundle_pem || c.jwks != jwks;
+        if changed {
+            let seq = crate::spiffe_bundle::next_sequence(c.spiffe_sequence, now);
+            c.spiffe_bundle = crate::spiffe_bundle::build(&bundle_pem, &jwks, seq)?;
+            c.spiffe_sequence = seq;
+        }
         c.bundle_pem = bundle_pem;
         c.jwks = jwks;
         Ok(changed)
@@ -277,6 +289,14 @@ impl Issuer for BaoIssuer {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .jwks
+            .clone()
+    }
+
+    fn spiffe_bundle(&self) -> Value {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .spiffe_bundle
             .clone()
     }
 

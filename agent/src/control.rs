@@ -277,12 +277,14 @@ impl Agent {
     pub async fn push_trust(&self) {
         let bundle_pem = self.ctx.issuer.bundle_pem();
         let jwks = self.ctx.issuer.jwks();
+        let bundle_spiffe = self.ctx.issuer.spiffe_bundle();
         self.targets(
             |_| true,
             |c| {
                 c.notify(CompanionResponse::Trust {
                     bundle_pem: bundle_pem.clone(),
                     jwks: jwks.clone(),
+                    bundle_spiffe: bundle_spiffe.clone(),
                 })
             },
         )

@@ -29,6 +29,9 @@ pub trait Issuer: Send + Sync {
     fn bundle_pem(&self) -> String;
     /// JWKS of the keys JWT-SVIDs of this trust domain are signed with (every node's).
     fn jwks(&self) -> serde_json::Value;
+    /// Both, as one SPIFFE bundle (JWK Set with `x509-svid` and `jwt-svid` keys,
+    /// `spiffe_sequence`, `spiffe_refresh_hint`): see [`crate::spiffe_bundle`].
+    fn spiffe_bundle(&self) -> serde_json::Value;
     fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError>;
     fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError>;
     /// The OpenBao issuer, which needs periodic upkeep (intermediate renewal, JWKS refresh).
@@ -97,7 +100,9 @@ pub struct Signer {
     ca_not_after: u64,
 }
 
-/// The public JWK (and its RFC 7638 thumbprint as `kid`) of a P-256 key.
+/// The public JWK (and its RFC 7638 thumbprint as `kid`) of a P-256 key, as a JWT-SVID
+/// authority: `use` = `jwt-svid`, and no parameter the SPIFFE standards do not define (no
+/// `alg`: the algorithm is in each token's header, ES256).
 pub fn jwk_of(pair: &KeyPair) -> Result<(String, serde_json::Value), String> {
     let raw = pair.public_key_raw(); // 0x04 || X || Y
     if raw.len() != 65 || raw[0] != 4 {
@@ -110,7 +115,7 @@ pub fn jwk_of(pair: &KeyPair) -> Result<(String, serde_json::Value), String> {
     let kid = B64URL.encode(thumb);
     let jwk = serde_json::json!({
         "kty": "EC", "crv": "P-256", "x": x, "y": y,
-        "kid": kid, "alg": "ES256", "use": "jwt-svid",
+        "kid": kid, "use": "jwt-svid",
     });
     Ok((kid, jwk))
 }
@@ -174,6 +179,7 @@ impl Signer {
 pub struct EmbeddedIssuer {
     signer: Signer,
     jwks: serde_json::Value,
+    spiffe_bundle: serde_json::Value,
 }
 
 pub fn now_unix() -> u64 {
@@ -279,7 +285,15 @@ impl EmbeddedIssuer {
         )
         .map_err(corrupt)?;
         let jwks = serde_json::json!({ "keys": [signer.jwk().clone()] });
-        Ok(EmbeddedIssuer { signer, jwks })
+        // The content never changes for the life of these keys: their creation time is the
+        // sequence, the same across restarts.
+        let spiffe_bundle = crate::spiffe_bundle::build(&signer.bundle_pem, &jwks, keys.created_at)
+            .map_err(corrupt)?;
+        Ok(EmbeddedIssuer {
+            signer,
+            jwks,
+            spiffe_bundle,
+        })
     }
 }
 
@@ -297,11 +311,10 @@ fn generate(trust_domain: &str, ca_ttl: Duration) -> Result<IssuerKeys, IssuerIn
     dn.push(DnType::CommonName, format!("nhi {trust_domain} root CA"));
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    // X509-SVID standard, appendix A: keyCertSign "must be set if and only if the SVID is a
+    // signing certificate", cRLSign "may be set if and only if", digitalSignature "must be set
+    // if and only if the SVID is a leaf certificate": so not here.
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     // A signing certificate may carry the trust domain's SPIFFE ID (X509-SVID standard, 4.1).
     p.subject_alt_names = vec![SanType::URI(
         format!("spiffe://{trust_domain}").try_into().map_err(g)?,
@@ -431,6 +444,10 @@ impl Issuer for EmbeddedIssuer {
         self.jwks.clone()
     }
 
+    fn spiffe_bundle(&self) -> serde_json::Value {
+        self.spiffe_bundle.clone()
+    }
+
     fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
         self.signer.issue_jwt(id, audience)
     }
@@ -480,6 +497,92 @@ mod tests {
             EmbeddedIssuer::load_or_create(&c),
             Err(IssuerInitError::MissingMasterKey { .. })
         ));
+    }
+
+    /// X509-SVID standard, appendix A ("X.509 Field Reference"), row by row, for the CA the
+    /// embedded issuer creates and a leaf it signs; and the JWKS per the Trust Domain and
+    /// Bundle standard §4.2 and the JWT-SVID standard.
+    #[test]
+    fn certificates_and_jwks_follow_the_spiffe_standards() {
+        use x509_parser::prelude::*;
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "example.org");
+        let iss = EmbeddedIssuer::load_or_create(&c).unwrap();
+        let ders = crate::spiffe_bundle::pem_certificates(&iss.bundle_pem()).unwrap();
+        assert_eq!(ders.len(), 1);
+        let (_, ca) = X509Certificate::from_der(&ders[0]).unwrap();
+        let id = SpiffeId::new("example.org", "container/web").unwrap();
+        let x = iss.issue_x509(&id).unwrap();
+        let leaf_der = crate::spiffe_bundle::pem_certificates(&x.cert_chain_pem)
+            .unwrap()
+            .remove(0);
+        let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
+        let uris = |c: &X509Certificate| -> Vec<String> {
+            c.subject_alternative_name()
+                .unwrap()
+                .map(|s| {
+                    s.value
+                        .general_names
+                        .iter()
+                        .filter_map(|g| match g {
+                            GeneralName::URI(u) => Some(u.to_string()),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        // "Subject Alternate Name | uniformResourceIdentifier | This field is set equal to the
+        // SPIFFE ID. Only one instance of this field is permitted."
+        assert_eq!(uris(&leaf), [id.to_string()]);
+        assert_eq!(uris(&ca), ["spiffe://example.org"]);
+        // "Basic Constraints | CA | This field must be set to `true` if and only if the SVID is
+        // a signing certificate."
+        assert!(ca.is_ca());
+        assert!(!leaf.is_ca());
+        let ca_ku = ca.key_usage().unwrap().expect("CA key usage").value;
+        let leaf_ku = leaf.key_usage().unwrap().expect("leaf key usage").value;
+        // "Key Usage | keyCertSign | This field must be set if and only if the SVID is a
+        // signing certificate."
+        assert!(ca_ku.key_cert_sign() && !leaf_ku.key_cert_sign());
+        // "Key Usage | cRLSign | This field may be set if and only if the SVID is a signing
+        // certificate."
+        assert!(!leaf_ku.crl_sign());
+        // "Key Usage | digitalSignature | This field must be set if and only if the SVID is a
+        // leaf certificate."
+        assert!(leaf_ku.digital_signature());
+        assert!(
+            !ca_ku.digital_signature(),
+            "the CA must not set digitalSignature"
+        );
+        // "Key Usage | keyAgreement / keyEncipherment | ... may be set if and only if the SVID
+        // is a leaf certificate."
+        assert!(!ca_ku.key_agreement() && !ca_ku.key_encipherment());
+        // §4.4 / appendix A: leaves carry serverAuth and clientAuth.
+        let eku = leaf.extended_key_usage().unwrap().expect("EKU").value;
+        assert!(eku.server_auth && eku.client_auth);
+
+        // Trust Domain and Bundle §4.2: "Implementers SHOULD NOT include parameters which are
+        // defined neither here nor in the respective SVID specification"; §4.2.1 `kty` and
+        // §4.2.2 `use` MUST be set; JWT-SVID: `use` is `jwt-svid` and `kid` MUST be set.
+        let jwks = iss.jwks();
+        let key = jwks["keys"][0].as_object().unwrap();
+        let mut names: Vec<&str> = key.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["crv", "kid", "kty", "use", "x", "y"],
+            "no alg: {key:?}"
+        );
+        assert_eq!(key["use"], "jwt-svid");
+        // The SPIFFE bundle carries the same authorities, and its sequence is stable across
+        // restarts while the keys are the same.
+        let b = iss.spiffe_bundle();
+        assert_eq!(b["keys"][1], jwks["keys"][0]);
+        assert_eq!(
+            EmbeddedIssuer::load_or_create(&c).unwrap().spiffe_bundle(),
+            b
+        );
     }
 
     #[test]

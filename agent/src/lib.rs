@@ -17,6 +17,7 @@ pub mod persist;
 pub mod revoke;
 pub mod secrets;
 pub mod spawn;
+pub mod spiffe_bundle;
 pub mod store;
 pub mod supervisor;
 pub mod sync;

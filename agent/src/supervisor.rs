@@ -430,6 +430,7 @@ fn hello(
         workload: identity.workload.clone(),
         bundle_pem: ctx.issuer.bundle_pem(),
         jwks: ctx.issuer.jwks(),
+        bundle_spiffe: ctx.issuer.spiffe_bundle(),
         revoked: ctx.revocations.is_revoked(identity.spiffe_id.as_str()),
         policy: ctx.policy_for(identity),
         egress: ctx.config.egress,

@@ -4,10 +4,21 @@
 //! credentials as JSON; the caller must present the per-workload token `nhid` wrote to the
 //! token file (compared in constant time). Credentials close to their `Expiration` are fetched
 //! again from `nhid` rather than served from the cache.
+//!
+//! What the SDKs accept differs, so the companion serves one shape all of them read: every
+//! field a string, `Token` present (botocore raises `KeyError: 'Token'` without it; the
+//! JavaScript SDK v3's `fromHttp` refuses the response), and `Expiration` as RFC 3339 in UTC
+//! with a `Z` and whole seconds (the JavaScript SDK rejects `+00:00` and a space separator with
+//! "Invalid RFC-3339 date-time value"; Python's `str(datetime)` writes both). A secret whose
+//! `Expiration` names an instant in any RFC 3339 spelling is normalised; one that cannot be
+//! read as an instant, or lacks `Token`, is refused (502 with the reason, audited), never
+//! passed through.
 
 use nhi_core::wire::AwsProvider;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 /// Credentials expiring within this many seconds are re-fetched from nhid before serving.
 pub const REFRESH_MARGIN: u64 = 60;
@@ -19,9 +30,10 @@ pub const REFRESH_MARGIN: u64 = 60;
 pub struct SessionCredentials {
     pub access_key_id: String,
     pub secret_access_key: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Required: every SDK's container provider expects a session token.
+    #[serde(default)]
     pub token: Option<String>,
-    /// RFC 3339, e.g. `2026-11-23T12:00:00Z`.
+    /// RFC 3339 as stored; after [`SessionCredentials::parse`], `YYYY-MM-DDTHH:MM:SSZ`.
     pub expiration: String,
 }
 
@@ -44,18 +56,42 @@ impl Drop for SessionCredentials {
 }
 
 impl SessionCredentials {
-    /// Parses the secret's value; `Expiration` must be RFC 3339 (UTC `Z` or an offset).
+    /// Parses the secret's value and normalises it to what every SDK reads: the unix time of
+    /// `Expiration` comes back with it. The error never quotes a secret part.
     pub fn parse(value: &[u8]) -> Result<(Self, u64), String> {
-        let c: SessionCredentials = serde_json::from_slice(value).map_err(|e| {
+        let mut c: SessionCredentials = serde_json::from_slice(value).map_err(|e| {
             format!("the AWS credentials secret is not {{\"AccessKeyId\", \"SecretAccessKey\", \"Token\", \"Expiration\"}} JSON: {}", e.classify_name())
         })?;
         if c.access_key_id.is_empty() || c.secret_access_key.is_empty() {
-            return Err("the AWS credentials secret has an empty key".into());
+            return Err(
+                "the AWS credentials secret has an empty AccessKeyId or SecretAccessKey".into(),
+            );
         }
-        let exp = parse_rfc3339(&c.expiration)
-            .ok_or_else(|| format!("Expiration {:?} is not RFC 3339", c.expiration))?;
+        if c.token.as_deref().is_none_or(str::is_empty) {
+            return Err("the AWS credentials secret has no Token: the AWS SDKs' container provider needs session credentials (AccessKeyId, SecretAccessKey, Token, Expiration), e.g. from STS AssumeRole".into());
+        }
+        let (normalised, exp) = normalise_expiration(&c.expiration)?;
+        c.expiration = normalised;
         Ok((c, exp))
     }
+}
+
+/// `Expiration` in any RFC 3339 spelling (`T`, `t` or a space between date and time, `Z`, `z`
+/// or a numeric offset, fractional seconds) as `YYYY-MM-DDTHH:MM:SSZ` in UTC, with its unix
+/// time. Fractions are dropped (rounding down never extends a credential's life).
+pub fn normalise_expiration(s: &str) -> Result<(String, u64), String> {
+    let t = OffsetDateTime::parse(s.trim(), &Rfc3339).map_err(|e| {
+        format!(
+            "Expiration {s:?} is not an RFC 3339 date-time with a UTC offset ({e}); write it like 2026-11-23T12:00:00Z"
+        )
+    })?;
+    let unix = u64::try_from(t.unix_timestamp())
+        .map_err(|_| format!("Expiration {s:?} is before 1970"))?;
+    let utc = OffsetDateTime::from_unix_timestamp(unix as i64).expect("in range");
+    let out = utc
+        .format(&Rfc3339)
+        .map_err(|e| format!("Expiration {s:?}: {e}"))?;
+    Ok((out, unix))
 }
 
 trait ClassifyName {
@@ -82,112 +118,77 @@ pub fn authorized(provider: &AwsProvider, authorization: Option<&[u8]>) -> bool 
     }
 }
 
-/// Unix time of an RFC 3339 timestamp (`YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`).
-pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        t.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| t.parse().ok())?
-    };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let mut rest = &s[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if n == 0 {
-            return None;
-        }
-        rest = &frac[n..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6
-            && matches!(rest.as_bytes()[0], b'+' | b'-')
-            && rest.as_bytes()[3] == b':' =>
-        {
-            let oh: i64 = rest[1..3].parse().ok()?;
-            let om: i64 = rest[4..6].parse().ok()?;
-            let o = oh * 3600 + om * 60;
-            if rest.starts_with('-') {
-                -o
-            } else {
-                o
-            }
-        }
-        _ => return None,
-    };
-    // Days from civil (Howard Hinnant's algorithm).
-    let (y, m) = if mo <= 2 {
-        (y - 1, mo + 9)
-    } else {
-        (y, mo - 3)
-    };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let t = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
-    u64::try_from(t).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn rfc3339() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2026-11-23T12:00:00Z"), Some(1_795_435_200));
+    fn expiration_spellings_normalise_to_utc_z() {
+        let z = "2026-11-23T12:00:00Z";
+        for s in [
+            z,
+            "2026-11-23T12:00:00.123Z",
+            "2026-11-23t12:00:00z",
+            "2026-11-23T12:00:00+00:00",
+            "2026-11-23 12:00:00+00:00", // Python str(datetime) / isoformat(" ")
+            "2026-11-23 12:00:00.999999+00:00",
+            "2026-11-23T13:30:00+01:30",
+            "2026-11-23T07:00:00-05:00",
+        ] {
+            assert_eq!(
+                normalise_expiration(s).unwrap(),
+                (z.to_string(), 1_795_435_200),
+                "{s}"
+            );
+        }
         assert_eq!(
-            parse_rfc3339("2026-11-23T12:00:00.123Z"),
-            Some(1_795_435_200)
+            normalise_expiration("2000-02-29T00:00:00Z").unwrap().1,
+            951_782_400
         );
-        assert_eq!(
-            parse_rfc3339("2026-11-23T13:30:00+01:30"),
-            Some(1_795_435_200)
-        );
-        assert_eq!(parse_rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400));
         for bad in [
             "",
+            "soon",
             "2026-11-23",
             "2026-13-01T00:00:00Z",
-            "2026-11-23T12:00:00",
+            "2026-11-23T12:00:00", // no offset: which zone?
+            "2026-11-23 12:00:00",
             "x026-11-23T12:00:00Z",
             "2026-11-23T12:00:00.Z",
+            "1969-12-31T23:59:59Z",
+            "1795435200",
         ] {
-            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+            let e = normalise_expiration(bad).unwrap_err();
+            assert!(e.contains("Expiration"), "{bad}: {e}");
         }
     }
 
     #[test]
     fn secret_parsing_and_token_check() {
         let (c, exp) = SessionCredentials::parse(
-            br#"{"AccessKeyId":"AKIA1","SecretAccessKey":"s","Token":"t","Expiration":"2026-11-23T12:00:00Z"}"#,
+            br#"{"AccessKeyId":"AKIA1","SecretAccessKey":"s","Token":"t","Expiration":"2026-11-23 12:00:00+00:00"}"#,
         )
         .unwrap();
         assert_eq!(exp, 1_795_435_200);
         assert!(!format!("{c:?}").contains("\"s\""));
         let out = serde_json::to_value(&c).unwrap();
-        assert_eq!(out["AccessKeyId"], "AKIA1");
-        assert_eq!(out["Token"], "t");
+        assert_eq!(
+            out,
+            serde_json::json!({"AccessKeyId":"AKIA1","SecretAccessKey":"s","Token":"t","Expiration":"2026-11-23T12:00:00Z"})
+        );
         let e = SessionCredentials::parse(br#"{"AccessKeyId":"SECRETVALUE"}"#).unwrap_err();
         assert!(!e.contains("SECRETVALUE"), "{e}");
         assert!(SessionCredentials::parse(
-            br#"{"AccessKeyId":"a","SecretAccessKey":"s","Expiration":"soon"}"#
+            br#"{"AccessKeyId":"a","SecretAccessKey":"s","Token":"t","Expiration":"soon"}"#
         )
         .is_err());
+        // No Token (long-term keys), or an empty one: refused with the reason.
+        for v in [
+            &br#"{"AccessKeyId":"a","SecretAccessKey":"s","Expiration":"2026-11-23T12:00:00Z"}"#[..],
+            br#"{"AccessKeyId":"a","SecretAccessKey":"s","Token":"","Expiration":"2026-11-23T12:00:00Z"}"#,
+        ] {
+            let e = SessionCredentials::parse(v).unwrap_err();
+            assert!(e.contains("no Token"), "{e}");
+        }
         let p = AwsProvider {
             secret: "aws".into(),
             token: "tok".into(),

@@ -104,19 +104,29 @@ struct Inner {
     secrets: HashMap<String, Arc<SecretValue>>,
 }
 
-/// The trust bundle (PEM) and JWKS (JSON) as served.
+/// The trust bundle (PEM), JWKS (JSON) and SPIFFE bundle (JSON; empty if nhid sent none) as
+/// served.
 pub struct Trust {
     pub bundle: bytes::Bytes,
     pub jwks: bytes::Bytes,
+    pub spiffe: bytes::Bytes,
 }
 
 impl Trust {
-    pub fn new(bundle_pem: &str, jwks: &serde_json::Value) -> Self {
-        let mut j = serde_json::to_vec(jwks).expect("jwks serializes");
-        j.push(b'\n');
+    pub fn new(bundle_pem: &str, jwks: &serde_json::Value, spiffe: &serde_json::Value) -> Self {
+        let json = |v: &serde_json::Value| {
+            let mut j = serde_json::to_vec(v).expect("JSON serializes");
+            j.push(b'\n');
+            bytes::Bytes::from(j)
+        };
         Trust {
             bundle: bytes::Bytes::from(bundle_pem.to_string()),
-            jwks: bytes::Bytes::from(j),
+            jwks: json(jwks),
+            spiffe: if spiffe.is_object() {
+                json(spiffe)
+            } else {
+                bytes::Bytes::new()
+            },
         }
     }
 }
@@ -201,9 +211,13 @@ impl Creds {
             CompanionResponse::SecretChanged { name } => {
                 self.lock().secrets.remove(&name);
             }
-            CompanionResponse::Trust { bundle_pem, jwks } => {
+            CompanionResponse::Trust {
+                bundle_pem,
+                jwks,
+                bundle_spiffe,
+            } => {
                 *self.trust.write().unwrap_or_else(|p| p.into_inner()) =
-                    Arc::new(Trust::new(&bundle_pem, &jwks));
+                    Arc::new(Trust::new(&bundle_pem, &jwks, &bundle_spiffe));
             }
             _ => return,
         }

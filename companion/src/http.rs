@@ -27,6 +27,8 @@ const MAX_AUDIENCE_LEN: usize = 256;
 pub struct Api {
     creds: Arc<Creds>,
     aws: Option<nhi_core::wire::AwsProvider>,
+    /// Where refusals of the AWS endpoint are audited (nhid attributes them to the workload).
+    recorder: crate::audit::Recorder,
     identity: Bytes,
     health: Bytes,
 }
@@ -34,7 +36,7 @@ pub struct Api {
 type Resp = Response<Full<Bytes>>;
 
 impl Api {
-    pub fn new(init: &Init, creds: Arc<Creds>) -> Self {
+    pub fn new(init: &Init, creds: Arc<Creds>, recorder: crate::audit::Recorder) -> Self {
         let identity = serde_json::json!({
             "spiffe_id": init.spiffe_id,
             "trust_domain": init.trust_domain,
@@ -44,6 +46,7 @@ impl Api {
         Api {
             creds,
             aws: init.aws.clone(),
+            recorder,
             identity: json_bytes(&identity),
             health: json_bytes(&serde_json::json!({"status": "ok", "spiffe_id": init.spiffe_id})),
         }
@@ -55,9 +58,8 @@ impl Api {
         }
         let path = req.uri().path().to_string();
         let (allowed, known) = match path.as_str() {
-            "/healthz" | "/v1/identity" | "/v1/token" | "/v1/x509" | "/v1/bundle" | "/v1/jwks" => {
-                (Method::GET, true)
-            }
+            "/healthz" | "/v1/identity" | "/v1/token" | "/v1/x509" | "/v1/bundle" | "/v1/jwks"
+            | SPIFFE_BUNDLE_PATH => (Method::GET, true),
             "/v1/validate" => (Method::POST, true),
             AWS_PATH => (Method::GET, true),
             p => (Method::GET, p.starts_with("/v1/secrets/")),
@@ -86,6 +88,14 @@ impl Api {
             "/v1/identity" => ok(self.identity.clone(), "application/json"),
             "/v1/bundle" => ok(self.creds.trust().bundle.clone(), "application/x-pem-file"),
             "/v1/jwks" => ok(self.creds.trust().jwks.clone(), "application/json"),
+            SPIFFE_BUNDLE_PATH => match self.creds.trust().spiffe.clone() {
+                b if b.is_empty() => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "issuer_unavailable",
+                    "nhid sent no SPIFFE bundle (an older nhid?)",
+                ),
+                b => ok(b, "application/json"),
+            },
             "/v1/token" => self.token(req.uri().query().unwrap_or("")).await,
             "/v1/x509" => match self.creds.x509().await {
                 Ok(x) => {
@@ -128,13 +138,45 @@ impl Api {
                 Ok(s) => s,
                 Err(e) => return cred_error(e),
             };
+            // A secret the SDKs cannot all read is refused, never passed through: 502 with the
+            // reason (it names fields, never their values), and an audit record.
+            let refuse = |status: StatusCode, code: &str, why: String| {
+                self.recorder.record(nhi_core::audit::AuditEvent {
+                    ts_ms: nhi_core::audit::now_ms(),
+                    kind: nhi_core::audit::AuditKind::Credential,
+                    decision: nhi_core::audit::Decision::Error,
+                    credential: Some(nhi_core::audit::CredentialRef {
+                        name: format!("aws:{}", p.secret),
+                        version: Some(s.version.to_string()),
+                    }),
+                    detail: Some(why.clone()),
+                    ..Default::default()
+                });
+                eprintln!(
+                    "nhi-companion: refused AWS credentials from secret {:?} version {}: {why}",
+                    p.secret, s.version
+                );
+                error(status, code, &why)
+            };
             let raw = match base64::engine::general_purpose::STANDARD.decode(&s.value_b64) {
                 Ok(r) => zeroize::Zeroizing::new(r),
-                Err(_) => return error(StatusCode::BAD_GATEWAY, "bad_secret", "undecodable value"),
+                Err(_) => {
+                    return refuse(
+                        StatusCode::BAD_GATEWAY,
+                        "bad_secret",
+                        "undecodable value".into(),
+                    )
+                }
             };
             let (c, exp) = match crate::aws::SessionCredentials::parse(&raw) {
                 Ok(c) => c,
-                Err(m) => return error(StatusCode::BAD_GATEWAY, "bad_secret", &m),
+                Err(m) => {
+                    return refuse(
+                        StatusCode::BAD_GATEWAY,
+                        "bad_secret",
+                        format!("secret {:?}: {m}", p.secret),
+                    )
+                }
             };
             let now = crate::cache::now_unix();
             if exp <= now + crate::aws::REFRESH_MARGIN && !fresh {
@@ -144,10 +186,13 @@ impl Api {
                 continue;
             }
             if exp <= now {
-                return error(
+                return refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "expired",
-                    &format!("the AWS credentials in secret {:?} have expired", p.secret),
+                    format!(
+                        "the AWS credentials in secret {:?} expired at {}",
+                        p.secret, c.expiration
+                    ),
                 );
             }
             let body = serde_json::to_vec(&c).expect("credentials serialize");
@@ -252,6 +297,8 @@ impl Api {
 }
 
 const MAX_VALIDATE_BODY: usize = 64 * 1024;
+/// The trust bundle in the SPIFFE bundle format (JWK Set with `x509-svid` and `jwt-svid` keys).
+pub const SPIFFE_BUNDLE_PATH: &str = "/v1/bundle.spiffe";
 /// The AWS container-credential endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI`).
 pub const AWS_PATH: &str = "/v1/aws/credentials";
 

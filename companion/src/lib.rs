@@ -67,8 +67,9 @@ pub fn run(opts: Options) -> Result<(), String> {
             other => return Err(format!("unexpected hello answer: {other:?}")),
         };
         eprintln!("serving {} on http://{}", init.spiffe_id, opts.listen);
-        let trust = cache::Trust::new(&init.bundle_pem, &init.jwks);
+        let trust = cache::Trust::new(&init.bundle_pem, &init.jwks, &init.bundle_spiffe);
         let recorder = audit::Recorder::start(channel.clone());
+        let api_recorder = recorder.clone();
         let edge_channel = channel.clone();
         let (events, edge_events) = split_events(events);
         let creds = cache::Creds::new(
@@ -86,7 +87,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         .await;
         let wapi = workload::WorkloadApi::new(creds.clone(), &init.spiffe_id, &init.trust_domain);
         tokio::spawn(workload::serve(wapi_listener, unix_listener, wapi));
-        let api = Arc::new(http::Api::new(&init, creds));
+        let api = Arc::new(http::Api::new(&init, creds, api_recorder));
         tokio::select! {
             _ = http::serve(listener, api) => Ok(()),
             _ = closed_rx => {

@@ -20,6 +20,10 @@ use crate::cache::{CredError, Creds};
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
     tonic::include_proto!("_");
+
+    /// The encoded descriptor of `workload.proto`, served by gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("workload_descriptor");
 }
 
 use pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
@@ -335,10 +339,15 @@ pub async fn serve(
     api: WorkloadApi,
 ) {
     let svc = || SpiffeWorkloadApiServer::with_interceptor(api.clone(), check_security_header);
+    // gRPC server reflection (Workload Endpoint spec §7: SHOULD), v1 and the v1alpha older
+    // clients (grpcurl before 1.9, grpcio's reflection client) ask for. It describes the public
+    // schema only, so it needs no security header.
     let builder = || {
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(64))
             .concurrency_limit_per_connection(64)
+            .add_service(reflection_v1())
+            .add_service(reflection_v1alpha())
     };
     let tcp_srv = builder()
         .add_service(svc())
@@ -375,9 +384,44 @@ pub async fn serve(
     }
 }
 
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+}
+
+fn reflection_v1() -> tonic_reflection::server::v1::ServerReflectionServer<
+    impl tonic_reflection::server::v1::ServerReflection,
+> {
+    reflection()
+        .build_v1()
+        .expect("the compiled-in workload.proto descriptor decodes")
+}
+
+fn reflection_v1alpha() -> tonic_reflection::server::v1alpha::ServerReflectionServer<
+    impl tonic_reflection::server::v1alpha::ServerReflection,
+> {
+    reflection()
+        .build_v1alpha()
+        .expect("the compiled-in workload.proto descriptor decodes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reflection_describes_the_workload_api() {
+        // What the reflection services are built from decodes and names the service.
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
+        let services: Vec<&str> = set
+            .file
+            .iter()
+            .flat_map(|f| f.service.iter().map(|s| s.name()))
+            .collect();
+        assert_eq!(services, ["SpiffeWorkloadAPI"]);
+        let _ = (reflection_v1(), reflection_v1alpha());
+    }
 
     #[test]
     fn security_header_is_required() {

@@ -6,12 +6,17 @@ plugin "docker" {
     allow_runtimes = ["runc", "nhi"]
   }
 }
-# ...and pick it in each task that should get an identity:
+# ...and pick it in each task that should get an identity. The task's workload identity is
+# nhi's proof of which Nomad task it is: write it to the task's secrets directory
+# (Nomad 1.7 or later; leave `filepath` unset so it lands in secrets/nomad_token):
 #   task "api" {
 #     driver = "docker"
 #     config {
 #       image   = "..."
 #       runtime = "nhi"
+#     }
+#     identity {
+#       file = true
 #     }
 #   }
 #
@@ -25,4 +30,9 @@ plugin "containerd-driver" {
 #
 # Identities follow the Nomad template of /etc/nhi/nhi.toml, e.g.
 #   spiffe_id = "nomad/{nomad.namespace}/job/{nomad.job}/task/{nomad.task}"
-# from the NOMAD_* variables the Nomad client writes into every task.
+# with the values of the task's signed workload identity (nomad_namespace, nomad_job_id,
+# nomad_task, nomad_allocation_id claims). nhi verifies it against the cluster's keys, saved
+# on each node where [nomad] jwks points:
+#   nomad operator api /.well-known/jwks.json > /etc/nhi/nomad-jwks.json
+# The NOMAD_* variables of the task's environment prove nothing: a job's `env` block can
+# override them.

@@ -56,6 +56,8 @@ struct RawConfig {
     #[serde(default)]
     kubernetes: KubernetesConfig,
     #[serde(default)]
+    nomad: crate::nomad::NomadConfig,
+    #[serde(default)]
     store: StoreConfig,
     #[serde(default)]
     openbao: Option<OpenBaoConfig>,
@@ -343,6 +345,8 @@ pub struct Config {
     pub hook: HookConfig,
     pub runtime: RuntimeConfig,
     pub kubernetes: KubernetesConfig,
+    /// `[nomad]`: where a task's `nomad.*` metadata comes from (its signed workload identity).
+    pub nomad: crate::nomad::NomadConfig,
     pub store: StoreConfig,
     pub openbao: Option<OpenBaoConfig>,
     pub audit: AuditConfig,
@@ -397,6 +401,7 @@ impl Config {
         if let Some(ob) = &raw.openbao {
             ob.validate().map_err(invalid)?;
         }
+        raw.nomad.validate().map_err(invalid)?;
         let node_name = match raw.node_name.clone() {
             Some(n) => n,
             None => hostname(),
@@ -457,6 +462,15 @@ impl Config {
             r.matcher
                 .validate()
                 .map_err(|e| invalid(format!("rule {:?}: {e}", r.name)))?;
+            let uses_nomad = spiffe_id.vars().any(|v| v.starts_with("nomad."))
+                || !r.matcher.nomad_jobs.is_empty()
+                || !r.matcher.nomad_namespaces.is_empty();
+            if uses_nomad && !raw.nomad.enabled() {
+                return Err(invalid(format!(
+                    "rule {:?} uses Nomad metadata, but nothing proves it: set nomad.jwks (the cluster's workload-identity keys, e.g. from `nomad operator api /.well-known/jwks.json`; tasks need `identity {{ file = true }}`), or nomad.trust_env = true knowing that job authors can then set any NOMAD_* value",
+                    r.name
+                )));
+            }
             if let Some(aws) = &r.aws_credentials {
                 if !crate::grant::valid_secret_name(&aws.secret) {
                     return Err(invalid(format!(
@@ -508,6 +522,7 @@ impl Config {
             hook: raw.hook,
             runtime: raw.runtime,
             kubernetes: raw.kubernetes,
+            nomad: raw.nomad,
             store: raw.store,
             openbao: raw.openbao,
             audit: raw.audit,

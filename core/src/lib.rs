@@ -8,6 +8,7 @@ pub mod config;
 pub mod grant;
 pub mod jwt;
 pub mod k8s;
+pub mod nomad;
 pub mod openbao;
 pub mod policy;
 pub mod select;

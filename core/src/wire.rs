@@ -157,6 +157,9 @@ pub struct Status {
     pub trust_domain: String,
     pub issuer: String,
     pub bundle_pem: String,
+    /// The trust bundle in the SPIFFE bundle format (`nhictl bundle --format spiffe`).
+    #[serde(default)]
+    pub bundle_spiffe: serde_json::Value,
     pub workloads: Vec<WorkloadStatus>,
     #[serde(default)]
     pub store: StoreStatus,
@@ -271,6 +274,9 @@ pub enum CompanionResponse {
     Trust {
         bundle_pem: String,
         jwks: serde_json::Value,
+        /// Both as one SPIFFE bundle (`x509-svid` and `jwt-svid` keys, `spiffe_sequence`).
+        #[serde(default)]
+        bundle_spiffe: serde_json::Value,
     },
 }
 
@@ -286,6 +292,9 @@ pub struct Init {
     pub workload: Workload,
     pub bundle_pem: String,
     pub jwks: serde_json::Value,
+    /// The trust bundle in the SPIFFE bundle format (`GET /v1/bundle.spiffe`).
+    #[serde(default)]
+    pub bundle_spiffe: serde_json::Value,
     /// The identity is revoked: serve nothing until a `restored` event.
     #[serde(default)]
     pub revoked: bool,

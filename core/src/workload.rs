@@ -1,6 +1,7 @@
-//! Workload metadata, as the container runtime observed it: the OCI state (container id, pid),
-//! the bundle's `config.json` annotations written by CRI / the orchestrator, and the Nomad client's
-//! `NOMAD_*` variables. Nothing here comes from the workload itself.
+//! Workload metadata, as the container runtime observed it: the OCI state (container id, pid)
+//! and the bundle's `config.json` annotations written by CRI / the orchestrator. Nomad metadata
+//! comes from the task's signed workload identity (`crate::nomad`). Nothing here comes from the
+//! workload itself.
 
 use std::collections::BTreeMap;
 
@@ -49,7 +50,7 @@ pub struct K8s {
     pub service_account: Option<String>,
 }
 
-/// Nomad metadata from the task environment written by the Nomad client.
+/// Nomad metadata, from the task's signed workload identity (`crate::nomad`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nomad {
     pub namespace: Option<String>,
@@ -92,66 +93,6 @@ pub const TEMPLATE_VARS: &[&str] = &[
     "nomad.alloc_id",
 ];
 
-/// The `NOMAD_*` variables Nomad writes into every task's environment.
-const NOMAD_VARS: &[&str] = &[
-    "NOMAD_NAMESPACE",
-    "NOMAD_JOB_NAME",
-    "NOMAD_GROUP_NAME",
-    "NOMAD_TASK_NAME",
-    "NOMAD_ALLOC_ID",
-];
-
-/// Nomad metadata from the task environment, trusted only when it is consistent with what the
-/// Nomad client does and an image or a user cannot easily fake: every variable appears at most
-/// once (an image's `ENV` and the task's env would both show), the allocation id is set, and the
-/// allocation directory Nomad bind-mounts at `/alloc` is `<data_dir>/alloc/<NOMAD_ALLOC_ID>/alloc`.
-/// Anything else: no Nomad metadata at all, so no Nomad rule can select the container.
-fn nomad_of(spec: &Spec) -> Option<Nomad> {
-    let env: &[String] = spec
-        .process()
-        .as_ref()
-        .and_then(|p| p.env().as_deref())
-        .unwrap_or_default();
-    let mut vals: BTreeMap<&str, &str> = BTreeMap::new();
-    for kv in env {
-        let Some((k, v)) = kv.split_once('=') else {
-            continue;
-        };
-        if NOMAD_VARS.contains(&k) && vals.insert(k, v).is_some() {
-            return None;
-        }
-    }
-    let var = |name: &str| {
-        vals.get(name)
-            .filter(|v| !v.is_empty())
-            .map(|v| v.to_string())
-    };
-    let alloc_id = var("NOMAD_ALLOC_ID")?;
-    let alloc_dir_suffix = format!("/alloc/{alloc_id}/alloc");
-    let mounted = spec
-        .mounts()
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .any(|m| {
-            m.destination().as_os_str() == "/alloc"
-                && m.source().as_ref().is_some_and(|s| {
-                    let s = s.to_string_lossy();
-                    s.starts_with('/') && s.ends_with(&alloc_dir_suffix) && !s.contains("/../")
-                })
-        });
-    if !mounted || alloc_id.contains('/') {
-        return None;
-    }
-    Some(Nomad {
-        namespace: var("NOMAD_NAMESPACE"),
-        job: var("NOMAD_JOB_NAME"),
-        group: var("NOMAD_GROUP_NAME"),
-        task: var("NOMAD_TASK_NAME"),
-        alloc_id: Some(alloc_id),
-    })
-}
-
 /// How the container relates to the network namespaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetNs {
@@ -192,16 +133,14 @@ impl Workload {
                 None
             };
 
-        // Nomad metadata only where Nomad, not the workload, can have written it: never for a
-        // Kubernetes container, and only with the allocation directory Nomad mounts at /alloc.
-        let nomad = if k8s.is_none() { nomad_of(spec) } else { None };
-
         Workload {
             container_id: state.id().to_string(),
             container_name: first(NAME_ANNOTATIONS),
             image: first(IMAGE_ANNOTATIONS),
             k8s,
-            nomad,
+            // Filled by `crate::nomad::attach` from what proves it (the signed workload
+            // identity), never from the spec alone.
+            nomad: None,
             annotations: ann
                 .iter()
                 .filter(|(k, _)| k.starts_with(NHI_ANNOTATION_PREFIX))
@@ -301,58 +240,6 @@ mod tests {
         // The rest of the environment never enters the workload record.
         assert!(!serde_json::to_string(&w).unwrap().contains("hunter2"));
         assert_eq!(netns_of(&spec), NetNs::New);
-    }
-
-    fn nomad_spec(env: &str, mounts: &str) -> Spec {
-        serde_json::from_str(&format!(
-            r#"{{"ociVersion":"1.0.2","process":{{"cwd":"/","args":["sh"],"user":{{"uid":0,"gid":0}},"env":[{env}]}},"mounts":[{mounts}]}}"#
-        ))
-        .unwrap()
-    }
-
-    #[test]
-    fn nomad_metadata_needs_the_alloc_dir_nomad_mounts() {
-        let (state, _) = parse(
-            r#"{"ociVersion":"1.0.2","id":"c1","status":"creating","pid":42,"bundle":"/b"}"#,
-            r#"{"ociVersion":"1.0.2"}"#,
-        );
-        let env = r#""NOMAD_JOB_NAME=billing","NOMAD_TASK_NAME=api","NOMAD_NAMESPACE=","NOMAD_ALLOC_ID=a1""#;
-        let alloc =
-            r#"{"destination":"/alloc","source":"/var/lib/nomad/alloc/a1/alloc","type":"bind"}"#;
-        let w = Workload::from_oci(&state, &nomad_spec(env, alloc));
-        assert_eq!(w.var("nomad.job"), Some("billing"));
-        assert_eq!(w.var("nomad.task"), Some("api"));
-        assert_eq!(w.var("nomad.alloc_id"), Some("a1"));
-        assert_eq!(
-            w.var("nomad.namespace"),
-            None,
-            "empty values count as absent"
-        );
-
-        // The same variables without Nomad's mount (e.g. `docker run -e NOMAD_JOB_NAME=...`).
-        let w = Workload::from_oci(&state, &nomad_spec(env, ""));
-        assert!(w.nomad.is_none());
-        // Another allocation's directory.
-        let other = r#"{"destination":"/alloc","source":"/var/lib/nomad/alloc/a2/alloc"}"#;
-        assert!(Workload::from_oci(&state, &nomad_spec(env, other))
-            .nomad
-            .is_none());
-        // A variable set twice (image ENV plus task env).
-        let twice = format!(r#"{env},"NOMAD_JOB_NAME=payroll""#);
-        assert!(Workload::from_oci(&state, &nomad_spec(&twice, alloc))
-            .nomad
-            .is_none());
-        // Kubernetes containers never carry Nomad metadata, whatever their env says.
-        let mut spec = nomad_spec(env, alloc);
-        spec.set_annotations(Some(
-            [(
-                "io.kubernetes.cri.container-type".to_string(),
-                "container".to_string(),
-            )]
-            .into(),
-        ));
-        let w = Workload::from_oci(&state, &spec);
-        assert!(w.k8s.is_some() && w.nomad.is_none());
     }
 
     #[test]

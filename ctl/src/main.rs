@@ -26,8 +26,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Print the trust bundle (PEM).
-    Bundle,
+    /// Print the trust bundle: PEM CA certificates, or the SPIFFE bundle format (a JWK Set with
+    /// the X.509 and JWT authorities, `spiffe_sequence`, `spiffe_refresh_hint`) that SPIRE and
+    /// other SPIFFE control planes import to federate (`spire-server bundle set -format spiffe`).
+    Bundle {
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
     /// Token operations.
     Token {
         #[command(subcommand)]
@@ -75,9 +80,21 @@ enum Cmd {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BundleFormat {
+    Pem,
+    Spiffe,
+}
+
 #[derive(Subcommand)]
 enum ConfigureCmd {
-    /// CRI runtime handler `nhi` in containerd's config (version 2 or 3).
+    /// CRI runtime handler `nhi` in containerd's config: version 2 (containerd 1.x), 3 or 4
+    /// (containerd 2.x; 2.3's `containerd config default` writes 4).
+    ///
+    /// A missing or empty file gets the version the installed containerd writes (asked with
+    /// `containerd --version`) unless --config-version says otherwise. On 2.x the drop-in holds
+    /// only the handler (imports are merged key by key); on 1.x it carries a copy of the main
+    /// file's CRI section (imports replace whole sections).
     Containerd {
         /// containerd's config file.
         #[arg(long, default_value = "/etc/containerd/config.toml")]
@@ -89,6 +106,13 @@ enum ConfigureCmd {
         /// Also make `nhi` the default runtime handler.
         #[arg(long)]
         set_as_default: bool,
+        /// Config version for a new file (2, 3 or 4) instead of asking `containerd --version`;
+        /// must match the version of an existing file.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(2..=4))]
+        config_version: Option<i64>,
+        /// The containerd binary asked for its version.
+        #[arg(long, default_value = "containerd")]
+        containerd: PathBuf,
     },
     /// Runtime `nhi` in Docker's daemon.json.
     Docker {
@@ -222,7 +246,19 @@ fn run(cli: Cli) -> Result<(), String> {
                 print!("{}", nhi_ctl::render_status(&s));
             }
         }
-        Cmd::Bundle => print!("{}", nhi_ctl::status(&socket(&cli.config)?)?.bundle_pem),
+        Cmd::Bundle { format } => {
+            let s = nhi_ctl::status(&socket(&cli.config)?)?;
+            match format {
+                BundleFormat::Pem => print!("{}", s.bundle_pem),
+                BundleFormat::Spiffe if !s.bundle_spiffe.is_object() => {
+                    return Err("nhid sent no SPIFFE bundle (is it older than nhictl?)".into())
+                }
+                BundleFormat::Spiffe => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s.bundle_spiffe).map_err(|e| e.to_string())?
+                ),
+            }
+        }
         Cmd::Token {
             cmd:
                 TokenCmd::Verify {
@@ -483,11 +519,15 @@ fn configure(
             file,
             drop_in,
             set_as_default,
+            config_version,
+            containerd,
         } => containerd::plan(
             &containerd::Options {
                 config: file,
                 drop_in,
                 set_as_default,
+                config_version,
+                containerd,
             },
             &paths,
         )?,

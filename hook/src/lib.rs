@@ -92,6 +92,7 @@ fn create_runtime(config: &Config, state: &State) -> Result<Outcome, HookError> 
     })?;
     let mut workload = Workload::from_oci(state, &spec);
     let sa_error = attach_service_account(config, &spec, &mut workload).err();
+    let nomad_error = nhi_core::nomad::attach(&config.nomad, &spec, &mut workload).err();
     let Some(rule) = select(config, &workload) else {
         return Ok(Outcome::NotSelected);
     };
@@ -108,6 +109,11 @@ fn create_runtime(config: &Config, state: &State) -> Result<Outcome, HookError> 
     if let Some(why) = sa_error {
         if rule.spiffe_id.vars().any(|v| v == "k8s.service_account") {
             return fail(format!("service account for rule {:?}: {why}", rule.name));
+        }
+    }
+    if let Some(why) = nomad_error {
+        if rule.spiffe_id.vars().any(|v| v.starts_with("nomad.")) {
+            return fail(format!("Nomad identity for rule {:?}: {why}", rule.name));
         }
     }
     if netns_of(&spec) == NetNs::Host {

@@ -5,60 +5,30 @@
 
 use std::path::Path;
 
-use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-
-const ASYMMETRIC: &[Algorithm] = &[
-    Algorithm::RS256,
-    Algorithm::RS384,
-    Algorithm::RS512,
-    Algorithm::PS256,
-    Algorithm::PS384,
-    Algorithm::PS512,
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::EdDSA,
-];
-
 pub fn verify(token: &str, jwks_path: &Path, issuer: Option<&str>) -> Result<(), String> {
     let text =
         std::fs::read_to_string(jwks_path).map_err(|e| format!("{}: {e}", jwks_path.display()))?;
-    let jwks: JwkSet = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: not a JWKS: {e}", jwks_path.display()))?;
-    let header = jsonwebtoken::decode_header(token.trim())
-        .map_err(|e| format!("service-account token: {e}"))?;
-    if !ASYMMETRIC.contains(&header.alg) {
-        return Err(format!(
-            "service-account token signed with {:?}, not a public-key algorithm",
-            header.alg
-        ));
-    }
-    let jwk = match &header.kid {
-        Some(kid) => jwks
-            .find(kid)
-            .ok_or_else(|| format!("no key {kid:?} in {}", jwks_path.display()))?,
-        None if jwks.keys.len() == 1 => &jwks.keys[0],
-        None => {
-            return Err("service-account token has no kid and the JWKS has several keys".into())
-        }
+    let check = nhi_core::jwt::ForeignCheck {
+        issuer,
+        // Audiences are the API server's business.
+        audience: None,
+        require_exp: true,
+        leeway: 60,
     };
-    let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("JWKS key: {e}"))?;
-    let mut v = Validation::new(header.alg);
-    v.validate_aud = false; // audiences are the API server's business
-    v.set_required_spec_claims(&["exp"]);
-    v.leeway = 60;
-    if let Some(iss) = issuer {
-        v.set_issuer(&[iss]);
-    }
-    jsonwebtoken::decode::<serde_json::Value>(token.trim(), &key, &v)
-        .map(|_| ())
-        .map_err(|e| format!("service-account token rejected: {e}"))
+    nhi_core::jwt::verify_foreign(
+        token.trim(),
+        &text,
+        &jwks_path.display().to_string(),
+        &check,
+    )
+    .map(|_| ())
+    .map_err(|e| format!("service-account {e}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jsonwebtoken::{EncodingKey, Header};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
     // A P-256 key made for these tests only.
     const KEY: &str = include_str!("../testdata/sa-test-key.pem");

@@ -19,6 +19,7 @@ pub mod bao;
 pub mod edge;
 /// Uid (and gid) companions run as in tests: an unprivileged id no real user has.
 pub mod kube;
+pub mod nomad;
 
 pub const COMPANION_UID: u32 = 65533;
 pub const TRUST_DOMAIN: &str = "example.org";
@@ -742,9 +743,24 @@ pub fn http_in_netns(pid: i32, method: &str, path: &str) -> (u16, String) {
 
 /// [`http_in_netns`] with a JSON request body.
 pub fn http_in_netns_with(pid: i32, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_in_netns_with_headers(pid, method, path, &[], body)
+}
+
+/// [`http_in_netns_with`] plus request headers.
+pub fn http_in_netns_with_headers(
+    pid: i32,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let ns = fs::File::open(format!("/proc/{pid}/ns/net")).expect("open netns");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     std::thread::spawn(move || {

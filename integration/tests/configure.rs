@@ -141,6 +141,130 @@ fn containerd_v3_output_parses_as_v3() {
     );
 }
 
+/// What containerd 2.3's `containerd config default` writes (config version 4), from
+/// `ctl/testdata` (copied from the machine where 2.3.4 ran: it is not installable here).
+fn containerd_2_3_default() -> String {
+    fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../ctl/testdata/containerd-2.3-config-default.toml"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn containerd_2_3_default_config_in_place_drop_in_dry_run_and_idempotent() {
+    let default = containerd_2_3_default();
+    assert!(default.starts_with("version = 4\n"));
+    let d = tempfile::tempdir().unwrap();
+    for drop_in in [false, true] {
+        let main = d.path().join(format!("config-{drop_in}.toml"));
+        let drop = d.path().join(format!("conf-{drop_in}.d/99-nhi.toml"));
+        fs::write(&main, &default).unwrap();
+        let mut args = vec!["configure", "containerd", "--file", main.to_str().unwrap()];
+        if drop_in {
+            args.extend(["--drop-in", drop.to_str().unwrap()]);
+        }
+        let mut dry = args.clone();
+        dry.push("--dry-run");
+        let printed = ok(nhictl(&dry));
+        assert!(printed.contains("runtimes.nhi]"), "{printed}");
+        assert_eq!(fs::read_to_string(&main).unwrap(), default, "dry run wrote");
+        assert!(!drop.exists(), "dry run wrote the drop-in");
+
+        let said = ok(nhictl(&args));
+        assert!(said.contains("restart containerd"), "{said}");
+        let first = (
+            fs::read_to_string(&main).unwrap(),
+            fs::read_to_string(&drop).unwrap_or_default(),
+        );
+        let again = ok(nhictl(&args));
+        assert!(
+            !again.contains("wrote"),
+            "second run writes nothing: {again}"
+        );
+        let second = (
+            fs::read_to_string(&main).unwrap(),
+            fs::read_to_string(&drop).unwrap_or_default(),
+        );
+        assert_eq!(first, second, "configuring twice gives identical files");
+        let (main_out, drop_out) = first;
+        assert!(main_out.starts_with("version = 4\n"));
+        let handler = "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.nhi]";
+        let handler_dq = "[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.nhi]";
+        if drop_in {
+            // The main file only gains the import; the drop-in is the handler alone (2.x
+            // merges imports key by key, so nothing of the main file's CRI section is copied).
+            assert!(!main_out.contains("runtimes.nhi"), "{main_out}");
+            assert!(
+                main_out.contains(&format!(
+                    "imports = ['/etc/containerd/conf.d/*.toml', \"{}\"]",
+                    d.path().join(format!("conf-{drop_in}.d/*.toml")).display()
+                )),
+                "{main_out}"
+            );
+            assert!(drop_out.starts_with("version = 4\n"), "{drop_out}");
+            assert!(drop_out.contains(handler_dq), "{drop_out}");
+            for absent in [
+                "sandbox",
+                "bin_dirs",
+                "runtimes.runc",
+                "enable_selinux",
+                "cri.v1.images",
+            ] {
+                assert!(
+                    !drop_out.contains(absent),
+                    "{absent} copied into {drop_out}"
+                );
+            }
+        } else {
+            assert!(main_out.contains(handler), "{main_out}");
+            assert!(main_out.contains("BinaryName = \""), "{main_out}");
+            assert!(main_out.contains("pod_annotations = [\"nhi.dev/*\"]"));
+        }
+    }
+}
+
+#[test]
+fn containerd_new_file_gets_the_installed_containerds_version_and_loads() {
+    let d = tempfile::tempdir().unwrap();
+    let main = d.path().join("config.toml");
+    // No file at all: nhictl asks the installed containerd (Debian's 1.6 here: version 2).
+    ok(nhictl(&[
+        "configure",
+        "containerd",
+        "--file",
+        main.to_str().unwrap(),
+    ]));
+    let out = fs::read_to_string(&main).unwrap();
+    assert!(out.starts_with("version = 2\n"), "{out}");
+    let dump = containerd_dump(&main);
+    assert!(dump.contains("runtimes.nhi]"), "{dump}");
+    // The flag picks another version; a mismatch with an existing file is refused.
+    let v4 = d.path().join("v4.toml");
+    ok(nhictl(&[
+        "configure",
+        "containerd",
+        "--file",
+        v4.to_str().unwrap(),
+        "--config-version",
+        "4",
+    ]));
+    assert!(fs::read_to_string(&v4)
+        .unwrap()
+        .starts_with("version = 4\n"));
+    let bad = nhictl(&[
+        "configure",
+        "containerd",
+        "--file",
+        main.to_str().unwrap(),
+        "--config-version",
+        "3",
+    ]);
+    assert!(!bad.status.success());
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(e.contains("config version 2 but --config-version 3"), "{e}");
+}
+
 #[test]
 fn docker_and_podman_round_trips() {
     let d = tempfile::tempdir().unwrap();

@@ -113,7 +113,7 @@ impl Drop for Dockerd {
 }
 
 #[test]
-fn docker_run_with_the_nhi_runtime_follows_the_nomad_template() {
+fn docker_run_with_the_nhi_runtime_takes_the_nomad_identity_from_the_signed_token() {
     let mut node = Node::new(
         r#"
 [[rule]]
@@ -123,6 +123,7 @@ spiffe_id = "nomad/{nomad.namespace}/job/{nomad.job}/task/{nomad.task}"
 nomad_jobs = ["*"]
 "#,
     );
+    nomad::configure(&node);
     node.start();
     let daemon_json = node.path("daemon.json");
     // dockerd 20.10 writes its trust key to /etc/docker/key.json unless told otherwise.
@@ -160,11 +161,27 @@ nomad_jobs = ["*"]
     let out = docker.docker(&["import", tar.to_str().unwrap(), "nhi-busybox:test"]);
     assert!(out.status.success(), "{out:?}");
 
-    // What Nomad's docker driver does: `runtime = "nhi"`, NOMAD_* in the task env and the
-    // allocation directory bind-mounted at /alloc.
-    let alloc_dir = node.path("nomad/alloc/5e0f6a55-6c4b-4b8b-9c1e-6f0a2a7b7c11/alloc");
-    fs::create_dir_all(&alloc_dir).unwrap();
-    let alloc_mount = format!("{}:/alloc", alloc_dir.display());
+    // What Nomad's docker driver does: `runtime = "nhi"`, NOMAD_* in the task env, the
+    // allocation directory at /alloc and the task's local and secrets directories at /local and
+    // /secrets, where the Nomad client wrote the task's workload identity
+    // (`identity { file = true }`). The job's env block overrides NOMAD_JOB_NAME: the identity
+    // still follows the signed token.
+    let alloc = "5e0f6a55-6c4b-4b8b-9c1e-6f0a2a7b7c11";
+    let t = nomad::task(
+        &node,
+        alloc,
+        "server",
+        Some(&nomad::token("default", "billing", "api", "server", alloc)),
+    );
+    let mounts: Vec<String> = [
+        (&t.alloc, "/alloc"),
+        (&t.local, "/local"),
+        (&t.secrets, "/secrets"),
+    ]
+    .iter()
+    .map(|(h, c)| format!("{}:{c}", h.display()))
+    .collect();
+    let alloc_env = format!("NOMAD_ALLOC_ID={alloc}");
     let out = docker.docker(&[
         "run",
         "--rm",
@@ -173,17 +190,21 @@ nomad_jobs = ["*"]
         "--network",
         "none",
         "-v",
-        &alloc_mount,
+        &mounts[0],
+        "-v",
+        &mounts[1],
+        "-v",
+        &mounts[2],
         "-e",
         "NOMAD_NAMESPACE=default",
         "-e",
-        "NOMAD_JOB_NAME=billing",
+        "NOMAD_JOB_NAME=payments",
         "-e",
         "NOMAD_GROUP_NAME=api",
         "-e",
         "NOMAD_TASK_NAME=server",
         "-e",
-        "NOMAD_ALLOC_ID=5e0f6a55-6c4b-4b8b-9c1e-6f0a2a7b7c11",
+        &alloc_env,
         "nhi-busybox:test",
         "/bin/wget",
         "-qO-",
@@ -197,12 +218,11 @@ nomad_jobs = ["*"]
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         v["spiffe_id"],
-        format!("spiffe://{TRUST_DOMAIN}/nomad/default/job/billing/task/server")
+        format!("spiffe://{TRUST_DOMAIN}/nomad/default/job/billing/task/server"),
+        "the job's NOMAD_JOB_NAME=payments does not pick the identity: {v}"
     );
-    assert_eq!(
-        v["workload"]["nomad"]["alloc_id"],
-        "5e0f6a55-6c4b-4b8b-9c1e-6f0a2a7b7c11"
-    );
+    assert_eq!(v["workload"]["nomad"]["alloc_id"], alloc);
+    assert_eq!(v["workload"]["nomad"]["group"], "api");
     // Nothing else of the environment reached nhi.
     assert!(!serde_json::to_string(&v).unwrap().contains("PATH"));
 

@@ -273,6 +273,16 @@ async fn sign_and_verify(client: &Bao, node: &str) {
     );
     let bc = int.basic_constraints().unwrap().unwrap().value;
     assert_eq!(bc.path_len_constraint, Some(0));
+    // X509-SVID standard, appendix A: keyCertSign "must be set if and only if the SVID is a
+    // signing certificate", digitalSignature "must be set if and only if the SVID is a leaf".
+    // What OpenBao's sign-intermediate (and root/generate, as docs/OPENBAO.md sets it up) put.
+    for (what, ca) in [("intermediate", &int), ("root", &root)] {
+        let ku = ca.key_usage().unwrap().expect("key usage").value;
+        assert!(
+            ku.key_cert_sign() && ku.crl_sign() && !ku.digital_signature(),
+            "{what} key usage: {ku:?}"
+        );
+    }
     let sans: Vec<String> = int
         .subject_alternative_name()
         .unwrap()

@@ -577,8 +577,12 @@ fn run_hook(node: &Node, stage: &str, state: &serde_json::Value) -> std::process
     ch.wait_with_output().unwrap()
 }
 
+/// Nomad's own proof: the task's workload identity (signed by the test cluster's key, laid out
+/// as the Nomad client lays it out) gives `nomad.*`; what the job author can write (the task's
+/// env, extra mounts, the token file in its own secrets directory) cannot change it. Plus the
+/// CRI annotations of a Kubernetes container in the same node.
 #[test]
-fn template_metadata_from_nomad_env_and_cri_annotations() {
+fn nomad_identity_comes_from_the_signed_workload_identity_never_the_env() {
     let mut node = Node::new(
         r#"
 [[rule]]
@@ -591,25 +595,52 @@ name = "k8s"
 spiffe_id = "ns/{k8s.namespace}/pod/{k8s.pod}"
 [rule.match]
 k8s_namespaces = ["prod"]
+[[rule]]
+name = "nomad-annotated"
+spiffe_id = "nomad/{nomad.namespace}/job/{nomad.job}/task/{nomad.task}"
+[rule.match]
+annotations = { "nhi.dev/inject" = "true" }
 "#,
     );
+    nomad::configure(&node);
     node.start();
-    // What the Nomad client writes: NOMAD_* in the env and the allocation dir at /alloc.
-    let alloc_dir = node.path("nomad/alloc/a1/alloc");
-    fs::create_dir_all(&alloc_dir).unwrap();
-    let n = node
-        .bundle(&unique_id("nomad"))
-        .env("NOMAD_NAMESPACE=default")
-        .env("NOMAD_JOB_NAME=billing")
-        .env("NOMAD_TASK_NAME=api")
-        .env("NOMAD_ALLOC_ID=a1")
-        .mount("/alloc", &alloc_dir)
-        .write();
-    n.start().unwrap();
-    assert_eq!(
-        n.get_json("/v1/identity")["spiffe_id"],
-        format!("spiffe://{TRUST_DOMAIN}/nomad/default/job/billing/task/api")
+    let nomad_task = |name: &str, t: &nomad::Task, env: &[&str]| {
+        let mut b = node
+            .bundle(&unique_id(name))
+            .mount("/alloc", &t.alloc)
+            .mount("/local", &t.local)
+            .mount("/secrets", &t.secrets);
+        for e in env {
+            b = b.env(e);
+        }
+        b
+    };
+    // Job "billing"; its env block overrides what Nomad wrote: NOMAD_JOB_NAME=payments.
+    let a1 = "5e0f6a55-6c4b-4b8b-9c1e-6f0a2a7b7c11";
+    let t1 = nomad::task(
+        &node,
+        a1,
+        "api",
+        Some(&nomad::token("default", "billing", "web", "api", a1)),
     );
+    let env = [
+        "NOMAD_NAMESPACE=default",
+        "NOMAD_JOB_NAME=payments",
+        "NOMAD_GROUP_NAME=web",
+        "NOMAD_TASK_NAME=api",
+        &format!("NOMAD_ALLOC_ID={a1}"),
+    ];
+    let n = nomad_task("nomad", &t1, &env).write();
+    n.start().unwrap();
+    let id = n.get_json("/v1/identity");
+    assert_eq!(
+        id["spiffe_id"],
+        format!("spiffe://{TRUST_DOMAIN}/nomad/default/job/billing/task/api"),
+        "the env override does not change the identity: {id}"
+    );
+    assert_eq!(id["workload"]["nomad"]["group"], "web");
+    assert_eq!(id["workload"]["nomad"]["alloc_id"], a1);
+
     let k = node
         .bundle(&unique_id("k8s"))
         .annotation("io.kubernetes.cri.container-type", "container")
@@ -621,30 +652,64 @@ k8s_namespaces = ["prod"]
         k.get_json("/v1/identity")["spiffe_id"],
         format!("spiffe://{TRUST_DOMAIN}/ns/prod/pod/web-0")
     );
-    // A Nomad task whose job name is not a valid SPIFFE segment is refused, not rewritten.
-    let bad_alloc = node.path("nomad/alloc/a2/alloc");
-    fs::create_dir_all(&bad_alloc).unwrap();
-    let bad = node
-        .bundle(&unique_id("badnomad"))
-        .env("NOMAD_NAMESPACE=default")
-        .env("NOMAD_JOB_NAME=a/b")
-        .env("NOMAD_TASK_NAME=t")
-        .env("NOMAD_ALLOC_ID=a2")
-        .mount("/alloc", &bad_alloc)
+
+    // A task whose job id is not a valid SPIFFE segment is refused, not rewritten.
+    let a2 = "6f1a7b66-7d5c-4c9c-8d2f-7a1b3b8c8d22";
+    let t2 = nomad::task(
+        &node,
+        a2,
+        "t",
+        Some(&nomad::token("default", "a b", "g", "t", a2)),
+    );
+    let out = nomad_task("badnomad", &t2, &[])
         .args(&["true"])
-        .write();
-    let out = bad.run();
+        .write()
+        .run();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid SPIFFE ID path segment"));
-    // NOMAD_* set by hand, without the allocation Nomad mounts, is not a Nomad task: the
-    // container claims job "billing" and gets nothing.
-    let fake = node
-        .bundle(&unique_id("fakenomad"))
-        .env("NOMAD_NAMESPACE=default")
-        .env("NOMAD_JOB_NAME=billing")
-        .env("NOMAD_TASK_NAME=api")
-        .env("NOMAD_ALLOC_ID=a1")
-        .write();
+
+    // A valid token of another allocation written into this task's secrets proves nothing
+    // about this task: no Nomad metadata, no Nomad rule selects it, no identity. A rule that
+    // selects it by other means and names nomad.* refuses it with the reason.
+    let a3 = "7a2b8c77-8e6d-4dad-9e30-8b2c4c9d9e33";
+    let t3 = nomad::task(
+        &node,
+        a3,
+        "api",
+        Some(&nomad::token("default", "payments", "web", "api", a1)),
+    );
+    let stolen = nomad_task("stolen", &t3, &[]).write();
+    stolen.start().unwrap();
+    assert!(
+        stolen.get("/v1/identity").is_err(),
+        "no identity from a stolen token"
+    );
+    assert!(node.companion_pid(&stolen.id).is_none());
+    stolen.delete();
+    let out = nomad_task("stolen2", &t3, &[])
+        .annotation("nhi.dev/inject", "true")
+        .annotation("nhi.dev/rule", "nomad-annotated")
+        .args(&["true"])
+        .write()
+        .run();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is for allocation"), "{err}");
+
+    // NOMAD_* by hand, with Nomad-looking mounts but no workload identity (or a job without
+    // `identity { file = true }`): no Nomad metadata, so no Nomad rule selects it.
+    let a4 = "8b3c9d88-9f7e-4ebe-8f41-9c3d5d0e0f44";
+    let t4 = nomad::task(&node, a4, "api", None);
+    let fake = nomad_task(
+        "fakenomad",
+        &t4,
+        &[
+            "NOMAD_NAMESPACE=default",
+            "NOMAD_JOB_NAME=billing",
+            "NOMAD_TASK_NAME=api",
+        ],
+    )
+    .write();
     fake.start().unwrap();
     assert!(
         fake.get("/v1/identity").is_err(),

@@ -291,3 +291,100 @@ fn the_socket_survives_a_companion_crash_and_an_nhid_restart_and_goes_with_the_c
         .collect();
     assert!(hidden.is_empty(), "{hidden:?}");
 }
+
+/// Workload Endpoint standard §7 (server reflection SHOULD be supported) and the SPIFFE bundle
+/// format, each checked by a client nobody here wrote: grpcio-reflection lists the service
+/// over TCP and the unix socket; the bundle served at `/v1/bundle.spiffe` and printed by
+/// `nhictl bundle --format spiffe` is read by PyJWT, `cryptography` and py-spiffe, clause by
+/// clause, and verifies the workload's own X.509-SVID and JWT-SVID.
+#[test]
+fn reflection_and_the_spiffe_bundle_format_read_by_independent_clients() {
+    let mut node = Node::new(ANNOTATED_RULE);
+    node.start();
+    let c = node.named_container("refl");
+    let pid = c.pid();
+    let unix = format!("unix:{}", host_socket(&node, &c).display());
+    for target in ["127.0.0.1:15101", unix.as_str()] {
+        let got = json_out(&py_in_netns(pid, "reflection_client.py", &[target], &[]));
+        let services: Vec<&str> = got["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        assert!(services.contains(&"SpiffeWorkloadAPI"), "{target}: {got}");
+        assert!(
+            services.contains(&"grpc.reflection.v1alpha.ServerReflection"),
+            "{target}: {got}"
+        );
+        let methods: Vec<&str> = got["methods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            methods,
+            [
+                "FetchJWTBundles",
+                "FetchJWTSVID",
+                "FetchX509Bundles",
+                "FetchX509SVID",
+                "ValidateJWTSVID"
+            ],
+            "{target}: {got}"
+        );
+    }
+
+    let served = c.get("/v1/bundle.spiffe").unwrap();
+    let printed = node.nhictl(&["bundle", "--format", "spiffe"], b"");
+    assert!(printed.status.success(), "{printed:?}");
+    let served_v: serde_json::Value = serde_json::from_str(&served).unwrap();
+    let printed_v: serde_json::Value = serde_json::from_slice(&printed.stdout).unwrap();
+    assert_eq!(
+        served_v, printed_v,
+        "the companion and nhictl give the same bundle"
+    );
+    let pem = node.nhictl(&["bundle"], b"");
+    assert_eq!(
+        String::from_utf8_lossy(&pem.stdout),
+        node.status().bundle_pem
+    );
+
+    let dir = node.path("spiffe-bundle");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, data: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    let bundle = write("bundle.json", &served);
+    let x509 = c.get("/v1/x509").unwrap();
+    let leaf_end = x509.find("-----END CERTIFICATE-----").unwrap() + 25;
+    let leaf = write("leaf.pem", &x509[..leaf_end]);
+    let token = c.get_json("/v1/token?audience=federated")["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = write("token", &token);
+    let out = Command::new(python())
+        .arg(script("spiffe_bundle.py"))
+        .args([&bundle, &PathBuf::from(TRUST_DOMAIN), &leaf, &token])
+        .arg("federated")
+        .output()
+        .unwrap();
+    let got = json_out(&out);
+    assert_eq!(got["problems"], serde_json::json!([]), "{got}");
+    assert_eq!(got["x509_authorities"], 1, "{got}");
+    assert_eq!(got["jwt_authorities"], 1, "{got}");
+    assert_eq!(got["jwk_set_keys"], 2, "{got}");
+    assert_eq!(got["leaf_verified"], true, "{got}");
+    assert_eq!(
+        got["jwt_spiffe_id"],
+        format!("spiffe://{TRUST_DOMAIN}/container/refl"),
+        "{got}"
+    );
+    assert!(got["sequence"].as_u64().unwrap() > 0, "{got}");
+    assert_eq!(got["refresh_hint"], 300, "{got}");
+    c.delete();
+}

@@ -120,7 +120,9 @@ fn selected_rule(config: &Config, bundle: &Path, id: &str) -> Option<nhi_core::R
         "bundle": bundle.display().to_string(),
     });
     let state = serde_json::from_value::<oci_spec::runtime::State>(state).ok()?;
-    let w = nhi_core::Workload::from_oci(&state, &spec);
+    let mut w = nhi_core::Workload::from_oci(&state, &spec);
+    // The same Nomad proof the hook checks; without it no Nomad rule selects the container.
+    let _ = nhi_core::nomad::attach(&config.nomad, &spec, &mut w);
     nhi_core::select::select(config, &w).cloned()
 }
 

@@ -233,12 +233,20 @@ pub struct HookConfig {
     /// Upper bound for one call to `nhid` (connect + attach) from the hook.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Largest bundle `config.json` the hook reads; a bigger one is refused (and, as any
+    /// FIFO, device or link there, never read).
+    pub max_spec_bytes: u64,
 }
+
+/// Default [`HookConfig::max_spec_bytes`]: far above real specs (tens of KiB with a seccomp
+/// profile), far below what would make the hook a memory hog.
+pub const DEFAULT_MAX_SPEC_BYTES: u64 = 4 << 20;
 
 impl Default for HookConfig {
     fn default() -> Self {
         HookConfig {
             timeout: Duration::from_secs(10),
+            max_spec_bytes: DEFAULT_MAX_SPEC_BYTES,
         }
     }
 }
@@ -441,6 +449,12 @@ impl Config {
         if raw.companion.max_cached_audiences == 0 {
             return Err(invalid(
                 "companion.max_cached_audiences must be at least 1".into(),
+            ));
+        }
+        if raw.hook.max_spec_bytes < 4096 {
+            return Err(invalid(
+                "hook.max_spec_bytes must be at least 4096 (a config.json is rarely under 2 KiB)"
+                    .into(),
             ));
         }
         let mut seen = BTreeMap::new();

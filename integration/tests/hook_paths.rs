@@ -216,6 +216,8 @@ fn planted_links_and_fifos_at_the_service_account_path_are_never_followed_or_wai
 
 /// Runs the real `nhi-hook createRuntime` on `state`; (exit code, stderr, peak RSS in KiB,
 /// wall time).
+// Reaped with wait4(2) below, for its resource usage, which `Child::wait` does not give.
+#[allow(clippy::zombie_processes)]
 fn run_hook(config: &Path, state: &str) -> (i32, String, i64, Duration) {
     use std::io::Write;
     use std::os::unix::process::ExitStatusExt;

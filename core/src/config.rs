@@ -211,6 +211,85 @@ pub struct CompanionConfig {
     pub max_cached_audiences: usize,
     /// SPIFFE Workload API (gRPC) listen address inside the workload's network namespace.
     pub workload_api_listen: String,
+    /// `[companion.limits]`: what one process in a pod can make its companion hold.
+    pub limits: CompanionLimits,
+}
+
+/// Bounds on every companion listener (see `companion/src/limits.rs` and ARCHITECTURE's
+/// "Companion limits"). A full listener closes its quietest connection for a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompanionLimits {
+    /// HTTP API: most connections at once.
+    pub api_connections: usize,
+    /// Workload API: most connections at once, on TCP and on the unix socket each.
+    pub workload_api_connections: usize,
+    /// Edge proxy: most connections at once, outbound and inbound each.
+    pub proxy_connections: usize,
+    /// A new connection must start its first request within this, an HTTP/1 request head must
+    /// arrive within it, and an idle HTTP/1 keep-alive connection is closed after it.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A Workload API connection with no request in progress and no open stream is closed
+    /// after this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A proxied connection that moved no byte either way is closed after this.
+    #[serde(with = "humantime_serde")]
+    pub proxy_idle_timeout: Duration,
+    /// Longest wait for an answer from the HTTP API or a Workload API call (then 503 /
+    /// `DEADLINE_EXCEEDED`); server streams are not bounded by it.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// HTTP and Workload API connections older than this are closed once idle (HTTP/2 gets a
+    /// GOAWAY first); clients reconnect.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+}
+
+impl Default for CompanionLimits {
+    fn default() -> Self {
+        CompanionLimits {
+            api_connections: 512,
+            workload_api_connections: 256,
+            proxy_connections: 1024,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5 * 60),
+            proxy_idle_timeout: Duration::from_secs(60 * 60),
+            request_timeout: Duration::from_secs(30),
+            max_connection_age: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+impl CompanionLimits {
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, n) in [
+            ("api_connections", self.api_connections),
+            ("workload_api_connections", self.workload_api_connections),
+            ("proxy_connections", self.proxy_connections),
+        ] {
+            if !(8..=65536).contains(&n) {
+                return Err(format!(
+                    "companion.limits.{name} must be between 8 and 65536 (got {n})"
+                ));
+            }
+        }
+        for (name, d) in [
+            ("header_timeout", self.header_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("proxy_idle_timeout", self.proxy_idle_timeout),
+            ("request_timeout", self.request_timeout),
+            ("max_connection_age", self.max_connection_age),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(format!(
+                    "companion.limits.{name} must be at least 100ms (got {d:?})"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for CompanionConfig {
@@ -222,6 +301,7 @@ impl Default for CompanionConfig {
             ready_timeout: Duration::from_secs(5),
             max_cached_audiences: 64,
             workload_api_listen: DEFAULT_WORKLOAD_API_LISTEN.into(),
+            limits: CompanionLimits::default(),
         }
     }
 }
@@ -451,6 +531,7 @@ impl Config {
                 "companion.max_cached_audiences must be at least 1".into(),
             ));
         }
+        raw.companion.limits.validate().map_err(invalid)?;
         if raw.hook.max_spec_bytes < 4096 {
             return Err(invalid(
                 "hook.max_spec_bytes must be at least 4096 (a config.json is rarely under 2 KiB)"

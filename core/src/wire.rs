@@ -298,6 +298,9 @@ pub struct Init {
     /// The AWS container-credential provider, when the workload's rule names an AWS source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsProvider>,
+    /// Bounds on the companion's listeners (`[companion.limits]`).
+    #[serde(default)]
+    pub limits: crate::config::CompanionLimits,
 }
 
 /// What the companion needs to serve `GET /v1/aws/credentials`. Debug never shows the token.

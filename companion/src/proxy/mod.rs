@@ -26,14 +26,17 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::audit::Recorder;
 use crate::cache::{now_unix, Creds};
 use crate::channel::Channel;
+use crate::limits::{Bounds, Conn, Governor};
+use nhi_core::config::CompanionLimits;
 use sniff::{sniff, Sniffed, MAX_HELLO};
 
 /// How long the first bytes of a connection are waited for when the policy needs them; a
 /// protocol where the server speaks first is decided by address and port after this.
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most connections proxied at once (each direction); more wait in the accept queue.
-const MAX_CONNECTIONS: usize = 4096;
+/// Why a connection the limits closed ends (audited).
+pub(crate) const LIMITS_CLOSED: &str =
+    "closed by the companion's connection limits (idle, or evicted for a new connection)";
 
 /// The companion's edge state: the current policy (swapped on reload) and what brokering needs.
 pub struct Edge {
@@ -196,11 +199,14 @@ pub(crate) fn reset(s: TcpStream) {
     drop(s);
 }
 
-/// Accepts redirected outbound connections until the listener fails.
-pub async fn serve_outbound(listener: TcpListener, edge: Arc<Edge>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+/// Accepts redirected outbound connections until the listener fails, within `limits` (see
+/// `crate::limits`: a full listener closes its quietest connection for a new one).
+pub async fn serve_outbound(listener: TcpListener, edge: Arc<Edge>, limits: CompanionLimits) {
+    let gov = governor(
+        format!("edge proxy {}", crate::http::local(&listener)),
+        &limits,
+    );
     loop {
-        let permit = slots.clone().acquire_owned().await.expect("never closed");
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -209,12 +215,31 @@ pub async fn serve_outbound(listener: TcpListener, edge: Arc<Edge>) {
                 continue;
             }
         };
-        let edge = edge.clone();
-        tokio::spawn(async move {
-            outbound(edge, stream, peer).await;
-            drop(permit);
-        });
+        let Some(conn) = gov.admit() else {
+            let mut ev = event(AuditKind::Connection, peer, Destination::default());
+            ev.decision = Decision::Error;
+            ev.detail = Some("refused: every proxied connection has a request waiting".into());
+            finish(&edge, ev, Instant::now());
+            reset(stream);
+            continue;
+        };
+        tokio::spawn(outbound(edge.clone(), stream, peer, Arc::new(conn), limits));
     }
+}
+
+/// The governor of a proxy listener, its sweeper started.
+pub(crate) fn governor(name: String, limits: &CompanionLimits) -> Arc<Governor> {
+    let g = Governor::new(
+        name,
+        Bounds {
+            max_connections: limits.proxy_connections,
+            first_request: limits.header_timeout,
+            idle: limits.proxy_idle_timeout,
+            max_age: None,
+        },
+    );
+    tokio::spawn(g.clone().watch());
+    g
 }
 
 pub(crate) fn event(kind: AuditKind, source: SocketAddr, dest: Destination) -> AuditEvent {
@@ -232,7 +257,13 @@ pub(crate) fn finish(edge: &Edge, mut ev: AuditEvent, started: Instant) {
     edge.recorder.record(ev);
 }
 
-async fn outbound(edge: Arc<Edge>, client: TcpStream, peer: SocketAddr) {
+async fn outbound(
+    edge: Arc<Edge>,
+    client: TcpStream,
+    peer: SocketAddr,
+    conn: Arc<Conn>,
+    limits: CompanionLimits,
+) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let dest = match original_dst(&client) {
@@ -265,11 +296,15 @@ async fn outbound(edge: Arc<Edge>, client: TcpStream, peer: SocketAddr) {
     }
     if is_http {
         let policy = policy.expect("inspected only with a policy");
-        http::serve(edge, client, peer, dest, policy).await;
+        http::serve(edge, client, peer, dest, policy, conn, limits).await;
         return;
     }
     dst.sni = sni.clone();
     let mut ev = event(AuditKind::Connection, peer, dst);
+    if conn.slot().is_killed() {
+        // Evicted while its first bytes were awaited.
+        return fail(&edge, ev, started, client, LIMITS_CLOSED.into());
+    }
     let verdict = policy.as_ref().map(|p| {
         let v = p.decide(&Facts {
             dest: Some(dest),
@@ -286,13 +321,21 @@ async fn outbound(edge: Arc<Edge>, client: TcpStream, peer: SocketAddr) {
         reset(client);
         return;
     }
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => return fail(&edge, ev, started, client, format!("connect: {e}")),
-        Err(_) => return fail(&edge, ev, started, client, "connect: timed out".into()),
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest));
+    let upstream = tokio::select! {
+        r = connect => match r {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => return fail(&edge, ev, started, client, format!("connect: {e}")),
+            Err(_) => return fail(&edge, ev, started, client, "connect: timed out".into()),
+        },
+        () = conn.slot().killed() => {
+            return fail(&edge, ev, started, client, LIMITS_CLOSED.into());
+        }
     };
     let _ = upstream.set_nodelay(true);
-    let res = splice::relay(&client, &upstream).await;
+    // Decided and connected: no longer waiting for a first request; idle now means no byte.
+    conn.established();
+    let res = splice::relay(&client, &upstream, &|| conn.touch(), conn.slot().killed()).await;
     match res {
         Ok((out, inn)) => {
             ev.bytes_out = out;

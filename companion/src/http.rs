@@ -388,7 +388,7 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, limits: CompanionLimits
                 continue;
             }
         };
-        let Some(conn) = gov.admit() else {
+        let Some(conn) = gov.admit_fairly(None).await else {
             // Every slot has a request waiting: say so, without waiting to read anything.
             let _ = stream.try_write(BUSY_RESPONSE);
             continue;

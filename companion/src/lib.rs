@@ -178,7 +178,7 @@ async fn listen(
 /// limit cannot hold what they need (so the listeners refuse a connection before `accept`
 /// would fail with EMFILE for everyone).
 fn fit_limits(limits: CompanionLimits) -> CompanionLimits {
-    let need = limits::fd_budget(&limits);
+    let need = limits.fd_budget();
     let have = limits::raise_fd_limit(&limits);
     if have >= need {
         return limits;
@@ -210,5 +210,10 @@ fn workload_listener(fd: RawFd) -> Result<std::os::unix::net::UnixListener, Stri
         .map_err(|e| format!("--listener-fd {fd}: not a unix socket: {e}"))?;
     l.set_nonblocking(true)
         .map_err(|e| format!("--listener-fd {fd}: {e}"))?;
+    // A deeper accept queue than the 128 nhid bound it with: under a flood of connects the
+    // companion drains it at full speed (see `limits`), and a unix connect that finds it full
+    // fails at once instead of retrying like a TCP SYN.
+    // SAFETY: listen(2) on the listening socket we own; on failure the old backlog stays.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 1024) };
     Ok(l)
 }

@@ -19,7 +19,8 @@
 //!   preface); one with nothing in progress is closed after the idle timeout; none outlives the
 //!   maximum age once idle.
 //! - **A hard ceiling** on open sockets (connections evicted but not yet closed by their task
-//!   count too), so the file descriptors a listener can hold are bounded: see [`fd_budget`].
+//!   count too), so the file descriptors a listener can hold are bounded (see
+//!   `CompanionLimits::fd_budget`; the soft `RLIMIT_NOFILE` is raised to it: [`raise_fd_limit`]).
 //!
 //! Per-peer fairness beyond this is not possible on loopback TCP: every process of the pod is
 //! `127.0.0.1`. Eviction by least recent request is what keeps a flooding process from holding
@@ -84,6 +85,8 @@ struct Inner {
 /// One connection's state, shared by its task and its listener's governor.
 pub struct Slot {
     id: u64,
+    /// Who connected, when the transport says (the peer's pid on the unix socket).
+    peer: Option<u32>,
     accepted_ms: u64,
     /// When a request last started or ended (or the connection was accepted), in ms since the
     /// governor's epoch.
@@ -156,7 +159,7 @@ impl Governor {
 
     /// Most sockets open at once: the slots plus those evicted and still closing.
     pub fn ceiling(&self) -> usize {
-        self.bounds.max_connections + self.bounds.max_connections / 4 + 1
+        nhi_core::config::CompanionLimits::ceiling(self.bounds.max_connections)
     }
 
     /// Most requests waiting at once: 7/8 of the slots, so some are always evictable.
@@ -164,17 +167,58 @@ impl Governor {
         (self.bounds.max_connections - self.bounds.max_connections / 8).max(1)
     }
 
+    /// [`Governor::admit`] for an accept loop. Without a peer identity (loopback TCP: every
+    /// process of the pod is `127.0.0.1`), when the listener is full the loop then yields, so
+    /// the connections already admitted (a legitimate one among them, with its request on the
+    /// way) get their turn before the next newcomer can evict them: a flood is let in at the
+    /// pace the companion serves, not at the pace it can accept, and the kernel's accept queue
+    /// arbitrates the rest. With one (the unix socket: the peer's pid), a full listener evicts
+    /// from the peer holding the most connections, so a flooding process only ever evicts
+    /// itself and the queue is drained at full speed. Either way, evicted connections are
+    /// given a turn to close before the ceiling would refuse a newcomer.
+    pub async fn admit_fairly(self: &Arc<Self>, peer: Option<u32>) -> Option<Conn> {
+        for _ in 0..8 {
+            if self.lock().open < self.ceiling() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let full = self.lock().live.len() >= self.bounds.max_connections;
+        let conn = self.admit_from(peer);
+        if full && peer.is_none() {
+            tokio::task::yield_now().await;
+        }
+        conn
+    }
+
     /// A slot for a connection just accepted, evicting the quietest one when full; `None`:
     /// close it at once.
     pub fn admit(self: &Arc<Self>) -> Option<Conn> {
+        self.admit_from(None)
+    }
+
+    /// [`Governor::admit`] for a connection from `peer` (see [`Governor::admit_fairly`]).
+    pub fn admit_from(self: &Arc<Self>, peer: Option<u32>) -> Option<Conn> {
         let now = self.now_ms();
         let mut inner = self.lock();
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         if inner.live.len() >= self.bounds.max_connections {
-            let victim = inner
-                .live
-                .values()
-                .filter(|s| s.in_request.load(Ordering::Acquire) == 0)
+            let evictable = || {
+                inner
+                    .live
+                    .values()
+                    .filter(|s| s.in_request.load(Ordering::Acquire) == 0)
+            };
+            // With peers known: only the peer holding the most slots loses one.
+            let hog = peer.and_then(|_| {
+                let mut held: HashMap<Option<u32>, usize> = HashMap::new();
+                for s in evictable() {
+                    *held.entry(s.peer).or_default() += 1;
+                }
+                held.into_iter().max_by_key(|(_, n)| *n).map(|(p, _)| p)
+            });
+            let victim = evictable()
+                .filter(|s| hog.is_none_or(|h| s.peer == h))
                 .min_by_key(|s| (s.last_ms.load(Ordering::Relaxed), s.id))
                 .cloned();
             match victim {
@@ -197,6 +241,7 @@ impl Governor {
         inner.next_id += 1;
         let slot = Arc::new(Slot {
             id,
+            peer,
             accepted_ms: now,
             last_ms: AtomicU64::new(now),
             in_request: AtomicU32::new(0),
@@ -606,16 +651,6 @@ impl<B: http_body::Body + Unpin> http_body::Body for StreamBody<B> {
     }
 }
 
-/// File descriptors a companion needs at most with `limits`: every listener's ceiling, six per
-/// proxied connection (two sockets, two splice pipes), plus the fixed ones.
-pub fn fd_budget(limits: &nhi_core::config::CompanionLimits) -> u64 {
-    let ceiling = |n: usize| (n + n / 4 + 1) as u64;
-    64 + ceiling(limits.api_connections)
-        + 2 * ceiling(limits.workload_api_connections)
-        + 6 * ceiling(limits.proxy_connections)
-        + 2 * ceiling(limits.proxy_connections)
-}
-
 /// Raises this process's soft `RLIMIT_NOFILE` to what `limits` need (never above the hard
 /// limit, which needs no privilege). Returns the soft limit in force.
 pub fn raise_fd_limit(limits: &nhi_core::config::CompanionLimits) -> u64 {
@@ -627,7 +662,7 @@ pub fn raise_fd_limit(limits: &nhi_core::config::CompanionLimits) -> u64 {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
         return 0;
     }
-    let want = fd_budget(limits).min(rl.rlim_max);
+    let want = limits.fd_budget().min(rl.rlim_max);
     if rl.rlim_cur < want {
         let new = libc::rlimit {
             rlim_cur: want,
@@ -701,6 +736,25 @@ mod tests {
         // Open sockets are bounded even while evicted ones are still closing.
         let (live, open) = gov.counts();
         assert!(live <= 4 && open <= gov.ceiling(), "{live} {open}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_peers_known_a_flooding_peer_only_ever_evicts_itself() {
+        let gov = Governor::new("t", bounds(8));
+        let honest = gov.admit_from(Some(1)).unwrap();
+        advance(10).await;
+        let mut flood = Vec::new();
+        for _ in 0..100 {
+            flood.push(gov.admit_from(Some(2)).unwrap());
+            // Their tasks close the evicted ones.
+            flood.retain(|c| !c.slot().is_killed());
+            advance(1).await;
+        }
+        assert!(!honest.slot().is_killed(), "the quietest, but not the hog");
+        // Another honest newcomer takes a slot from the hog too.
+        let other = gov.admit_from(Some(3)).unwrap();
+        assert!(!honest.slot().is_killed() && !other.slot().is_killed());
+        assert_eq!(gov.counts().0, 8);
     }
 
     #[tokio::test(start_paused = true)]
@@ -828,6 +882,6 @@ mod tests {
     fn the_fd_budget_covers_every_listener() {
         let l = nhi_core::config::CompanionLimits::default();
         // 641 + 2 * 321 + 8 * 1281 + 64
-        assert_eq!(fd_budget(&l), 641 + 642 + 10248 + 64);
+        assert_eq!(l.fd_budget(), 641 + 642 + 10248 + 64);
     }
 }

@@ -389,7 +389,9 @@ pub async fn serve(
                 Ok(s) => {
                     // Small request/response messages: never wait for Nagle + delayed ACK.
                     let _ = s.set_nodelay(true);
-                    gov.admit().map(|conn| Ok(Guarded::new(s, conn)))
+                    gov.admit_fairly(None)
+                        .await
+                        .map(|conn| Ok(Guarded::new(s, conn)))
                 }
                 Err(e) => Some(Err(e)),
             }
@@ -406,9 +408,14 @@ pub async fn serve(
                     let gov = unix_gov.clone();
                     async move {
                         match c {
-                            Ok(s) => gov.admit().map(|conn| {
-                                Ok(Guarded::new(crate::h2fix::AuthorityFix::new(s), conn))
-                            }),
+                            Ok(s) => {
+                                // Per-process fairness: the peer's pid (threads share it).
+                                let peer =
+                                    s.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
+                                gov.admit_fairly(peer).await.map(|conn| {
+                                    Ok(Guarded::new(crate::h2fix::AuthorityFix::new(s), conn))
+                                })
+                            }
                             Err(e) => Some(Err(e)),
                         }
                     }

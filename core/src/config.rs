@@ -263,6 +263,23 @@ impl Default for CompanionLimits {
 }
 
 impl CompanionLimits {
+    /// Sockets a listener capped at `max_connections` holds at most: its slots plus the
+    /// connections it evicted whose tasks have not closed them yet.
+    pub fn ceiling(max_connections: usize) -> usize {
+        max_connections + max_connections / 4 + 1
+    }
+
+    /// File descriptors a companion needs at most: every listener's ceiling (the Workload API
+    /// twice: TCP and unix), six per outbound proxied connection (two sockets, two splice
+    /// pipes), two per inbound one, plus 64 for everything else.
+    pub fn fd_budget(&self) -> u64 {
+        let c = |n: usize| Self::ceiling(n) as u64;
+        64 + c(self.api_connections)
+            + 2 * c(self.workload_api_connections)
+            + 6 * c(self.proxy_connections)
+            + 2 * c(self.proxy_connections)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         for (name, n) in [
             ("api_connections", self.api_connections),

@@ -38,7 +38,7 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>, limits: CompanionLimi
                 continue;
             }
         };
-        let Some(conn) = gov.admit() else {
+        let Some(conn) = gov.admit_fairly(None).await else {
             let mut ev = event(AuditKind::Inbound, peer, Destination::default());
             ev.decision = Decision::Error;
             ev.detail = Some("refused: every inbound connection has a request waiting".into());

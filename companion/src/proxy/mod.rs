@@ -215,7 +215,7 @@ pub async fn serve_outbound(listener: TcpListener, edge: Arc<Edge>, limits: Comp
                 continue;
             }
         };
-        let Some(conn) = gov.admit() else {
+        let Some(conn) = gov.admit_fairly(None).await else {
             let mut ev = event(AuditKind::Connection, peer, Destination::default());
             ev.decision = Decision::Error;
             ev.detail = Some("refused: every proxied connection has a request waiting".into());
@@ -287,7 +287,13 @@ async fn outbound(
     let mut is_http = false;
     if let Some(p) = &policy {
         if p.needs_inspection(dest) {
-            match peek_first(&client).await {
+            // An eviction ends the wait at once (checked below), so a connection closed by the
+            // limits never holds its socket for the whole sniff timeout.
+            let first = tokio::select! {
+                f = peek_first(&client) => f,
+                () = conn.slot().killed() => Sniffed::Other,
+            };
+            match first {
                 Sniffed::Tls(s) => sni = s,
                 Sniffed::Http => is_http = true,
                 _ => {}
@@ -355,9 +361,12 @@ fn fail(edge: &Edge, mut ev: AuditEvent, started: Instant, client: TcpStream, wh
 
 /// Peeks until the first bytes say what the connection is, or [`SNIFF_TIMEOUT`] passes.
 async fn peek_first(s: &TcpStream) -> Sniffed {
-    let mut buf = vec![0u8; MAX_HELLO];
+    // Small at first (a flood of half-open connections must not cost 16 KiB each); grown to
+    // what the TLS record announces, up to MAX_HELLO.
+    let mut buf = vec![0u8; 1024];
     let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
     let mut last = 0;
+    let mut pause = Duration::from_millis(2);
     loop {
         let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
@@ -367,16 +376,26 @@ async fn peek_first(s: &TcpStream) -> Sniffed {
             return Sniffed::Other;
         }
         match sniff(&buf[..n]) {
+            Sniffed::NeedMore if n == buf.len() && buf.len() < MAX_HELLO => {
+                let record = if buf[0] == 0x16 && n >= 5 {
+                    5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]))
+                } else {
+                    buf.len() * 2
+                };
+                buf.resize(record.clamp(buf.len() + 1, MAX_HELLO), 0);
+            }
             Sniffed::NeedMore if n < buf.len() => {
                 if n == last {
-                    // Peek returns at once while the data is unchanged: wait for more.
+                    // Peek returns at once while the data is unchanged: wait for more, backing
+                    // off so a thousand stalled handshakes do not spin the companion.
                     if tokio::time::timeout_at(deadline, s.readable())
                         .await
                         .is_err()
                     {
                         return Sniffed::Other;
                     }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
                 }
                 last = n;
             }

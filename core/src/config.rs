@@ -818,4 +818,39 @@ annotations = { "nhi.dev/inject" = "true" }
         let bad = "trust_domain = \"td\"\n[companion]\nworkload_api_listen = \"nope\"\n";
         assert!(parse(bad).is_err());
     }
+
+    #[test]
+    fn companion_limits_and_hook_bounds() {
+        let c = parse("trust_domain = \"td\"\n").unwrap();
+        assert_eq!(c.companion.limits, CompanionLimits::default());
+        assert_eq!(c.hook.max_spec_bytes, DEFAULT_MAX_SPEC_BYTES);
+        let c = parse(
+            "trust_domain = \"td\"\n[companion.limits]\napi_connections = 64\nheader_timeout = \"3s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.companion.limits.api_connections, 64);
+        assert_eq!(c.companion.limits.header_timeout, Duration::from_secs(3));
+        assert_eq!(c.companion.limits.proxy_connections, 1024);
+        for (bad, why) in [
+            ("api_connections = 4", "api_connections must be between 8"),
+            (
+                "request_timeout = \"0s\"",
+                "request_timeout must be at least",
+            ),
+            ("max_connections = 9", "unknown field"),
+        ] {
+            let e = parse(&format!(
+                "trust_domain = \"td\"\n[companion.limits]\n{bad}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let e = parse("trust_domain = \"td\"\n[hook]\nmax_spec_bytes = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hook.max_spec_bytes"), "{e}");
+        // The budget covers every listener at its ceiling.
+        assert_eq!(CompanionLimits::default().fd_budget(), 11_595);
+    }
 }

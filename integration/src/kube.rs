@@ -47,6 +47,15 @@ pub fn kubelet_token(node: &Node, pod_uid: &str, volume_kind: &str, ns: &str, sa
 
 pub const PROJECTED: &str = "kubernetes.io~projected";
 
+/// A rule selecting pods of `team-*` namespaces by their service account.
+pub const SA_RULE: &str = r#"
+[[rule]]
+name = "k8s"
+spiffe_id = "ns/{k8s.namespace}/sa/{k8s.service_account}"
+[rule.match]
+k8s_namespaces = ["team-*"]
+"#;
+
 /// Builds an OCI image archive from `rootfs` with `cmd` as its command, named `name`.
 pub fn oci_archive(rootfs: &Path, name: &str, cmd: &[&str], work: &Path) -> PathBuf {
     let layout = work.join(format!("layout-{}", sha_hex(name.as_bytes())));

@@ -12,17 +12,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nhi_integration::kube::{kubelet_token, CriContainerd, PodSpec, PROJECTED};
+use nhi_integration::kube::{kubelet_token, CriContainerd, PodSpec, PROJECTED, SA_RULE};
 use nhi_integration::*;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-
-const RULES: &str = r#"
-[[rule]]
-name = "k8s"
-spiffe_id = "ns/{k8s.namespace}/sa/{k8s.service_account}"
-[rule.match]
-k8s_namespaces = ["team-*"]
-"#;
 
 const SA_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -62,7 +54,7 @@ fn volume(
 
 #[test]
 fn planted_links_and_fifos_at_the_service_account_path_are_never_followed_or_waited_on() {
-    let mut node = Node::new(RULES);
+    let mut node = Node::new(SA_RULE);
     node.with_kubelet_root();
     let hook_log = node.path("hook-times.log");
     let hook = timed_hook(&node, &hook_log);

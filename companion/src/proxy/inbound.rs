@@ -39,11 +39,7 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>, limits: CompanionLimi
             }
         };
         let Some(conn) = gov.admit_fairly(None).await else {
-            let mut ev = event(AuditKind::Inbound, peer, Destination::default());
-            ev.decision = Decision::Error;
-            ev.detail = Some("refused: every inbound connection has a request waiting".into());
-            finish(&edge, ev, Instant::now());
-            reset(stream);
+            super::refuse(&edge, AuditKind::Inbound, peer, stream);
             continue;
         };
         tokio::spawn(connection(

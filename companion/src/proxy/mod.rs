@@ -216,15 +216,21 @@ pub async fn serve_outbound(listener: TcpListener, edge: Arc<Edge>, limits: Comp
             }
         };
         let Some(conn) = gov.admit_fairly(None).await else {
-            let mut ev = event(AuditKind::Connection, peer, Destination::default());
-            ev.decision = Decision::Error;
-            ev.detail = Some("refused: every proxied connection has a request waiting".into());
-            finish(&edge, ev, Instant::now());
-            reset(stream);
+            refuse(&edge, AuditKind::Connection, peer, stream);
             continue;
         };
         tokio::spawn(outbound(edge.clone(), stream, peer, Arc::new(conn), limits));
     }
+}
+
+/// Resets a connection the listener's limits refused (every slot has a request waiting), and
+/// audits it.
+pub(crate) fn refuse(edge: &Edge, kind: AuditKind, peer: SocketAddr, stream: TcpStream) {
+    let mut ev = event(kind, peer, Destination::default());
+    ev.decision = Decision::Error;
+    ev.detail = Some("refused: every connection of this listener has a request waiting".into());
+    finish(edge, ev, Instant::now());
+    reset(stream);
 }
 
 /// The governor of a proxy listener, its sweeper started.

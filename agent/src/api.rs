@@ -75,6 +75,12 @@ async fn connection(agent: Arc<Agent>, mut stream: UnixStream, me: u32) -> io::R
     if n == 0 {
         return Ok(());
     }
+    if n >= MAX_LINE && !line.ends_with('\n') {
+        let resp = AgentResponse::Error {
+            message: format!("request refused: longer than the {MAX_LINE} bytes nhid accepts"),
+        };
+        return write(&mut stream, &resp).await;
+    }
     let resp = match serde_json::from_str::<AgentRequest>(&line) {
         Ok(req) => agent.handle(req).await,
         Err(e) => AgentResponse::Error {

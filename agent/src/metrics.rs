@@ -104,7 +104,7 @@ impl Metrics {
         );
         registry.register(
             "audit_dropped",
-            "Audit events lost because a queue was full (source: companion or nhid); each loss is itself a record",
+            "Audit events lost (source: companion or nhid: a full queue; disk: a failed write); each loss is itself a record",
             dropped.clone(),
         );
         registry.register(

@@ -435,6 +435,7 @@ fn hello(
         policy: ctx.policy_for(identity),
         egress: ctx.config.egress,
         aws: aws_provider(ctx, identity, wapi),
+        limits: ctx.config.companion.limits,
     }))
 }
 

@@ -8,19 +8,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
+use nhi_core::config::CompanionLimits;
 use nhi_core::wire::Init;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use base64::Engine;
 use http_body_util::BodyExt;
 
 use crate::cache::{CredError, Creds};
+use crate::limits::{Bounds, Conn, Governor, Refusal};
 
-/// Most connections served at once; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 256;
 const MAX_AUDIENCES: usize = 8;
 const MAX_AUDIENCE_LEN: usize = 256;
 
@@ -412,14 +411,22 @@ fn error(status: StatusCode, code: &str, message: &str) -> Resp {
     r
 }
 
-pub async fn serve(listener: TcpListener, api: Arc<Api>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+/// Largest HTTP/1 request head read (hyper's buffer; it stops reading there).
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Serves the API on `listener` within `limits` (see `crate::limits`).
+pub async fn serve(listener: TcpListener, api: Arc<Api>, limits: CompanionLimits) {
+    let gov = Governor::new(
+        format!("HTTP API {}", local(&listener)),
+        Bounds {
+            max_connections: limits.api_connections,
+            first_request: limits.header_timeout,
+            idle: limits.header_timeout,
+            max_age: Some(limits.max_connection_age),
+        },
+    );
+    tokio::spawn(gov.clone().watch());
     loop {
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closes");
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -428,20 +435,67 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>) {
                 continue;
             }
         };
+        let Some(conn) = gov.admit_fairly(None).await else {
+            // Every slot has a request waiting: say so, without waiting to read anything.
+            let _ = stream.try_write(BUSY_RESPONSE);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let api = api.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let api = api.clone();
-                async move { Ok::<_, Infallible>(api.route(req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+        tokio::spawn(connection(api.clone(), stream, conn, limits));
+    }
+}
+
+pub(crate) fn local(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 83\r\nconnection: close\r\n\r\n{\"error\":\"busy\",\"message\":\"every connection has a request waiting; retry shortly\"}\n";
+
+async fn connection(
+    api: Arc<Api>,
+    stream: tokio::net::TcpStream,
+    conn: Conn,
+    limits: CompanionLimits,
+) {
+    let conn = Arc::new(conn);
+    let c = conn.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (api, conn) = (api.clone(), c.clone());
+        async move {
+            let close = conn.too_old();
+            let mut resp = conn
+                .request(api.route(req), limits.request_timeout, refused)
                 .await;
-            drop(permit);
-        });
+            if close {
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD);
+    let served = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+    tokio::select! {
+        _ = served => {}
+        _ = conn.slot().killed() => {}
+    }
+}
+
+fn refused(why: Refusal) -> Resp {
+    match why {
+        Refusal::Busy => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many requests are waiting for nhid; retry shortly",
+        ),
+        Refusal::TimedOut => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "no answer within the request timeout",
+        ),
     }
 }
 
@@ -479,6 +533,17 @@ mod tests {
         assert!(h(&[("host", "127.0.0.1"), ("origin", "http://x")]).is_err());
         assert!(h(&[("host", "127.0.0.1"), ("sec-fetch-mode", "cors")]).is_err());
         assert!(h(&[("host", "127.0.0.1"), ("x-forwarded-for", "1.2.3.4")]).is_err());
+    }
+
+    #[test]
+    fn the_busy_answer_is_well_formed() {
+        let text = std::str::from_utf8(BUSY_RESPONSE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        serde_json::from_str::<serde_json::Value>(body).unwrap();
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod channel;
 pub mod h2fix;
 pub mod harden;
 pub mod http;
+pub mod limits;
 pub mod proxy;
 pub mod workload;
 
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
+use nhi_core::config::CompanionLimits;
 use nhi_core::wire::{CompanionRequest, CompanionResponse};
 
 pub struct Options {
@@ -67,6 +69,7 @@ pub fn run(opts: Options) -> Result<(), String> {
             other => return Err(format!("unexpected hello answer: {other:?}")),
         };
         eprintln!("serving {} on http://{}", init.spiffe_id, opts.listen);
+        let limits = fit_limits(init.limits);
         let trust = cache::Trust::new(&init.bundle_pem, &init.jwks, &init.bundle_spiffe);
         let recorder = audit::Recorder::start(channel.clone());
         let api_recorder = recorder.clone();
@@ -83,13 +86,14 @@ pub fn run(opts: Options) -> Result<(), String> {
             &init,
             proxy::Edge::new(init.policy.clone(), recorder, edge_channel, creds.clone()),
             edge_events,
+            limits,
         )
         .await;
         let wapi = workload::WorkloadApi::new(creds.clone(), &init.spiffe_id, &init.trust_domain);
-        tokio::spawn(workload::serve(wapi_listener, unix_listener, wapi));
+        tokio::spawn(workload::serve(wapi_listener, unix_listener, wapi, limits));
         let api = Arc::new(http::Api::new(&init, creds, api_recorder));
         tokio::select! {
-            _ = http::serve(listener, api) => Ok(()),
+            _ = http::serve(listener, api, limits) => Ok(()),
             _ = closed_rx => {
                 eprintln!("nhid closed the channel; exiting");
                 Ok(())
@@ -127,39 +131,71 @@ fn split_events(mut events: channel::Events) -> (channel::Events, EdgeEvents) {
 /// one): outbound on loopback, where nftables' output REDIRECT sends it; inbound on all
 /// addresses, where prerouting REDIRECT does. Without a policy nothing is redirected, so
 /// nothing is bound. A port already taken only disables that side, with a log line.
-async fn start_edge(init: &nhi_core::wire::Init, edge: Arc<proxy::Edge>, mut events: EdgeEvents) {
+async fn start_edge(
+    init: &nhi_core::wire::Init,
+    edge: Arc<proxy::Edge>,
+    mut events: EdgeEvents,
+    limits: CompanionLimits,
+) {
     let ports = init.egress;
     let mut listening = false;
     if edge.policy().is_some() {
-        listen(&edge, ports).await;
+        listen(&edge, ports, limits).await;
         listening = true;
     }
     tokio::spawn(async move {
         while let Some(ev) = events.recv().await {
             edge.apply(&ev);
             if !listening && edge.policy().is_some() {
-                listen(&edge, ports).await;
+                listen(&edge, ports, limits).await;
                 listening = true;
             }
         }
     });
 }
 
-async fn listen(edge: &Arc<proxy::Edge>, ports: nhi_core::policy::EgressConfig) {
+async fn listen(
+    edge: &Arc<proxy::Edge>,
+    ports: nhi_core::policy::EgressConfig,
+    limits: CompanionLimits,
+) {
     let out: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, ports.proxy_port).into();
     match tokio::net::TcpListener::bind(out).await {
         Ok(l) => {
-            tokio::spawn(proxy::serve_outbound(l, edge.clone()));
+            tokio::spawn(proxy::serve_outbound(l, edge.clone(), limits));
         }
         Err(e) => eprintln!("edge proxy disabled: listening on {out}: {e}"),
     }
     let inb: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, ports.inbound_port).into();
     match tokio::net::TcpListener::bind(inb).await {
         Ok(l) => {
-            tokio::spawn(proxy::inbound::serve(l, edge.clone()));
+            tokio::spawn(proxy::inbound::serve(l, edge.clone(), limits));
         }
         Err(e) => eprintln!("inbound policy disabled: listening on {inb}: {e}"),
     }
+}
+
+/// `[companion.limits]`, with the connection caps scaled down when the hard file descriptor
+/// limit cannot hold what they need (so the listeners refuse a connection before `accept`
+/// would fail with EMFILE for everyone).
+fn fit_limits(limits: CompanionLimits) -> CompanionLimits {
+    let need = limits.fd_budget();
+    let have = limits::raise_fd_limit(&limits);
+    if have >= need {
+        return limits;
+    }
+    let scale = |n: usize| ((n as u64 * have.saturating_sub(64) / need.max(1)) as usize).max(8);
+    let fitted = CompanionLimits {
+        api_connections: scale(limits.api_connections),
+        workload_api_connections: scale(limits.workload_api_connections),
+        proxy_connections: scale(limits.proxy_connections),
+        ..limits
+    };
+    eprintln!(
+        "nhi-companion: RLIMIT_NOFILE is {have}, the connection limits need {need}: serving at most {} API, {} Workload API and {} proxy connections",
+        fitted.api_connections, fitted.workload_api_connections, fitted.proxy_connections
+    );
+    fitted
 }
 
 /// Takes the inherited Workload API socket `fd`: it must be a listening unix stream socket.
@@ -175,5 +211,10 @@ fn workload_listener(fd: RawFd) -> Result<std::os::unix::net::UnixListener, Stri
         .map_err(|e| format!("--listener-fd {fd}: not a unix socket: {e}"))?;
     l.set_nonblocking(true)
         .map_err(|e| format!("--listener-fd {fd}: {e}"))?;
+    // A deeper accept queue than the 128 nhid bound it with: under a flood of connects the
+    // companion drains it at full speed (see `limits`), and a unix connect that finds it full
+    // fails at once instead of retrying like a TCP SYN.
+    // SAFETY: listen(2) on the listening socket we own; on failure the old backlog stays.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 1024) };
     Ok(l)
 }

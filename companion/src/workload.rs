@@ -331,44 +331,107 @@ pub fn pem_blocks(pem: &str, label: &str) -> Vec<Vec<u8>> {
     out
 }
 
+/// Largest request message accepted (a JWT-SVID to validate is about 1 KiB).
+const MAX_REQUEST: usize = 64 * 1024;
+/// Streams per connection (SPIFFE clients open one or two).
+const MAX_STREAMS: u32 = 16;
+/// HTTP/2 flow-control windows: what a peer can make the companion buffer per connection.
+const WINDOW: u32 = 64 * 1024;
+/// Grace after `max_connection_age`'s GOAWAY before open streams are cut.
+const AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serves the Workload API on `tcp` and, if given, on the unix socket `unix`, until the
-/// listeners fail.
+/// listeners fail, each within `limits` (see `crate::limits`).
 pub async fn serve(
     tcp: tokio::net::TcpListener,
     unix: Option<tokio::net::UnixListener>,
     api: WorkloadApi,
+    limits: nhi_core::config::CompanionLimits,
 ) {
-    let svc = || SpiffeWorkloadApiServer::with_interceptor(api.clone(), check_security_header);
-    // gRPC server reflection (Workload Endpoint spec §7: SHOULD), v1 and the v1alpha older
-    // clients (grpcurl before 1.9, grpcio's reflection client) ask for. It describes the public
-    // schema only, so it needs no security header.
+    use crate::limits::{Bounds, Governor, Guarded, RequestLayer};
+    use futures_util::StreamExt;
+    let svc = || {
+        tonic::service::interceptor::InterceptedService::new(
+            SpiffeWorkloadApiServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST),
+            check_security_header,
+        )
+    };
     let builder = || {
         tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(64))
-            .concurrency_limit_per_connection(64)
+            .max_concurrent_streams(Some(MAX_STREAMS))
+            .concurrency_limit_per_connection(MAX_STREAMS as usize)
+            .initial_connection_window_size(Some(WINDOW))
+            .initial_stream_window_size(Some(WINDOW))
+            .http2_max_header_list_size(Some(16 * 1024))
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .max_connection_age(limits.max_connection_age)
+            .max_connection_age_grace(AGE_GRACE)
+            .layer(RequestLayer {
+                timeout: limits.request_timeout,
+            })
+            // gRPC server reflection (Workload Endpoint spec §7: SHOULD), v1 and the v1alpha
+            // older clients (grpcurl before 1.9, grpcio's reflection client) ask for. It
+            // describes the public schema only, so it needs no security header.
             .add_service(reflection_v1())
             .add_service(reflection_v1alpha())
     };
+    let governor = |name: String| {
+        let g = Governor::new(
+            name,
+            Bounds {
+                max_connections: limits.workload_api_connections,
+                first_request: limits.header_timeout,
+                idle: limits.idle_timeout,
+                // tonic says GOAWAY at max_connection_age; this closes what outlives the grace.
+                max_age: Some(limits.max_connection_age + AGE_GRACE),
+            },
+        );
+        tokio::spawn(g.clone().watch());
+        g
+    };
+    let tcp_gov = governor(format!("Workload API {}", crate::http::local(&tcp)));
+    let tcp_incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp).filter_map(move |c| {
+        let gov = tcp_gov.clone();
+        async move {
+            match c {
+                Ok(s) => {
+                    // Small request/response messages: never wait for Nagle + delayed ACK.
+                    let _ = s.set_nodelay(true);
+                    gov.admit_fairly(None)
+                        .await
+                        .map(|conn| Ok(Guarded::new(s, conn)))
+                }
+                Err(e) => Some(Err(e)),
+            }
+        }
+    });
     let tcp_srv = builder()
         .add_service(svc())
-        .serve_with_incoming(futures_util::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(tcp),
-            |c| {
-                // Small request/response messages: never wait for Nagle + delayed ACK.
-                c.inspect(|s| {
-                    let _ = s.set_nodelay(true);
-                })
-            },
-        ));
+        .serve_with_incoming(tcp_incoming);
     match unix {
         Some(u) => {
-            let unix_srv =
-                builder()
-                    .add_service(svc())
-                    .serve_with_incoming(futures_util::StreamExt::map(
-                        tokio_stream::wrappers::UnixListenerStream::new(u),
-                        |c| c.map(crate::h2fix::AuthorityFix::new),
-                    ));
+            let unix_gov = governor("Workload API unix socket".into());
+            let unix_incoming =
+                tokio_stream::wrappers::UnixListenerStream::new(u).filter_map(move |c| {
+                    let gov = unix_gov.clone();
+                    async move {
+                        match c {
+                            Ok(s) => {
+                                // Per-process fairness: the peer's pid (threads share it).
+                                let peer =
+                                    s.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
+                                gov.admit_fairly(peer).await.map(|conn| {
+                                    Ok(Guarded::new(crate::h2fix::AuthorityFix::new(s), conn))
+                                })
+                            }
+                            Err(e) => Some(Err(e)),
+                        }
+                    }
+                });
+            let unix_srv = builder()
+                .add_service(svc())
+                .serve_with_incoming(unix_incoming);
             let (a, b) = tokio::join!(tcp_srv, unix_srv);
             for r in [a, b] {
                 if let Err(e) = r {

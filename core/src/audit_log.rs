@@ -109,6 +109,10 @@ pub struct Record {
     /// On `dropped` records: how many events were lost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped: Option<u64>,
+    /// On `dropped` records: when the first and the last lost event happened (ms since the
+    /// epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_between: Option<[u64; 2]>,
 }
 
 /// `head.json`: where the chain ends.
@@ -182,6 +186,12 @@ pub struct Verified {
     /// Records after the head (written, not yet anchored: nhid is writing, or crashed between
     /// a write and the head update).
     pub unanchored: u64,
+    /// Events the log says it lost (the sum over its `dropped` records): counted loss, which
+    /// leaves the chain intact, unlike a problem.
+    pub lost: u64,
+    /// Each `dropped` record: where, and what it says.
+    pub losses: Vec<Problem>,
+    /// Tampering or damage: the log is not intact.
     pub problems: Vec<Problem>,
 }
 
@@ -331,6 +341,27 @@ pub fn verify(dir: &Path) -> io::Result<Verified> {
                         ),
                     );
                 }
+            }
+            if rec.event.kind == crate::audit::AuditKind::Dropped {
+                let n = rec.dropped.unwrap_or(0);
+                out.lost += n;
+                out.losses.push(Problem {
+                    file: path.clone(),
+                    line: lineno,
+                    seq: Some(rec.seq),
+                    what: format!(
+                        "{n} events lost{}{}: {}",
+                        match rec.spiffe_id.as_deref() {
+                            Some(id) => format!(" by {id}'s companion"),
+                            None => String::new(),
+                        },
+                        match rec.lost_between {
+                            Some([a, b]) => format!(" (ts_ms {a}..={b})"),
+                            None => String::new(),
+                        },
+                        rec.event.detail.as_deref().unwrap_or("no reason given")
+                    ),
+                });
             }
             if rec.event.kind == crate::audit::AuditKind::ChainBreak {
                 problem(
@@ -545,31 +576,176 @@ impl From<&crate::config::AuditConfig> for WriterOptions {
     }
 }
 
-/// The one writer of a log directory (`nhid` holds its state-dir lock). Records go to a buffer
-/// with [`Writer::append`] and reach the file and the head with [`Writer::commit`].
-pub struct Writer {
+/// The file operations of a [`Writer`]: [`Disk`] in `nhid`; tests put a failing one in its
+/// place ([`FaultyDisk`]) to show that no failure shape duplicates, half-writes or loses a
+/// record silently.
+pub trait Storage: Send + 'static {
+    type File: Send;
+    /// Opens segment `path` for appending (created 0600 if missing); its current length.
+    fn open_append(&mut self, path: &Path) -> io::Result<(Self::File, u64)>;
+    /// Appends `buf`; when it fails, any part of it may have been written.
+    fn append(&mut self, file: &mut Self::File, buf: &[u8]) -> io::Result<()>;
+    fn sync(&mut self, file: &mut Self::File) -> io::Result<()>;
+    fn truncate(&mut self, file: &mut Self::File, len: u64) -> io::Result<()>;
+    /// Replaces `dir/name` whole: the old content or the new, never a mix.
+    fn replace(&mut self, dir: &Path, name: &str, bytes: &[u8], sync: bool) -> io::Result<()>;
+    fn remove(&mut self, path: &Path) -> io::Result<()>;
+}
+
+/// The real file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Disk;
+
+impl Storage for Disk {
+    type File = fs::File;
+
+    fn open_append(&mut self, path: &Path) -> io::Result<(fs::File, u64)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)?;
+        let len = f.metadata()?.len();
+        Ok((f, len))
+    }
+
+    fn append(&mut self, file: &mut fs::File, buf: &[u8]) -> io::Result<()> {
+        io::Write::write_all(file, buf)
+    }
+
+    fn sync(&mut self, file: &mut fs::File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    fn truncate(&mut self, file: &mut fs::File, len: u64) -> io::Result<()> {
+        file.set_len(len)
+    }
+
+    fn replace(&mut self, dir: &Path, name: &str, bytes: &[u8], sync: bool) -> io::Result<()> {
+        write_atomic(dir, name, bytes, sync)
+    }
+
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a failed [`Writer::commit`] did not write: every record of the batch (a batch is all or
+/// nothing), as audited events and their time span.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lost {
+    /// Records not written.
+    pub records: u64,
+    /// Audited events among them (one per record; `dropped` and `chain_break` records are not
+    /// events).
+    pub events: u64,
+    /// Events that `dropped` records among them had counted: lost earlier and now, with the
+    /// record that counted them, to be counted again.
+    pub recounted: u64,
+    /// Time span of what was lost (ms since the epoch); 0 when nothing was.
+    pub first_ms: u64,
+    pub last_ms: u64,
+}
+
+impl Lost {
+    /// Everything lost so far: what a `dropped` record must say.
+    pub fn total(&self) -> u64 {
+        self.events + self.recounted
+    }
+
+    pub fn add(&mut self, o: &Lost) {
+        if o.records == 0 {
+            return;
+        }
+        self.first_ms = if self.records == 0 {
+            o.first_ms
+        } else {
+            self.first_ms.min(o.first_ms)
+        };
+        self.last_ms = self.last_ms.max(o.last_ms);
+        self.records += o.records;
+        self.events += o.events;
+        self.recounted += o.recounted;
+    }
+}
+
+/// A [`Writer::commit`] that failed: what was still written, what was not, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}{}", .lost.map(|l| format!(" ({} records not written)", l.records)).unwrap_or_default())]
+pub struct CommitError {
+    /// Records written (they are part of the chain, only the head may lag behind them).
+    pub written: u64,
+    /// Records not written: the chain does not contain them and continues as if they had never
+    /// been appended. `None` when only the head update or retention failed.
+    pub lost: Option<Lost>,
+    pub source: io::Error,
+}
+
+/// One appended record waiting for [`Writer::commit`].
+struct Pending {
+    /// The line with its newline.
+    line: Vec<u8>,
+    lost: Lost,
+}
+
+/// The one writer of a log directory (`nhid` holds its state-dir lock). Records are chained and
+/// buffered by [`Writer::append`] and reach the files and the head with [`Writer::commit`].
+///
+/// Failure semantics: a commit writes its whole batch or none of it. When a write fails (full
+/// disk, I/O error), whatever part of the batch reached a segment is cut off again (a segment it
+/// had just begun is removed) and the chain goes on from the last record written, as if the
+/// batch had never been appended; the commit error says what was lost, for the caller to record
+/// as a `dropped` record once writing works again. Until such a cut-back succeeds nothing more
+/// is written. A failed head update loses nothing: the records are in the segment, the next
+/// commit writes the head.
+pub struct Writer<S: Storage = Disk> {
     dir: PathBuf,
     opts: WriterOptions,
-    file: Option<fs::File>,
-    buf: Vec<u8>,
+    storage: S,
+    /// The newest segment, once opened.
+    file: Option<S::File>,
     segment: u64,
+    /// Bytes of `segment` that hold written records.
     size: u64,
+    /// The last record written: its seq and hash.
     seq: u64,
     last_hash: String,
     first_segment: u64,
     head_dirty: bool,
+    pending: Vec<Pending>,
+    /// The chain's end counting the pending records.
+    tip_seq: u64,
+    tip_hash: String,
+    /// Cut-backs of a failed write that failed themselves: (segment, length; 0 = remove).
+    uncut: Vec<(u64, u64)>,
 }
 
 /// The end of the chain found on disk: (segment, seq, hash).
 type Tail = (u64, u64, String);
 
-impl Writer {
+impl Writer<Disk> {
     /// Opens the log in `dir` (created 0700 if missing) and resumes its chain. When the chain
     /// on disk does not end where its head says (a truncated, edited or deleted file), it never
     /// appends to it: it begins a new segment and returns why, for the caller to write as a
     /// [`crate::audit::AuditKind::ChainBreak`] record first. An incomplete last line (a crash
     /// in the middle of a write, never anchored by the head) is cut off.
     pub fn open(dir: &Path, opts: WriterOptions) -> io::Result<(Writer, Option<String>)> {
+        Writer::open_with(dir, opts, Disk)
+    }
+}
+
+impl<S: Storage> Writer<S> {
+    /// [`Writer::open`] writing through `storage`.
+    pub fn open_with(
+        dir: &Path,
+        opts: WriterOptions,
+        storage: S,
+    ) -> io::Result<(Writer<S>, Option<String>)> {
         use std::os::unix::fs::PermissionsExt;
         fs::create_dir_all(dir)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
@@ -578,14 +754,18 @@ impl Writer {
         let mut w = Writer {
             dir: dir.to_path_buf(),
             opts,
+            storage,
             file: None,
-            buf: Vec::new(),
             segment: 1,
             size: 0,
             seq: 0,
             last_hash: GENESIS.into(),
             first_segment: segs.first().copied().unwrap_or(1),
             head_dirty: false,
+            pending: Vec::new(),
+            tip_seq: 0,
+            tip_hash: GENESIS.into(),
+            uncut: Vec::new(),
         };
         let head = match head {
             Ok(h) => h,
@@ -628,13 +808,19 @@ impl Writer {
                 }
                 w.segment = w.segment.max(segs.last().copied().unwrap_or(1));
                 if tail.is_some() || head.is_some() {
-                    w.open_segment()?;
+                    let (f, len) = w
+                        .storage
+                        .open_append(&w.dir.join(segment_name(w.segment)))?;
+                    w.file = Some(f);
+                    w.size = len;
                 } else {
                     // A new log: its head (seq 0) is written at once, so records written before
                     // a crash that precedes the first head update still chain on from a head.
                     w.head_dirty = true;
                 }
                 w.head_dirty |= tail.as_ref().map(|t| t.1) != head.as_ref().map(|h| h.seq);
+                w.tip_seq = w.seq;
+                w.tip_hash = w.last_hash.clone();
                 Ok((w, None))
             }
             Err(why) => {
@@ -656,6 +842,8 @@ impl Writer {
         let (tseq, thash) = tail.map_or((0, GENESIS.to_string()), |(_, s, h)| (s, h));
         self.seq = tseq.max(head.map_or(0, |h| h.seq));
         self.last_hash = thash;
+        self.tip_seq = self.seq;
+        self.tip_hash = self.last_hash.clone();
         self.first_segment = segs
             .first()
             .copied()
@@ -664,21 +852,7 @@ impl Writer {
         self.head_dirty = true;
     }
 
-    fn open_segment(&mut self) -> io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.dir.join(segment_name(self.segment));
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&path)?;
-        self.size = f.metadata()?.len();
-        self.file = Some(f);
-        Ok(())
-    }
-
-    /// Sequence number of the last record appended.
+    /// Sequence number of the last record written.
     pub fn seq(&self) -> u64 {
         self.seq
     }
@@ -687,62 +861,83 @@ impl Writer {
         self.segment
     }
 
-    /// Chains `rec` (its `seq` and `prev` are set here) and buffers its line; returns its seq.
+    /// Records appended and not yet committed.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Chains `rec` after the last record appended (its `seq` and `prev` are set here) and
+    /// buffers its line; returns its seq. Nothing is written before [`Writer::commit`].
     pub fn append(&mut self, mut rec: Record) -> io::Result<u64> {
-        rec.seq = self.seq + 1;
-        rec.prev = std::mem::take(&mut self.last_hash);
-        let line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
-        let len = line.len() as u64 + 1;
-        if self.file.is_none() || (self.size > 0 && self.size + len > self.opts.max_file_bytes) {
-            self.flush_buf()?;
-            if self.file.is_some() {
-                self.segment += 1;
-            }
-            self.open_segment()?;
-        }
-        self.last_hash = hash_line(&line);
-        self.seq = rec.seq;
-        self.buf.extend_from_slice(&line);
-        self.buf.push(b'\n');
-        self.size += len;
-        self.head_dirty = true;
-        if self.opts.fsync == crate::config::Fsync::Always {
-            self.flush_buf()?;
-            if let Some(f) = &self.file {
-                f.sync_data()?;
-            }
-        }
+        rec.seq = self.tip_seq + 1;
+        rec.prev = self.tip_hash.clone();
+        let mut line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
+        let hash = hash_line(&line);
+        line.push(b'\n');
+        let ts = rec.event.ts_ms;
+        // A `dropped` record's span is that of what it counts, not its own time.
+        let (first_ms, last_ms) = match rec.lost_between {
+            Some([a, b]) => (a, b),
+            None => (ts, ts),
+        };
+        let (events, recounted) = match rec.event.kind {
+            crate::audit::AuditKind::Dropped => (0, rec.dropped.unwrap_or(0)),
+            crate::audit::AuditKind::ChainBreak => (0, 0),
+            _ => (1, 0),
+        };
+        self.pending.push(Pending {
+            line,
+            lost: Lost {
+                records: 1,
+                events,
+                recounted,
+                first_ms,
+                last_ms,
+            },
+        });
+        self.tip_seq = rec.seq;
+        self.tip_hash = hash;
         Ok(rec.seq)
     }
 
-    fn flush_buf(&mut self) -> io::Result<()> {
-        use std::io::Write;
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let f = self
-            .file
-            .as_mut()
-            .expect("a segment is open while bytes are buffered");
-        f.write_all(&self.buf)?;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// Writes what is buffered, syncs per the fsync policy, replaces the head, and removes
-    /// segments beyond `max_files`.
-    pub fn commit(&mut self) -> io::Result<()> {
-        use crate::config::Fsync;
-        self.flush_buf()?;
-        if !self.head_dirty {
-            return Ok(());
-        }
-        let sync = self.opts.fsync != Fsync::Never;
-        if sync {
-            if let Some(f) = &self.file {
-                f.sync_data()?;
+    /// Writes the appended records (all or none, see [`Writer`]), syncs per the fsync policy,
+    /// replaces the head, and removes segments beyond `max_files`. Returns how many records it
+    /// wrote.
+    pub fn commit(&mut self) -> Result<u64, CommitError> {
+        let mut written = 0;
+        if !self.pending.is_empty() {
+            match self.write_pending() {
+                Ok(()) => {
+                    written = self.pending.len() as u64;
+                    self.pending.clear();
+                    self.seq = self.tip_seq;
+                    self.last_hash = self.tip_hash.clone();
+                    self.head_dirty = true;
+                }
+                Err(source) => {
+                    let mut lost = Lost::default();
+                    for p in self.pending.drain(..) {
+                        lost.add(&p.lost);
+                    }
+                    self.tip_seq = self.seq;
+                    self.tip_hash = self.last_hash.clone();
+                    return Err(CommitError {
+                        written: 0,
+                        lost: Some(lost),
+                        source,
+                    });
+                }
             }
         }
+        if !self.head_dirty {
+            return Ok(written);
+        }
+        let fail = |source| CommitError {
+            written,
+            lost: None,
+            source,
+        };
+        let sync = self.opts.fsync != crate::config::Fsync::Never;
         let keep_from = if self.opts.max_files > 0 && self.segment >= self.opts.max_files {
             (self.segment + 1 - self.opts.max_files).max(self.first_segment)
         } else {
@@ -754,22 +949,207 @@ impl Writer {
             segment: self.segment,
             first_segment: keep_from,
         };
-        write_atomic(
-            &self.dir,
-            HEAD_FILE,
-            &serde_json::to_vec(&head).map_err(io::Error::other)?,
-            sync,
-        )?;
+        let bytes = serde_json::to_vec(&head).map_err(|e| fail(io::Error::other(e)))?;
+        self.storage
+            .replace(&self.dir, HEAD_FILE, &bytes, sync)
+            .map_err(fail)?;
+        self.head_dirty = false;
         // The head names the new oldest segment before the older ones go.
-        for n in self.first_segment..keep_from {
-            match fs::remove_file(self.dir.join(segment_name(n))) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+        while self.first_segment < keep_from {
+            self.storage
+                .remove(&self.dir.join(segment_name(self.first_segment)))
+                .map_err(fail)?;
+            self.first_segment += 1;
+        }
+        Ok(written)
+    }
+
+    /// Writes every pending line, opening new segments as they fill; on failure cuts back
+    /// whatever reached the files.
+    fn write_pending(&mut self) -> io::Result<()> {
+        self.cut_back()?;
+        let mut fresh: Vec<(u64, S::File)> = Vec::new();
+        match self.write_lines(&mut fresh) {
+            Ok(size) => {
+                if let Some((n, f)) = fresh.pop() {
+                    self.segment = n;
+                    self.file = Some(f);
+                }
+                self.size = size;
+                Ok(())
+            }
+            Err(e) => {
+                for (n, mut f) in fresh.into_iter().rev() {
+                    let path = self.dir.join(segment_name(n));
+                    let cut = self.storage.truncate(&mut f, 0);
+                    drop(f);
+                    if cut.and_then(|()| self.storage.remove(&path)).is_err() {
+                        self.uncut.push((n, 0));
+                    }
+                }
+                if let Some(f) = self.file.as_mut() {
+                    if self.storage.truncate(f, self.size).is_err() {
+                        self.uncut.push((self.segment, self.size));
+                    }
+                }
+                Err(e)
             }
         }
-        self.first_segment = keep_from;
-        self.head_dirty = false;
+    }
+
+    /// Retries the cut-backs that failed before (nothing is written after a partial record).
+    fn cut_back(&mut self) -> io::Result<()> {
+        while let Some(&(n, len)) = self.uncut.last() {
+            match self.file.as_mut() {
+                Some(f) if n == self.segment => self.storage.truncate(f, len)?,
+                _ => self.storage.remove(&self.dir.join(segment_name(n)))?,
+            }
+            self.uncut.pop();
+        }
         Ok(())
+    }
+
+    /// The segment being filled: the newest one opened by this commit, else the current one.
+    fn target<'a>(
+        file: &'a mut Option<S::File>,
+        fresh: &'a mut [(u64, S::File)],
+    ) -> Option<&'a mut S::File> {
+        match fresh.last_mut() {
+            Some((_, f)) => Some(f),
+            None => file.as_mut(),
+        }
+    }
+
+    /// Appends the pending lines; returns the size of the last segment written to.
+    fn write_lines(&mut self, fresh: &mut Vec<(u64, S::File)>) -> io::Result<u64> {
+        use crate::config::Fsync;
+        let max = self.opts.max_file_bytes;
+        let sync = self.opts.fsync != Fsync::Never;
+        let always = self.opts.fsync == Fsync::Always;
+        let Writer {
+            dir,
+            storage,
+            file,
+            pending,
+            segment,
+            size,
+            ..
+        } = self;
+        let (mut seg, mut size) = (*segment, *size);
+        let mut buf: Vec<u8> = Vec::new();
+        for p in pending.iter() {
+            let len = p.line.len() as u64;
+            let have_file = file.is_some() || !fresh.is_empty();
+            if !have_file || (size > 0 && size + len > max) {
+                if let Some(f) = Self::target(file, fresh) {
+                    storage.append(f, &buf)?;
+                    buf.clear();
+                    if sync {
+                        storage.sync(f)?;
+                    }
+                    seg += 1;
+                }
+                let (f, len0) = storage.open_append(&dir.join(segment_name(seg)))?;
+                fresh.push((seg, f));
+                size = len0;
+            }
+            buf.extend_from_slice(&p.line);
+            size += len;
+            if always {
+                let f = Self::target(file, fresh).expect("a segment is open");
+                storage.append(f, &buf)?;
+                buf.clear();
+                storage.sync(f)?;
+            }
+        }
+        let f = Self::target(file, fresh).expect("a segment is open");
+        if !buf.is_empty() {
+            storage.append(f, &buf)?;
+        }
+        if sync && !always {
+            storage.sync(f)?;
+        }
+        Ok(size)
+    }
+}
+
+/// A [`Storage`] over the real disk that fails on command, to drill every failure shape of a
+/// full or failing disk (tests, fault-injection runs). Clones share one set of [`Faults`].
+#[derive(Debug, Clone, Default)]
+pub struct FaultyDisk {
+    pub faults: std::sync::Arc<std::sync::Mutex<Faults>>,
+}
+
+/// What [`FaultyDisk`] does wrong.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Bytes of segment data that still fit; past them an append writes what fits and fails
+    /// with ENOSPC (`Some(0)`: before any byte). `None`: no limit.
+    pub space: Option<u64>,
+    /// Opening a segment that does not exist yet fails with ENOSPC.
+    pub fail_new_segment: bool,
+    /// Replacing the head fails with ENOSPC.
+    pub fail_head: bool,
+    /// Cutting a segment back fails with EIO.
+    pub fail_truncate: bool,
+}
+
+impl FaultyDisk {
+    fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn enospc() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
+}
+
+impl Storage for FaultyDisk {
+    type File = fs::File;
+
+    fn open_append(&mut self, path: &Path) -> io::Result<(fs::File, u64)> {
+        if self.faults().fail_new_segment && !path.exists() {
+            return Err(enospc());
+        }
+        Disk.open_append(path)
+    }
+
+    fn append(&mut self, file: &mut fs::File, buf: &[u8]) -> io::Result<()> {
+        let mut faults = self.faults();
+        match faults.space {
+            Some(room) if (buf.len() as u64) > room => {
+                io::Write::write_all(file, &buf[..room as usize])?;
+                faults.space = Some(0);
+                Err(enospc())
+            }
+            Some(room) => {
+                faults.space = Some(room - buf.len() as u64);
+                io::Write::write_all(file, buf)
+            }
+            None => io::Write::write_all(file, buf),
+        }
+    }
+
+    fn sync(&mut self, file: &mut fs::File) -> io::Result<()> {
+        Disk.sync(file)
+    }
+
+    fn truncate(&mut self, file: &mut fs::File, len: u64) -> io::Result<()> {
+        if self.faults().fail_truncate {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Disk.truncate(file, len)
+    }
+
+    fn replace(&mut self, dir: &Path, name: &str, bytes: &[u8], sync: bool) -> io::Result<()> {
+        if self.faults().fail_head {
+            return Err(enospc());
+        }
+        Disk.replace(dir, name, bytes, sync)
+    }
+
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        Disk.remove(path)
     }
 }
 
@@ -1187,6 +1567,233 @@ mod tests {
             all.iter().any(|p| p.contains("broken when it started")),
             "{all:?}"
         );
+    }
+
+    /// A writer whose disk fails on command, and a handle to command it.
+    fn faulty(dir: &Path, o: WriterOptions) -> (Writer<FaultyDisk>, FaultyDisk) {
+        let disk = FaultyDisk::default();
+        let (w, broken) = Writer::open_with(dir, o, disk.clone()).unwrap();
+        assert!(broken.is_none());
+        (w, disk)
+    }
+
+    fn loss_record(lost: &Lost) -> Record {
+        Record {
+            event: AuditEvent {
+                ts_ms: lost.last_ms + 1,
+                kind: AuditKind::Dropped,
+                decision: Decision::Error,
+                detail: Some(format!("{} events could not be written", lost.total())),
+                ..Default::default()
+            },
+            dropped: Some(lost.total()),
+            lost_between: Some([lost.first_ms, lost.last_ms]),
+            ..Default::default()
+        }
+    }
+
+    /// Every byte of every segment is a complete, chained record; what was appended is either
+    /// written or counted by a `dropped` record, exactly.
+    fn assert_intact(dir: &Path, appended: u64) {
+        for n in segments(dir).unwrap() {
+            let bytes = fs::read(seg_path(dir, n)).unwrap();
+            assert!(
+                bytes.is_empty() || bytes.ends_with(b"\n"),
+                "a half-written line in {}",
+                segment_name(n)
+            );
+        }
+        let v = verify(dir).unwrap();
+        assert!(
+            v.ok(),
+            "loss must never look like tampering: {:?}",
+            v.problems
+        );
+        let events = tail(dir, usize::MAX, None)
+            .unwrap()
+            .iter()
+            .filter(|l| !l.contains("\"kind\":\"dropped\""))
+            .count() as u64;
+        assert_eq!(events + v.lost, appended, "written + dropped = appended");
+    }
+
+    #[test]
+    fn enospc_before_any_byte_loses_the_batch_counted_and_the_chain_goes_on() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, disk) = faulty(d.path(), opts(1 << 20, 0));
+        for i in 1..=10 {
+            w.append(rec(i)).unwrap();
+        }
+        assert_eq!(w.commit().unwrap(), 10);
+        let before = fs::read(seg_path(d.path(), 1)).unwrap();
+        disk.faults.lock().unwrap().space = Some(0);
+        for i in 11..=15 {
+            w.append(rec(i)).unwrap();
+        }
+        let e = w.commit().unwrap_err();
+        let lost = e.lost.expect("the batch is lost");
+        assert_eq!((lost.records, lost.events, e.written), (5, 5, 0));
+        assert_eq!(
+            (lost.first_ms, lost.last_ms),
+            (rec(11).event.ts_ms, rec(15).event.ts_ms)
+        );
+        assert_eq!(e.source.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(fs::read(seg_path(d.path(), 1)).unwrap(), before);
+        assert_eq!(w.seq(), 10, "seq advances only for records written");
+        // Space returns: the loss is recorded and the chain continues from seq 10.
+        disk.faults.lock().unwrap().space = None;
+        assert_eq!(w.append(loss_record(&lost)).unwrap(), 11);
+        w.append(rec(16)).unwrap();
+        assert_eq!(w.commit().unwrap(), 2);
+        assert_intact(d.path(), 16);
+        assert_eq!(verify(d.path()).unwrap().lost, 5);
+    }
+
+    #[test]
+    fn a_partial_write_is_cut_back_never_duplicated_or_left_half_written() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, disk) = faulty(d.path(), opts(1 << 20, 0));
+        for i in 1..=10 {
+            w.append(rec(i)).unwrap();
+        }
+        w.commit().unwrap();
+        let len = fs::metadata(seg_path(d.path(), 1)).unwrap().len();
+        // Room for one and a half records of the next batch.
+        disk.faults.lock().unwrap().space = Some(len / 10 * 3 / 2);
+        for i in 11..=14 {
+            w.append(rec(i)).unwrap();
+        }
+        let lost = w.commit().unwrap_err().lost.unwrap();
+        assert_eq!(lost.events, 4);
+        assert_eq!(fs::metadata(seg_path(d.path(), 1)).unwrap().len(), len);
+        // Still full: a dropped record and new events are lost too, and counted again.
+        for i in 15..=16 {
+            w.append(rec(i)).unwrap();
+        }
+        w.append(loss_record(&lost)).unwrap();
+        let again = w.commit().unwrap_err().lost.unwrap();
+        assert_eq!((again.events, again.recounted, again.total()), (2, 4, 6));
+        let mut total = lost;
+        total.events = 0;
+        total.recounted = 0;
+        total.records = 0;
+        total.add(&again);
+        disk.faults.lock().unwrap().space = None;
+        w.append(loss_record(&total)).unwrap();
+        w.append(rec(17)).unwrap();
+        w.commit().unwrap();
+        assert_intact(d.path(), 17);
+        let v = verify(d.path()).unwrap();
+        assert_eq!((v.lost, v.losses.len(), v.last_seq), (6, 1, 12));
+    }
+
+    #[test]
+    fn a_failed_head_update_loses_nothing_and_is_retried() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, disk) = faulty(d.path(), opts(1 << 20, 0));
+        for i in 1..=5 {
+            w.append(rec(i)).unwrap();
+        }
+        w.commit().unwrap();
+        disk.faults.lock().unwrap().fail_head = true;
+        for i in 6..=8 {
+            w.append(rec(i)).unwrap();
+        }
+        let e = w.commit().unwrap_err();
+        assert_eq!((e.written, e.lost), (3, None), "the records are written");
+        assert_eq!(w.seq(), 8);
+        let v = verify(d.path()).unwrap();
+        assert!(v.ok() && v.unanchored == 3, "{v:?}");
+        disk.faults.lock().unwrap().fail_head = false;
+        assert_eq!(w.commit().unwrap(), 0);
+        let v = verify(d.path()).unwrap();
+        assert!(v.ok() && v.unanchored == 0 && v.last_seq == 8, "{v:?}");
+        assert_intact(d.path(), 8);
+    }
+
+    #[test]
+    fn a_failure_across_a_segment_switch_removes_the_new_segment_and_keeps_the_chain() {
+        let d = tempfile::tempdir().unwrap();
+        // ~330-byte records, 1000-byte segments: three per segment.
+        let (mut w, disk) = faulty(d.path(), opts(1000, 0));
+        for i in 1..=2 {
+            w.append(rec(i)).unwrap();
+        }
+        w.commit().unwrap();
+        let len1 = fs::metadata(seg_path(d.path(), 1)).unwrap().len();
+        // The batch fills segment 1 and fails in segment 2.
+        disk.faults.lock().unwrap().space = Some(len1 / 2 + len1 / 4);
+        for i in 3..=6 {
+            w.append(rec(i)).unwrap();
+        }
+        let lost = w.commit().unwrap_err().lost.unwrap();
+        assert_eq!(lost.events, 4);
+        assert_eq!(
+            segments(d.path()).unwrap(),
+            vec![1],
+            "the begun segment is gone"
+        );
+        assert_eq!(fs::metadata(seg_path(d.path(), 1)).unwrap().len(), len1);
+        // The next segment cannot even be created.
+        disk.faults.lock().unwrap().space = None;
+        disk.faults.lock().unwrap().fail_new_segment = true;
+        for i in 7..=10 {
+            w.append(rec(i)).unwrap();
+        }
+        let lost2 = w.commit().unwrap_err().lost.unwrap();
+        assert_eq!(lost2.events, 4);
+        assert_eq!(segments(d.path()).unwrap(), vec![1]);
+        assert_eq!(fs::metadata(seg_path(d.path(), 1)).unwrap().len(), len1);
+        disk.faults.lock().unwrap().fail_new_segment = false;
+        let mut all = lost;
+        all.add(&lost2);
+        w.append(loss_record(&all)).unwrap();
+        for i in 11..=14 {
+            w.append(rec(i)).unwrap();
+        }
+        w.commit().unwrap();
+        assert!(segments(d.path()).unwrap().len() >= 2);
+        assert_intact(d.path(), 14);
+        // The first record of segment 2 names the hash of segment 1's last.
+        let l1 = fs::read_to_string(seg_path(d.path(), 1)).unwrap();
+        let l2 = fs::read_to_string(seg_path(d.path(), 2)).unwrap();
+        let first2: Record = serde_json::from_str(l2.lines().next().unwrap()).unwrap();
+        assert_eq!(
+            first2.prev,
+            hash_line(l1.lines().last().unwrap().as_bytes())
+        );
+    }
+
+    #[test]
+    fn nothing_is_written_after_a_partial_record_until_it_is_cut_off() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, disk) = faulty(d.path(), opts(1 << 20, 0));
+        w.append(rec(1)).unwrap();
+        w.commit().unwrap();
+        let len = fs::metadata(seg_path(d.path(), 1)).unwrap().len();
+        {
+            let mut f = disk.faults.lock().unwrap();
+            f.space = Some(len / 2);
+            f.fail_truncate = true;
+        }
+        w.append(rec(2)).unwrap();
+        assert!(w.commit().unwrap_err().lost.is_some());
+        assert!(fs::metadata(seg_path(d.path(), 1)).unwrap().len() > len);
+        disk.faults.lock().unwrap().space = None;
+        w.append(rec(3)).unwrap();
+        let e = w.commit().unwrap_err();
+        assert_eq!(e.lost.unwrap().events, 1, "not glued to the partial line");
+        assert_eq!(e.source.raw_os_error(), Some(libc::EIO));
+        disk.faults.lock().unwrap().fail_truncate = false;
+        w.append(loss_record(&Lost {
+            records: 2,
+            events: 2,
+            ..Default::default()
+        }))
+        .unwrap();
+        w.append(rec(4)).unwrap();
+        w.commit().unwrap();
+        assert_intact(d.path(), 4);
     }
 
     #[test]

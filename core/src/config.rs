@@ -213,6 +213,102 @@ pub struct CompanionConfig {
     pub max_cached_audiences: usize,
     /// SPIFFE Workload API (gRPC) listen address inside the workload's network namespace.
     pub workload_api_listen: String,
+    /// `[companion.limits]`: what one process in a pod can make its companion hold.
+    pub limits: CompanionLimits,
+}
+
+/// Bounds on every companion listener (see `companion/src/limits.rs` and ARCHITECTURE's
+/// "Companion limits"). A full listener closes its quietest connection for a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompanionLimits {
+    /// HTTP API: most connections at once.
+    pub api_connections: usize,
+    /// Workload API: most connections at once, on TCP and on the unix socket each.
+    pub workload_api_connections: usize,
+    /// Edge proxy: most connections at once, outbound and inbound each.
+    pub proxy_connections: usize,
+    /// A new connection must start its first request within this, an HTTP/1 request head must
+    /// arrive within it, and an idle HTTP/1 keep-alive connection is closed after it.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A Workload API connection with no request in progress and no open stream is closed
+    /// after this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A proxied connection that moved no byte either way is closed after this.
+    #[serde(with = "humantime_serde")]
+    pub proxy_idle_timeout: Duration,
+    /// Longest wait for an answer from the HTTP API or a Workload API call (then 503 /
+    /// `DEADLINE_EXCEEDED`); server streams are not bounded by it.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// HTTP and Workload API connections older than this are closed once idle (HTTP/2 gets a
+    /// GOAWAY first); clients reconnect.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+}
+
+impl Default for CompanionLimits {
+    fn default() -> Self {
+        CompanionLimits {
+            api_connections: 512,
+            workload_api_connections: 256,
+            proxy_connections: 1024,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5 * 60),
+            proxy_idle_timeout: Duration::from_secs(60 * 60),
+            request_timeout: Duration::from_secs(30),
+            max_connection_age: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+impl CompanionLimits {
+    /// Sockets a listener capped at `max_connections` holds at most: its slots plus the
+    /// connections it evicted whose tasks have not closed them yet.
+    pub fn ceiling(max_connections: usize) -> usize {
+        max_connections + max_connections / 4 + 1
+    }
+
+    /// File descriptors a companion needs at most: every listener's ceiling (the Workload API
+    /// twice: TCP and unix), six per outbound proxied connection (two sockets, two splice
+    /// pipes), two per inbound one, plus 64 for everything else.
+    pub fn fd_budget(&self) -> u64 {
+        let c = |n: usize| Self::ceiling(n) as u64;
+        64 + c(self.api_connections)
+            + 2 * c(self.workload_api_connections)
+            + 6 * c(self.proxy_connections)
+            + 2 * c(self.proxy_connections)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, n) in [
+            ("api_connections", self.api_connections),
+            ("workload_api_connections", self.workload_api_connections),
+            ("proxy_connections", self.proxy_connections),
+        ] {
+            if !(8..=65536).contains(&n) {
+                return Err(format!(
+                    "companion.limits.{name} must be between 8 and 65536 (got {n})"
+                ));
+            }
+        }
+        for (name, d) in [
+            ("header_timeout", self.header_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("proxy_idle_timeout", self.proxy_idle_timeout),
+            ("request_timeout", self.request_timeout),
+            ("max_connection_age", self.max_connection_age),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(format!(
+                    "companion.limits.{name} must be at least 100ms (got {d:?})"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for CompanionConfig {
@@ -224,6 +320,7 @@ impl Default for CompanionConfig {
             ready_timeout: Duration::from_secs(5),
             max_cached_audiences: 64,
             workload_api_listen: DEFAULT_WORKLOAD_API_LISTEN.into(),
+            limits: CompanionLimits::default(),
         }
     }
 }
@@ -235,12 +332,20 @@ pub struct HookConfig {
     /// Upper bound for one call to `nhid` (connect + attach) from the hook.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Largest bundle `config.json` the hook reads; a bigger one is refused (and, as any
+    /// FIFO, device or link there, never read).
+    pub max_spec_bytes: u64,
 }
+
+/// Default [`HookConfig::max_spec_bytes`]: far above real specs (tens of KiB with a seccomp
+/// profile), far below what would make the hook a memory hog.
+pub const DEFAULT_MAX_SPEC_BYTES: u64 = 4 << 20;
 
 impl Default for HookConfig {
     fn default() -> Self {
         HookConfig {
             timeout: Duration::from_secs(10),
+            max_spec_bytes: DEFAULT_MAX_SPEC_BYTES,
         }
     }
 }
@@ -446,6 +551,13 @@ impl Config {
         if raw.companion.max_cached_audiences == 0 {
             return Err(invalid(
                 "companion.max_cached_audiences must be at least 1".into(),
+            ));
+        }
+        raw.companion.limits.validate().map_err(invalid)?;
+        if raw.hook.max_spec_bytes < 4096 {
+            return Err(invalid(
+                "hook.max_spec_bytes must be at least 4096 (a config.json is rarely under 2 KiB)"
+                    .into(),
             ));
         }
         let mut seen = BTreeMap::new();
@@ -720,5 +832,40 @@ annotations = { "nhi.dev/inject" = "true" }
         assert!(parse(same).unwrap_err().to_string().contains("differ"));
         let bad = "trust_domain = \"td\"\n[companion]\nworkload_api_listen = \"nope\"\n";
         assert!(parse(bad).is_err());
+    }
+
+    #[test]
+    fn companion_limits_and_hook_bounds() {
+        let c = parse("trust_domain = \"td\"\n").unwrap();
+        assert_eq!(c.companion.limits, CompanionLimits::default());
+        assert_eq!(c.hook.max_spec_bytes, DEFAULT_MAX_SPEC_BYTES);
+        let c = parse(
+            "trust_domain = \"td\"\n[companion.limits]\napi_connections = 64\nheader_timeout = \"3s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.companion.limits.api_connections, 64);
+        assert_eq!(c.companion.limits.header_timeout, Duration::from_secs(3));
+        assert_eq!(c.companion.limits.proxy_connections, 1024);
+        for (bad, why) in [
+            ("api_connections = 4", "api_connections must be between 8"),
+            (
+                "request_timeout = \"0s\"",
+                "request_timeout must be at least",
+            ),
+            ("max_connections = 9", "unknown field"),
+        ] {
+            let e = parse(&format!(
+                "trust_domain = \"td\"\n[companion.limits]\n{bad}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let e = parse("trust_domain = \"td\"\n[hook]\nmax_spec_bytes = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hook.max_spec_bytes"), "{e}");
+        // The budget covers every listener at its ceiling.
+        assert_eq!(CompanionLimits::default().fd_budget(), 11_595);
     }
 }

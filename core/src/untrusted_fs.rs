@@ -6,6 +6,9 @@
 //!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`: no component may be
 //!   a symlink and resolution never leaves the directory, whatever `..` the path holds.
 //! - [`read_regular`]: a single path (e.g. a bundle's `config.json`) opened with `O_NOFOLLOW`.
+//! - [`read_link_beneath`]: the target of a link below a trusted directory, read with
+//!   `readlinkat(2)` (never followed), for layouts whose links are part of a contract the caller
+//!   checks (kubelet's atomic writer).
 //!
 //! Both open with `O_NONBLOCK | O_NOCTTY | O_CLOEXEC`, check with `fstat` on the opened fd that it
 //! is a regular file no larger than the caller's bound, and read at most that bound (a file that
@@ -14,7 +17,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -65,22 +68,110 @@ pub fn read_beneath(
     max: u64,
 ) -> Result<(Vec<u8>, PathBuf), UntrustedReadError> {
     let full = base.join(rel);
-    if rel.is_absolute() || rel.components().any(|c| c == Component::ParentDir) {
+    let file = File::from(open_beneath(base, rel, OPEN_FLAGS)?);
+    let resolved = fd_path(&file).unwrap_or_else(|| full.clone());
+    let bytes = read_checked(file, &full, max)?;
+    Ok((bytes, resolved))
+}
+
+/// The target of the symbolic link `rel` below the trusted directory `base`, read without
+/// following anything: every component before the last must be a real directory beneath
+/// `base` (as for [`read_beneath`]); the link itself is read with `readlinkat(2)`, never
+/// opened. `None` when `rel` exists but is not a link. Targets longer than `max` bytes are
+/// refused. For layouts whose links are part of a contract (kubelet's atomic writer:
+/// `token -> ..data/token`), which the caller checks lexically before reading what they name
+/// with [`read_beneath`].
+pub fn read_link_beneath(
+    base: &Path,
+    rel: &Path,
+    max: usize,
+) -> Result<Option<PathBuf>, UntrustedReadError> {
+    let full = base.join(rel);
+    let name = match rel.file_name() {
+        Some(n) if rel.components().next_back() == Some(Component::Normal(n)) => n,
+        _ => {
+            return Err(UntrustedReadError::refused(
+                &full,
+                "the path does not end in a file name",
+            ))
+        }
+    };
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    let dir = if parent.as_os_str().is_empty() {
+        check_relative(&full, rel)?;
+        open_base(base)?
+    } else {
+        open_beneath(
+            base,
+            parent,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )?
+    };
+    let c_name = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| UntrustedReadError::refused(&full, "the path contains a NUL byte"))?;
+    let mut buf = vec![0u8; max + 1];
+    // SAFETY: readlinkat(2) with a valid directory fd, a NUL-terminated name and a buffer of
+    // the length we pass; it writes at most that many bytes and returns their count or -1.
+    let n = unsafe {
+        libc::readlinkat(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            c_name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EINVAL) => Ok(None),
+            _ => Err(UntrustedReadError::io(&full, e)),
+        };
+    }
+    let n = n as usize;
+    if n > max {
         return Err(UntrustedReadError::refused(
             &full,
+            format!("the link's target is longer than {max} bytes"),
+        ));
+    }
+    buf.truncate(n);
+    Ok(Some(PathBuf::from(std::ffi::OsString::from_vec(buf))))
+}
+
+fn check_relative(full: &Path, rel: &Path) -> Result<(), UntrustedReadError> {
+    if rel.is_absolute() || rel.components().any(|c| c == Component::ParentDir) {
+        return Err(UntrustedReadError::refused(
+            full,
             "the path is absolute or contains '..'",
         ));
     }
-    let dir = std::fs::OpenOptions::new()
+    Ok(())
+}
+
+/// The trusted base directory, as an `O_PATH` handle to resolve beneath.
+fn open_base(base: &Path) -> Result<OwnedFd, UntrustedReadError> {
+    std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(base)
-        .map_err(|e| UntrustedReadError::io(base, e))?;
+        .map(OwnedFd::from)
+        .map_err(|e| UntrustedReadError::io(base, e))
+}
+
+/// `openat2(base, rel, flags, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`.
+fn open_beneath(
+    base: &Path,
+    rel: &Path,
+    flags: libc::c_int,
+) -> Result<OwnedFd, UntrustedReadError> {
+    let full = base.join(rel);
+    check_relative(&full, rel)?;
+    let dir = open_base(base)?;
     let c_rel = std::ffi::CString::new(rel.as_os_str().as_bytes())
         .map_err(|_| UntrustedReadError::refused(&full, "the path contains a NUL byte"))?;
     // SAFETY: open_how is a plain C struct; zeroed is a valid value for every field.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = OPEN_FLAGS as u64;
+    how.flags = flags as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: openat2(2) with a valid directory fd, a NUL-terminated path and a fully
     // initialised open_how of the size we pass; it returns a new fd or -1.
@@ -100,10 +191,7 @@ pub fn read_beneath(
         ));
     }
     // SAFETY: fd was just returned by openat2 and is owned by nobody else.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) });
-    let resolved = fd_path(&file).unwrap_or_else(|| full.clone());
-    let bytes = read_checked(file, &full, max)?;
-    Ok((bytes, resolved))
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
 /// Reads one file at `path`, refusing a symlink as its last component, anything but a regular
@@ -142,7 +230,10 @@ fn read_checked(file: File, path: &Path, max: u64) -> Result<Vec<u8>, UntrustedR
     if meta.size() > max {
         return Err(UntrustedReadError::refused(
             path,
-            format!("is {} bytes, more than the {max} allowed", meta.size()),
+            format!(
+                "is {} bytes, more than the {max} bytes allowed",
+                meta.size()
+            ),
         ));
     }
     let mut buf = Vec::with_capacity(meta.size() as usize);
@@ -234,6 +325,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing") && e.contains("No such file"), "{e}");
+    }
+
+    #[test]
+    fn links_are_read_not_followed_and_only_beneath() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("v/..2024_01_01")).unwrap();
+        symlink("..2024_01_01", d.path().join("v/..data")).unwrap();
+        symlink("..data/token", d.path().join("v/token")).unwrap();
+        std::fs::write(d.path().join("v/plain"), b"x").unwrap();
+        symlink(outside.path(), d.path().join("up")).unwrap();
+        assert_eq!(
+            read_link_beneath(d.path(), Path::new("v/token"), 64).unwrap(),
+            Some(PathBuf::from("..data/token"))
+        );
+        assert_eq!(
+            read_link_beneath(d.path(), Path::new("v/..data"), 64).unwrap(),
+            Some(PathBuf::from("..2024_01_01"))
+        );
+        assert_eq!(
+            read_link_beneath(d.path(), Path::new("v/plain"), 64).unwrap(),
+            None
+        );
+        let e = read_link_beneath(d.path(), Path::new("v/missing"), 64)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("No such file"), "{e}");
+        let r = refused(read_link_beneath(d.path(), Path::new("v/token"), 4).unwrap_err());
+        assert!(r.contains("longer than 4"), "{r}");
+        // A link in the directories leading to it is refused, and so is '..'.
+        symlink(outside.path(), outside.path().join("self")).unwrap();
+        let r = refused(read_link_beneath(d.path(), Path::new("up/self"), 64).unwrap_err());
+        assert!(r.contains("symbolic link"), "{r}");
+        let r = refused(read_link_beneath(d.path(), Path::new("v/../v/token"), 64).unwrap_err());
+        assert!(r.contains(".."), "{r}");
+        assert!(read_link_beneath(d.path(), Path::new("v/.."), 64).is_err());
+        assert_eq!(
+            read_link_beneath(d.path(), Path::new("up"), 256).unwrap(),
+            Some(outside.path().to_path_buf())
+        );
     }
 
     fn nix_mkfifo(p: &Path) {

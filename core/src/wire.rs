@@ -307,6 +307,9 @@ pub struct Init {
     /// The AWS container-credential provider, when the workload's rule names an AWS source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsProvider>,
+    /// Bounds on the companion's listeners (`[companion.limits]`).
+    #[serde(default)]
+    pub limits: crate::config::CompanionLimits,
 }
 
 /// What the companion needs to serve `GET /v1/aws/credentials`. Debug never shows the token.
@@ -371,18 +374,37 @@ pub fn read_line_json<T: serde::de::DeserializeOwned>(
     serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// One blocking request/response on the agent socket.
+/// A request longer than nhid reads ([`MAX_LINE`]): refused before it is sent, so the caller
+/// can say so instead of reporting the broken pipe nhid's refusal would cause.
+#[derive(Debug, thiserror::Error)]
+#[error("the request is {size} bytes, more than the {max} bytes nhid accepts")]
+pub struct RequestTooLarge {
+    pub size: usize,
+    pub max: usize,
+}
+
+/// One blocking request/response on the agent socket. A request over [`MAX_LINE`] fails with
+/// an `InvalidInput` error wrapping [`RequestTooLarge`], before connecting.
 pub fn call_agent(
     socket: &std::path::Path,
     req: &AgentRequest,
     timeout: std::time::Duration,
 ) -> std::io::Result<AgentResponse> {
     use std::io::Write;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    if line.len() > MAX_LINE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            RequestTooLarge {
+                size: line.len(),
+                max: MAX_LINE,
+            },
+        ));
+    }
     let stream = std::os::unix::net::UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
     (&stream).write_all(&line)?;
     let mut reader = std::io::BufReader::new(&stream);
     read_line_json(&mut reader)

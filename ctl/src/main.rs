@@ -194,7 +194,8 @@ enum AuditCmd {
         follow: bool,
     },
     /// Check the hash chain and the head: exits non-zero naming the file, line and sequence
-    /// number of every changed, dropped or reordered record.
+    /// number of every changed, deleted or reordered record. Loss the log itself counts
+    /// (`dropped` records: a full queue or disk) is listed as `loss:` and is not a failure.
     Verify,
 }
 
@@ -365,6 +366,10 @@ fn audit(dir: &std::path::Path, cmd: AuditCmd) -> Result<(), String> {
             for p in &v.problems {
                 eprintln!("{p}");
             }
+            // Counted loss is not tampering: the chain is intact and says what it lacks.
+            for l in &v.losses {
+                println!("loss: {l}");
+            }
             if !v.ok() {
                 return Err(format!(
                     "audit log {} FAILED verification: {} problem(s)",
@@ -373,7 +378,7 @@ fn audit(dir: &std::path::Path, cmd: AuditCmd) -> Result<(), String> {
                 ));
             }
             println!(
-                "audit log {} verified: {} records (seq {}..={}) in {} file(s){}",
+                "audit log {} verified: {} records (seq {}..={}) in {} file(s){}{}",
                 dir.display(),
                 v.records,
                 v.first_seq,
@@ -383,6 +388,15 @@ fn audit(dir: &std::path::Path, cmd: AuditCmd) -> Result<(), String> {
                     format!(", {} written after the head", v.unanchored)
                 } else {
                     String::new()
+                },
+                if v.losses.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; intact, with {} events lost and counted in {} dropped record(s)",
+                        v.lost,
+                        v.losses.len()
+                    )
                 }
             );
         }

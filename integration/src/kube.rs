@@ -21,27 +21,40 @@ pub const APP_IMAGE: &str = "docker.io/library/busybox:nhi-test";
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.6";
 
 /// Writes the token kubelet projects for a pod (under the node's kubelet root, see
-/// [`Node::with_kubelet_root`]) and returns its directory, the host side of the
+/// [`Node::with_kubelet_root`]) in kubelet's atomic-writer layout (`token -> ..data/token`,
+/// `..data -> ..<timestamp>`), and returns its directory, the host side of the
 /// service-account mount. `volume_kind` is `kubernetes.io~projected` for a genuine one.
 pub fn kubelet_token(node: &Node, pod_uid: &str, volume_kind: &str, ns: &str, sa: &str) -> PathBuf {
     let dir = node.path(&format!(
         "kubelet/pods/{pod_uid}/volumes/{volume_kind}/kube-api-access-1"
     ));
-    fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("..2026_01_01_00_00_00.000000001");
+    fs::create_dir_all(&data).unwrap();
     let claims = serde_json::json!({
         "iss": "https://kubernetes.default.svc", "sub": format!("system:serviceaccount:{ns}:{sa}"),
         "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "sa-uid"}, "pod": {"name": "p", "uid": pod_uid}},
     });
     let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
     fs::write(
-        dir.join("token"),
+        data.join("token"),
         format!("eyJhbGciOiJSUzI1NiIsImtpZCI6IngifQ.{payload}.sig"),
     )
     .unwrap();
+    std::os::unix::fs::symlink(data.file_name().unwrap(), dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/token", dir.join("token")).unwrap();
     dir
 }
 
 pub const PROJECTED: &str = "kubernetes.io~projected";
+
+/// A rule selecting pods of `team-*` namespaces by their service account.
+pub const SA_RULE: &str = r#"
+[[rule]]
+name = "k8s"
+spiffe_id = "ns/{k8s.namespace}/sa/{k8s.service_account}"
+[rule.match]
+k8s_namespaces = ["team-*"]
+"#;
 
 /// Builds an OCI image archive from `rootfs` with `cmd` as its command, named `name`.
 pub fn oci_archive(rootfs: &Path, name: &str, cmd: &[&str], work: &Path) -> PathBuf {
@@ -348,6 +361,16 @@ impl Drop for CriContainerd {
     }
 }
 
+/// `f`, or `DeadlineExceeded` after `deadline`.
+async fn within<T>(
+    deadline: Duration,
+    f: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(deadline, f)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("test deadline")))
+}
+
 pub struct Cri {
     rt: tokio::runtime::Runtime,
     client: RuntimeServiceClient<tonic::transport::Channel>,
@@ -409,16 +432,32 @@ impl Cri {
         name: &str,
         token_dir: Option<&Path>,
     ) -> Result<String, String> {
-        let mounts = token_dir
-            .map(|d| {
-                vec![Mount {
-                    container_path: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
-                    host_path: d.display().to_string(),
-                    readonly: true,
-                    ..Default::default()
-                }]
-            })
+        let mounts: Vec<(&str, &Path)> = token_dir
+            .map(|d| vec![("/var/run/secrets/kubernetes.io/serviceaccount", d)])
             .unwrap_or_default();
+        self.start_container_with(pod_id, pod, name, &mounts, Duration::from_secs(120))
+    }
+
+    /// Creates and starts `name` running `sleep` in the pod with read-only bind `mounts`
+    /// (container path, host path), as kubelet asks for volumes; each CRI call gives up after
+    /// `deadline` (a runtime hook that blocks must fail the test, not hang it).
+    pub fn start_container_with(
+        &self,
+        pod_id: &str,
+        pod: &PodSpec,
+        name: &str,
+        mounts: &[(&str, &Path)],
+        deadline: Duration,
+    ) -> Result<String, String> {
+        let mounts = mounts
+            .iter()
+            .map(|(c, h)| Mount {
+                container_path: c.to_string(),
+                host_path: h.display().to_string(),
+                readonly: true,
+                ..Default::default()
+            })
+            .collect();
         let req = CreateContainerRequest {
             pod_sandbox_id: pod_id.into(),
             config: Some(ContainerConfig {
@@ -442,11 +481,14 @@ impl Cri {
             sandbox_config: Some(pod.config()),
         };
         let id = self
-            .call(self.client.clone().create_container(req))?
+            .call(within(deadline, self.client.clone().create_container(req)))?
             .container_id;
-        self.call(self.client.clone().start_container(StartContainerRequest {
-            container_id: id.clone(),
-        }))?;
+        self.call(within(
+            deadline,
+            self.client.clone().start_container(StartContainerRequest {
+                container_id: id.clone(),
+            }),
+        ))?;
         Ok(id)
     }
 

@@ -463,3 +463,145 @@ fn a_full_queue_loses_events_only_with_a_dropped_record_and_exact_accounting() {
     );
     a.delete();
 }
+
+/// A tmpfs mounted on `dir` for the test's length (lazily unmounted, even on a panic).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// (events written, events counted as lost by `dropped` records) in the log at `dir`.
+fn written_and_lost(dir: &Path) -> (u64, u64) {
+    let recs: Vec<serde_json::Value> = nhi_core::audit_log::tail(dir, usize::MAX, None)
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let written = recs
+        .iter()
+        .filter(|r| r["kind"] != "dropped" && r["kind"] != "chain_break")
+        .count() as u64;
+    let lost = recs.iter().filter_map(|r| r["dropped"].as_u64()).sum();
+    (written, lost)
+}
+
+#[test]
+fn a_full_audit_disk_loses_records_only_counted_never_looking_tampered_and_issuance_goes_on() {
+    let port = free_port();
+    let base = tempfile::Builder::new()
+        .prefix("nhi-it-audit-tmpfs-")
+        .tempdir()
+        .unwrap();
+    let dir = base.path().join("audit");
+    // Room for a few hundred records: the load below fills it.
+    let tmpfs = Tmpfs::mount(&dir, "128k");
+    let mut node = Node::with_config(
+        ANNOTATED_RULE,
+        &format!(
+            "[audit]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            dir.display()
+        ),
+    );
+    node.start();
+    let a = node.named_container("alpha");
+    assert_eq!(tokens_in_netns(a.pid(), "before-", 0..5, 1), 5);
+    assert!(eventually(Duration::from_secs(10), || written_and_lost(
+        &dir
+    )
+    .0 >= 5));
+    let before = written_and_lost(&dir).0;
+
+    // 2,000 issuances (distinct audiences: each one is nhid's), the disk full after a few
+    // hundred: nhid keeps issuing every one.
+    const N: u32 = 2000;
+    let issued = tokens_in_netns(a.pid(), "full-", 0..N, 4);
+    assert_eq!(issued, N, "issuance never waits for the audit disk");
+    let mid = scrape(port);
+    let lost_now = sample(&mid, r#"nhi_audit_dropped_total{source="disk"}"#).unwrap_or(0.0);
+    assert!(lost_now > 0.0, "the disk never filled:\n{mid}");
+    assert!(sample(&mid, "nhi_audit_write_errors_total").unwrap_or(0.0) > 0.0);
+
+    // Space returns; the next batch writes the count of what was lost, then goes on.
+    tmpfs.resize("16m");
+    assert_eq!(tokens_in_netns(a.pid(), "after-", 0..10, 1), 10);
+    let expected = before + u64::from(N) + 10;
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let (w, l) = written_and_lost(&dir);
+            w + l >= expected
+        }),
+        "written + lost = {:?}, expected {expected}",
+        written_and_lost(&dir)
+    );
+    let text = scrape(port);
+    node.stop();
+    let (written, lost) = written_and_lost(&dir);
+    assert!(
+        lost > 0 && written < expected,
+        "{written} written, {lost} lost"
+    );
+    assert_eq!(
+        written + lost,
+        expected,
+        "every issuance is a record or counted in a dropped record, exactly"
+    );
+    assert_eq!(
+        sample(&text, r#"nhi_audit_dropped_total{source="disk"}"#),
+        Some(lost as f64),
+        "the metrics show the loss: {text}"
+    );
+    let (ok, out) = verify(&node, &dir);
+    eprintln!("{written} written, {lost} lost; verify says:\n{out}");
+    assert!(ok, "loss must not look like tampering: {out}");
+    assert!(
+        out.contains("loss:")
+            && out.contains("not written to the log")
+            && out.contains("No space left on device")
+            && out.contains(&format!("{lost} events lost and counted")),
+        "{out}"
+    );
+    for word in [
+        "changed",
+        "out of order",
+        "missing",
+        "truncated",
+        "not a valid record",
+    ] {
+        assert!(!out.contains(word), "{word}: {out}");
+    }
+    a.delete();
+}

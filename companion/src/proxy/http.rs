@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -22,6 +22,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use super::{event, finish, Edge, CONNECT_TIMEOUT};
+use crate::limits::{Conn, Refusal};
+use nhi_core::config::CompanionLimits;
 
 pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -80,24 +82,74 @@ impl Upstream {
     }
 }
 
-/// Serves one redirected workload connection that speaks HTTP/1.
+/// Largest request head read from the workload (hyper's buffer; as Envoy's default).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Serves one redirected workload connection that speaks HTTP/1, each request one of `conn`'s
+/// (see `crate::limits`).
 pub async fn serve(
     edge: Arc<Edge>,
     client: TcpStream,
     peer: SocketAddr,
     dest: SocketAddr,
     policy: Arc<Policy>,
+    conn: Arc<Conn>,
+    limits: CompanionLimits,
 ) {
     let upstream = Arc::new(Upstream::new(dest));
+    let c = conn.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (edge, upstream, policy) = (edge.clone(), upstream.clone(), policy.clone());
-        async move { Ok::<_, Infallible>(request(&edge, &upstream, peer, dest, &policy, req).await) }
+        let (edge, upstream, policy, conn) =
+            (edge.clone(), upstream.clone(), policy.clone(), c.clone());
+        async move {
+            let refused = |why| {
+                let mut ev = event(AuditKind::HttpRequest, peer, Destination::default());
+                refusal(&edge, &mut ev, why)
+            };
+            let answer = request(&edge, &upstream, peer, dest, &policy, req);
+            Ok::<_, Infallible>(
+                conn.request(answer, limits.proxy_idle_timeout, refused)
+                    .await,
+            )
+        }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(client), svc)
-        .await;
+    serve_http1(client, svc, &conn, &limits).await;
+}
+
+/// Serves `svc` on `stream` as HTTP/1 until the client is done or the limits close it.
+pub(crate) async fn serve_http1<S>(stream: TcpStream, svc: S, conn: &Conn, limits: &CompanionLimits)
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD);
+    let served = http.serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        _ = served => {}
+        () = conn.slot().killed() => {}
+    }
+}
+
+/// The answer to a request the limits refused, audited.
+pub(crate) fn refusal(
+    edge: &Edge,
+    ev: &mut nhi_core::audit::AuditEvent,
+    why: Refusal,
+) -> Response<Body> {
+    ev.decision = Decision::Error;
+    let message = match why {
+        Refusal::Busy => "refused: too many requests are waiting in the companion",
+        Refusal::TimedOut => "no answer within the proxy's idle timeout",
+    };
+    ev.detail = Some(message.into());
+    finish(edge, std::mem::take(ev), Instant::now());
+    json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        serde_json::json!({"error": "busy", "message": message}),
+    )
 }
 
 async fn request(

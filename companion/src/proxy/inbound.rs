@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::header::AUTHORIZATION;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use nhi_core::audit::{AuditKind, Decision, Destination};
 use nhi_core::policy::InboundRule;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,8 +19,16 @@ use tokio::net::{TcpListener, TcpStream};
 use super::http::{json, Body, Upstream};
 use super::{event, finish, original_dst, reset, Edge};
 use crate::cache::CredError;
+use crate::limits::Conn;
+use nhi_core::config::CompanionLimits;
 
-pub async fn serve(listener: TcpListener, edge: Arc<Edge>) {
+/// Accepts redirected inbound connections until the listener fails, within `limits` (see
+/// `crate::limits`).
+pub async fn serve(listener: TcpListener, edge: Arc<Edge>, limits: CompanionLimits) {
+    let gov = super::governor(
+        format!("inbound proxy {}", crate::http::local(&listener)),
+        &limits,
+    );
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -31,11 +38,27 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>) {
                 continue;
             }
         };
-        tokio::spawn(connection(edge.clone(), stream, peer));
+        let Some(conn) = gov.admit_fairly(None).await else {
+            super::refuse(&edge, AuditKind::Inbound, peer, stream);
+            continue;
+        };
+        tokio::spawn(connection(
+            edge.clone(),
+            stream,
+            peer,
+            Arc::new(conn),
+            limits,
+        ));
     }
 }
 
-async fn connection(edge: Arc<Edge>, stream: TcpStream, peer: SocketAddr) {
+async fn connection(
+    edge: Arc<Edge>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn: Arc<Conn>,
+    limits: CompanionLimits,
+) {
     let started = Instant::now();
     let _ = stream.set_nodelay(true);
     let dest = original_dst(&stream).ok();
@@ -63,15 +86,23 @@ async fn connection(edge: Arc<Edge>, stream: TcpStream, peer: SocketAddr) {
         dest.port(),
     )));
     let rule = Arc::new(rule);
+    let c = conn.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (edge, app, rule) = (edge.clone(), app.clone(), rule.clone());
-        async move { Ok::<_, Infallible>(request(&edge, &app, &rule, peer, dest, req).await) }
+        let (edge, app, rule, conn) = (edge.clone(), app.clone(), rule.clone(), c.clone());
+        async move {
+            let refused = |why| {
+                let mut ev = event(AuditKind::Inbound, peer, Destination::default());
+                ev.rule = Some(rule.id.clone());
+                super::http::refusal(&edge, &mut ev, why)
+            };
+            let answer = request(&edge, &app, &rule, peer, dest, req);
+            Ok::<_, Infallible>(
+                conn.request(answer, limits.proxy_idle_timeout, refused)
+                    .await,
+            )
+        }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(stream), svc)
-        .await;
+    super::http::serve_http1(stream, svc, &conn, &limits).await;
 }
 
 async fn request(

@@ -26,14 +26,17 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::audit::Recorder;
 use crate::cache::{now_unix, Creds};
 use crate::channel::Channel;
+use crate::limits::{Bounds, Conn, Governor};
+use nhi_core::config::CompanionLimits;
 use sniff::{sniff, Sniffed, MAX_HELLO};
 
 /// How long the first bytes of a connection are waited for when the policy needs them; a
 /// protocol where the server speaks first is decided by address and port after this.
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most connections proxied at once (each direction); more wait in the accept queue.
-const MAX_CONNECTIONS: usize = 4096;
+/// Why a connection the limits closed ends (audited).
+pub(crate) const LIMITS_CLOSED: &str =
+    "closed by the companion's connection limits (idle, or evicted for a new connection)";
 
 /// The companion's edge state: the current policy (swapped on reload) and what brokering needs.
 pub struct Edge {
@@ -196,11 +199,14 @@ pub(crate) fn reset(s: TcpStream) {
     drop(s);
 }
 
-/// Accepts redirected outbound connections until the listener fails.
-pub async fn serve_outbound(listener: TcpListener, edge: Arc<Edge>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+/// Accepts redirected outbound connections until the listener fails, within `limits` (see
+/// `crate::limits`: a full listener closes its quietest connection for a new one).
+pub async fn serve_outbound(listener: TcpListener, edge: Arc<Edge>, limits: CompanionLimits) {
+    let gov = governor(
+        format!("edge proxy {}", crate::http::local(&listener)),
+        &limits,
+    );
     loop {
-        let permit = slots.clone().acquire_owned().await.expect("never closed");
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -209,12 +215,37 @@ pub async fn serve_outbound(listener: TcpListener, edge: Arc<Edge>) {
                 continue;
             }
         };
-        let edge = edge.clone();
-        tokio::spawn(async move {
-            outbound(edge, stream, peer).await;
-            drop(permit);
-        });
+        let Some(conn) = gov.admit_fairly(None).await else {
+            refuse(&edge, AuditKind::Connection, peer, stream);
+            continue;
+        };
+        tokio::spawn(outbound(edge.clone(), stream, peer, Arc::new(conn), limits));
     }
+}
+
+/// Resets a connection the listener's limits refused (every slot has a request waiting), and
+/// audits it.
+pub(crate) fn refuse(edge: &Edge, kind: AuditKind, peer: SocketAddr, stream: TcpStream) {
+    let mut ev = event(kind, peer, Destination::default());
+    ev.decision = Decision::Error;
+    ev.detail = Some("refused: every connection of this listener has a request waiting".into());
+    finish(edge, ev, Instant::now());
+    reset(stream);
+}
+
+/// The governor of a proxy listener, its sweeper started.
+pub(crate) fn governor(name: String, limits: &CompanionLimits) -> Arc<Governor> {
+    let g = Governor::new(
+        name,
+        Bounds {
+            max_connections: limits.proxy_connections,
+            first_request: limits.header_timeout,
+            idle: limits.proxy_idle_timeout,
+            max_age: None,
+        },
+    );
+    tokio::spawn(g.clone().watch());
+    g
 }
 
 pub(crate) fn event(kind: AuditKind, source: SocketAddr, dest: Destination) -> AuditEvent {
@@ -232,7 +263,13 @@ pub(crate) fn finish(edge: &Edge, mut ev: AuditEvent, started: Instant) {
     edge.recorder.record(ev);
 }
 
-async fn outbound(edge: Arc<Edge>, client: TcpStream, peer: SocketAddr) {
+async fn outbound(
+    edge: Arc<Edge>,
+    client: TcpStream,
+    peer: SocketAddr,
+    conn: Arc<Conn>,
+    limits: CompanionLimits,
+) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let dest = match original_dst(&client) {
@@ -256,7 +293,13 @@ async fn outbound(edge: Arc<Edge>, client: TcpStream, peer: SocketAddr) {
     let mut is_http = false;
     if let Some(p) = &policy {
         if p.needs_inspection(dest) {
-            match peek_first(&client).await {
+            // An eviction ends the wait at once (checked below), so a connection closed by the
+            // limits never holds its socket for the whole sniff timeout.
+            let first = tokio::select! {
+                f = peek_first(&client) => f,
+                () = conn.slot().killed() => Sniffed::Other,
+            };
+            match first {
                 Sniffed::Tls(s) => sni = s,
                 Sniffed::Http => is_http = true,
                 _ => {}
@@ -265,11 +308,15 @@ async fn outbound(edge: Arc<Edge>, client: TcpStream, peer: SocketAddr) {
     }
     if is_http {
         let policy = policy.expect("inspected only with a policy");
-        http::serve(edge, client, peer, dest, policy).await;
+        http::serve(edge, client, peer, dest, policy, conn, limits).await;
         return;
     }
     dst.sni = sni.clone();
     let mut ev = event(AuditKind::Connection, peer, dst);
+    if conn.slot().is_killed() {
+        // Evicted while its first bytes were awaited.
+        return fail(&edge, ev, started, client, LIMITS_CLOSED.into());
+    }
     let verdict = policy.as_ref().map(|p| {
         let v = p.decide(&Facts {
             dest: Some(dest),
@@ -286,13 +333,21 @@ async fn outbound(edge: Arc<Edge>, client: TcpStream, peer: SocketAddr) {
         reset(client);
         return;
     }
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => return fail(&edge, ev, started, client, format!("connect: {e}")),
-        Err(_) => return fail(&edge, ev, started, client, "connect: timed out".into()),
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest));
+    let upstream = tokio::select! {
+        r = connect => match r {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => return fail(&edge, ev, started, client, format!("connect: {e}")),
+            Err(_) => return fail(&edge, ev, started, client, "connect: timed out".into()),
+        },
+        () = conn.slot().killed() => {
+            return fail(&edge, ev, started, client, LIMITS_CLOSED.into());
+        }
     };
     let _ = upstream.set_nodelay(true);
-    let res = splice::relay(&client, &upstream).await;
+    // Decided and connected: no longer waiting for a first request; idle now means no byte.
+    conn.established();
+    let res = splice::relay(&client, &upstream, &|| conn.touch(), conn.slot().killed()).await;
     match res {
         Ok((out, inn)) => {
             ev.bytes_out = out;
@@ -312,9 +367,12 @@ fn fail(edge: &Edge, mut ev: AuditEvent, started: Instant, client: TcpStream, wh
 
 /// Peeks until the first bytes say what the connection is, or [`SNIFF_TIMEOUT`] passes.
 async fn peek_first(s: &TcpStream) -> Sniffed {
-    let mut buf = vec![0u8; MAX_HELLO];
+    // Small at first (a flood of half-open connections must not cost 16 KiB each); grown to
+    // what the TLS record announces, up to MAX_HELLO.
+    let mut buf = vec![0u8; 1024];
     let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
     let mut last = 0;
+    let mut pause = Duration::from_millis(2);
     loop {
         let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
@@ -324,16 +382,26 @@ async fn peek_first(s: &TcpStream) -> Sniffed {
             return Sniffed::Other;
         }
         match sniff(&buf[..n]) {
+            Sniffed::NeedMore if n == buf.len() && buf.len() < MAX_HELLO => {
+                let record = if buf[0] == 0x16 && n >= 5 {
+                    5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]))
+                } else {
+                    buf.len() * 2
+                };
+                buf.resize(record.clamp(buf.len() + 1, MAX_HELLO), 0);
+            }
             Sniffed::NeedMore if n < buf.len() => {
                 if n == last {
-                    // Peek returns at once while the data is unchanged: wait for more.
+                    // Peek returns at once while the data is unchanged: wait for more, backing
+                    // off so a thousand stalled handshakes do not spin the companion.
                     if tokio::time::timeout_at(deadline, s.readable())
                         .await
                         .is_err()
                     {
                         return Sniffed::Other;
                     }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
                 }
                 last = n;
             }

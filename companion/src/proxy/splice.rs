@@ -46,7 +46,11 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    progress: &(dyn Fn() + Sync),
+) -> io::Result<u64> {
     let (prd, pwr) = pipe()?;
     let mut total = 0u64;
     loop {
@@ -81,11 +85,24 @@ async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             }
         }
         total += n as u64;
+        progress();
     }
 }
 
-/// Relays both directions until both have ended, or until either fails (then both stop);
-/// (bytes client → upstream, upstream → client).
-pub async fn relay(client: &TcpStream, upstream: &TcpStream) -> io::Result<(u64, u64)> {
-    tokio::try_join!(one_way(client, upstream), one_way(upstream, client))
+/// Relays both directions until both have ended, or until either fails or `stop` resolves
+/// (then both stop); (bytes client → upstream, upstream → client). `progress` is called after
+/// every chunk moved.
+pub async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    progress: &(dyn Fn() + Sync),
+    stop: impl std::future::Future<Output = ()>,
+) -> io::Result<(u64, u64)> {
+    tokio::select! {
+        r = async { tokio::try_join!(one_way(client, upstream, progress), one_way(upstream, client, progress)) } => r,
+        () = stop => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "closed by the companion's connection limits (idle, or evicted for a new connection)",
+        )),
+    }
 }

@@ -331,7 +331,7 @@ pub fn pem_blocks(pem: &str, label: &str) -> Vec<Vec<u8>> {
 /// listeners fail.
 pub async fn serve(
     tcp: tokio::net::TcpListener,
-    unix: Option<tokio::net::UnixListener>,
+    unix: crate::listeners::Incoming,
     api: WorkloadApi,
 ) {
     let svc = || SpiffeWorkloadApiServer::with_interceptor(api.clone(), check_security_header);
@@ -351,26 +351,17 @@ pub async fn serve(
                 })
             },
         ));
-    match unix {
-        Some(u) => {
-            let unix_srv =
-                builder()
-                    .add_service(svc())
-                    .serve_with_incoming(futures_util::StreamExt::map(
-                        tokio_stream::wrappers::UnixListenerStream::new(u),
-                        |c| c.map(crate::h2fix::AuthorityFix::new),
-                    ));
-            let (a, b) = tokio::join!(tcp_srv, unix_srv);
-            for r in [a, b] {
-                if let Err(e) = r {
-                    eprintln!("nhi-companion: workload API: {e}");
-                }
-            }
-        }
-        None => {
-            if let Err(e) = tcp_srv.await {
-                eprintln!("nhi-companion: workload API: {e}");
-            }
+    // Connections of every container's socket (handed over by nhid while it runs).
+    let unix_srv = builder()
+        .add_service(svc())
+        .serve_with_incoming(futures_util::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(unix),
+            |c| c.map(crate::h2fix::AuthorityFix::new),
+        ));
+    let (a, b) = tokio::join!(tcp_srv, unix_srv);
+    for r in [a, b] {
+        if let Err(e) = r {
+            eprintln!("nhi-companion: workload API: {e}");
         }
     }
 }

@@ -92,8 +92,17 @@ fn create_runtime(config: &Config, state: &State) -> Result<Outcome, HookError> 
     })?;
     let mut workload = Workload::from_oci(state, &spec);
     let sa_error = attach_service_account(config, &spec, &mut workload).err();
-    let Some(rule) = select(config, &workload) else {
-        return Ok(Outcome::NotSelected);
+    let rule = match select(config, &workload) {
+        Ok(Some(rule)) => rule,
+        Ok(None) => return Ok(Outcome::NotSelected),
+        // The container asked for a rule it may not pick: it does not start, so nobody
+        // mistakes it for a workload with the identity it asked for.
+        Err(message) => {
+            return Err(HookError::Attach {
+                container: workload.container_id.clone(),
+                message,
+            })
+        }
     };
     let fail = |message: String| {
         if rule.fail_open {

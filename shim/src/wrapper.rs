@@ -121,7 +121,8 @@ fn selected_rule(config: &Config, bundle: &Path, id: &str) -> Option<nhi_core::R
     });
     let state = serde_json::from_value::<oci_spec::runtime::State>(state).ok()?;
     let w = nhi_core::Workload::from_oci(&state, &spec);
-    nhi_core::select::select(config, &w).cloned()
+    // A rule the container may not pick gets no directory; the hook then refuses the container.
+    nhi_core::select::select(config, &w).ok().flatten().cloned()
 }
 
 /// `<store.containers_dir>/<id>`, root-owned, 0755 (files inside are 0400 to the container's

@@ -33,10 +33,21 @@ pub struct ContainerSocket {
 
 impl ContainerSocket {
     /// Binds `<container_dir>/workload.sock` (replacing a stale one), owned by `owner`, 0600.
+    /// Bound through `/proc/self/fd/<dir>/`: a socket path must fit in 108 bytes, and
+    /// `<containers_dir>/<64-hex container id>/workload.sock` may not; the directory is opened
+    /// without following a symlink.
     pub fn bind(container_dir: &Path, owner: HostUser) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = container_dir.join(SOCKET_NAME);
         let _ = fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)?;
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(container_dir)?;
+        let short = format!("/proc/self/fd/{}/{SOCKET_NAME}", dir.as_raw_fd());
+        let listener = UnixListener::bind(&short)?;
+        drop(dir);
         let res = (|| {
             // Nobody but root can connect before it belongs to the owner.
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
@@ -108,7 +119,8 @@ mod tests {
     #[test]
     fn sockets_belong_to_the_container_user_and_go_when_dropped() {
         let root = tempfile::tempdir().unwrap();
-        let c = root.path().join("c1");
+        // As long as a CRI container directory: longer than a socket address can be.
+        let c = root.path().join("c1".repeat(40));
         fs::create_dir(&c).unwrap();
         let me = HostUser {
             uid: nix::unistd::getuid().as_raw(),
@@ -119,7 +131,9 @@ mod tests {
         let m = fs::metadata(&p).unwrap();
         assert_eq!(m.mode() & 0o777, 0o600);
         assert_eq!((m.uid(), m.gid()), (me.uid, me.gid));
-        let _client = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        let link = root.path().join("s");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let _client = std::os::unix::net::UnixStream::connect(&link).unwrap();
         s1.listener.accept().unwrap();
         // A newer bind of the same path is not removed by the older socket.
         let s2 = ContainerSocket::bind(&c, me).unwrap();

@@ -380,6 +380,11 @@ impl Node {
         }
     }
 
+    /// nhid's pid (the parent of every companion).
+    pub fn nhid_pid(&self) -> i32 {
+        self.nhid.as_ref().expect("nhid running").id() as i32
+    }
+
     /// Sends SIGHUP to nhid (reloads the edge policies).
     pub fn reload(&self) {
         let c = self.nhid.as_ref().expect("nhid running");
@@ -459,6 +464,7 @@ impl Node {
             join_netns: None,
             mounts: vec![],
             hooks: true,
+            user: None,
         }
     }
 }
@@ -523,9 +529,15 @@ pub struct BundleBuilder<'n> {
     join_netns: Option<i32>,
     mounts: Vec<(String, PathBuf)>,
     hooks: bool,
+    user: Option<(u32, u32)>,
 }
 
 impl<'n> BundleBuilder<'n> {
+    /// The container's process runs as `uid`:`gid` (`process.user`).
+    pub fn user(mut self, uid: u32, gid: u32) -> Self {
+        self.user = Some((uid, gid));
+        self
+    }
     /// Join the network namespace of `pid` (as a pod's app container joins its sandbox's).
     pub fn join_netns(mut self, pid: i32) -> Self {
         self.join_netns = Some(pid);
@@ -585,6 +597,9 @@ impl<'n> BundleBuilder<'n> {
         env.extend(self.env.into_iter().map(Into::into));
         spec["process"]["env"] = env.into();
         spec["hostname"] = "workload".into();
+        if let Some((uid, gid)) = self.user {
+            spec["process"]["user"] = serde_json::json!({"uid": uid, "gid": gid});
+        }
         let ann: serde_json::Map<String, serde_json::Value> = self
             .annotations
             .into_iter()
@@ -699,6 +714,14 @@ impl Container {
 
     pub fn exec(&self, args: &[&str]) -> Output {
         let mut a = vec!["exec", &self.id];
+        a.extend_from_slice(args);
+        self.runc(&a)
+    }
+
+    /// `runc exec --user uid:gid`.
+    pub fn exec_as(&self, uid: u32, gid: u32, args: &[&str]) -> Output {
+        let user = format!("{uid}:{gid}");
+        let mut a = vec!["exec", "--user", &user, &self.id];
         a.extend_from_slice(args);
         self.runc(&a)
     }

@@ -800,6 +800,28 @@ annotations = { "nhi.dev/inject" = "true" }
     fn the_example_config_parses() {
         let c = parse(include_str!("../../config/nhi.toml")).unwrap();
         assert_eq!(c.audit.max_file_bytes, 64 * 1024 * 1024);
+        // A pod can never land on the name-derived rule.
+        let annotated = c.rule("annotated").unwrap();
+        assert!(!annotated.selectable);
+        assert_eq!(annotated.sources, vec![crate::workload::Source::Container]);
+    }
+
+    #[test]
+    fn the_packages_reserve_the_default_companion_range() {
+        let r = UidRange::parse(DEFAULT_COMPANION_UID_RANGE).unwrap();
+        let line = format!("nhi-companion:{}:{}", r.first, r.len());
+        for (file, text) in [
+            (
+                "packaging/debian/postinst",
+                include_str!("../../packaging/debian/postinst"),
+            ),
+            (
+                "packaging/rpm/nhi.spec.in",
+                include_str!("../../packaging/rpm/nhi.spec.in"),
+            ),
+        ] {
+            assert!(text.contains(&line), "{file} does not reserve {line}");
+        }
     }
 
     #[test]

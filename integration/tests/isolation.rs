@@ -105,12 +105,25 @@ fn one_companion_can_neither_signal_ptrace_nor_read_another_and_runs_confined() 
 
     // From companion A's uid, inside A's network namespace: B cannot be signalled, ptraced,
     // read through /proc or have its fds taken.
-    assert_eq!(attack(uid_a, a.pid(), victim, true), 0, "attack on B from A's uid");
+    assert_eq!(
+        attack(uid_a, a.pid(), victim, true),
+        0,
+        "attack on B from A's uid"
+    );
     // Not even B's own uid (what a process B left behind would have) can ptrace or read it:
     // it is not dumpable. Its /proc files belong to root for that reason.
-    assert_eq!(attack(uid_b, b.pid(), victim, false), 0, "attack on B from B's uid");
+    assert_eq!(
+        attack(uid_b, b.pid(), victim, false),
+        0,
+        "attack on B from B's uid"
+    );
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(std::fs::metadata(format!("/proc/{victim}/mem")).unwrap().uid(), 0);
+    assert_eq!(
+        std::fs::metadata(format!("/proc/{victim}/mem"))
+            .unwrap()
+            .uid(),
+        0
+    );
     // B still serves.
     assert!(b.get("/healthz").is_ok());
 
@@ -119,7 +132,8 @@ fn one_companion_can_neither_signal_ptrace_nor_read_another_and_runs_confined() 
     assert_eq!(proc_status(victim, "Seccomp_filters"), "3");
     assert_eq!(proc_status(victim, "NoNewPrivs"), "1");
     assert!(
-        node.log().contains("sandbox: seccomp on, Landlock V7, fully enforced"),
+        node.log()
+            .contains("sandbox: seccomp on, Landlock V7, fully enforced"),
         "{}",
         node.log()
     );
@@ -180,7 +194,9 @@ fn ppid_of(pid: i32, path: &mut [u8; 32], buf: &mut [u8; 512]) -> i32 {
     let Some(close) = buf[..len].iter().rposition(|b| *b == b')') else {
         return 0;
     };
-    let mut fields = buf[close + 1..len].split(|b| *b == b' ').filter(|f| !f.is_empty());
+    let mut fields = buf[close + 1..len]
+        .split(|b| *b == b' ')
+        .filter(|f| !f.is_empty());
     fields.next();
     fields.next().map(parse_int).unwrap_or(0)
 }
@@ -315,7 +331,12 @@ fn a_restarting_companion_is_never_ptraceable_nor_dumpable() {
                     // SAFETY: signals the attacker this thread forked.
                     unsafe { libc::kill(attacker, libc::SIGUSR1) };
                     let code = wait_child(attacker);
-                    assert!(back, "companion of {} did not come back: {}", c.id, node.log());
+                    assert!(
+                        back,
+                        "companion of {} did not come back: {}",
+                        c.id,
+                        node.log()
+                    );
                     races.fetch_add(1, Ordering::SeqCst);
                     match code {
                         2 => {
@@ -362,14 +383,16 @@ fn credential_endpoints_answer_only_requests_with_the_proof_header() {
     let c = node.named_container("ssrf");
     let pid = c.pid();
     // What a server-side request forgery sends: a plain GET with a Host header, nothing else.
-    for path in [
-        "/v1/token?audience=x",
-        "/v1/x509",
-        "/v1/secrets/db",
-    ] {
-        let (status, body) = raw(pid, &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:15100\r\n"));
+    for path in ["/v1/token?audience=x", "/v1/x509", "/v1/secrets/db"] {
+        let (status, body) = raw(
+            pid,
+            &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:15100\r\n"),
+        );
         assert_eq!(status, 403, "{path}: {body}");
-        assert!(body.contains("proof_required") && body.contains("Nhi-Request: true"), "{body}");
+        assert!(
+            body.contains("proof_required") && body.contains("Nhi-Request: true"),
+            "{body}"
+        );
         for leak in ["eyJ", "PRIVATE KEY", "s3cret-value"] {
             assert!(!body.contains(leak), "{path} leaked {leak}: {body}");
         }
@@ -441,7 +464,10 @@ const PY: &str = "/opt/nhi-test/pyclients/bin/python";
 /// `SPIFFE_ENDPOINT_SOCKET` alone (through a short symlink: a CRI container's host path is
 /// longer than a socket address may be; the container itself sees /run/nhi/workload.sock).
 fn py_spiffe_as(uid: u32, pid: i32, socket: &Path) -> Output {
-    assert!(Path::new(PY).is_file(), "{PY} is missing: run scripts/install-deps");
+    assert!(
+        Path::new(PY).is_file(),
+        "{PY} is missing: run scripts/install-deps"
+    );
     let link = Path::new("/tmp").join(unique_id("nhi-sock"));
     std::os::unix::fs::symlink(socket, &link).unwrap();
     let out = py_spiffe_at(uid, pid, &link);
@@ -459,7 +485,10 @@ fn py_spiffe_at(uid: u32, pid: i32, socket: &Path) -> Output {
         .args(["--clear-groups", "--", PY])
         .arg(script)
         .env_clear()
-        .env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", socket.display()))
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
         .output()
         .expect("nsenter setpriv python")
 }
@@ -489,19 +518,36 @@ fn a_non_root_container_owns_its_run_nhi_and_other_uids_get_nothing() {
         .write();
     app.start_with_nhi_runc(&node.config).unwrap();
     let dir = node.path("containers").join(&app.id);
-    assert_eq!(owner_and_mode(&dir.join("workload.sock")), (1000, 1000, 0o600));
+    assert_eq!(
+        owner_and_mode(&dir.join("workload.sock")),
+        (1000, 1000, 0o600)
+    );
     assert_eq!(owner_and_mode(&dir.join("secrets/db")), (1000, 1000, 0o400));
     // The app (uid 1000) reads its secret file; another uid in the same container does not.
     let mine = app.exec_as(1000, 1000, &["cat", "/run/nhi/secrets/db"]);
-    assert_eq!(String::from_utf8_lossy(&mine.stdout), "for-1000-only", "{mine:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&mine.stdout),
+        "for-1000-only",
+        "{mine:?}"
+    );
     let other = app.exec_as(1001, 1001, &["cat", "/run/nhi/secrets/db"]);
-    assert!(!other.status.success() && other.stdout.is_empty(), "{other:?}");
+    assert!(
+        !other.status.success() && other.stdout.is_empty(),
+        "{other:?}"
+    );
     // py-spiffe as uid 1000 over the socket; as 1001 it cannot connect.
     let sock = dir.join("workload.sock");
     let got = py_spiffe_as(1000, app.pid(), &sock);
-    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
-    assert_eq!(v["x509_spiffe_id"], format!("spiffe://{TRUST_DOMAIN}/container/u1000"));
+    assert_eq!(
+        v["x509_spiffe_id"],
+        format!("spiffe://{TRUST_DOMAIN}/container/u1000")
+    );
     let denied = py_spiffe_as(1001, app.pid(), &sock);
     assert!(!denied.status.success(), "uid 1001 used uid 1000's socket");
 
@@ -525,7 +571,11 @@ fn a_non_root_container_owns_its_run_nhi_and_other_uids_get_nothing() {
         "one socket inode per container"
     );
     let got = py_spiffe_as(2000, side.pid(), &side_sock);
-    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
     assert!(!py_spiffe_as(1000, side.pid(), &side_sock).status.success());
     // The first container's socket is served still after the second one goes.
     side.delete();
@@ -592,14 +642,18 @@ fn cri_pods_run_as_their_user_pick_only_selectable_rules_and_their_tokens_die_wi
 
     // A pod running as uid 1000 (runAsUser/runAsGroup).
     let web = spec(0, "web-0", "team-a", &[]);
-    let web_id = cri.run_pod(&web).unwrap_or_else(|e| panic!("{e}\n{}", ctd.log()));
+    let web_id = cri
+        .run_pod(&web)
+        .unwrap_or_else(|e| panic!("{e}\n{}", ctd.log()));
     let tok = kubelet_token(&node, &uids[0], PROJECTED, "team-a", "web");
     let app = cri
         .start_container_as(&web_id, &web, "app", Some(&tok), Some((1000, 1000)))
         .unwrap_or_else(|e| panic!("{e}\n{}", ctd.log()));
     let (out, _, _) = cri.exec(&app, &["/bin/id", "-u"]).unwrap();
     assert_eq!(out.trim(), "1000");
-    let (out, err, code) = cri.exec(&app, &["/bin/cat", "/run/nhi/secrets/db"]).unwrap();
+    let (out, err, code) = cri
+        .exec(&app, &["/bin/cat", "/run/nhi/secrets/db"])
+        .unwrap();
     assert_eq!((out.as_str(), code), ("pod-secret", 0), "{err}");
     let dir = node.path("containers").join(&app);
     assert_eq!(owner_and_mode(&dir.join("secrets/db")), (1000, 1000, 0o400));
@@ -607,7 +661,11 @@ fn cri_pods_run_as_their_user_pick_only_selectable_rules_and_their_tokens_die_wi
     assert_eq!(owner_and_mode(&sock), (1000, 1000, 0o600));
     let app_pid = cri.container_pid(&app).unwrap();
     let got = py_spiffe_as(1000, app_pid, &sock);
-    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
     let web_spiffe = format!("spiffe://{TRUST_DOMAIN}/ns/team-a/sa/web");
     assert_eq!(v["x509_spiffe_id"], web_spiffe.as_str());
@@ -629,13 +687,21 @@ fn cri_pods_run_as_their_user_pick_only_selectable_rules_and_their_tokens_die_wi
         &[("nhi.dev/inject", "true"), ("nhi.dev/rule", "by-name")],
     );
     let e = cri.run_pod(&pick).unwrap_err();
-    assert!(e.contains("\"by-name\"") && e.contains("not selectable"), "{e}");
+    assert!(
+        e.contains("\"by-name\"") && e.contains("not selectable"),
+        "{e}"
+    );
     // Nor does a name-derived rule limited to plain containers select a pod on its own.
     let other = spec(2, "other-0", "elsewhere", &[("nhi.dev/inject", "true")]);
     let other_id = cri.run_pod(&other).unwrap();
-    let plain = cri.start_container(&other_id, &other, "admin", None).unwrap();
+    let plain = cri
+        .start_container(&other_id, &other, "admin", None)
+        .unwrap();
     let (_, _, code) = cri
-        .exec(&plain, &["/bin/wget", "-qO-", "http://127.0.0.1:15100/v1/identity"])
+        .exec(
+            &plain,
+            &["/bin/wget", "-qO-", "http://127.0.0.1:15100/v1/identity"],
+        )
         .unwrap();
     assert_ne!(code, 0, "no companion for a pod no rule may select");
 
@@ -682,7 +748,10 @@ fn cri_pods_run_as_their_user_pick_only_selectable_rules_and_their_tokens_die_wi
     );
     let took = removed.elapsed();
     assert!(took < Duration::from_secs(2), "{took:?}");
-    let out = node.nhictl(&["token", "verify", "--audience", "svc"], deleted.as_bytes());
+    let out = node.nhictl(
+        &["token", "verify", "--audience", "svc"],
+        deleted.as_bytes(),
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("deny list"),
         "{out:?}"
@@ -695,7 +764,9 @@ fn cri_pods_run_as_their_user_pick_only_selectable_rules_and_their_tokens_die_wi
         .any(|r| r["kind"] == "workload_ended"
             && r["spiffe_id"] == web_spiffe.as_str()
             && r["decision"] == "deny"
-            && r["detail"].as_str().is_some_and(|d| d.contains("JWT-SVIDs")))));
+            && r["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("JWT-SVIDs")))));
     for p in [other_id, replica_id] {
         cri.stop_pod(&p).unwrap();
         cri.remove_pod(&p).unwrap();

@@ -781,6 +781,8 @@ spiffe_id = "ctr/{container.id}"
             &id,
             "/bin/wget",
             "-qO-",
+            "--header",
+            PROOF_HEADER,
             url,
         ]);
         assert!(out.status.success(), "{out:?}\n{}", node.log());

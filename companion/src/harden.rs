@@ -364,19 +364,11 @@ fn allowlist() -> Result<std::collections::BTreeMap<i64, Vec<seccompiler::Seccom
             ],
         )?,
     );
-    rules.insert(
-        libc::SYS_ioctl,
-        one_of(
-            1,
-            Len::Dword,
-            &[
-                libc::FIONBIO as u64,
-                libc::FIONREAD as u64,
-                libc::FIOCLEX as u64,
-                libc::FIONCLEX as u64,
-            ],
-        )?,
-    );
+    // ioctl request numbers are `c_ulong`, whose width depends on the target.
+    let ioctls: [libc::c_ulong; 4] = [libc::FIONBIO, libc::FIONREAD, libc::FIOCLEX, libc::FIONCLEX];
+    #[allow(clippy::unnecessary_cast)]
+    let ioctls = ioctls.map(|r| r as u64);
+    rules.insert(libc::SYS_ioctl, one_of(1, Len::Dword, &ioctls)?);
     rules.insert(
         libc::SYS_prctl,
         one_of(

@@ -94,7 +94,11 @@ pub fn bin_dir() -> PathBuf {
 }
 
 pub fn bin(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
+    bin_in(&bin_dir(), name)
+}
+
+fn bin_in(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
     assert!(
         p.is_file(),
         "{} is missing: build the workspace binaries first (cargo build --workspace --bins), or set NHI_BIN_DIR",
@@ -152,6 +156,8 @@ pub struct Node {
     pub runc_root: PathBuf,
     /// The companion uids of this node's nhid.
     pub uids: UidBlock,
+    /// Where its nhi binaries come from.
+    bins: PathBuf,
     nhid: Option<Child>,
 }
 
@@ -172,6 +178,17 @@ impl Node {
     }
 
     pub fn with_config(rules: &str, extra_top: &str) -> Node {
+        Self::build(rules, extra_top, bin_dir(), false)
+    }
+
+    /// A node running an earlier nhi build from `bin_dir` (e.g. main's, for a benchmark
+    /// against it in the same run). `legacy_user`: that build predates `companion.uid_range`
+    /// and takes one `companion.user` (given the first uid of this node's block).
+    pub fn with_bin_dir(rules: &str, bin_dir: &Path, legacy_user: bool) -> Node {
+        Self::build(rules, "", bin_dir.to_path_buf(), legacy_user)
+    }
+
+    fn build(rules: &str, extra_top: &str, bins: PathBuf, legacy_user: bool) -> Node {
         require_runtime();
         let dir = tempfile::Builder::new()
             .prefix("nhi-it-")
@@ -184,8 +201,13 @@ impl Node {
         fs::create_dir(&bin_copy).unwrap();
         fs::set_permissions(&bin_copy, fs::Permissions::from_mode(0o755)).unwrap();
         let companion = bin_copy.join("nhi-companion");
-        install_exec_only(&bin("nhi-companion"), &companion);
+        install_exec_only(&bin_in(&bins, "nhi-companion"), &companion);
         let uids = UidBlock::claim();
+        let companion_uids = if legacy_user {
+            format!("user = \"{}\"", uids.first)
+        } else {
+            format!("uid_range = \"{}\"", uids.range())
+        };
 
         let state_dir = dir.path().join("state");
         let socket = dir.path().join("run/nhid.sock");
@@ -206,11 +228,10 @@ impl Node {
         fs::write(
             &config,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\nuid_range = \"{}\"\n{store}{rules}",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\n{companion_uids}\n{store}{rules}",
                 state_dir.display(),
                 socket.display(),
                 companion.display(),
-                uids.range(),
             ),
         )
         .unwrap();
@@ -225,8 +246,14 @@ impl Node {
             runc_root,
             dir,
             uids,
+            bins,
             nhid: None,
         }
+    }
+
+    /// This node's binary `name`.
+    pub fn bin(&self, name: &str) -> PathBuf {
+        bin_in(&self.bins, name)
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -249,7 +276,7 @@ impl Node {
 
     /// Runs `nhictl --config <this node's config> args...` with `stdin`.
     pub fn nhictl(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = Command::new(bin("nhictl"))
+        let mut child = Command::new(self.bin("nhictl"))
             .arg("--config")
             .arg(&self.config)
             .args(args)
@@ -320,7 +347,7 @@ impl Node {
     }
 
     pub fn try_start(&mut self) -> Result<(), String> {
-        self.try_start_with(Command::new(bin("nhid")))
+        self.try_start_with(Command::new(self.bin("nhid")))
     }
 
     /// Starts nhid through `nhid` (a command that ends in an nhid binary, e.g. an installed one
@@ -626,7 +653,7 @@ impl<'n> BundleBuilder<'n> {
                 }));
         }
         if self.hooks {
-            let hook = bin("nhi-hook").display().to_string();
+            let hook = self.node.bin("nhi-hook").display().to_string();
             let cfg = self.node.config.display().to_string();
             spec["hooks"] = serde_json::json!({
                 "createRuntime": [{"path": hook, "args": ["nhi-hook", "createRuntime", "--config", cfg]}],

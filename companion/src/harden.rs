@@ -95,29 +95,40 @@ pub struct Applied {
 /// the calling thread and the threads it starts later).
 pub fn sandbox(landlock: Enforcement, seccomp: Enforcement) -> Result<Applied, String> {
     let mut applied = Applied::default();
-    match restrict_files() {
-        Ok(how) => applied.landlock = Some(how),
-        Err(e) if landlock == Enforcement::IfAvailable => applied
-            .warnings
-            .push(format!("Landlock not applied (companion.landlock = \"if_available\"): {e}")),
-        Err(e) => {
-            return Err(format!(
-                "cannot apply Landlock: {e}; the companion refuses to start without it (set companion.landlock = \"if_available\" to allow it on this kernel)"
-            ))
-        }
-    }
-    match filters().and_then(|f| install(&f)) {
-        Ok(()) => applied.seccomp = true,
-        Err(e) if seccomp == Enforcement::IfAvailable => applied
-            .warnings
-            .push(format!("seccomp not applied (companion.seccomp = \"if_available\"): {e}")),
-        Err(e) => {
-            return Err(format!(
-                "cannot apply the seccomp filter: {e}; the companion refuses to start without it (set companion.seccomp = \"if_available\" to allow it on this kernel)"
-            ))
-        }
-    }
+    applied.landlock = layer(
+        "Landlock",
+        "landlock",
+        landlock,
+        restrict_files(),
+        &mut applied,
+    )?;
+    let filtered = filters().and_then(|f| install(&f));
+    applied.seccomp = layer("seccomp", "seccomp", seccomp, filtered, &mut applied)?.is_some();
     Ok(applied)
+}
+
+/// The outcome of applying one layer: what it applied, `None` with a warning where the
+/// operator allowed it to be missing (`companion.<key> = "if_available"`), else an error that
+/// stops the companion.
+fn layer<T>(
+    name: &str,
+    key: &str,
+    enforcement: Enforcement,
+    result: Result<T, String>,
+    applied: &mut Applied,
+) -> Result<Option<T>, String> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if enforcement == Enforcement::IfAvailable => {
+            applied.warnings.push(format!(
+                "{name} not applied (companion.{key} = \"if_available\"): {e}"
+            ));
+            Ok(None)
+        }
+        Err(e) => Err(format!(
+            "cannot apply {name}: {e}; the companion refuses to start without it (set companion.{key} = \"if_available\" to allow it on this kernel)"
+        )),
+    }
 }
 
 /// Landlock: no filesystem access at all from now on; signals and abstract unix sockets

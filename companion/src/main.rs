@@ -19,10 +19,10 @@ struct Args {
     #[arg(long)]
     fd_channel_fd: i32,
     /// The seccomp filter: "required" (refuse to start without it) or "if_available".
-    #[arg(long, default_value = "required", value_parser = enforcement)]
+    #[arg(long, default_value = "required")]
     seccomp: nhi_core::config::Enforcement,
     /// Landlock: "required" or "if_available".
-    #[arg(long, default_value = "required", value_parser = enforcement)]
+    #[arg(long, default_value = "required")]
     landlock: nhi_core::config::Enforcement,
     /// Most JWT-SVID audience sets kept cached.
     #[arg(long, default_value_t = 64)]
@@ -30,17 +30,6 @@ struct Args {
     /// SPIFFE Workload API (gRPC) address inside the workload's network namespace.
     #[arg(long, default_value = nhi_core::config::DEFAULT_WORKLOAD_API_LISTEN)]
     workload_api_listen: SocketAddr,
-}
-
-fn enforcement(s: &str) -> Result<nhi_core::config::Enforcement, String> {
-    use nhi_core::config::Enforcement;
-    match s {
-        "required" => Ok(Enforcement::Required),
-        "if_available" => Ok(Enforcement::IfAvailable),
-        other => Err(format!(
-            "{other:?}: expected \"required\" or \"if_available\""
-        )),
-    }
 }
 
 fn main() {

@@ -244,6 +244,7 @@ impl UidRange {
         u64::from(self.last - self.first) + 1
     }
 
+    /// Never: FIRST <= LAST.
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -280,6 +281,16 @@ impl Enforcement {
             Enforcement::Required => "required",
             Enforcement::IfAvailable => "if_available",
         }
+    }
+}
+
+impl std::str::FromStr for Enforcement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Enforcement::Required, Enforcement::IfAvailable]
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| format!("{s:?}: expected \"required\" or \"if_available\""))
     }
 }
 

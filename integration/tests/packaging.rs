@@ -233,6 +233,9 @@ const ACCEPTED_LINTIAN: &[&str] = &[
     "hardening-no-fortify-functions",
     "package-supports-alternative-init-but-no-init.d-script",
     "spelling-error-in-binary",
+    // The companion is exec-only (0711) so the kernel starts it non-dumpable.
+    "executable-is-not-world-readable",
+    "non-standard-executable-perm",
 ];
 
 #[test]
@@ -425,6 +428,9 @@ fn deb_installs_upgrades_and_purges_cleanly_in_a_clean_debian_root() {
     let passwd_before = fs::read_to_string(root.path("/etc/passwd")).unwrap();
     let group_before = fs::read_to_string(root.path("/etc/group")).unwrap();
     let shadow_before = fs::read_to_string(root.path("/etc/shadow")).unwrap();
+    let subids_before: Vec<Option<String>> = ["/etc/subuid", "/etc/subgid"]
+        .map(|f| fs::read_to_string(root.path(f)).ok())
+        .to_vec();
     fs::copy(&p.deb, root.path("/tmp/nhi.deb")).unwrap();
 
     // Install: maintainer scripts run; no systemd here, so nothing is enabled or started.
@@ -563,6 +569,13 @@ fn deb_installs_upgrades_and_purges_cleanly_in_a_clean_debian_root() {
     assert_eq!(
         fs::read_to_string(root.path("/etc/shadow")).unwrap(),
         shadow_before
+    );
+    let subids_after: Vec<Option<String>> = ["/etc/subuid", "/etc/subgid"]
+        .map(|f| fs::read_to_string(root.path(f)).ok())
+        .to_vec();
+    assert_eq!(
+        subids_after, subids_before,
+        "the reserved range is released"
     );
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use nhi_core::select::select;
 use nhi_core::wire::{AgentRequest, AgentResponse, Status, WorkloadStatus};
+use nhi_core::workload::HostUser;
 use nhi_core::Workload;
 use tokio::sync::Mutex;
 
@@ -35,6 +36,26 @@ pub(crate) struct Attachment {
     pub(crate) running: Option<Running>,
     /// Container id → its init process when attached.
     pub(crate) containers: BTreeMap<String, ProcRef>,
+    /// Container id → who its process runs as (owner of its `/run/nhi` files), when known.
+    pub(crate) users: BTreeMap<String, HostUser>,
+}
+
+impl Attachment {
+    fn new(rule: &str, first: Workload) -> Self {
+        Attachment {
+            rule: rule.to_string(),
+            first,
+            netns: None,
+            running: None,
+            containers: BTreeMap::new(),
+            users: BTreeMap::new(),
+        }
+    }
+
+    /// The owner of container `cid`'s `/run/nhi` files.
+    pub(crate) fn owner_of(&self, cid: &str, pid: i32) -> std::io::Result<HostUser> {
+        crate::secrets::owner(self.users.get(cid).copied(), pid)
+    }
 }
 
 #[derive(Default)]
@@ -83,10 +104,11 @@ impl Agent {
             } => {
                 let cid = workload.container_id.clone();
                 let res = self.attach(*workload, pid, &rule).await;
-                if let Ok(AgentResponse::Attached { netns_inode, .. }) = &res {
-                    // Secret files are in place before the workload's process starts.
+                if let Ok(AgentResponse::Attached { .. }) = &res {
+                    // Secret files and the socket are in place before the workload's process
+                    // starts.
                     self.deliver_files(&cid, pid).await;
-                    self.link_workload_socket(&cid, pid, *netns_inode);
+                    self.give_workload_socket(&cid, pid).await;
                 }
                 res
             }
@@ -124,12 +146,23 @@ impl Agent {
     ) -> Result<AgentResponse, String> {
         let cfg = &self.ctx.config;
         let cid = workload.container_id.clone();
-        let Some(rule) = select(cfg, &workload) else {
+        let Some(rule) = select(cfg, &workload).map_err(|e| format!("container {cid}: {e}"))?
+        else {
             if !hook_rule.is_empty() {
                 tracing::warn!(container = %cid, hook_rule, "hook selected a rule but nhid's config selects none; is the hook reading another config?");
             }
             return Ok(AgentResponse::NotSelected);
         };
+        let range = cfg.companion.uid_range;
+        if let Some(u) = workload
+            .user
+            .filter(|u| range.contains(u.uid) || range.contains(u.gid))
+        {
+            return Err(format!(
+                "container {cid} runs as uid {} gid {} (its process.user), inside companion.uid_range {range}: a workload never shares an id with a companion",
+                u.uid, u.gid
+            ));
+        }
         if rule.name != hook_rule {
             tracing::warn!(container = %cid, hook_rule, rule = %rule.name, "hook and nhid picked different rules; using nhid's");
         }
@@ -200,13 +233,13 @@ impl Agent {
     ) -> Result<AgentResponse, String> {
         let inode = netns.inode;
         let mut reg = self.registry.lock().await;
-        let attachment = reg.by_netns.entry(inode).or_insert_with(|| Attachment {
-            rule: rule.name.clone(),
-            first: workload.clone(),
-            netns: None,
-            running: None,
-            containers: BTreeMap::new(),
-        });
+        let attachment = reg
+            .by_netns
+            .entry(inode)
+            .or_insert_with(|| Attachment::new(&rule.name, workload.clone()));
+        if let Some(u) = workload.user {
+            attachment.users.insert(cid.clone(), u);
+        }
         let Some(spiffe_id) = spiffe_id else {
             // A sandbox: reserve the namespace, the pod's first app container brings the identity.
             if attachment.running.is_none() && attachment.netns.is_none() {
@@ -236,18 +269,27 @@ impl Agent {
                 joined: true,
             });
         }
-        let identity = Arc::new(Identity {
-            spiffe_id: spiffe_id.clone(),
-            rule: rule.name.clone(),
+        let user = workload.user;
+        let identity = Arc::new(Identity::new(
+            spiffe_id.clone(),
+            rule.name.clone(),
             workload,
-        });
+        ));
+        let uid = match self.ctx.uids.allocate() {
+            Ok(uid) => uid,
+            Err(e) => {
+                forget_if_empty(&mut reg, inode);
+                self.sync(&reg, inode);
+                return Err(format!("container {cid}: {e}"));
+            }
+        };
         let ns = attachment.netns.take().unwrap_or(netns);
         // Start the companion without holding the registry: other containers keep starting
         // and stopping meanwhile.
         drop(reg);
-        let started = match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
+        let started = match supervisor::start(self.ctx.clone(), identity.clone(), ns, uid).await {
             // Rules only once the companion listens: intercepted traffic never meets a closed port.
-            Ok(c) => match crate::edge::install(&self.ctx, &identity, pid).await {
+            Ok(c) => match crate::edge::install(&self.ctx, &identity, pid, c.uid()).await {
                 Ok(edge) => Ok((c, edge)),
                 Err(e) => {
                     c.stop().await;
@@ -260,28 +302,24 @@ impl Agent {
         let (companion, edge) = match started {
             Ok(c) => c,
             Err(e) => {
-                match reg.by_netns.get_mut(&inode) {
-                    Some(a) if a.containers.is_empty() => {
-                        reg.by_netns.remove(&inode);
-                    }
-                    Some(a) => {
+                if !forget_if_empty(&mut reg, inode) {
+                    if let Some(a) = reg.by_netns.get_mut(&inode) {
                         // Keep the reservation usable for the next app container.
                         a.netns = NetNs::of_pid(pid).ok();
                     }
-                    None => {}
                 }
                 self.sync(&reg, inode);
                 return Err(format!("container {cid}: {e}"));
             }
         };
         // The sandbox may have gone while we started: this container still holds the namespace.
-        let attachment = reg.by_netns.entry(inode).or_insert_with(|| Attachment {
-            rule: rule.name.clone(),
-            first: identity.workload.clone(),
-            netns: None,
-            running: None,
-            containers: BTreeMap::new(),
-        });
+        let attachment = reg
+            .by_netns
+            .entry(inode)
+            .or_insert_with(|| Attachment::new(&rule.name, identity.workload.clone()));
+        if let Some(u) = user {
+            attachment.users.insert(cid.clone(), u);
+        }
         let companion_pid = companion.pid();
         tracing::info!(container = %cid, %spiffe_id, rule = %rule.name, netns = inode, companion_pid, "attached");
         attachment.rule = rule.name.clone();
@@ -301,47 +339,78 @@ impl Agent {
         })
     }
 
-    /// Gives the container its Workload API socket (`/run/nhi/workload.sock`) if the injection
-    /// path made it a `/run/nhi` directory.
-    fn link_workload_socket(&self, container_id: &str, pid: i32, inode: u64) {
+    /// Gives the container its own Workload API socket (`/run/nhi/workload.sock`, owned by
+    /// who its process runs as) and its AWS token file, if the injection path made it a
+    /// `/run/nhi` directory, and hands the socket to its companion.
+    async fn give_workload_socket(&self, container_id: &str, pid: i32) {
         let containers_dir = &self.ctx.config.store.containers_dir;
-        if let Some(dir) = crate::secrets::container_dir(containers_dir, container_id) {
-            match crate::secrets::owner_of(pid) {
-                Ok(owner) => crate::wapi::link_into(&dir, containers_dir, inode, owner),
-                Err(e) => tracing::error!(container = %container_id, "workload API socket: {e}"),
+        let Some(dir) = crate::secrets::container_dir(containers_dir, container_id) else {
+            return;
+        };
+        let reg = self.registry.lock().await;
+        let Some(a) = reg
+            .netns_of
+            .get(container_id)
+            .and_then(|i| reg.by_netns.get(i))
+        else {
+            return;
+        };
+        let Some(r) = &a.running else { return };
+        let res = a.owner_of(container_id, pid).and_then(|owner| {
+            crate::wapi::write_aws_token(&dir, r.companion.aws_token(), owner);
+            crate::wapi::ContainerSocket::bind(&dir, owner)
+        });
+        match res {
+            Ok(socket) => r.companion.add_socket(container_id, socket),
+            Err(e) => {
+                tracing::error!(container = %container_id, "workload API socket (TCP only): {e}")
             }
+        }
+    }
+
+    /// The on-disk record of attachment `a` of namespace `inode`; with `ledger`, what its
+    /// companion was issued (saved at shutdown).
+    fn record(inode: u64, a: &Attachment, ledger: bool) -> Record {
+        Record {
+            netns_inode: inode,
+            rule: a.rule.clone(),
+            spiffe_id: a.running.as_ref().map(|r| r.identity.spiffe_id.to_string()),
+            workload: a
+                .running
+                .as_ref()
+                .map(|r| r.identity.workload.clone())
+                .unwrap_or_else(|| a.first.clone()),
+            containers: a
+                .containers
+                .iter()
+                .map(|(id, p)| ContainerRecord {
+                    id: id.clone(),
+                    pid: p.pid,
+                    start_time: p.start_time,
+                    user: a.users.get(id).copied(),
+                })
+                .collect(),
+            companion_uid: a.running.as_ref().map(|r| r.companion.uid()),
+            issued: a
+                .running
+                .as_ref()
+                .filter(|_| ledger)
+                .map(|r| r.identity.issued.live()),
         }
     }
 
     /// Writes (or removes) the on-disk record of namespace `inode` from the registry.
     fn sync(&self, reg: &Registry, inode: u64) {
         match reg.by_netns.get(&inode) {
-            Some(a) if !a.containers.is_empty() => self.store.save(&Record {
-                netns_inode: inode,
-                rule: a.rule.clone(),
-                spiffe_id: a.running.as_ref().map(|r| r.identity.spiffe_id.to_string()),
-                workload: a
-                    .running
-                    .as_ref()
-                    .map(|r| r.identity.workload.clone())
-                    .unwrap_or_else(|| a.first.clone()),
-                containers: a
-                    .containers
-                    .iter()
-                    .map(|(id, p)| ContainerRecord {
-                        id: id.clone(),
-                        pid: p.pid,
-                        start_time: p.start_time,
-                    })
-                    .collect(),
-            }),
+            Some(a) if !a.containers.is_empty() => self.store.save(&Self::record(inode, a, false)),
             _ => self.store.remove(inode),
         }
     }
 
     /// After a restart: brings back the companions (and pod reservations) of containers that
     /// still run, if the current config still gives them the same identity. Everything else
-    /// is dropped.
+    /// is dropped; what the companions of workloads that ended meanwhile were issued goes on
+    /// the deny list.
     pub async fn recover(&self) {
         crate::wapi::clear_stale(&self.ctx.config.store.containers_dir);
         for rec in self.store.load_all() {
@@ -364,11 +433,12 @@ impl Agent {
                 .values()
                 .find_map(|p| NetNs::of_pid(p.pid).ok().filter(|n| n.inode == inode));
             let (Some(ns), false) = (ns, alive.is_empty()) else {
+                self.ended_while_away(&rec).await;
                 self.store.remove(inode);
                 continue;
             };
             let cfg = &self.ctx.config;
-            let Some(rule) = select(cfg, &rec.workload) else {
+            let Some(rule) = select(cfg, &rec.workload).ok().flatten() else {
                 tracing::warn!(
                     netns = inode,
                     "not restoring an attachment the config no longer selects"
@@ -376,13 +446,14 @@ impl Agent {
                 self.store.remove(inode);
                 continue;
             };
-            let mut attachment = Attachment {
-                rule: rule.name.clone(),
-                first: rec.workload.clone(),
-                netns: None,
-                running: None,
-                containers: alive,
-            };
+            let mut attachment = Attachment::new(&rule.name, rec.workload.clone());
+            attachment.users = rec
+                .containers
+                .iter()
+                .filter(|c| alive.contains_key(&c.id))
+                .filter_map(|c| c.user.map(|u| (c.id.clone(), u)))
+                .collect();
+            attachment.containers = alive;
             match &rec.spiffe_id {
                 None => attachment.netns = Some(ns),
                 Some(id) => {
@@ -392,27 +463,38 @@ impl Agent {
                         self.store.remove(inode);
                         continue;
                     };
-                    let identity = Arc::new(Identity {
-                        spiffe_id,
-                        rule: rule.name.clone(),
-                        workload: rec.workload.clone(),
-                    });
+                    let mut identity =
+                        Identity::new(spiffe_id, rule.name.clone(), rec.workload.clone());
+                    if let Some(l) = rec.issued.clone() {
+                        identity.issued = crate::revoke::WorkloadLedger::restored(l);
+                    }
+                    let identity = Arc::new(identity);
+                    // Its former uid if nothing uses it any more, else a fresh one.
+                    let uid = match rec.companion_uid.filter(|u| self.ctx.uids.claim(*u)) {
+                        Some(uid) => Ok(uid),
+                        None => self.ctx.uids.allocate(),
+                    };
                     let pid = attachment.containers.values().next().map(|p| p.pid);
-                    match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
+                    let started = match uid {
+                        Ok(uid) => {
+                            supervisor::start(self.ctx.clone(), identity.clone(), ns, uid).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match started {
                         Ok(companion) => {
-                            tracing::info!(netns = inode, spiffe_id = %id, companion_pid = companion.pid(), "companion restored after restart");
+                            tracing::info!(netns = inode, spiffe_id = %id, companion_pid = companion.pid(), companion_uid = companion.uid(), "companion restored after restart");
                             let edge = match pid {
-                                Some(pid) => crate::edge::install(&self.ctx, &identity, pid)
-                                    .await
-                                    .unwrap_or_else(|e| {
-                                        tracing::error!(netns = inode, spiffe_id = %id, "restoring edge policy: {e}");
-                                        None
-                                    }),
+                                Some(pid) => {
+                                    crate::edge::install(&self.ctx, &identity, pid, companion.uid())
+                                        .await
+                                        .unwrap_or_else(|e| {
+                                            tracing::error!(netns = inode, spiffe_id = %id, "restoring edge policy: {e}");
+                                            None
+                                        })
+                                }
                                 None => None,
                             };
-                            for (cid, p) in &attachment.containers {
-                                self.link_workload_socket(cid, p.pid, inode);
-                            }
                             attachment.running = Some(Running {
                                 identity,
                                 companion,
@@ -427,12 +509,88 @@ impl Agent {
                     }
                 }
             }
-            let mut reg = self.registry.lock().await;
-            for c in attachment.containers.keys() {
-                reg.netns_of.insert(c.clone(), inode);
+            let containers: Vec<(String, i32)> = attachment
+                .containers
+                .iter()
+                .map(|(c, p)| (c.clone(), p.pid))
+                .collect();
+            {
+                let mut reg = self.registry.lock().await;
+                for (c, _) in &containers {
+                    reg.netns_of.insert(c.clone(), inode);
+                }
+                reg.by_netns.insert(inode, attachment);
+                self.sync(&reg, inode);
             }
-            reg.by_netns.insert(inode, attachment);
-            self.sync(&reg, inode);
+            for (c, pid) in containers {
+                self.give_workload_socket(&c, pid).await;
+            }
+        }
+    }
+
+    /// A workload whose containers all ended while `nhid` was away: what its companion was
+    /// issued (saved at the last shutdown) goes on the deny list.
+    async fn ended_while_away(&self, rec: &Record) {
+        let (Some(id), Some(issued)) = (&rec.spiffe_id, &rec.issued) else {
+            return;
+        };
+        let Ok(spiffe_id) = nhi_core::SpiffeId::parse(id) else {
+            return;
+        };
+        let mut identity = Identity::new(spiffe_id, rec.rule.clone(), rec.workload.clone());
+        identity.issued = crate::revoke::WorkloadLedger::restored(issued.clone());
+        let ids: Vec<String> = rec.containers.iter().map(|c| c.id.clone()).collect();
+        self.workload_ended(&identity, &ids).await;
+    }
+
+    /// The last container of `identity`'s workload (`containers`) is gone: what its companion
+    /// was issued and has not expired goes on the deny list (here, in the store for the other
+    /// nodes, and for `nhid` restarts) until it expires. Audited.
+    pub(crate) async fn workload_ended(&self, identity: &Identity, containers: &[String]) {
+        use nhi_core::audit::Decision;
+        let id = identity.spiffe_id.as_str();
+        let what = describe(&identity.workload, containers);
+        let _sync = self.revocation_sync.lock().await;
+        let Some(entry) =
+            self.ctx
+                .revocations
+                .workload_ended(id, what.clone(), &identity.issued.live())
+        else {
+            crate::audit::workload_ended(
+                &self.ctx,
+                identity,
+                Decision::Allow,
+                format!("{what} ended; none of its credentials is still valid"),
+            );
+            return;
+        };
+        let stored = self.ctx.store.put_revocation(&entry).await;
+        drop(_sync);
+        let until = entry.ended.as_ref().map_or(0, |e| e.expires_at);
+        let mut detail = format!(
+            "{what} ended; {} JWT-SVIDs and {} X.509-SVIDs it was issued are denied until {until}",
+            entry.jtis.len(),
+            entry.serials.len()
+        );
+        let decision = match stored {
+            Ok(()) => Decision::Deny,
+            Err(e) => {
+                tracing::error!(spiffe_id = %id, "denying an ended workload's credentials: in effect on this node, not saved: {e}");
+                detail.push_str(&format!(" (on this node only: the store failed: {e})"));
+                Decision::Error
+            }
+        };
+        tracing::info!(spiffe_id = %id, jtis = entry.jtis.len(), serials = entry.serials.len(), until, "workload ended; its credentials are denied");
+        crate::audit::workload_ended(&self.ctx, identity, decision, detail);
+    }
+
+    /// Ended-workload entries whose credentials have all expired leave the deny list.
+    pub async fn prune_deny_list(&self) {
+        let _sync = self.revocation_sync.lock().await;
+        for key in self.ctx.revocations.prune_ended() {
+            if let Err(e) = self.ctx.store.remove_revocation(&key).await {
+                tracing::warn!(entry = %key, "removing an expired deny-list entry: {e}");
+            }
         }
     }
 
@@ -456,11 +614,8 @@ impl Agent {
             };
             let stopped = matches!(ended, Some(Some(_)));
             if let Some(Some(r)) = ended {
-                r.companion.stop().await;
-                if let Some(ns) = r.edge {
-                    crate::edge::remove(ns).await;
-                }
-                tracing::info!(container = %container_id, spiffe_id = %r.identity.spiffe_id, "detached; companion stopped");
+                self.end(r, &[container_id.to_string()]).await;
+                tracing::info!(container = %container_id, "detached; companion stopped");
             }
             AgentResponse::Detached { stopped }
         })
@@ -508,10 +663,35 @@ impl Agent {
         self.ctx.metrics.attached.set(running as i64);
     }
 
+    /// Stops the companion of a workload whose last container (`containers`) is gone, removes
+    /// its edge rules, and denies what it was issued.
+    async fn end(&self, r: Running, containers: &[String]) {
+        // Stopped first, so its ledger is complete (no issuance after its channel closed).
+        r.companion.stop().await;
+        self.workload_ended(&r.identity, containers).await;
+        if let Some(ns) = r.edge {
+            crate::edge::remove(ns).await;
+        }
+    }
+
     /// Detaches containers whose process is gone without a poststop (runtime crash, `kill -9`
-    /// of the runtime, a missed hook), so companions and issuance never outlive their workload.
+    /// of the runtime, a missed hook), so companions and issuance never outlive their workload;
+    /// returns uids of ended companions to the pool once they have no process left and drops
+    /// expired deny-list entries of ended workloads.
     pub async fn collect_garbage(&self) {
-        let stale: Vec<Running> = {
+        self.collect_containers().await;
+        if self.ctx.uids.draining() {
+            let uids = self.ctx.uids.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                uids.reap(&crate::uids::live_uids(uids.range()))
+            })
+            .await;
+        }
+        self.prune_deny_list().await;
+    }
+
+    async fn collect_containers(&self) {
+        let stale: Vec<(Running, String)> = {
             let mut reg = self.registry.lock().await;
             let dead: Vec<(u64, String)> = reg
                 .by_netns
@@ -524,24 +704,70 @@ impl Agent {
             for (inode, c) in &dead {
                 tracing::info!(container = %c, "container process is gone without poststop; detaching");
                 crate::secrets::remove_container_dir(&self.ctx.config.store.containers_dir, c);
-                stale.extend(take_container_in(&mut reg, *inode, c).flatten());
+                stale.extend(
+                    take_container_in(&mut reg, *inode, c)
+                        .flatten()
+                        .map(|r| (r, c.clone())),
+                );
                 self.sync(&reg, *inode);
             }
             stale
         };
-        stop_all(stale).await;
+        // Concurrently: one slow companion does not hold up the others.
+        futures_util::future::join_all(
+            stale
+                .into_iter()
+                .map(|(r, c)| async move { self.end(r, &[c]).await }),
+        )
+        .await;
     }
 
-    /// Stops every companion (daemon shutdown). Their records stay on disk: the next start
-    /// restores the companions of containers that still run.
+    /// Stops every companion (daemon shutdown). Their records stay on disk, with what each
+    /// was issued: the next start restores the companions of containers that still run and
+    /// denies what the others were issued.
     pub async fn shutdown(&self) {
         let all: Vec<Attachment> = {
             let mut reg = self.registry.lock().await;
+            for (inode, a) in &reg.by_netns {
+                if !a.containers.is_empty() {
+                    self.store.save(&Self::record(*inode, a, true));
+                }
+            }
             reg.netns_of.clear();
             reg.by_netns.drain().map(|(_, a)| a).collect()
         };
         stop_all(all.into_iter().filter_map(|a| a.running).collect()).await;
     }
+}
+
+/// Which workload ended, for its deny-list entry and audit record: its containers, and its pod
+/// or Nomad allocation.
+fn describe(w: &Workload, containers: &[String]) -> String {
+    let mut s = format!("container {}", containers.join(","));
+    if let Some(k) = &w.k8s {
+        s.push_str(&format!(
+            " of pod {}/{}",
+            k.namespace.as_deref().unwrap_or("?"),
+            k.pod.as_deref().unwrap_or("?")
+        ));
+    }
+    if let Some(n) = w.nomad.as_ref().and_then(|n| n.alloc_id.as_deref()) {
+        s.push_str(&format!(" of Nomad allocation {n}"));
+    }
+    s
+}
+
+/// Removes namespace `inode`'s attachment if no container holds it; whether it did.
+fn forget_if_empty(reg: &mut Registry, inode: u64) -> bool {
+    if reg
+        .by_netns
+        .get(&inode)
+        .is_some_and(|a| a.containers.is_empty())
+    {
+        reg.by_netns.remove(&inode);
+        return true;
+    }
+    false
 }
 
 /// Stops companions concurrently: one slow companion does not hold up the others.
@@ -567,6 +793,10 @@ fn take_container_in(
 ) -> Option<Option<Running>> {
     let a = reg.by_netns.get_mut(&inode)?;
     a.containers.remove(container_id)?;
+    a.users.remove(container_id);
+    if let Some(r) = &a.running {
+        r.companion.remove_socket(container_id);
+    }
     if reg.netns_of.get(container_id) == Some(&inode) {
         reg.netns_of.remove(container_id);
     }

@@ -18,7 +18,8 @@ use crate::supervisor::Identity;
 /// A container of an attached workload, where its secret files go.
 struct Target {
     identity: Arc<Identity>,
-    containers: Vec<(String, i32)>,
+    /// Container id, its init pid and who its process runs as.
+    containers: Vec<(String, i32, Option<nhi_core::workload::HostUser>)>,
 }
 
 impl Agent {
@@ -43,7 +44,7 @@ impl Agent {
                     containers: a
                         .containers
                         .iter()
-                        .map(|(c, p)| (c.clone(), p.pid))
+                        .map(|(c, p)| (c.clone(), p.pid, a.users.get(c).copied()))
                         .collect(),
                 })
             })
@@ -66,15 +67,19 @@ impl Agent {
         let Some(dir) = secrets::container_dir(containers_dir, container_id) else {
             return;
         };
-        let identity = {
+        let found = {
             let reg = self.registry.lock().await;
             reg.netns_of
                 .get(container_id)
                 .and_then(|i| reg.by_netns.get(i))
-                .and_then(|a| a.running.as_ref())
-                .map(|r| r.identity.clone())
+                .and_then(|a| {
+                    let r = a.running.as_ref()?;
+                    Some((r.identity.clone(), a.users.get(container_id).copied()))
+                })
         };
-        let Some(identity) = identity else { return };
+        let Some((identity, user)) = found else {
+            return;
+        };
         if self.ctx.revocations.is_revoked(identity.spiffe_id.as_str()) {
             return;
         }
@@ -87,14 +92,22 @@ impl Agent {
         };
         for info in names {
             if self.is_granted(&identity, &info.name) {
-                self.write_file(&dir, container_id, pid, &info.name).await;
+                self.write_file(&dir, container_id, pid, user, &info.name)
+                    .await;
             }
         }
     }
 
-    async fn write_file(&self, dir: &std::path::Path, container_id: &str, pid: i32, name: &str) {
+    async fn write_file(
+        &self,
+        dir: &std::path::Path,
+        container_id: &str,
+        pid: i32,
+        user: Option<nhi_core::workload::HostUser>,
+        name: &str,
+    ) {
         let res = async {
-            let owner = secrets::owner_of(pid).map_err(|e| e.to_string())?;
+            let owner = secrets::owner(user, pid).map_err(|e| e.to_string())?;
             match self.ctx.store.get(name).await.map_err(|e| e.to_string())? {
                 Some(s) => secrets::write(dir, name, &s.value, owner).map_err(|e| e.to_string()),
                 None => {
@@ -125,9 +138,9 @@ impl Agent {
             .await;
         let containers_dir = &self.ctx.config.store.containers_dir;
         for t in targets {
-            for (cid, pid) in &t.containers {
+            for (cid, pid, user) in &t.containers {
                 if let Some(dir) = secrets::container_dir(containers_dir, cid) {
-                    self.write_file(&dir, cid, *pid, name).await;
+                    self.write_file(&dir, cid, *pid, *user, name).await;
                 }
             }
             tracing::info!(spiffe_id = %t.identity.spiffe_id, secret = %name, "secret change pushed");
@@ -260,7 +273,7 @@ impl Agent {
             .await;
         let containers_dir = &self.ctx.config.store.containers_dir;
         for t in targets {
-            for (cid, pid) in &t.containers {
+            for (cid, pid, _) in &t.containers {
                 if revoked {
                     if let Some(dir) = secrets::container_dir(containers_dir, cid) {
                         secrets::clear(&dir);

@@ -11,18 +11,20 @@ use crate::agent::Agent;
 use crate::netns::NetNs;
 use crate::supervisor::{Ctx, Identity};
 
-/// Installs the rules for `identity` in the namespace of `pid` if it has a policy; the returned
-/// handle keeps the namespace reachable for removal and reloads.
+/// Installs the rules for `identity` (whose companion runs as `companion_uid`) in the namespace
+/// of `pid` if it has a policy; the returned handle keeps the namespace reachable for removal
+/// and reloads.
 pub(crate) async fn install(
     ctx: &Ctx,
     identity: &Identity,
     pid: i32,
+    companion_uid: u32,
 ) -> Result<Option<NetNs>, String> {
     let Some(policy) = ctx.policy_for(identity) else {
         return Ok(None);
     };
     let ns = NetNs::of_pid(pid).map_err(|e| format!("network namespace of pid {pid}: {e}"))?;
-    let script = crate::nft::ruleset(&policy, &ctx.config.egress, ctx.user.uid);
+    let script = crate::nft::ruleset(&policy, &ctx.config.egress, companion_uid);
     let ns = tokio::task::spawn_blocking(move || crate::nft::apply(&ns.file, &script).map(|_| ns))
         .await
         .map_err(|e| e.to_string())?
@@ -73,10 +75,14 @@ impl Agent {
             });
             match (policy.is_some(), r.edge.take()) {
                 (true, _) => match pid {
-                    Some(pid) => match install(&self.ctx, &r.identity, pid).await {
-                        Ok(ns) => r.edge = ns,
-                        Err(e) => tracing::error!(spiffe_id = %r.identity.spiffe_id, "reload: {e}"),
-                    },
+                    Some(pid) => {
+                        match install(&self.ctx, &r.identity, pid, r.companion.uid()).await {
+                            Ok(ns) => r.edge = ns,
+                            Err(e) => {
+                                tracing::error!(spiffe_id = %r.identity.spiffe_id, "reload: {e}")
+                            }
+                        }
+                    }
                     None => {
                         tracing::warn!(spiffe_id = %r.identity.spiffe_id, "reload: no live container to enter")
                     }

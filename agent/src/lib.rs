@@ -21,12 +21,16 @@ pub mod spiffe_bundle;
 pub mod store;
 pub mod supervisor;
 pub mod sync;
+pub mod uids;
 pub mod wapi;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use nhi_core::Config;
+
+/// The account the packages reserve the companion uid range for in /etc/subuid and /etc/subgid.
+pub const COMPANION_RANGE_OWNER: &str = "nhi-companion";
 
 /// How often containers that vanished without a poststop are looked for.
 const GC_INTERVAL: Duration = Duration::from_secs(5);
@@ -36,14 +40,13 @@ pub async fn run(config: Config) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("nhid must run as root: it enters network namespaces and switches companions to their own uid".into());
     }
-    let user = spawn::CompanionUser::resolve(&config.companion.user)?;
-    let bin = &config.companion.binary;
-    if !bin.is_file() {
-        return Err(format!(
-            "companion binary {} does not exist (companion.binary)",
-            bin.display()
-        ));
-    }
+    // Companions are separated by uid and start non-dumpable: both are checked before any
+    // companion runs, so a setup that would break them is refused, not silently weakened.
+    spawn::check_binary(&config.companion.binary)?;
+    spawn::check_suid_dumpable()?;
+    let range = config.companion.uid_range;
+    uids::check_reserved(range, COMPANION_RANGE_OWNER)?;
+    let uids = Arc::new(uids::UidAllocator::new(range, &uids::live_uids(range)));
     keystore::create_private_dir(&config.state_dir).map_err(|e| e.to_string())?;
     // One nhid per state dir: a second one would restore (and fight over) the same companions.
     let _single = lock_state_dir(&config.state_dir)?;
@@ -84,7 +87,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         audit,
         metrics,
         issuer,
-        user,
+        uids,
         store: Arc::new(store),
         revocations: Arc::new(revoke::Revocations::new(revocations)),
         policies: std::sync::RwLock::new(Arc::new(config.policies.clone())),

@@ -2,14 +2,17 @@
 //! still-running containers back instead of leaving them without identity.
 //!
 //! One small JSON file per network namespace under `<state_dir>/attachments/`, holding only
-//! what the runtime attested (container ids, init pid + start time, the workload metadata, the
-//! rule and SPIFFE ID): no keys, no tokens. Written with an atomic rename; not fsynced, because
+//! what the runtime attested (container ids, init pid + start time, the uid each runs as, the
+//! workload metadata, the rule and SPIFFE ID), the companion's uid, and at shutdown the `jti`s
+//! and serials its companion was issued (to deny them if the workload ends while `nhid` is
+//! away): no keys, no tokens. Written with an atomic rename; not fsynced, because
 //! a lost record only means that companion is not restored, and container starts should not
 //! wait for the disk.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use nhi_core::workload::HostUser;
 use nhi_core::Workload;
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +21,9 @@ pub struct ContainerRecord {
     pub id: String,
     pub pid: i32,
     pub start_time: u64,
+    /// Who its process runs as (owner of its `/run/nhi` files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<HostUser>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +34,12 @@ pub struct Record {
     pub spiffe_id: Option<String>,
     pub workload: Workload,
     pub containers: Vec<ContainerRecord>,
+    /// The uid the companion runs as (kept across `nhid` restarts when still clean).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub companion_uid: Option<u32>,
+    /// Credentials the companion was issued, saved at `nhid` shutdown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued: Option<crate::revoke::Ledger>,
 }
 
 pub struct Store {
@@ -111,7 +123,13 @@ mod tests {
                 id: "c".into(),
                 pid: 7,
                 start_time: 9,
+                user: Some(HostUser {
+                    uid: 1000,
+                    gid: 1000,
+                }),
             }],
+            companion_uid: Some(1879048192),
+            issued: None,
         };
         s.save(&r);
         s.save(&r);
@@ -123,5 +141,14 @@ mod tests {
         );
         s.remove(42);
         assert!(s.load_all().is_empty());
+        // Records written before companion uids and container users load.
+        fs::write(
+            d.path().join("attachments/1.json"),
+            r#"{"netns_inode":1,"rule":"r","spiffe_id":null,"workload":{"container_id":"c"},"containers":[{"id":"c","pid":7,"start_time":9}]}"#,
+        )
+        .unwrap();
+        let old = s.load_all();
+        assert_eq!(old[0].companion_uid, None);
+        assert_eq!(old[0].containers[0].user, None);
     }
 }

@@ -1,35 +1,114 @@
-//! Revocation: the deny list and the ledger of credentials this node issued.
+//! Revocation and the end of workloads: the deny list and the ledgers of credentials this node
+//! issued.
 //!
 //! Revoking an identity stops issuance for it, makes its companions drop every cached credential,
 //! and puts what was already issued on the deny list: every `jti` / certificate serial this
 //! node's ledger holds for it, plus a cut-off time (`revoked_at`) that catches credentials the
 //! ledger no longer knows (issued before a restart, or on another node).
+//!
+//! When a workload's last container is gone, what its companion was issued (its own ledger,
+//! [`WorkloadLedger`]) goes on the deny list as an `ended` entry until the last of it expires:
+//! a token copied out of a deleted pod is refused by everything that asks `nhid`, while other
+//! workloads of the same identity (replicas) keep theirs.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
-use nhi_core::wire::Revocation;
+use nhi_core::wire::{EndedWorkload, Revocation};
+use serde::{Deserialize, Serialize};
 
 use crate::issuer::now_unix;
 
-/// Most credentials remembered per identity; the oldest go first (the cut-off still covers them).
+/// Most credentials remembered per identity or workload; the oldest go first (for an
+/// identity, the cut-off still covers them).
 const LEDGER_PER_IDENTITY: usize = 4096;
 
-#[derive(Clone)]
-struct Issued {
-    id: String,
-    expires_at: u64,
+/// One credential issued: its `jti` or serial and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    pub id: String,
+    pub expires_at: u64,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    #[serde(default)]
+    pub jtis: VecDeque<Issued>,
+    #[serde(default)]
+    pub serials: VecDeque<Issued>,
+}
+
+impl Ledger {
+    /// Only what has not expired.
+    fn live(&self) -> Ledger {
+        let now = now_unix();
+        let keep =
+            |q: &VecDeque<Issued>| q.iter().filter(|i| i.expires_at > now).cloned().collect();
+        Ledger {
+            jtis: keep(&self.jtis),
+            serials: keep(&self.serials),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.jtis.is_empty() && self.serials.is_empty()
+    }
+}
+
+/// What one workload (one companion, restarts included) was issued.
+#[derive(Debug, Default)]
+pub struct WorkloadLedger(Mutex<Ledger>);
+
+impl WorkloadLedger {
+    pub fn restored(saved: Ledger) -> Self {
+        WorkloadLedger(Mutex::new(saved.live()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn record_jwt(&self, jti: &str, expires_at: u64) {
+        remember(&mut self.lock().jtis, jti, expires_at);
+    }
+
+    pub fn record_x509(&self, serial: &str, expires_at: u64) {
+        remember(&mut self.lock().serials, serial, expires_at);
+    }
+
+    /// What has not expired yet (saved with the attachment at `nhid` shutdown).
+    pub fn live(&self) -> Ledger {
+        self.lock().live()
+    }
 }
 
 #[derive(Default)]
-struct Ledger {
-    jtis: VecDeque<Issued>,
-    serials: VecDeque<Issued>,
+struct List {
+    entries: BTreeMap<String, Revocation>,
+    /// Every listed `jti` / serial, for a lookup that does not walk the entries.
+    jtis: HashSet<String>,
+    serials: HashSet<String>,
+}
+
+impl List {
+    fn index(&mut self, r: &Revocation) {
+        self.jtis.extend(r.jtis.iter().cloned());
+        self.serials.extend(r.serials.iter().cloned());
+    }
+
+    fn reindex(&mut self) {
+        self.jtis.clear();
+        self.serials.clear();
+        let all: Vec<Revocation> = self.entries.values().cloned().collect();
+        for r in &all {
+            self.index(r);
+        }
+    }
 }
 
 #[derive(Default)]
 pub struct Revocations {
-    list: Mutex<BTreeMap<String, Revocation>>,
+    list: Mutex<List>,
     ledger: Mutex<HashMap<String, Ledger>>,
 }
 
@@ -44,14 +123,6 @@ fn remember(q: &mut VecDeque<Issued>, id: &str, expires_at: u64) {
     });
 }
 
-fn live(q: &VecDeque<Issued>) -> Vec<String> {
-    let now = now_unix();
-    q.iter()
-        .filter(|i| i.expires_at > now)
-        .map(|i| i.id.clone())
-        .collect()
-}
-
 impl Revocations {
     pub fn new(list: Vec<Revocation>) -> Self {
         let r = Revocations::default();
@@ -59,7 +130,7 @@ impl Revocations {
         r
     }
 
-    fn list(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Revocation>> {
+    fn list(&self) -> std::sync::MutexGuard<'_, List> {
         self.list.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -86,65 +157,136 @@ impl Revocations {
     }
 
     pub fn is_revoked(&self, spiffe_id: &str) -> bool {
-        self.list().contains_key(spiffe_id)
+        // Ended-workload entries are keyed `ended/...`, never by a SPIFFE ID.
+        self.list().entries.contains_key(spiffe_id)
     }
 
     /// Adds (or refreshes) the revocation of `spiffe_id` and returns it.
     pub fn revoke(&self, spiffe_id: &str) -> Revocation {
-        let (jtis, serials) = self
+        let live = self
             .ledger()
             .get(spiffe_id)
-            .map(|l| (live(&l.jtis), live(&l.serials)))
+            .map(Ledger::live)
             .unwrap_or_default();
         let mut list = self.list();
         let r = list
+            .entries
             .entry(spiffe_id.to_string())
             .or_insert_with(|| Revocation {
                 spiffe_id: spiffe_id.into(),
                 revoked_at: 0,
                 jtis: Vec::new(),
                 serials: Vec::new(),
+                ended: None,
             });
         r.revoked_at = now_unix();
-        for j in jtis {
-            if !r.jtis.contains(&j) {
-                r.jtis.push(j);
+        for j in live.jtis {
+            if !r.jtis.contains(&j.id) {
+                r.jtis.push(j.id);
             }
         }
-        for s in serials {
-            if !r.serials.contains(&s) {
-                r.serials.push(s);
+        for s in live.serials {
+            if !r.serials.contains(&s.id) {
+                r.serials.push(s.id);
             }
         }
-        r.clone()
+        let r = r.clone();
+        list.index(&r);
+        r
+    }
+
+    /// Puts what a workload of `spiffe_id` was issued and has not expired on the deny list
+    /// until it expires; `None` when nothing is left to deny. `workload` says which workload.
+    pub fn workload_ended(
+        &self,
+        spiffe_id: &str,
+        workload: String,
+        ledger: &Ledger,
+    ) -> Option<Revocation> {
+        let live = ledger.live();
+        if live.is_empty() {
+            return None;
+        }
+        let expires_at = live
+            .jtis
+            .iter()
+            .chain(live.serials.iter())
+            .map(|i| i.expires_at)
+            .max()
+            .unwrap_or(0);
+        let mut raw = [0u8; 16];
+        getrandom::fill(&mut raw).expect("the OS random source failed");
+        let r = Revocation {
+            spiffe_id: spiffe_id.into(),
+            revoked_at: 0,
+            jtis: live.jtis.into_iter().map(|i| i.id).collect(),
+            serials: live.serials.into_iter().map(|i| i.id).collect(),
+            ended: Some(EndedWorkload {
+                id: raw.iter().map(|b| format!("{b:02x}")).collect(),
+                workload,
+                ended_at: now_unix(),
+                expires_at,
+            }),
+        };
+        let mut list = self.list();
+        list.entries.insert(r.key(), r.clone());
+        list.index(&r);
+        Some(r)
+    }
+
+    /// Drops ended-workload entries whose credentials have all expired; their keys, for the
+    /// store.
+    pub fn prune_ended(&self) -> Vec<String> {
+        let now = now_unix();
+        let mut list = self.list();
+        let gone: Vec<String> = list
+            .entries
+            .iter()
+            .filter(|(_, r)| r.ended.as_ref().is_some_and(|e| e.expires_at <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !gone.is_empty() {
+            for k in &gone {
+                list.entries.remove(k);
+            }
+            list.reindex();
+        }
+        gone
     }
 
     /// Lifts the revocation; `false` if there was none.
     pub fn undo(&self, spiffe_id: &str) -> bool {
-        self.list().remove(spiffe_id).is_some()
+        let mut list = self.list();
+        let removed = list.entries.remove(spiffe_id).is_some();
+        if removed {
+            list.reindex();
+        }
+        removed
     }
 
     pub fn snapshot(&self) -> Vec<Revocation> {
-        self.list().values().cloned().collect()
+        self.list().entries.values().cloned().collect()
     }
 
     /// Replaces the list (loaded from the store); returns the identities newly revoked and the
-    /// ones no longer revoked.
+    /// ones no longer revoked (ended-workload entries concern no identity and are not named).
     pub fn replace(&self, new: Vec<Revocation>) -> (Vec<String>, Vec<String>) {
         let mut list = self.list();
-        let new: BTreeMap<String, Revocation> =
-            new.into_iter().map(|r| (r.spiffe_id.clone(), r)).collect();
+        let new: BTreeMap<String, Revocation> = new.into_iter().map(|r| (r.key(), r)).collect();
+        let identity = |r: &Revocation| r.ended.is_none();
         let added = new
-            .keys()
-            .filter(|k| !list.contains_key(*k))
-            .cloned()
+            .iter()
+            .filter(|(k, r)| identity(r) && !list.entries.contains_key(*k))
+            .map(|(k, _)| k.clone())
             .collect();
         let removed = list
-            .keys()
-            .filter(|k| !new.contains_key(*k))
-            .cloned()
+            .entries
+            .iter()
+            .filter(|(k, r)| identity(r) && !new.contains_key(*k))
+            .map(|(k, _)| k.clone())
             .collect();
-        *list = new;
+        list.entries = new;
+        list.reindex();
         (added, removed)
     }
 
@@ -152,11 +294,11 @@ impl Revocations {
     pub fn denies_jwt(&self, sub: &str, jti: Option<&str>, iat: Option<u64>) -> Option<String> {
         let list = self.list();
         if let Some(jti) = jti {
-            if list.values().any(|r| r.jtis.iter().any(|j| j == jti)) {
+            if list.jtis.contains(jti) {
                 return Some(format!("token {jti} is on the deny list"));
             }
         }
-        let r = list.get(sub)?;
+        let r = list.entries.get(sub)?;
         // Issued at or before the revocation (or no iat at all): refused.
         if iat.is_none_or(|iat| iat <= r.revoked_at) {
             return Some(format!("{sub} was revoked at {}", r.revoked_at));
@@ -165,9 +307,7 @@ impl Revocations {
     }
 
     pub fn denies_serial(&self, serial: &str) -> bool {
-        self.list()
-            .values()
-            .any(|r| r.serials.iter().any(|s| s == serial))
+        self.list().serials.contains(serial)
     }
 }
 
@@ -209,5 +349,72 @@ mod tests {
         r.replace(vec![rev]);
         assert!(r.undo("spiffe://td/a"));
         assert!(!r.undo("spiffe://td/a"));
+        assert!(!r.denies_serial("01:02"), "lifted with the revocation");
+    }
+
+    #[test]
+    fn an_ended_workload_s_credentials_are_denied_until_they_expire_and_only_those() {
+        let r = Revocations::default();
+        let now = now_unix();
+        let gone = WorkloadLedger::default();
+        gone.record_jwt("j-gone", now + 300);
+        gone.record_jwt("j-expired", now - 1);
+        gone.record_x509("s-gone", now + 3600);
+        let replica = WorkloadLedger::default();
+        replica.record_jwt("j-replica", now + 300);
+        assert!(r
+            .workload_ended(
+                "spiffe://td/a",
+                "c1".into(),
+                &WorkloadLedger::default().live()
+            )
+            .is_none());
+        let e = r
+            .workload_ended("spiffe://td/a", "container c1".into(), &gone.live())
+            .unwrap();
+        assert_eq!(e.jtis, vec!["j-gone"]);
+        assert_eq!(e.serials, vec!["s-gone"]);
+        let ended = e.ended.as_ref().unwrap();
+        assert_eq!(ended.expires_at, now + 3600);
+        assert!(e.key().starts_with("ended/"));
+        assert!(r
+            .denies_jwt("spiffe://td/a", Some("j-gone"), Some(now))
+            .is_some());
+        assert!(r.denies_serial("s-gone"));
+        // The identity itself is not revoked: its other workloads go on.
+        assert!(!r.is_revoked("spiffe://td/a"));
+        assert!(r
+            .denies_jwt("spiffe://td/a", Some("j-replica"), Some(now))
+            .is_none());
+        // Another node learns it through the store; it names no identity to notify.
+        let other = Revocations::default();
+        let (added, removed) = other.replace(r.snapshot());
+        assert!(added.is_empty() && removed.is_empty());
+        assert!(other
+            .denies_jwt("spiffe://td/a", Some("j-gone"), None)
+            .is_some());
+        assert!(r.prune_ended().is_empty(), "not expired yet");
+        // Saved at shutdown and restored: expired credentials are dropped.
+        let saved = gone.live();
+        assert_eq!(saved.jtis.len(), 1);
+        let restored = WorkloadLedger::restored(saved.clone());
+        assert_eq!(restored.live(), saved);
+    }
+
+    #[test]
+    fn expired_ended_entries_are_pruned() {
+        let r = Revocations::default();
+        let mut l = Ledger::default();
+        l.jtis.push_back(Issued {
+            id: "j".into(),
+            expires_at: now_unix() + 1,
+        });
+        let e = r.workload_ended("spiffe://td/a", "c".into(), &l).unwrap();
+        let mut list = r.snapshot();
+        list[0].ended.as_mut().unwrap().expires_at = now_unix() - 1;
+        r.replace(list);
+        assert_eq!(r.prune_ended(), vec![e.key()]);
+        assert!(r.snapshot().is_empty());
+        assert!(r.denies_jwt("spiffe://td/a", Some("j"), None).is_none());
     }
 }

@@ -1,13 +1,17 @@
 //! Secret files: `<containers_dir>/<container id>/secrets/<name>`, which `nhi-runc` bind-mounts
 //! read-only at `/run/nhi` in the container, so the workload reads `/run/nhi/secrets/<name>`.
 //! `nhid` writes them (the companion never touches the host's filesystem): mode 0400, owned by
-//! the container's uid, replaced by rename so a reader sees the old or the new value, never a
-//! partial one. `/run` is a tmpfs: nothing reaches a disk.
+//! the uid/gid the container's process runs as (the OCI spec's `process.user`, so a non-root
+//! app reads its files and other uids in the container read nothing), replaced by rename so a
+//! reader sees the old or the new value, never a partial one. `/run` is a tmpfs: nothing
+//! reaches a disk.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use nhi_core::workload::HostUser;
 
 /// The per-container directory, if the injection path created it (only `nhi-runc` and the shim
 /// can add the mount; with the plain OCI hook there is none and secrets are HTTP-only).
@@ -28,8 +32,12 @@ pub fn container_dir(containers_dir: &Path, container_id: &str) -> Option<PathBu
         .map(|_| dir)
 }
 
-/// The real uid and gid of process `pid`, as the host sees them.
-pub fn owner_of(pid: i32) -> std::io::Result<(u32, u32)> {
+/// The owner of a container's files: who its process runs as, else (no `process.user` the
+/// host can map) the real uid/gid of its init process `pid` as the host sees it.
+pub fn owner(user: Option<HostUser>, pid: i32) -> std::io::Result<HostUser> {
+    if let Some(u) = user {
+        return Ok(u);
+    }
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| {
         status
@@ -39,11 +47,14 @@ pub fn owner_of(pid: i32) -> std::io::Result<(u32, u32)> {
             .and_then(|v| v.parse::<u32>().ok())
             .ok_or_else(|| std::io::Error::other(format!("no {name} in /proc/{pid}/status")))
     };
-    Ok((field("Uid:")?, field("Gid:")?))
+    Ok(HostUser {
+        uid: field("Uid:")?,
+        gid: field("Gid:")?,
+    })
 }
 
 /// Atomically replaces `<dir>/secrets/<name>` with `value`, mode 0400, owned by `owner`.
-pub fn write(dir: &Path, name: &str, value: &[u8], owner: (u32, u32)) -> std::io::Result<()> {
+pub fn write(dir: &Path, name: &str, value: &[u8], owner: HostUser) -> std::io::Result<()> {
     let secrets = dir.join("secrets");
     match fs::DirBuilder::new().mode(0o755).create(&secrets) {
         Ok(()) => fs::set_permissions(&secrets, fs::Permissions::from_mode(0o755))?,
@@ -61,12 +72,7 @@ pub fn write(dir: &Path, name: &str, value: &[u8], owner: (u32, u32)) -> std::io
 /// Replaces `path` with `value` through `tmp` (same directory) by rename: readers see the old
 /// or the new content, never a partial one. Mode 0400, owned by `owner`, never through a
 /// symlink; the temporary file is removed on failure.
-pub fn write_owned(
-    tmp: &Path,
-    path: &Path,
-    value: &[u8],
-    owner: (u32, u32),
-) -> std::io::Result<()> {
+pub fn write_owned(tmp: &Path, path: &Path, value: &[u8], owner: HostUser) -> std::io::Result<()> {
     let _ = fs::remove_file(tmp);
     let res = (|| {
         let mut f = OpenOptions::new()
@@ -75,7 +81,7 @@ pub fn write_owned(
             .mode(0o400)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(tmp)?;
-        std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))?;
+        std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid))?;
         f.write_all(value)?;
         f.sync_all()?;
         fs::rename(tmp, path)
@@ -120,14 +126,18 @@ mod tests {
         std::os::unix::fs::symlink("/etc", root.path().join("evil")).unwrap();
         assert!(container_dir(root.path(), "evil").is_none());
         let dir = container_dir(root.path(), "c1").unwrap();
-        let me = owner_of(std::process::id() as i32).unwrap();
+        let me = owner(None, std::process::id() as i32).unwrap();
+        assert_eq!(
+            owner(Some(HostUser { uid: 7, gid: 8 }), 1).unwrap(),
+            HostUser { uid: 7, gid: 8 }
+        );
         write(&dir, "db", b"v1", me).unwrap();
         write(&dir, "db", b"v2", me).unwrap();
         let f = dir.join("secrets/db");
         assert_eq!(fs::read(&f).unwrap(), b"v2");
         let m = fs::metadata(&f).unwrap();
         assert_eq!(m.mode() & 0o777, 0o400);
-        assert_eq!((m.uid(), m.gid()), me);
+        assert_eq!((m.uid(), m.gid()), (me.uid, me.gid));
         assert_eq!(
             fs::read_dir(dir.join("secrets")).unwrap().count(),
             1,

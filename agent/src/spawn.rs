@@ -9,42 +9,89 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Stdio;
 
+use nhi_core::config::Enforcement;
 use tokio::process::{Child, Command};
 
-/// The uid/gid companions run as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CompanionUser {
-    pub uid: u32,
-    pub gid: u32,
+/// Refuses a companion binary that a companion uid could read. The kernel starts a process
+/// non-dumpable when it execs a file its uid cannot read (`would_dump()` in fs/exec.c), so such
+/// a companion can be neither ptraced nor read through `/proc` by any unprivileged process
+/// from its first instruction, long before it could set that itself. A readable binary would
+/// reopen that window, so it is refused, never silently used. Checked at `nhid` start and
+/// before every spawn (a later `chmod` or `install -m 755` over it is caught too).
+pub fn check_binary(path: &Path) -> Result<(), String> {
+    let fix = format!(
+        "install it root-owned and exec-only: chown root:root {p} && chmod 0711 {p} (the packages install it so)",
+        p = path.display()
+    );
+    let m = std::fs::metadata(path).map_err(|e| {
+        format!(
+            "companion binary {} (companion.binary): {e}",
+            path.display()
+        )
+    })?;
+    if !m.is_file() {
+        return Err(format!(
+            "companion binary {} (companion.binary) is not a regular file",
+            path.display()
+        ));
+    }
+    let mode = m.mode() & 0o7777;
+    let problem = if m.uid() != 0 {
+        Some(format!("is owned by uid {}, not root", m.uid()))
+    } else if mode & 0o022 != 0 {
+        Some(format!("is writable by group or others (mode {mode:04o})"))
+    } else if mode & 0o004 != 0 || (mode & 0o040 != 0 && m.gid() != 0) {
+        Some(format!(
+            "is readable by companion uids (mode {mode:04o}): the kernel would start companions dumpable, ptrace-able by their own uid until they protect themselves"
+        ))
+    } else if mode & 0o001 == 0 {
+        Some(format!(
+            "is not executable by companion uids (mode {mode:04o})"
+        ))
+    } else if has_acl(path) {
+        Some("carries a POSIX ACL, which may let companion uids read it (setfacl -b it)".into())
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(format!(
+            "companion binary {} (companion.binary) {p}; {fix}",
+            path.display()
+        )),
+        None => Ok(()),
+    }
 }
 
-impl CompanionUser {
-    /// Resolves `name` (a passwd name, or a numeric uid used also as gid). Never root.
-    pub fn resolve(name: &str) -> Result<Self, String> {
-        let user = if let Ok(uid) = name.parse::<u32>() {
-            CompanionUser { uid, gid: uid }
-        } else {
-            let u = nix::unistd::User::from_name(name)
-                .map_err(|e| format!("looking up companion user {name:?}: {e}"))?
-                .ok_or_else(|| {
-                    format!(
-                        "companion user {name:?} does not exist; create it (useradd --system --no-create-home --shell /usr/sbin/nologin {name}) or set companion.user to a numeric uid"
-                    )
-                })?;
-            CompanionUser {
-                uid: u.uid.as_raw(),
-                gid: u.gid.as_raw(),
-            }
-        };
-        if user.uid == 0 || user.gid == 0 {
-            return Err(format!(
-                "companion user {name:?} resolves to uid/gid 0; companions never run as root"
-            ));
-        }
-        Ok(user)
+/// Whether `path` has an access ACL (beyond its mode bits).
+fn has_acl(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return true;
+    };
+    // SAFETY: both strings are NUL-terminated; a NULL buffer of size 0 only asks for the size.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    n > 0
+}
+
+/// With `fs.suid_dumpable = 1` the kernel makes even an unreadable binary's process dumpable
+/// (and a process that changed its uid): companions would be ptrace-able by their own uid.
+pub fn check_suid_dumpable() -> Result<(), String> {
+    match std::fs::read_to_string("/proc/sys/fs/suid_dumpable") {
+        Ok(v) if v.trim() == "1" => Err(
+            "fs.suid_dumpable is 1 (debug): the kernel would let each companion's own uid ptrace it; set it to 0 or 2 (sysctl -w fs.suid_dumpable=0)".into(),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -52,61 +99,60 @@ pub struct Spawned {
     pub child: Child,
     /// nhid's end of the channel.
     pub channel: tokio::net::UnixStream,
+    /// nhid's end of the fd channel (`SOCK_SEQPACKET`): listening sockets handed to the
+    /// companion while it runs (a pod's app containers each get a Workload API socket).
+    pub fds: OwnedFd,
+    /// The uid (and gid) it runs as.
+    pub uid: u32,
 }
 
-/// Where the companion serves, beyond its HTTP address.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Serving<'a> {
+/// How a companion is started.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    pub binary: &'a Path,
+    /// HTTP API address; `None` turns the HTTP API off.
+    pub listen: Option<&'a str>,
     /// SPIFFE Workload API TCP address (`companion.workload_api_listen`).
     pub workload_api_listen: Option<&'a str>,
-    /// A listening unix socket nhid bound for the Workload API; inherited by the child.
-    pub listener_fd: Option<RawFd>,
+    pub max_cached_audiences: usize,
+    /// Its own uid (and gid), from `companion.uid_range`.
+    pub uid: u32,
+    pub seccomp: Enforcement,
+    pub landlock: Enforcement,
 }
 
-/// Forks and execs `binary` inside the network namespace behind `netns_fd`.
-pub fn spawn_companion(
-    binary: &Path,
-    listen: &str,
-    max_cached_audiences: usize,
-    user: CompanionUser,
-    netns_fd: &impl AsRawFd,
-) -> io::Result<Spawned> {
-    spawn_companion_serving(
-        binary,
-        listen,
-        max_cached_audiences,
-        user,
-        netns_fd,
-        Serving::default(),
-    )
-}
-
-/// [`spawn_companion`], also passing the Workload API address and socket.
-pub fn spawn_companion_serving(
-    binary: &Path,
-    listen: &str,
-    max_cached_audiences: usize,
-    user: CompanionUser,
-    netns_fd: &impl AsRawFd,
-    serving: Serving<'_>,
-) -> io::Result<Spawned> {
+/// Forks and execs the companion inside the network namespace behind `netns_fd`.
+pub fn spawn_companion(launch: &Launch<'_>, netns_fd: &impl AsRawFd) -> io::Result<Spawned> {
+    check_binary(launch.binary).map_err(io::Error::other)?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let theirs: OwnedFd = theirs.into();
     let theirs_fd = theirs.as_raw_fd();
+    let (fds_ours, fds_theirs) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let fds_theirs_fd = fds_theirs.as_raw_fd();
     let ns_fd = netns_fd.as_raw_fd();
-    let mut cmd = Command::new(binary);
-    cmd.arg("--listen")
-        .arg(listen)
-        .arg("--channel-fd")
+    let mut cmd = Command::new(launch.binary);
+    match launch.listen {
+        Some(l) => cmd.arg("--listen").arg(l),
+        None => cmd.arg("--no-http-api"),
+    };
+    cmd.arg("--channel-fd")
         .arg(theirs_fd.to_string())
+        .arg("--fd-channel-fd")
+        .arg(fds_theirs_fd.to_string())
         .arg("--max-cached-audiences")
-        .arg(max_cached_audiences.to_string());
-    if let Some(addr) = serving.workload_api_listen {
+        .arg(launch.max_cached_audiences.to_string())
+        .arg("--seccomp")
+        .arg(launch.seccomp.name())
+        .arg("--landlock")
+        .arg(launch.landlock.name());
+    if let Some(addr) = launch.workload_api_listen {
         cmd.arg("--workload-api-listen").arg(addr);
-    }
-    let listener_fd = serving.listener_fd.unwrap_or(-1);
-    if listener_fd >= 0 {
-        cmd.arg("--listener-fd").arg(listener_fd.to_string());
     }
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -115,7 +161,8 @@ pub fn spawn_companion_serving(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let CompanionUser { uid, gid } = user;
+    let (uid, gid) = (launch.uid, launch.uid);
+    let keep = [theirs_fd, fds_theirs_fd];
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
     // (setns, close_range, fcntl, setsid, prctl, setgroups, setresgid, setresuid), which are
     // async-signal-safe; it allocates nothing and takes no locks.
@@ -129,18 +176,15 @@ pub fn spawn_companion_serving(
                 }
             }
             check(libc::setns(ns_fd, libc::CLONE_NEWNET) as _)?;
-            // Keep only stdio and the channel fd across exec: nhid's own fds are CLOEXEC, but
+            // Keep only stdio and the channel fds across exec: nhid's own fds are CLOEXEC, but
             // whatever nhid itself inherited (from systemd, a shell, a test harness) may not be.
             // Marked close-on-exec rather than closed, so std's own pipe that reports a failed
             // exec back to nhid keeps working.
-            cloexec_fds_except(theirs_fd);
-            let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
-            check(flags as _)?;
-            check(libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) as _)?;
-            if listener_fd >= 0 {
-                let flags = libc::fcntl(listener_fd, libc::F_GETFD);
+            cloexec_fds_except(keep);
+            for fd in keep {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
                 check(flags as _)?;
-                check(libc::fcntl(listener_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) as _)?;
+                check(libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) as _)?;
             }
             // Own session: signals to nhid's process group (e.g. on restart) don't reach it.
             check(libc::setsid() as _)?;
@@ -161,6 +205,9 @@ pub fn spawn_companion_serving(
             ) as _)?;
             check(libc::setgroups(0, std::ptr::null()) as _)?;
             check(libc::setresgid(gid, gid, gid) as _)?;
+            // Changing the uid makes the kernel mark this process non-dumpable (fs.suid_dumpable
+            // is 0 or 2, checked at nhid start); the exec of a binary this uid cannot read keeps
+            // it so: no moment from here on at which the companion's uid could ptrace it.
             check(libc::setresuid(uid, uid, uid) as _)?;
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as _)?;
             Ok(())
@@ -168,38 +215,74 @@ pub fn spawn_companion_serving(
     }
     let child = cmd.spawn()?;
     drop(theirs);
+    drop(fds_theirs);
     ours.set_nonblocking(true)?;
     Ok(Spawned {
         child,
         channel: tokio::net::UnixStream::from_std(ours)?,
+        fds: fds_ours,
+        uid,
     })
 }
 
-/// Marks every fd from 3 up except `keep` close-on-exec. Async-signal-safe: `close_range(2)`
-/// with `CLOSE_RANGE_CLOEXEC` where the kernel has it (5.11+), else `fcntl` over the fd table.
-fn cloexec_fds_except(keep: libc::c_int) {
-    let keep = keep as libc::c_uint;
+/// Hands the companion a listening socket (`add`, with `key` naming it) or takes one back
+/// (`remove`) over its fd channel. Never blocks: the channel's buffer holds far more of these
+/// small messages than a companion has containers.
+pub fn send_listener(channel: &OwnedFd, key: &str, listener: Option<RawFd>) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let msg = match listener {
+        Some(_) => serde_json::json!({ "add": key }),
+        None => serde_json::json!({ "remove": key }),
+    };
+    let payload = serde_json::to_vec(&msg).expect("json");
+    let iov = [std::io::IoSlice::new(&payload)];
+    let fds = listener.map(|l| [l]);
+    let cmsgs: Vec<ControlMessage<'_>> = fds
+        .as_ref()
+        .map(|f| vec![ControlMessage::ScmRights(f)])
+        .unwrap_or_default();
+    sendmsg::<()>(
+        channel.as_raw_fd(),
+        &iov,
+        &cmsgs,
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+/// Marks every fd from 3 up except those in `keep` close-on-exec. Async-signal-safe:
+/// `close_range(2)` with `CLOSE_RANGE_CLOEXEC` where the kernel has it (5.11+), else `fcntl`
+/// over the fd table.
+fn cloexec_fds_except(mut keep: [libc::c_int; 2]) {
+    keep.sort_unstable();
     // SAFETY: only changes fd flags in the forked child before exec; closes nothing.
     unsafe {
         let mut ok = true;
-        if keep > 3 {
-            ok &= libc::syscall(
-                libc::SYS_close_range,
-                3 as libc::c_uint,
-                keep - 1,
-                libc::CLOSE_RANGE_CLOEXEC,
-            ) == 0;
+        let mut from: libc::c_uint = 3;
+        for k in keep {
+            let k = k as libc::c_uint;
+            if k > from {
+                ok &= libc::syscall(
+                    libc::SYS_close_range,
+                    from,
+                    k - 1,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                ) == 0;
+            }
+            from = from.max(k + 1);
         }
         ok &= libc::syscall(
             libc::SYS_close_range,
-            keep + 1,
+            from,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         ) == 0;
         if !ok {
             let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(1024, 1 << 20) as libc::c_int;
             for fd in 3..max {
-                if fd != keep as libc::c_int {
+                if !keep.contains(&fd) {
                     let flags = libc::fcntl(fd, libc::F_GETFD);
                     if flags >= 0 {
                         libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
@@ -213,19 +296,43 @@ fn cloexec_fds_except(keep: libc::c_int) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn resolves_users_and_refuses_root() {
-        assert_eq!(
-            CompanionUser::resolve("65533").unwrap(),
-            CompanionUser {
-                uid: 65533,
-                gid: 65533
-            }
-        );
-        assert!(CompanionUser::resolve("0").is_err());
-        assert!(CompanionUser::resolve("root").is_err());
-        let e = CompanionUser::resolve("no-such-user-nhi").unwrap_err();
-        assert!(e.contains("useradd"), "{e}");
+    fn only_an_exec_only_root_owned_binary_is_accepted() {
+        let d = tempfile::tempdir().unwrap();
+        let bin = d.path().join("nhi-companion");
+        std::fs::write(&bin, b"\x7fELF").unwrap();
+        let chmod =
+            |mode| std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(mode)).unwrap();
+        if !nix::unistd::geteuid().is_root() {
+            // Not root: the owner check names the problem.
+            chmod(0o711);
+            assert!(check_binary(&bin).unwrap_err().contains("not root"));
+            return;
+        }
+        chmod(0o711);
+        check_binary(&bin).unwrap();
+        chmod(0o751);
+        check_binary(&bin).unwrap(); // group root may read
+        for (mode, why) in [
+            (0o755, "readable by companion uids"),
+            (0o715, "readable by companion uids"),
+            (0o731, "writable"),
+            (0o700, "not executable"),
+        ] {
+            chmod(mode);
+            let e = check_binary(&bin).unwrap_err();
+            assert!(e.contains(why) && e.contains("chmod 0711"), "{mode:o}: {e}");
+        }
+        chmod(0o711);
+        std::os::unix::fs::chown(&bin, Some(0), Some(12345)).unwrap();
+        chmod(0o751);
+        assert!(check_binary(&bin).unwrap_err().contains("readable"));
+        std::os::unix::fs::chown(&bin, Some(1), Some(0)).unwrap();
+        chmod(0o711);
+        assert!(check_binary(&bin).unwrap_err().contains("owned by uid 1"));
+        assert!(check_binary(&d.path().join("missing")).is_err());
+        assert!(check_binary(d.path()).unwrap_err().contains("regular file"));
     }
 }

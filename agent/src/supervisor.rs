@@ -22,7 +22,7 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 use crate::issuer::{now_unix, Issuer};
 use crate::netns::NetNs;
 use crate::revoke::Revocations;
-use crate::spawn::{CompanionUser, Spawned};
+use crate::spawn::Spawned;
 use crate::store::Store;
 
 /// What every companion task needs from the daemon.
@@ -31,7 +31,8 @@ pub struct Ctx {
     pub audit: Arc<crate::audit::AuditSink>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub issuer: Arc<dyn Issuer>,
-    pub user: CompanionUser,
+    /// One uid per companion, from `companion.uid_range`.
+    pub uids: Arc<crate::uids::UidAllocator>,
     pub store: Arc<Store>,
     pub revocations: Arc<Revocations>,
     /// Edge policies: from the config at start, replaced on SIGHUP.
@@ -68,22 +69,95 @@ impl Ctx {
     }
 }
 
-/// The identity a companion serves, fixed for its life.
+/// The identity a companion serves, fixed for its life, and what it was issued.
 #[derive(Debug)]
 pub struct Identity {
     pub spiffe_id: SpiffeId,
     pub rule: String,
     pub workload: Workload,
+    /// Every JWT-SVID `jti` and X.509-SVID serial issued over this companion's channel: denied
+    /// when the workload ends.
+    pub issued: crate::revoke::WorkloadLedger,
+}
+
+impl Identity {
+    pub fn new(spiffe_id: SpiffeId, rule: String, workload: Workload) -> Self {
+        Identity {
+            spiffe_id,
+            rule,
+            workload,
+            issued: Default::default(),
+        }
+    }
+}
+
+/// The listening sockets a companion serves besides its TCP ports (each container's Workload
+/// API socket), and the fd channel of its current incarnation: every incarnation gets all of
+/// them, containers that join later get theirs while it runs.
+#[derive(Default)]
+struct Handover {
+    sockets: std::collections::BTreeMap<String, Arc<crate::wapi::ContainerSocket>>,
+    channel: Option<std::os::fd::OwnedFd>,
+}
+
+impl Handover {
+    fn send(&self, key: &str, socket: Option<&crate::wapi::ContainerSocket>) {
+        use std::os::fd::AsRawFd;
+        let Some(ch) = &self.channel else { return };
+        let fd = socket.map(|s| s.listener.as_raw_fd());
+        if let Err(e) = crate::spawn::send_listener(ch, key, fd) {
+            // The incarnation is going away (its restart resends everything) or hung.
+            tracing::warn!(container = %key, "handing the Workload API socket to the companion: {e}");
+        }
+    }
+
+    /// A new incarnation: hand it every socket.
+    fn attach(&mut self, channel: std::os::fd::OwnedFd) {
+        self.channel = Some(channel);
+        for (key, s) in &self.sockets {
+            self.send(key, Some(s));
+        }
+    }
 }
 
 /// `nhid`'s handle on a running companion.
 pub struct CompanionHandle {
     pid: Arc<AtomicI32>,
+    uid: u32,
     stop: Option<oneshot::Sender<oneshot::Sender<()>>>,
     events: mpsc::UnboundedSender<CompanionResponse>,
+    handover: Arc<Mutex<Handover>>,
+    /// The AWS container-credential token of its workload, when its rule names an AWS source.
+    aws_token: Option<Arc<zeroize::Zeroizing<String>>>,
 }
 
 impl CompanionHandle {
+    /// The uid (and gid) the companion runs as, for its whole life.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    pub fn aws_token(&self) -> Option<&str> {
+        self.aws_token.as_deref().map(|t| t.as_str())
+    }
+
+    /// Serves the Workload API on `socket` too (container `key`'s `/run/nhi/workload.sock`),
+    /// now and in every later incarnation; replaces the container's previous socket.
+    pub fn add_socket(&self, key: &str, socket: crate::wapi::ContainerSocket) {
+        let mut h = self.handover.lock().unwrap_or_else(|p| p.into_inner());
+        let socket = Arc::new(socket);
+        h.send(key, Some(&socket));
+        h.sockets.insert(key.to_string(), socket);
+    }
+
+    /// Stops serving container `key`'s socket (the container is gone).
+    pub fn remove_socket(&self, key: &str) {
+        let mut h = self.handover.lock().unwrap_or_else(|p| p.into_inner());
+        if h.sockets.remove(key).is_some() {
+            h.send(key, None);
+        }
+    }
+
     /// Pushes an event (secret changed, revoked, restored) to the companion; delivered to its
     /// next incarnation too if it is restarting.
     pub fn notify(&self, event: CompanionResponse) {
@@ -119,29 +193,38 @@ const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Starts a companion for `identity` in `netns` and returns once it is ready to serve.
+/// Starts a companion for `identity` in `netns` as `uid` (allocated from
+/// `ctx.uids`; released here when the companion fails to start or, later, ends) and returns
+/// once it is ready to serve.
 pub async fn start(
     ctx: Arc<Ctx>,
     identity: Arc<Identity>,
     netns: NetNs,
+    uid: u32,
 ) -> Result<CompanionHandle, String> {
     let last_stderr = Arc::new(Mutex::new(String::new()));
-    let aws = ctx
+    let aws_token = ctx
         .config
         .rule(&identity.rule)
-        .is_some_and(|r| r.aws_credentials.is_some());
-    let wapi = crate::wapi::bind(&ctx.config.store.containers_dir, netns.inode, aws)
-        .map_err(|e| {
-            tracing::warn!(spiffe_id = %identity.spiffe_id, "Workload API unix socket unavailable (TCP only): {e}")
-        })
-        .ok()
-        .map(Arc::new);
-    let spawned = spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_deref()).map_err(|e| {
-        format!(
-            "cannot start companion {}: {e}",
-            ctx.config.companion.binary.display()
-        )
-    })?;
+        .is_some_and(|r| r.aws_credentials.is_some())
+        .then(|| Arc::new(crate::wapi::new_token()));
+    let spawned = match spawn(&ctx, &identity, &netns, &last_stderr, uid) {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.uids.release(uid);
+            return Err(format!(
+                "cannot start companion {}: {e}",
+                ctx.config.companion.binary.display()
+            ));
+        }
+    };
+    let handover = Arc::new(Mutex::new(Handover::default()));
+    if let Ok(fds) = spawned.fds.try_clone() {
+        handover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attach(fds);
+    }
     let pid = Arc::new(AtomicI32::new(
         spawned.child.id().map(|p| p as i32).unwrap_or(0),
     ));
@@ -158,18 +241,24 @@ pub async fn start(
         stop_rx,
         events_rx,
         last_stderr.clone(),
-        wapi.clone(),
+        Incarnation {
+            handover: handover.clone(),
+            aws_token: aws_token.clone(),
+        },
     );
+    let uids = ctx.uids.clone();
     tokio::spawn(async move {
         runner.await;
-        if let Some(w) = wapi {
-            w.unbind();
-        }
+        // Its process is gone (waited for); the uid is reused once nothing else has it.
+        uids.release(uid);
     });
     let handle = CompanionHandle {
         pid,
+        uid,
         stop: Some(stop_tx),
         events: events_tx,
+        handover,
+        aws_token,
     };
     match tokio::time::timeout(ctx.config.companion.ready_timeout, ready_rx).await {
         Ok(Ok(())) => Ok(handle),
@@ -188,25 +277,31 @@ pub async fn start(
     }
 }
 
+/// What every incarnation of one companion shares: its sockets and its AWS token.
+struct Incarnation {
+    handover: Arc<Mutex<Handover>>,
+    aws_token: Option<Arc<zeroize::Zeroizing<String>>>,
+}
+
 fn spawn(
     ctx: &Ctx,
     identity: &Identity,
     netns: &NetNs,
     last_stderr: &Arc<Mutex<String>>,
-    wapi: Option<&crate::wapi::Socket>,
+    uid: u32,
 ) -> std::io::Result<Spawned> {
-    use std::os::fd::AsRawFd;
     let c = &ctx.config.companion;
-    let mut s = crate::spawn::spawn_companion_serving(
-        &c.binary,
-        &c.listen,
-        c.max_cached_audiences,
-        ctx.user,
-        &netns.file,
-        crate::spawn::Serving {
+    let mut s = crate::spawn::spawn_companion(
+        &crate::spawn::Launch {
+            binary: &c.binary,
+            listen: c.http_api.then_some(c.listen.as_str()),
             workload_api_listen: Some(&c.workload_api_listen),
-            listener_fd: wapi.map(|w| w.listener.as_raw_fd()),
+            max_cached_audiences: c.max_cached_audiences,
+            uid,
+            seccomp: c.seccomp,
+            landlock: c.landlock,
         },
+        &netns.file,
     )?;
     // Relay the companion's log lines into nhid's log, tagged with the identity. Lines are cut
     // at MAX_LOG_LINE bytes: a misbehaving companion cannot grow nhid's memory.
@@ -254,16 +349,17 @@ async fn run(
     mut stop_rx: oneshot::Receiver<oneshot::Sender<()>>,
     mut events_rx: mpsc::UnboundedReceiver<CompanionResponse>,
     last_stderr: Arc<Mutex<String>>,
-    wapi: Option<Arc<crate::wapi::Socket>>,
+    inc: Incarnation,
 ) {
     let mut ready_tx = Some(ready_tx);
     let mut backoff = MIN_BACKOFF;
+    let uid = spawned.uid;
     loop {
         let started_at = tokio::time::Instant::now();
         let ended = serve(
             &ctx,
             &identity,
-            wapi.as_deref(),
+            inc.aws_token.as_deref(),
             &mut spawned,
             &mut ready_tx,
             &mut stop_rx,
@@ -280,8 +376,10 @@ async fn run(
                 // It may still run (closed its channel, sent garbage, stopped reading): make sure
                 // it is gone before a new one binds the same port.
                 terminate(&mut spawned.child).await;
-                if ready_tx.is_some() {
-                    // Never became ready: report to the attach call (dropping ready_tx), no restart.
+                if let Some(tx) = ready_tx.take() {
+                    // Never became ready: report to the attach call at once (dropping the
+                    // sender: it then shows the companion's last log line), no restart.
+                    drop(tx);
                     tracing::warn!(spiffe_id = %identity.spiffe_id, "companion failed at startup: {why}");
                     wait_for_stop(stop_rx).await;
                     return;
@@ -302,9 +400,21 @@ async fn run(
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            match spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_deref()) {
+            // The uid is this companion's for its life, but a new incarnation never shares it
+            // with anything the old one may have left: wait until no process has it.
+            if crate::uids::has_processes(uid) {
+                tracing::error!(spiffe_id = %identity.spiffe_id, uid, "companion uid still has processes; not restarting until they are gone");
+                continue;
+            }
+            match spawn(&ctx, &identity, &netns, &last_stderr, uid) {
                 Ok(s) => {
                     spawned = s;
+                    if let Ok(fds) = spawned.fds.try_clone() {
+                        inc.handover
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .attach(fds);
+                    }
                     pid.store(
                         spawned.child.id().map(|p| p as i32).unwrap_or(0),
                         Ordering::Relaxed,
@@ -349,7 +459,7 @@ async fn write_line(
 async fn serve(
     ctx: &Arc<Ctx>,
     identity: &Arc<Identity>,
-    wapi: Option<&crate::wapi::Socket>,
+    aws_token: Option<&zeroize::Zeroizing<String>>,
     spawned: &mut Spawned,
     ready_tx: &mut Option<oneshot::Sender<()>>,
     stop_rx: &mut oneshot::Receiver<oneshot::Sender<()>>,
@@ -384,7 +494,7 @@ async fn serve(
                 };
                 match serde_json::from_str::<ChannelRequest>(&line) {
                     Ok(ChannelRequest { id, body: CompanionRequest::Hello }) => {
-                        let body = hello(ctx, identity, ready_tx, wapi);
+                        let body = hello(ctx, identity, ready_tx, aws_token);
                         write_line(&mut wr, &ChannelResponse { id, body }).await
                     }
                     Ok(ChannelRequest { body: CompanionRequest::Audit { events, dropped }, .. }) => {
@@ -418,7 +528,7 @@ fn hello(
     ctx: &Ctx,
     identity: &Identity,
     ready_tx: &mut Option<oneshot::Sender<()>>,
-    wapi: Option<&crate::wapi::Socket>,
+    aws_token: Option<&zeroize::Zeroizing<String>>,
 ) -> CompanionResponse {
     if let Some(tx) = ready_tx.take() {
         let _ = tx.send(());
@@ -434,20 +544,20 @@ fn hello(
         revoked: ctx.revocations.is_revoked(identity.spiffe_id.as_str()),
         policy: ctx.policy_for(identity),
         egress: ctx.config.egress,
-        aws: aws_provider(ctx, identity, wapi),
+        aws: aws_provider(ctx, identity, aws_token),
         limits: ctx.config.companion.limits,
     }))
 }
 
-/// The AWS container-credential provider of a companion whose rule names an AWS source and
-/// whose token could be delivered (it needs the `/run/nhi` directory of `nhi-runc`).
+/// The AWS container-credential provider of a companion whose rule names an AWS source (its
+/// token reaches containers with a `/run/nhi` directory of `nhi-runc`).
 fn aws_provider(
     ctx: &Ctx,
     identity: &Identity,
-    wapi: Option<&crate::wapi::Socket>,
+    token: Option<&zeroize::Zeroizing<String>>,
 ) -> Option<nhi_core::wire::AwsProvider> {
     let source = ctx.config.rule(&identity.rule)?.aws_credentials.as_ref()?;
-    let token = wapi?.aws_token.as_ref()?;
+    let token = token?;
     Some(nhi_core::wire::AwsProvider {
         secret: source.secret.clone(),
         token: token.to_string(),
@@ -496,6 +606,7 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
             match ctx.issuer.issue_jwt(&identity.spiffe_id, &audience) {
                 Ok(j) => {
                     ctx.revocations.record_jwt(id, &j.jti, j.expires_at);
+                    identity.issued.record_jwt(&j.jti, j.expires_at);
                     tracing::info!(spiffe_id = %id, audience = ?audience, jti = %j.jti, expires_at = j.expires_at, "issued JWT-SVID");
                     audit(
                         Some(j.jti.clone()),
@@ -513,6 +624,7 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
         CompanionRequest::X509 => match ctx.issuer.issue_x509(&identity.spiffe_id) {
             Ok(x) => {
                 ctx.revocations.record_x509(id, &x.serial, x.expires_at);
+                identity.issued.record_x509(&x.serial, x.expires_at);
                 tracing::info!(spiffe_id = %id, serial = %x.serial, expires_at = x.expires_at, "issued X.509-SVID");
                 audit(Some(x.serial.clone()), Allow, None);
                 CompanionResponse::X509(Box::new(x))

@@ -1,45 +1,80 @@
-//! The SPIFFE Workload API's unix socket. The companion runs in the host's mount namespace as
-//! an unprivileged uid, so it cannot bind inside a container. `nhid` binds one listening socket
-//! per companion (per network namespace) at `<containers_dir>/.wapi/<netns inode>.sock` (a
-//! root-only directory) and hands the listening fd to the companion at every (re)start; for
-//! each container with a `/run/nhi` directory (made by `nhi-runc`) it hard-links that socket
-//! as `<containers_dir>/<id>/workload.sock`, which the container sees as
-//! `/run/nhi/workload.sock` (`SPIFFE_ENDPOINT_SOCKET`). The socket belongs to the uid of the
-//! container's init, mode 0600, like the secret files next to it.
+//! The SPIFFE Workload API's unix sockets and the AWS token files in containers' `/run/nhi`.
+//! The companion runs in the host's mount namespace as an unprivileged uid with no file access
+//! after start, so it cannot bind inside a container. For each attached container with a
+//! `/run/nhi` directory (made by `nhi-runc`: `<containers_dir>/<id>`) `nhid` binds a listening
+//! socket of its own at `<containers_dir>/<id>/workload.sock` (the container's
+//! `/run/nhi/workload.sock`, `SPIFFE_ENDPOINT_SOCKET`), owned by the uid/gid the container's
+//! process runs as (the OCI spec's `process.user`), mode 0600, and hands the listening fd to
+//! its companion over the companion's fd channel (again at every restart). Each app container
+//! of a pod has its own socket inode, so containers running as different uids each get one
+//! only they (and root) can connect to. The socket goes with the container's directory.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+
+use nhi_core::workload::HostUser;
 
 /// Name of the socket in the container's `/run/nhi`.
 pub const SOCKET_NAME: &str = "workload.sock";
 
-fn hidden_dir(containers_dir: &Path) -> PathBuf {
-    containers_dir.join(".wapi")
-}
-
-/// Where the listening socket of network namespace `inode` lives on the host.
-pub fn socket_path(containers_dir: &Path, inode: u64) -> PathBuf {
-    hidden_dir(containers_dir).join(format!("{inode}.sock"))
-}
-
 /// Name of the AWS container-credential token file in the container's `/run/nhi`.
 pub const AWS_TOKEN_NAME: &str = "aws-token";
 
-/// A bound Workload API socket: the listener and the path (and inode) it was bound at, plus
-/// the companion's AWS authorization token (and its root-only copy next to the socket) when its
-/// rule names an AWS source.
-pub struct Socket {
+/// A bound Workload API socket of one container: the listener and the path (and inode) it was
+/// bound at.
+pub struct ContainerSocket {
     pub listener: UnixListener,
     path: PathBuf,
     ino: u64,
-    pub aws_token: Option<zeroize::Zeroizing<String>>,
 }
 
-fn token_path(containers_dir: &Path, inode: u64) -> PathBuf {
-    hidden_dir(containers_dir).join(format!("{inode}.{AWS_TOKEN_NAME}"))
+impl ContainerSocket {
+    /// Binds `<container_dir>/workload.sock` (replacing a stale one), owned by `owner`, 0600.
+    /// Bound through `/proc/self/fd/<dir>/`: a socket path must fit in 108 bytes, and
+    /// `<containers_dir>/<64-hex container id>/workload.sock` may not; the directory is opened
+    /// without following a symlink.
+    pub fn bind(container_dir: &Path, owner: HostUser) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = container_dir.join(SOCKET_NAME);
+        let _ = fs::remove_file(&path);
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(container_dir)?;
+        let short = format!("/proc/self/fd/{}/{SOCKET_NAME}", dir.as_raw_fd());
+        let listener = UnixListener::bind(&short)?;
+        drop(dir);
+        let res = (|| {
+            // Nobody but root can connect before it belongs to the owner.
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+            std::os::unix::fs::lchown(&path, Some(owner.uid), Some(owner.gid))?;
+            fs::symlink_metadata(&path).map(|m| m.ino())
+        })();
+        match res {
+            Ok(ino) => Ok(ContainerSocket {
+                listener,
+                path,
+                ino,
+            }),
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for ContainerSocket {
+    /// Removes the socket's path if it is still this socket.
+    fn drop(&mut self) {
+        if fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// A fresh random authorization token: 32 bytes, URL-safe base64.
@@ -50,100 +85,15 @@ pub fn new_token() -> zeroize::Zeroizing<String> {
     zeroize::Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[..]))
 }
 
-/// Writes `value` to `path` (replaced by rename), mode 0400, owned by `owner`.
-fn write_file(path: &Path, value: &[u8], owner: (u32, u32)) -> io::Result<()> {
-    crate::secrets::write_owned(&path.with_extension("tmp"), path, value, owner)
-}
-
-impl Socket {
-    /// Removes the socket's path if it is still this socket (a newer companion of the same
-    /// namespace may have bound it again meanwhile).
-    pub fn unbind(&self) {
-        if fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
-            let _ = fs::remove_file(&self.path);
-            let _ = fs::remove_file(self.path.with_extension(AWS_TOKEN_NAME));
-        }
-    }
-}
-
-/// Binds the Workload API socket of namespace `inode` (replacing a stale one); with `aws`, also
-/// makes the companion's AWS authorization token.
-pub fn bind(containers_dir: &Path, inode: u64, aws: bool) -> io::Result<Socket> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(containers_dir)?;
-    let dir = hidden_dir(containers_dir);
-    match fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    let meta = fs::symlink_metadata(&dir)?;
-    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(io::Error::other(format!(
-            "{} is not a directory owned by nhid",
-            dir.display()
-        )));
-    }
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
-    let path = socket_path(containers_dir, inode);
-    let _ = fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
-    let ino = fs::symlink_metadata(&path)?.ino();
-    let aws_token = if aws {
-        let t = new_token();
-        write_file(&token_path(containers_dir, inode), t.as_bytes(), (0, 0))?;
-        Some(t)
-    } else {
-        let _ = fs::remove_file(token_path(containers_dir, inode));
-        None
-    };
-    Ok(Socket {
-        listener,
-        path,
-        ino,
-        aws_token,
-    })
-}
-
-/// Removes every socket and token left by a previous `nhid` (at start, before any companion
-/// runs: whatever is there belongs to companions that are gone).
-pub fn clear_stale(containers_dir: &Path) {
-    let dir = hidden_dir(containers_dir);
-    if fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
-        if let Ok(entries) = fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-    }
-}
-
-/// Links namespace `inode`'s socket into the container's `/run/nhi` directory (if the
-/// injection path made one) and gives it to the container's init uid (`owner`).
-pub fn link_into(container_dir: &Path, containers_dir: &Path, inode: u64, owner: (u32, u32)) {
-    let src = socket_path(containers_dir, inode);
-    let dst = container_dir.join(SOCKET_NAME);
-    let res = (|| {
-        if !src.exists() {
-            return Ok(());
-        }
-        let _ = fs::remove_file(&dst);
-        fs::hard_link(&src, &dst)?;
-        std::os::unix::fs::lchown(&dst, Some(owner.0), Some(owner.1))?;
-        fs::set_permissions(&dst, fs::Permissions::from_mode(0o600))
-    })();
-    if let Err(e) = res {
-        tracing::error!(dir = %container_dir.display(), "workload API socket: {e}");
-    }
-    // The AWS token file, if this namespace's companion serves AWS credentials.
-    let token = zeroize::Zeroizing::new(fs::read(token_path(containers_dir, inode)).ok());
+/// Writes (or, without a token, removes) the container's `/run/nhi/aws-token`: mode 0400,
+/// owned by `owner`.
+pub fn write_aws_token(container_dir: &Path, token: Option<&str>, owner: HostUser) {
     let dst = container_dir.join(AWS_TOKEN_NAME);
-    match token.as_deref() {
+    match token {
         Some(t) => {
-            if let Err(e) = write_file(&dst, t, owner) {
+            let res =
+                crate::secrets::write_owned(&dst.with_extension("tmp"), &dst, t.as_bytes(), owner);
+            if let Err(e) = res {
                 tracing::error!(dir = %container_dir.display(), "AWS token file: {e}");
             }
         }
@@ -153,46 +103,57 @@ pub fn link_into(container_dir: &Path, containers_dir: &Path, inode: u64, owner:
     }
 }
 
+/// Removes what an `nhid` before per-container sockets left (`<containers_dir>/.wapi`): at
+/// start, before any companion runs.
+pub fn clear_stale(containers_dir: &Path) {
+    let dir = containers_dir.join(".wapi");
+    if fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn bind_link_and_unbind() {
+    fn sockets_belong_to_the_container_user_and_go_when_dropped() {
         let root = tempfile::tempdir().unwrap();
-        let s1 = bind(root.path(), 42, true).unwrap();
-        let token = s1.aws_token.clone().unwrap();
-        assert_eq!(token.len(), 43);
-        let p = socket_path(root.path(), 42);
-        assert!(p.exists());
-        assert_eq!(
-            fs::metadata(hidden_dir(root.path())).unwrap().mode() & 0o777,
-            0o700
-        );
-        let c = root.path().join("c1");
+        // As long as a CRI container directory: longer than a socket address can be.
+        let c = root.path().join("c1".repeat(40));
         fs::create_dir(&c).unwrap();
-        let me = (
-            nix::unistd::getuid().as_raw(),
-            nix::unistd::getgid().as_raw(),
-        );
-        link_into(&c, root.path(), 42, me);
-        let linked = c.join(SOCKET_NAME);
-        assert_eq!(fs::metadata(&linked).unwrap().mode() & 0o777, 0o600);
+        let me = HostUser {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+        };
+        let s1 = ContainerSocket::bind(&c, me).unwrap();
+        let p = c.join(SOCKET_NAME);
+        let m = fs::metadata(&p).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o600);
+        assert_eq!((m.uid(), m.gid()), (me.uid, me.gid));
+        let link = root.path().join("s");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let _client = std::os::unix::net::UnixStream::connect(&link).unwrap();
+        s1.listener.accept().unwrap();
+        // A newer bind of the same path is not removed by the older socket.
+        let s2 = ContainerSocket::bind(&c, me).unwrap();
+        drop(s1);
+        assert!(p.exists());
+        drop(s2);
+        assert!(!p.exists());
+
+        let token = new_token();
+        assert_eq!(token.len(), 43);
+        write_aws_token(&c, Some(&token), me);
         let tf = c.join(AWS_TOKEN_NAME);
         assert_eq!(fs::read(&tf).unwrap(), token.as_bytes());
         assert_eq!(fs::metadata(&tf).unwrap().mode() & 0o777, 0o400);
-        // The link reaches the same listener.
-        let _s = std::os::unix::net::UnixStream::connect(&linked).unwrap();
-        s1.listener.accept().unwrap();
-        // A newer bind of the same namespace is not removed by the older socket.
-        let s2 = bind(root.path(), 42, false).unwrap();
-        assert!(!token_path(root.path(), 42).exists());
-        s1.unbind();
-        assert!(p.exists());
-        s2.unbind();
-        assert!(!p.exists());
-        let _s3 = bind(root.path(), 7, true).unwrap();
+        write_aws_token(&c, None, me);
+        assert!(!tf.exists());
+
+        fs::create_dir(root.path().join(".wapi")).unwrap();
+        fs::write(root.path().join(".wapi/1.sock"), b"").unwrap();
         clear_stale(root.path());
-        assert_eq!(fs::read_dir(hidden_dir(root.path())).unwrap().count(), 0);
+        assert!(!root.path().join(".wapi").exists());
     }
 }

@@ -54,6 +54,27 @@ pub fn interleave(
     (base, nhi)
 }
 
+/// Like [`interleave`] for `n` series: each round measures every series once, rotating which
+/// goes first, so all see the same machine conditions. Warm-up rounds are not kept.
+pub fn interleave_n(
+    runs: usize,
+    warmup: usize,
+    n: usize,
+    mut measure: impl FnMut(usize) -> Duration,
+) -> Vec<Vec<Duration>> {
+    let mut out = vec![Vec::with_capacity(runs); n];
+    for i in 0..warmup + runs {
+        for k in 0..n {
+            let series = (i + k) % n;
+            let d = measure(series);
+            if i >= warmup {
+                out[series].push(d);
+            }
+        }
+    }
+    out
+}
+
 /// Prints a two-series comparison with its ratios.
 pub fn report(title: &str, base_name: &str, base: &[Duration], nhi: &[Duration]) {
     let (sa, sb) = (summarize(base), summarize(nhi));

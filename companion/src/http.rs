@@ -1,5 +1,14 @@
 //! The companion's HTTP API on loopback inside the workload's network namespace.
 //! Every error is a 4xx/5xx with a JSON body `{"error": code, "message": text}`.
+//!
+//! Credential-bearing endpoints (`/v1/token`, `/v1/x509`, `/v1/secrets/*`, `/v1/validate`)
+//! answer only requests carrying [`PROOF_HEADER`]`: true`, like cloud metadata services
+//! (GKE's `Metadata-Flavor: Google`, IMDSv2's token obtained with a `PUT`): a server-side
+//! request forgery usually controls only a URL, and a browser cannot add a custom header to a
+//! cross-origin request without a CORS preflight, which the companion never answers. The AWS
+//! endpoint keeps its own token instead (AWS SDKs cannot add headers). A second `Host` header
+//! or an absolute-form request target (`GET http://host/...`, what a proxy receives) is
+//! refused before anything else.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -52,6 +61,9 @@ impl Api {
     }
 
     pub async fn route(&self, req: Request<Incoming>) -> Resp {
+        if let Err(why) = origin_form(&req) {
+            return error(StatusCode::BAD_REQUEST, "bad_request", why);
+        }
         if let Err(why) = local_request(req.headers()) {
             return error(StatusCode::FORBIDDEN, "not_local", why);
         }
@@ -81,6 +93,15 @@ impl Api {
                 HeaderValue::from_str(allowed.as_str()).expect("method is a header value"),
             );
             return r;
+        }
+        if needs_proof(&path) && !has_proof(req.headers()) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "proof_required",
+                &format!(
+                    "{path} hands out credentials only to requests with the header \"{PROOF_HEADER_NAME}: true\" (a forged server-side request or a web page cannot add it); see docs/USING.md"
+                ),
+            );
         }
         match path.as_str() {
             "/healthz" => ok(self.health.clone(), "application/json"),
@@ -322,6 +343,31 @@ fn cred_error(e: CredError) -> Resp {
     }
 }
 
+/// The request header credential endpoints require, with the value `true`.
+pub const PROOF_HEADER: &str = "nhi-request";
+/// How the docs and error messages spell it.
+pub const PROOF_HEADER_NAME: &str = "Nhi-Request";
+
+/// Endpoints that hand out credentials or use them (and so need [`PROOF_HEADER`]).
+pub fn needs_proof(path: &str) -> bool {
+    matches!(path, "/v1/token" | "/v1/x509" | "/v1/validate") || path.starts_with("/v1/secrets/")
+}
+
+/// Exactly one `Nhi-Request: true`.
+pub fn has_proof(headers: &hyper::HeaderMap) -> bool {
+    let mut all = headers.get_all(PROOF_HEADER).iter();
+    matches!((all.next(), all.next()), (Some(v), None) if v.as_bytes() == b"true")
+}
+
+/// A request the workload made to the companion itself: an origin-form target (`/path`), not
+/// the absolute form a proxy receives (`GET http://host/path`) or an authority (`CONNECT`).
+pub fn origin_form<B>(req: &Request<B>) -> Result<(), &'static str> {
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        return Err("absolute-form request targets are refused: send GET /path to the companion itself, not through a proxy");
+    }
+    Ok(())
+}
+
 /// Only the workload's own processes talk to the companion, by a loopback address. Browsers
 /// and proxies give themselves away: a `Host` other than loopback means a rebound DNS name or a
 /// forwarded request (SSRF through a proxy in the workload); `Origin` and `Sec-Fetch-*` mean a
@@ -338,7 +384,11 @@ pub fn local_request(headers: &hyper::HeaderMap) -> Result<(), &'static str> {
             return Err("browser or proxied requests are refused: the companion serves only the workload's own processes");
         }
     }
-    let Some(host) = headers.get(hyper::header::HOST) else {
+    let mut hosts = headers.get_all(hyper::header::HOST).iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        if headers.contains_key(hyper::header::HOST) {
+            return Err("more than one Host header");
+        }
         return Ok(()); // HTTP/1.0 clients; the listener is loopback-only anyway.
     };
     let host = host.to_str().map_err(|_| "malformed Host header")?;
@@ -533,6 +583,46 @@ mod tests {
         assert!(h(&[("host", "127.0.0.1"), ("origin", "http://x")]).is_err());
         assert!(h(&[("host", "127.0.0.1"), ("sec-fetch-mode", "cors")]).is_err());
         assert!(h(&[("host", "127.0.0.1"), ("x-forwarded-for", "1.2.3.4")]).is_err());
+        let mut two = hyper::HeaderMap::new();
+        two.append("host", HeaderValue::from_static("127.0.0.1"));
+        two.append("host", HeaderValue::from_static("evil.example.com"));
+        assert_eq!(local_request(&two), Err("more than one Host header"));
+    }
+
+    #[test]
+    fn credential_endpoints_need_the_proof_header() {
+        for p in ["/v1/token", "/v1/x509", "/v1/validate", "/v1/secrets/db"] {
+            assert!(needs_proof(p), "{p}");
+        }
+        for p in [
+            "/healthz",
+            "/v1/identity",
+            "/v1/bundle",
+            "/v1/jwks",
+            AWS_PATH,
+        ] {
+            assert!(!needs_proof(p), "{p}");
+        }
+        let with = |vals: &[&'static str]| {
+            let mut m = hyper::HeaderMap::new();
+            for v in vals {
+                m.append(PROOF_HEADER, HeaderValue::from_static(v));
+            }
+            has_proof(&m)
+        };
+        assert!(with(&["true"]));
+        assert!(!with(&[]));
+        assert!(!with(&["1"]));
+        assert!(!with(&["TRUE "]));
+        assert!(!with(&["true", "true"]));
+    }
+
+    #[test]
+    fn absolute_form_targets_are_refused() {
+        let req = |uri: &str| Request::get(uri).body(()).unwrap();
+        assert!(origin_form(&req("/v1/token?audience=a")).is_ok());
+        assert!(origin_form(&req("http://evil.example/v1/token")).is_err());
+        assert!(origin_form(&req("http://127.0.0.1:15100/v1/token")).is_err());
     }
 
     #[test]

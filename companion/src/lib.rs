@@ -9,6 +9,7 @@ pub mod h2fix;
 pub mod harden;
 pub mod http;
 pub mod limits;
+pub mod listeners;
 pub mod proxy;
 pub mod workload;
 
@@ -20,44 +21,58 @@ use nhi_core::config::CompanionLimits;
 use nhi_core::wire::{CompanionRequest, CompanionResponse};
 
 pub struct Options {
-    pub listen: SocketAddr,
+    /// The HTTP API's address; `None`: no HTTP API (`companion.http_api = false`).
+    pub listen: Option<SocketAddr>,
     pub channel_fd: RawFd,
+    /// The fd channel: Workload API unix sockets handed over while it runs.
+    pub fd_channel_fd: RawFd,
     pub max_cached_audiences: usize,
     /// SPIFFE Workload API (gRPC) TCP address inside the workload's network namespace.
     pub workload_api_listen: SocketAddr,
-    /// A listening unix socket nhid bound for the Workload API (`/run/nhi/workload.sock` in
-    /// the container), inherited at spawn.
-    pub listener_fd: Option<RawFd>,
+    pub seccomp: nhi_core::config::Enforcement,
+    pub landlock: nhi_core::config::Enforcement,
 }
 
-/// Hardens the process, binds, says hello to nhid and serves until nhid closes the channel.
-pub fn run(opts: Options) -> Result<(), String> {
-    if opts.channel_fd < 3 {
-        return Err(format!(
-            "--channel-fd {} is not an inherited channel",
-            opts.channel_fd
-        ));
+/// Takes an fd nhid left open across exec.
+fn inherited(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
+    if fd < 3 {
+        return Err(format!("--{what} {fd} is not an inherited fd"));
     }
-    // SAFETY: nhid passes the fd number of the socketpair end it left open for us across
-    // exec; nothing else in this process owns or closes it.
-    let channel_fd = unsafe { OwnedFd::from_raw_fd(opts.channel_fd) };
-    let unix_listener = opts.listener_fd.map(workload_listener).transpose()?;
+    // SAFETY: nhid passes the number of an fd it left open for us across exec; nothing else in
+    // this process owns or closes it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Hardens and sandboxes the process, binds, says hello to nhid and serves until nhid closes
+/// the channel.
+pub fn run(opts: Options) -> Result<(), String> {
+    let channel_fd = inherited(opts.channel_fd, "channel-fd")?;
+    let fd_channel = inherited(opts.fd_channel_fd, "fd-channel-fd")?;
     harden::harden()?;
+    // Before the sandbox, which allows no prlimit64.
+    let nofile = limits::raise_fd_limit();
+    // Before any thread and before anything the workload or nhid sends is read.
+    let applied = harden::sandbox(opts.landlock, opts.seccomp)?;
+    for w in &applied.warnings {
+        eprintln!("nhi-companion: warning: {w}");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(opts.listen)
-            .await
-            .map_err(|e| format!("listening on {}: {e}", opts.listen))?;
+        let listener = match opts.listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("listening on {addr}: {e}"))?,
+            ),
+            None => None,
+        };
         let wapi_listener = tokio::net::TcpListener::bind(opts.workload_api_listen)
             .await
             .map_err(|e| format!("listening on {}: {e}", opts.workload_api_listen))?;
-        let unix_listener = unix_listener
-            .map(|l| tokio::net::UnixListener::from_std(l))
-            .transpose()
-            .map_err(|e| format!("workload API socket: {e}"))?;
+        let unix_incoming = listeners::start(fd_channel).map_err(|e| format!("fd channel: {e}"))?;
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
         let (channel, events) = channel::Channel::start(channel_fd, move || {
             let _ = closed_tx.send(());
@@ -68,8 +83,16 @@ pub fn run(opts: Options) -> Result<(), String> {
             CompanionResponse::Error { message } => return Err(format!("nhid refused: {message}")),
             other => return Err(format!("unexpected hello answer: {other:?}")),
         };
-        eprintln!("serving {} on http://{}", init.spiffe_id, opts.listen);
-        let limits = fit_limits(init.limits);
+        match &opts.listen {
+            Some(addr) => eprintln!("serving {} on http://{addr}", init.spiffe_id),
+            None => eprintln!("serving {} (HTTP API off)", init.spiffe_id),
+        }
+        eprintln!(
+            "sandbox: seccomp {}, {}",
+            if applied.seccomp { "on" } else { "OFF" },
+            applied.landlock.as_deref().unwrap_or("Landlock OFF")
+        );
+        let limits = fit_limits(init.limits, nofile);
         let trust = cache::Trust::new(&init.bundle_pem, &init.jwks, &init.bundle_spiffe);
         let recorder = audit::Recorder::start(channel.clone());
         let api_recorder = recorder.clone();
@@ -90,10 +113,22 @@ pub fn run(opts: Options) -> Result<(), String> {
         )
         .await;
         let wapi = workload::WorkloadApi::new(creds.clone(), &init.spiffe_id, &init.trust_domain);
-        tokio::spawn(workload::serve(wapi_listener, unix_listener, wapi, limits));
-        let api = Arc::new(http::Api::new(&init, creds, api_recorder));
+        tokio::spawn(workload::serve(wapi_listener, unix_incoming, wapi, limits));
+        let http = async move {
+            match listener {
+                Some(l) => {
+                    http::serve(
+                        l,
+                        Arc::new(http::Api::new(&init, creds, api_recorder)),
+                        limits,
+                    )
+                    .await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = http::serve(listener, api, limits) => Ok(()),
+            _ = http => Ok(()),
             _ = closed_rx => {
                 eprintln!("nhid closed the channel; exiting");
                 Ok(())
@@ -178,9 +213,8 @@ async fn listen(
 /// `[companion.limits]`, with the connection caps scaled down when the hard file descriptor
 /// limit cannot hold what they need (so the listeners refuse a connection before `accept`
 /// would fail with EMFILE for everyone).
-fn fit_limits(limits: CompanionLimits) -> CompanionLimits {
+fn fit_limits(limits: CompanionLimits, have: u64) -> CompanionLimits {
     let need = limits.fd_budget();
-    let have = limits::raise_fd_limit(&limits);
     if have >= need {
         return limits;
     }
@@ -196,25 +230,4 @@ fn fit_limits(limits: CompanionLimits) -> CompanionLimits {
         fitted.api_connections, fitted.workload_api_connections, fitted.proxy_connections
     );
     fitted
-}
-
-/// Takes the inherited Workload API socket `fd`: it must be a listening unix stream socket.
-fn workload_listener(fd: RawFd) -> Result<std::os::unix::net::UnixListener, String> {
-    if fd < 3 {
-        return Err(format!("--listener-fd {fd} is not an inherited socket"));
-    }
-    // SAFETY: nhid passes the fd number of the listening socket it left open for us across
-    // exec; nothing else in this process owns or closes it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let l = std::os::unix::net::UnixListener::from(owned);
-    l.local_addr()
-        .map_err(|e| format!("--listener-fd {fd}: not a unix socket: {e}"))?;
-    l.set_nonblocking(true)
-        .map_err(|e| format!("--listener-fd {fd}: {e}"))?;
-    // A deeper accept queue than the 128 nhid bound it with: under a flood of connects the
-    // companion drains it at full speed (see `limits`), and a unix connect that finds it full
-    // fails at once instead of retrying like a TCP SYN.
-    // SAFETY: listen(2) on the listening socket we own; on failure the old backlog stays.
-    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 1024) };
-    Ok(l)
 }

@@ -20,7 +20,8 @@
 //!   maximum age once idle.
 //! - **A hard ceiling** on open sockets (connections evicted but not yet closed by their task
 //!   count too), so the file descriptors a listener can hold are bounded (see
-//!   `CompanionLimits::fd_budget`; the soft `RLIMIT_NOFILE` is raised to it: [`raise_fd_limit`]).
+//!   `CompanionLimits::fd_budget`; the soft `RLIMIT_NOFILE` is raised to the hard limit before the sandbox, [`raise_fd_limit`], and
+//!   the caps are scaled down if the budget does not fit under it).
 //!
 //! Per-peer fairness beyond this is not possible on loopback TCP: every process of the pod is
 //! `127.0.0.1`. Eviction by least recent request is what keeps a flooding process from holding
@@ -651,9 +652,10 @@ impl<B: http_body::Body + Unpin> http_body::Body for StreamBody<B> {
     }
 }
 
-/// Raises this process's soft `RLIMIT_NOFILE` to what `limits` need (never above the hard
-/// limit, which needs no privilege). Returns the soft limit in force.
-pub fn raise_fd_limit(limits: &nhi_core::config::CompanionLimits) -> u64 {
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (no privilege needed) and
+/// returns the soft limit in force. Called before the seccomp filter is installed, which allows
+/// no `prlimit64`; the listeners' caps (`fd_budget`) then fit under what this returns.
+pub fn raise_fd_limit() -> u64 {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -662,16 +664,15 @@ pub fn raise_fd_limit(limits: &nhi_core::config::CompanionLimits) -> u64 {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
         return 0;
     }
-    let want = limits.fd_budget().min(rl.rlim_max);
-    if rl.rlim_cur < want {
+    if rl.rlim_cur < rl.rlim_max {
         let new = libc::rlimit {
-            rlim_cur: want,
+            rlim_cur: rl.rlim_max,
             rlim_max: rl.rlim_max,
         };
         // SAFETY: setrlimit reads the struct we own; raising the soft limit up to the hard one
         // needs no privilege.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
-            return want;
+            return rl.rlim_max;
         }
     }
     rl.rlim_cur

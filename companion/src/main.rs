@@ -6,31 +6,42 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to listen on inside the workload's network namespace.
+    /// HTTP API address inside the workload's network namespace.
     #[arg(long, default_value = nhi_core::config::DEFAULT_LISTEN)]
     listen: SocketAddr,
+    /// Serve no HTTP API (only the SPIFFE Workload API and the edge proxy).
+    #[arg(long)]
+    no_http_api: bool,
     /// File descriptor of the socketpair to nhid, inherited at spawn.
     #[arg(long)]
     channel_fd: i32,
+    /// File descriptor of the fd channel (Workload API sockets), inherited at spawn.
+    #[arg(long)]
+    fd_channel_fd: i32,
+    /// The seccomp filter: "required" (refuse to start without it) or "if_available".
+    #[arg(long, default_value = "required")]
+    seccomp: nhi_core::config::Enforcement,
+    /// Landlock: "required" or "if_available".
+    #[arg(long, default_value = "required")]
+    landlock: nhi_core::config::Enforcement,
     /// Most JWT-SVID audience sets kept cached.
     #[arg(long, default_value_t = 64)]
     max_cached_audiences: usize,
     /// SPIFFE Workload API (gRPC) address inside the workload's network namespace.
     #[arg(long, default_value = nhi_core::config::DEFAULT_WORKLOAD_API_LISTEN)]
     workload_api_listen: SocketAddr,
-    /// File descriptor of a listening unix socket for the Workload API, inherited at spawn.
-    #[arg(long)]
-    listener_fd: Option<i32>,
 }
 
 fn main() {
     let a = Args::parse();
     let opts = nhi_companion::Options {
-        listen: a.listen,
+        listen: (!a.no_http_api).then_some(a.listen),
         channel_fd: a.channel_fd,
+        fd_channel_fd: a.fd_channel_fd,
         max_cached_audiences: a.max_cached_audiences,
         workload_api_listen: a.workload_api_listen,
-        listener_fd: a.listener_fd,
+        seccomp: a.seccomp,
+        landlock: a.landlock,
     };
     if let Err(e) = nhi_companion::run(opts) {
         eprintln!("nhi-companion: {e}");

@@ -344,7 +344,7 @@ const AGE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 /// listeners fail, each within `limits` (see `crate::limits`).
 pub async fn serve(
     tcp: tokio::net::TcpListener,
-    unix: Option<tokio::net::UnixListener>,
+    unix: crate::listeners::Incoming,
     api: WorkloadApi,
     limits: nhi_core::config::CompanionLimits,
 ) {
@@ -409,40 +409,30 @@ pub async fn serve(
     let tcp_srv = builder()
         .add_service(svc())
         .serve_with_incoming(tcp_incoming);
-    match unix {
-        Some(u) => {
-            let unix_gov = governor("Workload API unix socket".into());
-            let unix_incoming =
-                tokio_stream::wrappers::UnixListenerStream::new(u).filter_map(move |c| {
-                    let gov = unix_gov.clone();
-                    async move {
-                        match c {
-                            Ok(s) => {
-                                // Per-process fairness: the peer's pid (threads share it).
-                                let peer =
-                                    s.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
-                                gov.admit_fairly(peer).await.map(|conn| {
-                                    Ok(Guarded::new(crate::h2fix::AuthorityFix::new(s), conn))
-                                })
-                            }
-                            Err(e) => Some(Err(e)),
-                        }
-                    }
-                });
-            let unix_srv = builder()
-                .add_service(svc())
-                .serve_with_incoming(unix_incoming);
-            let (a, b) = tokio::join!(tcp_srv, unix_srv);
-            for r in [a, b] {
-                if let Err(e) = r {
-                    eprintln!("nhi-companion: workload API: {e}");
+    // Connections of every container's socket (handed over by nhid while it runs), under one
+    // governor: per-process fairness by the peer's pid (threads share it).
+    let unix_gov = governor("Workload API unix sockets".into());
+    let unix_incoming = tokio_stream::wrappers::ReceiverStream::new(unix).filter_map(move |c| {
+        let gov = unix_gov.clone();
+        async move {
+            match c {
+                Ok(s) => {
+                    let peer = s.peer_cred().ok().and_then(|c| c.pid()).map(|p| p as u32);
+                    gov.admit_fairly(peer)
+                        .await
+                        .map(|conn| Ok(Guarded::new(crate::h2fix::AuthorityFix::new(s), conn)))
                 }
+                Err(e) => Some(Err(e)),
             }
         }
-        None => {
-            if let Err(e) = tcp_srv.await {
-                eprintln!("nhi-companion: workload API: {e}");
-            }
+    });
+    let unix_srv = builder()
+        .add_service(svc())
+        .serve_with_incoming(unix_incoming);
+    let (a, b) = tokio::join!(tcp_srv, unix_srv);
+    for r in [a, b] {
+        if let Err(e) = r {
+            eprintln!("nhi-companion: workload API: {e}");
         }
     }
 }

@@ -57,6 +57,16 @@ pub enum AuditKind {
     /// Written by `nhid` only: at startup it found its log's end did not match the head (a
     /// truncated, edited or missing file) and started a new segment; `detail` says what it found.
     ChainBreak,
+    /// Written by `nhid` only: a workload's last container is gone; `detail` says how many of
+    /// the credentials it was issued went on the deny list, and until when.
+    WorkloadEnded,
+}
+
+impl AuditKind {
+    /// Kinds only `nhid` itself may write; a companion sending one is ignored.
+    pub fn nhid_only(self) -> bool {
+        matches!(self, AuditKind::ChainBreak | AuditKind::WorkloadEnded)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]

@@ -18,7 +18,11 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/nhi/nhi.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nhi";
 pub const DEFAULT_SOCKET: &str = "/run/nhi/nhid.sock";
 pub const DEFAULT_COMPANION_BINARY: &str = "/usr/libexec/nhi/nhi-companion";
-pub const DEFAULT_COMPANION_USER: &str = "nhi-companion";
+/// Uids companions run as, one per companion: 65,536 ids from 0x70000000, above systemd's
+/// container range (524288-1879048191) and far from the ranges `useradd` hands out as
+/// subordinate ids (100000-600100000). The packages reserve it in /etc/subuid and /etc/subgid
+/// for the `nhi-companion` user.
+pub const DEFAULT_COMPANION_UID_RANGE: &str = "1879048192-1879113727";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15100";
 pub const DEFAULT_WORKLOAD_API_LISTEN: &str = "127.0.0.1:15101";
 pub const DEFAULT_CONTAINERS_DIR: &str = "/run/nhi/containers";
@@ -196,14 +200,121 @@ impl Default for MetricsConfig {
     }
 }
 
+/// A block of uids (each also used as a gid) reserved for companions: `"FIRST-LAST"`, inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl UidRange {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "companion.uid_range {s:?}: expected \"FIRST-LAST\" (e.g. {DEFAULT_COMPANION_UID_RANGE:?})"
+            )
+        };
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u32 = a.trim().parse().map_err(|_| bad())?;
+        let last: u32 = b.trim().parse().map_err(|_| bad())?;
+        if first > last {
+            return Err(format!("companion.uid_range {s:?}: FIRST is above LAST"));
+        }
+        let r = UidRange { first, last };
+        for (id, what) in [
+            (0, "root"),
+            (65534, "nobody"),
+            (65535, "the 16-bit -1"),
+            (u32::MAX, "the invalid id -1"),
+        ] {
+            if r.contains(id) {
+                return Err(format!(
+                    "companion.uid_range {s:?} contains {id} ({what}); companions need ids of their own"
+                ));
+            }
+        }
+        Ok(r)
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        (self.first..=self.last).contains(&id)
+    }
+
+    /// How many ids the range holds.
+    pub fn len(&self) -> u64 {
+        u64::from(self.last - self.first) + 1
+    }
+
+    /// Never: FIRST <= LAST.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl TryFrom<String> for UidRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        UidRange::parse(&s)
+    }
+}
+
+impl std::fmt::Display for UidRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// Whether a companion may start without one of its sandbox layers (seccomp, Landlock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforcement {
+    /// The companion refuses to start when the layer cannot be applied (default).
+    #[default]
+    Required,
+    /// Applied when the kernel supports it; otherwise the companion starts and logs a warning.
+    /// An explicit opt-out for kernels without the feature.
+    IfAvailable,
+}
+
+impl Enforcement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Enforcement::Required => "required",
+            Enforcement::IfAvailable => "if_available",
+        }
+    }
+}
+
+impl std::str::FromStr for Enforcement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Enforcement::Required, Enforcement::IfAvailable]
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| format!("{s:?}: expected \"required\" or \"if_available\""))
+    }
+}
+
 /// How companions are started.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CompanionConfig {
-    /// Path of the `nhi-companion` binary.
+    /// Path of the `nhi-companion` binary. Must not be readable by companion uids (root-owned,
+    /// mode 0711 as the packages install it): the kernel then starts each companion
+    /// non-dumpable, so no process can ptrace it from its first instruction.
     pub binary: PathBuf,
-    /// User the companion runs as: a name from the passwd database or a numeric uid. Never root.
-    pub user: String,
+    /// Uids companions run as, one of its own per companion (also its gid).
+    pub uid_range: UidRange,
+    /// Replaced by `uid_range`; only read to say so.
+    #[doc(hidden)]
+    pub user: Option<String>,
+    /// Serve the HTTP API (`listen`). `false`: only the SPIFFE Workload API (and the edge proxy).
+    pub http_api: bool,
+    /// The companion's seccomp allowlist.
+    pub seccomp: Enforcement,
+    /// The companion's Landlock ruleset (no file access after start).
+    pub landlock: Enforcement,
     /// HTTP listen address inside the workload's network namespace.
     pub listen: String,
     /// How long `nhid` waits for a new companion to be ready before the attach fails.
@@ -315,7 +426,11 @@ impl Default for CompanionConfig {
     fn default() -> Self {
         CompanionConfig {
             binary: DEFAULT_COMPANION_BINARY.into(),
-            user: DEFAULT_COMPANION_USER.into(),
+            uid_range: UidRange::parse(DEFAULT_COMPANION_UID_RANGE).expect("default range"),
+            user: None,
+            http_api: true,
+            seccomp: Enforcement::Required,
+            landlock: Enforcement::Required,
             listen: DEFAULT_LISTEN.into(),
             ready_timeout: Duration::from_secs(5),
             max_cached_audiences: 64,
@@ -413,6 +528,10 @@ struct RawRule {
     matcher: Match,
     #[serde(default)]
     aws_credentials: Option<AwsCredentials>,
+    #[serde(default)]
+    selectable: bool,
+    #[serde(default)]
+    sources: Option<Vec<String>>,
 }
 
 /// Where a rule's workloads get AWS credentials from, served by the companion as the AWS
@@ -436,6 +555,19 @@ pub struct Rule {
     pub matcher: Match,
     /// The AWS container-credential source of this rule's workloads, if any.
     pub aws_credentials: Option<AwsCredentials>,
+    /// Whether a workload may pick this rule with the `nhi.dev/rule` annotation. Off by
+    /// default: whoever writes the annotation (e.g. a pod's author) must not choose the rule,
+    /// and so the identity, the operator did not offer.
+    pub selectable: bool,
+    /// The sources this rule may select (default: all).
+    pub sources: Vec<crate::workload::Source>,
+}
+
+impl Rule {
+    /// Whether the rule may select workloads of `source`.
+    pub fn accepts(&self, source: crate::workload::Source) -> bool {
+        self.sources.contains(&source)
+    }
 }
 
 /// The validated configuration.
@@ -530,13 +662,10 @@ impl Config {
                 "issuer.x509_ttl must be shorter than issuer.ca_ttl".into(),
             ));
         }
-        if raw.companion.user.is_empty()
-            || raw.companion.user == "root"
-            || raw.companion.user == "0"
-        {
-            return Err(invalid(
-                "companion.user must name an unprivileged user, never root".into(),
-            ));
+        if let Some(user) = &raw.companion.user {
+            return Err(invalid(format!(
+                "companion.user ({user:?}) was replaced by companion.uid_range: every companion runs as a uid of its own from that range (default {DEFAULT_COMPANION_UID_RANGE:?}); remove companion.user"
+            )));
         }
         raw.companion
             .listen
@@ -590,13 +719,23 @@ impl Config {
                         r.name, aws.secret
                     )));
                 }
+                if !raw.companion.http_api {
+                    return Err(invalid(format!(
+                        "rule {:?}: aws_credentials needs the companion's HTTP API, which companion.http_api = false turns off",
+                        r.name
+                    )));
+                }
             }
+            let sources = parse_sources(r.sources.as_deref())
+                .map_err(|e| invalid(format!("rule {:?}: {e}", r.name)))?;
             rules.push(Rule {
                 name: r.name,
                 spiffe_id,
                 fail_open: r.fail_open,
                 matcher: r.matcher,
                 aws_credentials: r.aws_credentials,
+                selectable: r.selectable,
+                sources,
             });
         }
         if raw.store.secret_ttl < Duration::from_secs(5) {
@@ -665,6 +804,30 @@ impl Config {
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.rules.iter().find(|r| r.name == name)
     }
+}
+
+/// A rule's `sources`: absent means every source; given, a non-empty list of known names.
+fn parse_sources(names: Option<&[String]>) -> Result<Vec<crate::workload::Source>, String> {
+    use crate::workload::Source;
+    let Some(names) = names else {
+        return Ok(Source::ALL.to_vec());
+    };
+    if names.is_empty() {
+        return Err("sources is empty: such a rule could never select anything (omit sources for every source)".into());
+    }
+    let mut out = Vec::new();
+    for n in names {
+        let s = Source::ALL
+            .into_iter()
+            .find(|s| s.name() == n)
+            .ok_or_else(|| {
+                format!("unknown source {n:?} (known: \"kubernetes\", \"nomad\", \"container\")")
+            })?;
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
 }
 
 /// `[egress]` and `[[policy]]` checks: distinct ports, unique ids, each policy valid.
@@ -740,7 +903,7 @@ socket = "/tmp/s/nhid.sock"
 [issuer]
 jwt_ttl = "2m"
 [companion]
-user = "65534"
+uid_range = "200000-200999"
 [audit]
 dir = "/tmp/a"
 max_file_bytes = 1048576
@@ -775,6 +938,28 @@ annotations = { "nhi.dev/inject" = "true" }
     fn the_example_config_parses() {
         let c = parse(include_str!("../../config/nhi.toml")).unwrap();
         assert_eq!(c.audit.max_file_bytes, 64 * 1024 * 1024);
+        // A pod can never land on the name-derived rule.
+        let annotated = c.rule("annotated").unwrap();
+        assert!(!annotated.selectable);
+        assert_eq!(annotated.sources, vec![crate::workload::Source::Container]);
+    }
+
+    #[test]
+    fn the_packages_reserve_the_default_companion_range() {
+        let r = UidRange::parse(DEFAULT_COMPANION_UID_RANGE).unwrap();
+        let line = format!("nhi-companion:{}:{}", r.first, r.len());
+        for (file, text) in [
+            (
+                "packaging/debian/postinst",
+                include_str!("../../packaging/debian/postinst"),
+            ),
+            (
+                "packaging/rpm/nhi.spec.in",
+                include_str!("../../packaging/rpm/nhi.spec.in"),
+            ),
+        ] {
+            assert!(text.contains(&line), "{file} does not reserve {line}");
+        }
     }
 
     #[test]
@@ -795,10 +980,10 @@ annotations = { "nhi.dev/inject" = "true" }
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
-        let e = parse("trust_domain = \"td\"\n[companion]\nuser = \"root\"\n")
+        let e = parse("trust_domain = \"td\"\n[companion]\nuser = \"nhi-companion\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("never root"), "{e}");
+        assert!(e.contains("replaced by companion.uid_range"), "{e}");
         let e = parse("trust_domain = \"td\"\n[[policy]]\nid = \"p\"\nspiffe_ids = [\"spiffe://td/a\"]\n[[policy.egress]]\nid = \"r\"\ncidr = [\"10.0.0.0/40\"]\n")
             .unwrap_err()
             .to_string();
@@ -809,6 +994,74 @@ annotations = { "nhi.dev/inject" = "true" }
         assert!(e.contains("two different ports"), "{e}");
         let dup = "trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"y\"\n";
         assert!(parse(dup).unwrap_err().to_string().contains("used twice"));
+    }
+
+    #[test]
+    fn companion_uid_range_and_sandbox() {
+        let c = parse("trust_domain = \"td\"\n").unwrap();
+        assert_eq!(
+            c.companion.uid_range,
+            UidRange {
+                first: 1879048192,
+                last: 1879113727
+            }
+        );
+        assert_eq!(c.companion.uid_range.len(), 65536);
+        assert!(c.companion.http_api);
+        assert_eq!(c.companion.seccomp, Enforcement::Required);
+        assert_eq!(c.companion.landlock, Enforcement::Required);
+        let c = parse("trust_domain = \"td\"\n[companion]\nuid_range = \"70000 - 70009\"\nlandlock = \"if_available\"\nhttp_api = false\n").unwrap();
+        assert_eq!(c.companion.uid_range.to_string(), "70000-70009");
+        assert_eq!(c.companion.uid_range.len(), 10);
+        assert!(c.companion.uid_range.contains(70009) && !c.companion.uid_range.contains(70010));
+        assert_eq!(c.companion.landlock, Enforcement::IfAvailable);
+        assert!(!c.companion.http_api);
+        for (range, why) in [
+            ("5-1", "above"),
+            ("0-10", "root"),
+            ("60000-70000", "nobody"),
+            ("1000", "FIRST-LAST"),
+            ("a-b", "FIRST-LAST"),
+        ] {
+            let e = parse(&format!(
+                "trust_domain = \"td\"\n[companion]\nuid_range = \"{range}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(why) && e.contains("uid_range"), "{range}: {e}");
+        }
+        let e = parse("trust_domain = \"td\"\n[companion]\nseccomp = \"off\"\n").unwrap_err();
+        assert!(e.to_string().contains("seccomp"), "{e}");
+        let aws = "trust_domain = \"td\"\n[companion]\nhttp_api = false\n[[rule]]\nname = \"a\"\nspiffe_id = \"x\"\naws_credentials = { secret = \"s\" }\n";
+        let e = parse(aws).unwrap_err().to_string();
+        assert!(e.contains("rule \"a\"") && e.contains("http_api"), "{e}");
+    }
+
+    #[test]
+    fn rule_selectable_and_sources() {
+        use crate::workload::Source;
+        let base = "trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x\"\n";
+        let c = parse(base).unwrap();
+        assert!(!c.rules[0].selectable, "not selectable unless marked");
+        assert_eq!(c.rules[0].sources, Source::ALL.to_vec());
+        let c = parse(&format!(
+            "{base}selectable = true\nsources = [\"container\", \"nomad\", \"container\"]\n"
+        ))
+        .unwrap();
+        assert!(c.rules[0].selectable);
+        assert_eq!(c.rules[0].sources, vec![Source::Container, Source::Nomad]);
+        assert!(c.rules[0].accepts(Source::Nomad) && !c.rules[0].accepts(Source::Kubernetes));
+        let e = parse(&format!("{base}sources = [\"k8s\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rule \"a\"") && e.contains("unknown source \"k8s\""),
+            "{e}"
+        );
+        let e = parse(&format!("{base}sources = []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rule \"a\"") && e.contains("empty"), "{e}");
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Selection: which rule, if any, applies to a workload. Rules are tried in file order and the
-//! first whose every listed condition holds wins. Within one condition list any entry may match.
-//! An operator's `nhi.dev/inject = "false"` annotation opts a container out of every rule, and
-//! `nhi.dev/rule = NAME` restricts selection to that one rule (whose conditions must still hold):
-//! annotations pick among the operator's rules, they never name an identity.
+//! first that accepts the workload's source (`sources`) and whose every listed condition holds
+//! wins. Within one condition list any entry may match. An operator's `nhi.dev/inject = "false"`
+//! annotation opts a container out of every rule, and `nhi.dev/rule = NAME` restricts selection
+//! to that one rule, only if the operator marked it `selectable` (its conditions and sources must
+//! still hold): annotations pick among the rules the operator offered, they never name an
+//! identity. Naming a rule that does not exist or is not selectable is an error (the container
+//! does not start), never a silent fallback to another rule.
 
 use std::collections::BTreeMap;
 
@@ -57,17 +60,27 @@ pub fn opted_out(w: &Workload) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("false"))
 }
 
-/// The rule that selects `w`, if any.
-pub fn select<'c>(config: &'c Config, w: &Workload) -> Option<&'c Rule> {
+/// The rule that selects `w`, if any; an error when `w` names a rule with `nhi.dev/rule` that
+/// it may not pick (no such rule, or not `selectable`).
+pub fn select<'c>(config: &'c Config, w: &Workload) -> Result<Option<&'c Rule>, String> {
     if opted_out(w) {
-        return None;
+        return Ok(None);
     }
-    let only = w.annotation(RULE_ANNOTATION);
-    config
-        .rules
-        .iter()
-        .filter(|r| only.is_none_or(|name| r.name == name))
-        .find(|r| r.matcher.matches(w))
+    let applies = |r: &&Rule| r.accepts(w.source()) && r.matcher.matches(w);
+    let Some(name) = w.annotation(RULE_ANNOTATION) else {
+        return Ok(config.rules.iter().find(applies));
+    };
+    let Some(rule) = config.rules.iter().find(|r| r.name == name) else {
+        return Err(format!(
+            "annotation {RULE_ANNOTATION} names rule {name:?}, which does not exist"
+        ));
+    };
+    if !rule.selectable {
+        return Err(format!(
+            "annotation {RULE_ANNOTATION} names rule {name:?}, which is not selectable (the operator must set selectable = true on it)"
+        ));
+    }
+    Ok(Some(rule).filter(applies))
 }
 
 /// `*` matches any run of characters (also none); everything else is literal.
@@ -122,9 +135,16 @@ k8s_namespaces = ["prod"]
 [[rule]]
 name = "annotated"
 spiffe_id = "container/{container.name}"
+selectable = true
 [rule.match]
 annotations = { "nhi.dev/inject" = "true" }
 images = ["busybox*"]
+[[rule]]
+name = "by-name"
+spiffe_id = "name/{container.name}"
+sources = ["container"]
+[rule.match]
+annotations = { "nhi.dev/inject" = "true" }
 "#,
         )
         .unwrap()
@@ -141,22 +161,25 @@ images = ["busybox*"]
             }),
             ..Default::default()
         };
-        assert_eq!(select(&c, &w).unwrap().name, "prod");
+        assert_eq!(select(&c, &w).unwrap().unwrap().name, "prod");
         w.annotations
             .insert(INJECT_ANNOTATION.into(), "false".into());
-        assert!(select(&c, &w).is_none());
+        assert!(select(&c, &w).unwrap().is_none());
 
         let mut w = Workload {
             container_id: "y".into(),
             image: Some("busybox:latest".into()),
             ..Default::default()
         };
-        assert!(select(&c, &w).is_none(), "needs the annotation too");
+        assert!(
+            select(&c, &w).unwrap().is_none(),
+            "needs the annotation too"
+        );
         w.annotations
             .insert(INJECT_ANNOTATION.into(), "true".into());
-        assert_eq!(select(&c, &w).unwrap().name, "annotated");
+        assert_eq!(select(&c, &w).unwrap().unwrap().name, "annotated");
         w.image = Some("alpine".into());
-        assert!(select(&c, &w).is_none());
+        assert_eq!(select(&c, &w).unwrap().unwrap().name, "by-name");
     }
 
     #[test]
@@ -174,23 +197,62 @@ images = ["busybox*"]
         w.annotations
             .insert(INJECT_ANNOTATION.into(), "true".into());
         assert_eq!(
-            select(&c, &w).unwrap().name,
+            select(&c, &w).unwrap().unwrap().name,
             "prod",
             "first match by default"
         );
         w.annotations
             .insert(RULE_ANNOTATION.into(), "annotated".into());
-        assert_eq!(select(&c, &w).unwrap().name, "annotated");
+        assert_eq!(select(&c, &w).unwrap().unwrap().name, "annotated");
         w.annotations
             .insert(RULE_ANNOTATION.into(), "no-such-rule".into());
-        assert!(select(&c, &w).is_none());
+        let e = select(&c, &w).unwrap_err();
+        assert!(
+            e.contains("\"no-such-rule\"") && e.contains("does not exist"),
+            "{e}"
+        );
         w.image = Some("alpine".into());
         w.annotations
             .insert(RULE_ANNOTATION.into(), "annotated".into());
         assert!(
-            select(&c, &w).is_none(),
+            select(&c, &w).unwrap().is_none(),
             "the picked rule's conditions still apply"
         );
+    }
+
+    #[test]
+    fn a_pod_cannot_pick_a_rule_that_is_not_selectable_or_not_for_its_source() {
+        let c = cfg();
+        let pod = |rule: Option<&str>| {
+            let mut w = Workload {
+                container_id: "p".into(),
+                image: Some("alpine".into()),
+                k8s: Some(K8s {
+                    namespace: Some("dev".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            w.annotations
+                .insert(INJECT_ANNOTATION.into(), "true".into());
+            if let Some(r) = rule {
+                w.annotations.insert(RULE_ANNOTATION.into(), r.into());
+            }
+            w
+        };
+        // "by-name" would match by its conditions, but takes plain containers only.
+        assert!(select(&c, &pod(None)).unwrap().is_none());
+        let e = select(&c, &pod(Some("by-name"))).unwrap_err();
+        assert!(
+            e.contains("\"by-name\"") && e.contains("not selectable"),
+            "{e}"
+        );
+        let e = select(&c, &pod(Some("prod"))).unwrap_err();
+        assert!(e.contains("not selectable"), "{e}");
+        // The same conditions on a plain container: "by-name" selects it.
+        let mut plain = pod(None);
+        plain.k8s = None;
+        assert_eq!(select(&c, &plain).unwrap().unwrap().name, "by-name");
     }
 
     #[test]

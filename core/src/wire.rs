@@ -140,8 +140,11 @@ pub struct Validated {
     pub claims: serde_json::Value,
 }
 
-/// One revoked identity: credentials issued to it up to `revoked_at` are refused, and the ones
-/// `nhid` knows it issued are listed by `jti` / certificate serial.
+/// One entry of the deny list. Either a revoked identity: credentials issued to it up to
+/// `revoked_at` are refused, and the ones `nhid` knows it issued are listed by `jti` /
+/// certificate serial; or (`ended` set) the credentials one workload of `spiffe_id` was issued,
+/// listed when its last container went, refused until they expire (no cut-off: other
+/// workloads of the same identity go on).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Revocation {
     pub spiffe_id: String,
@@ -150,6 +153,31 @@ pub struct Revocation {
     pub jtis: Vec<String>,
     #[serde(default)]
     pub serials: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<EndedWorkload>,
+}
+
+/// A workload whose last container is gone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndedWorkload {
+    /// Random, names the entry (`ended/<id>`).
+    pub id: String,
+    /// Which workload: container ids, pod namespace/name, Nomad allocation.
+    pub workload: String,
+    pub ended_at: u64,
+    /// When the last listed credential expires; the entry goes then.
+    pub expires_at: u64,
+}
+
+impl Revocation {
+    /// The entry's key in the list and the store: the SPIFFE ID for an identity's revocation,
+    /// `ended/<id>` (never a SPIFFE ID) for an ended workload's credentials.
+    pub fn key(&self) -> String {
+        match &self.ended {
+            Some(e) => format!("ended/{}", e.id),
+            None => self.spiffe_id.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

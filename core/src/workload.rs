@@ -60,6 +60,39 @@ pub struct Nomad {
     pub alloc_id: Option<String>,
 }
 
+/// The uid and gid a container's process runs as, as the host sees them: the OCI spec's
+/// `process.user`, mapped through the container's user namespace when it has one. Files and
+/// sockets `nhid` puts in the container's `/run/nhi` belong to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Where a workload comes from, for rules limited to some sources (`sources = [...]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// A Kubernetes pod's container (CRI annotations).
+    Kubernetes,
+    /// A Nomad task (the Nomad client's environment and allocation directory).
+    Nomad,
+    /// Any other container (runc, containerd, Docker, Podman, ...).
+    Container,
+}
+
+impl Source {
+    pub const ALL: [Source; 3] = [Source::Kubernetes, Source::Nomad, Source::Container];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Kubernetes => "kubernetes",
+            Source::Nomad => "nomad",
+            Source::Container => "container",
+        }
+    }
+}
+
 /// Everything nhi knows about a container when it decides on an identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
@@ -75,6 +108,10 @@ pub struct Workload {
     /// Only `nhi.dev/*` annotations: everything else stays out of nhi's records.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Who the container's process runs as on the host (`None`: the spec has no `process`,
+    /// or its uid/gid has no mapping in the container's user namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<HostUser>,
 }
 
 /// Variables an identity template may use.
@@ -146,6 +183,18 @@ impl Workload {
                 .filter(|(k, _)| k.starts_with(NHI_ANNOTATION_PREFIX))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            user: host_user_of(spec),
+        }
+    }
+
+    /// Which kind of orchestrator (if any) created the workload.
+    pub fn source(&self) -> Source {
+        if self.k8s.is_some() {
+            Source::Kubernetes
+        } else if self.nomad.is_some() {
+            Source::Nomad
+        } else {
+            Source::Container
         }
     }
 
@@ -186,6 +235,33 @@ impl Workload {
     pub fn annotation(&self, key: &str) -> Option<&str> {
         self.annotations.get(key).map(String::as_str)
     }
+}
+
+/// The host uid/gid of the spec's `process.user`: unchanged without a user namespace, mapped
+/// through `linux.uidMappings` / `gidMappings` with one. `None` when there is no `process` or an
+/// id has no mapping (then nothing in `/run/nhi` can be given to it).
+fn host_user_of(spec: &Spec) -> Option<HostUser> {
+    let user = spec.process().as_ref()?.user();
+    let linux = spec.linux().as_ref();
+    let userns = linux
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|nss| nss.iter().any(|n| n.typ() == LinuxNamespaceType::User));
+    if !userns {
+        return Some(HostUser {
+            uid: user.uid(),
+            gid: user.gid(),
+        });
+    }
+    let map = |id: u32, maps: Option<&Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        maps?.iter().find_map(|m| {
+            let offset = id.checked_sub(m.container_id())?;
+            (offset < m.size()).then(|| m.host_id().checked_add(offset))?
+        })
+    };
+    Some(HostUser {
+        uid: map(user.uid(), linux.and_then(|l| l.uid_mappings().as_ref()))?,
+        gid: map(user.gid(), linux.and_then(|l| l.gid_mappings().as_ref()))?,
+    })
 }
 
 /// Reads the network namespace the spec asks for.
@@ -240,6 +316,45 @@ mod tests {
         // The rest of the environment never enters the workload record.
         assert!(!serde_json::to_string(&w).unwrap().contains("hunter2"));
         assert_eq!(netns_of(&spec), NetNs::New);
+        assert_eq!(w.user, Some(HostUser { uid: 0, gid: 0 }));
+        assert_eq!(w.source(), Source::Kubernetes);
+    }
+
+    #[test]
+    fn process_user_is_mapped_through_the_user_namespace() {
+        let spec = |ns: &str, maps: &str| -> Spec {
+            serde_json::from_str(&format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"cwd":"/","args":["sh"],"user":{{"uid":1000,"gid":1001}}}},
+                    "linux":{{"namespaces":[{ns}]{maps}}}}}"#
+            ))
+            .unwrap()
+        };
+        let (state, _) = parse(
+            r#"{"ociVersion":"1.0.2","id":"u","status":"creating","pid":1,"bundle":"/b"}"#,
+            r#"{"ociVersion":"1.0.2"}"#,
+        );
+        let w = Workload::from_oci(&state, &spec(r#"{"type":"network"}"#, ""));
+        assert_eq!(
+            w.user,
+            Some(HostUser {
+                uid: 1000,
+                gid: 1001
+            })
+        );
+        assert_eq!(w.source(), Source::Container);
+        let maps = r#","uidMappings":[{"containerID":0,"hostID":200000,"size":65536}],"gidMappings":[{"containerID":1000,"hostID":300000,"size":10}]"#;
+        let w = Workload::from_oci(&state, &spec(r#"{"type":"network"},{"type":"user"}"#, maps));
+        assert_eq!(
+            w.user,
+            Some(HostUser {
+                uid: 201000,
+                gid: 300001
+            })
+        );
+        // An id outside every mapping has no host id: nothing is handed to it.
+        let short = r#","uidMappings":[{"containerID":0,"hostID":200000,"size":1000}],"gidMappings":[{"containerID":1000,"hostID":300000,"size":10}]"#;
+        let w = Workload::from_oci(&state, &spec(r#"{"type":"user"}"#, short));
+        assert_eq!(w.user, None);
     }
 
     #[test]

@@ -40,9 +40,19 @@ pub fn render_status(s: &Status) -> String {
             out.push_str(&format!(" DEGRADED: {}\n", s.store.degraded.join("; ")));
         }
     }
-    if !s.revocations.is_empty() {
-        out.push_str(&format!("revoked:      {}\n", s.revocations.len()));
-        for r in &s.revocations {
+    let (ended, revoked): (Vec<_>, Vec<_>) = s.revocations.iter().partition(|r| r.ended.is_some());
+    if !ended.is_empty() {
+        let (jtis, serials) = ended
+            .iter()
+            .fold((0, 0), |(j, x), r| (j + r.jtis.len(), x + r.serials.len()));
+        out.push_str(&format!(
+            "ended:        {} workloads, their {jtis} JWT-SVIDs and {serials} X.509-SVIDs denied until they expire\n",
+            ended.len()
+        ));
+    }
+    if !revoked.is_empty() {
+        out.push_str(&format!("revoked:      {}\n", revoked.len()));
+        for r in revoked {
             out.push_str(&format!(
                 "  {}  at={} jtis={} serials={}\n",
                 r.spiffe_id,
@@ -66,3 +76,44 @@ pub fn render_status(s: &Status) -> String {
 }
 
 pub use nhi_core::jwt::{verify_token, Claims};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nhi_core::wire::{EndedWorkload, Revocation};
+
+    #[test]
+    fn status_counts_ended_workloads_apart_from_revoked_identities() {
+        let rev = |id: &str, ended: bool| Revocation {
+            spiffe_id: id.into(),
+            revoked_at: if ended { 0 } else { 7 },
+            jtis: vec!["j1".into(), "j2".into()],
+            serials: vec!["s".into()],
+            ended: ended.then(|| EndedWorkload {
+                id: "ab".into(),
+                workload: "container c".into(),
+                ended_at: 1,
+                expires_at: 2,
+            }),
+        };
+        let s = Status {
+            trust_domain: "td".into(),
+            issuer: "embedded".into(),
+            bundle_pem: String::new(),
+            bundle_spiffe: serde_json::Value::Null,
+            workloads: vec![],
+            store: Default::default(),
+            revocations: vec![rev("spiffe://td/a", false), rev("spiffe://td/b", true)],
+        };
+        let out = render_status(&s);
+        assert!(
+            out.contains("revoked:      1\n  spiffe://td/a  at=7"),
+            "{out}"
+        );
+        assert!(!out.contains("spiffe://td/b"), "{out}");
+        assert!(
+            out.contains("ended:        1 workloads, their 2 JWT-SVIDs and 1 X.509-SVIDs"),
+            "{out}"
+        );
+    }
+}

@@ -135,8 +135,17 @@ fn create_runtime(config: &Config, state: &State) -> Result<Outcome, HookError> 
     let nomad_error = nhi_core::nomad::attach(&config.nomad, &spec, &mut workload).err();
     // Select first otherwise: a container no rule selects causes no read beyond its
     // config.json (and, for Nomad's mount layout, its signed identity).
-    let Some(rule) = select(config, &workload) else {
-        return Ok(Outcome::NotSelected);
+    let rule = match select(config, &workload) {
+        Ok(Some(rule)) => rule,
+        Ok(None) => return Ok(Outcome::NotSelected),
+        // The container asked for a rule it may not pick: it does not start, so nobody
+        // mistakes it for a workload with the identity it asked for.
+        Err(message) => {
+            return Err(HookError::Attach {
+                container: workload.container_id.clone(),
+                message,
+            })
+        }
     };
     let container = workload.container_id.clone();
     let fail = |message: String| {

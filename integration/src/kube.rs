@@ -432,10 +432,23 @@ impl Cri {
         name: &str,
         token_dir: Option<&Path>,
     ) -> Result<String, String> {
+        self.start_container_as(pod_id, pod, name, token_dir, None)
+    }
+
+    /// [`Cri::start_container`] with the pod spec's `securityContext.runAsUser` /
+    /// `runAsGroup` (`run_as`).
+    pub fn start_container_as(
+        &self,
+        pod_id: &str,
+        pod: &PodSpec,
+        name: &str,
+        token_dir: Option<&Path>,
+        run_as: Option<(i64, i64)>,
+    ) -> Result<String, String> {
         let mounts: Vec<(&str, &Path)> = token_dir
             .map(|d| vec![("/var/run/secrets/kubernetes.io/serviceaccount", d)])
             .unwrap_or_default();
-        self.start_container_with(pod_id, pod, name, &mounts, Duration::from_secs(120))
+        self.create_and_start(pod_id, pod, name, &mounts, run_as, Duration::from_secs(120))
     }
 
     /// Creates and starts `name` running `sleep` in the pod with read-only bind `mounts`
@@ -447,6 +460,18 @@ impl Cri {
         pod: &PodSpec,
         name: &str,
         mounts: &[(&str, &Path)],
+        deadline: Duration,
+    ) -> Result<String, String> {
+        self.create_and_start(pod_id, pod, name, mounts, None, deadline)
+    }
+
+    fn create_and_start(
+        &self,
+        pod_id: &str,
+        pod: &PodSpec,
+        name: &str,
+        mounts: &[(&str, &Path)],
+        run_as: Option<(i64, i64)>,
         deadline: Duration,
     ) -> Result<String, String> {
         let mounts = mounts
@@ -475,7 +500,14 @@ impl Cri {
                     value: "/bin".into(),
                 }],
                 mounts,
-                linux: Some(LinuxContainerConfig::default()),
+                linux: Some(LinuxContainerConfig {
+                    security_context: run_as.map(|(uid, gid)| LinuxContainerSecurityContext {
+                        run_as_user: Some(Int64Value { value: uid }),
+                        run_as_group: Some(Int64Value { value: gid }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             sandbox_config: Some(pod.config()),

@@ -17,13 +17,68 @@ use nhi_core::wire::{call_agent, AgentRequest, AgentResponse, Status};
 
 pub mod bao;
 pub mod edge;
-/// Uid (and gid) companions run as in tests: an unprivileged id no real user has.
 pub mod kube;
 pub mod nomad;
 
-pub const COMPANION_UID: u32 = 65533;
 pub const TRUST_DOMAIN: &str = "example.org";
 pub const COMPANION_URL: &str = "http://127.0.0.1:15100";
+/// The header (and value) the companion's credential endpoints require: the workload's own
+/// code sends it, a forged request cannot.
+pub const PROOF_HEADER: &str = "Nhi-Request: true";
+
+/// Companion uids in tests: each [`Node`] names its own block of [`UID_BLOCK`] ids from here
+/// (its nhid allocates one per companion), so parallel tests and test binaries never share a
+/// companion uid. Far above any account and above systemd's container range.
+pub const UID_BASE: u32 = 1_900_000_000;
+pub const UID_BLOCK: u32 = 64;
+/// Blocks to choose from.
+const UID_BLOCKS: u32 = 4096;
+
+/// A companion uid block held for the life of a [`Node`]: an exclusive `flock` on
+/// `/tmp/nhi-it-uids/<n>.lock` (released by the kernel when the test process ends, however it
+/// ends), so two nodes never allocate from the same ids at once.
+pub struct UidBlock {
+    pub first: u32,
+    pub last: u32,
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+impl UidBlock {
+    pub fn claim() -> UidBlock {
+        let dir = Path::new("/tmp/nhi-it-uids");
+        fs::create_dir_all(dir).expect("uid block lock dir");
+        let start = std::process::id() % UID_BLOCKS;
+        for i in 0..UID_BLOCKS {
+            let n = (start + i) % UID_BLOCKS;
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("{n}.lock")))
+                .expect("uid block lock file");
+            if let Ok(lock) =
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            {
+                let first = UID_BASE + n * UID_BLOCK;
+                return UidBlock {
+                    first,
+                    last: first + UID_BLOCK - 1,
+                    _lock: lock,
+                };
+            }
+        }
+        panic!("no free companion uid block in /tmp/nhi-it-uids");
+    }
+
+    pub fn contains(&self, uid: u32) -> bool {
+        (self.first..=self.last).contains(&uid)
+    }
+
+    /// `companion.uid_range`'s value.
+    pub fn range(&self) -> String {
+        format!("{}-{}", self.first, self.last)
+    }
+}
 
 /// Directory holding the built nhi binaries: `NHI_BIN_DIR`, else the cargo target dir this
 /// test binary runs from (`target/<profile>/deps/..`).
@@ -40,7 +95,11 @@ pub fn bin_dir() -> PathBuf {
 }
 
 pub fn bin(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
+    bin_in(&bin_dir(), name)
+}
+
+fn bin_in(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
     assert!(
         p.is_file(),
         "{} is missing: build the workspace binaries first (cargo build --workspace --bins), or set NHI_BIN_DIR",
@@ -96,6 +155,10 @@ pub struct Node {
     pub state_dir: PathBuf,
     pub rootfs: PathBuf,
     pub runc_root: PathBuf,
+    /// The companion uids of this node's nhid.
+    pub uids: UidBlock,
+    /// Where its nhi binaries come from.
+    bins: PathBuf,
     nhid: Option<Child>,
 }
 
@@ -116,19 +179,36 @@ impl Node {
     }
 
     pub fn with_config(rules: &str, extra_top: &str) -> Node {
+        Self::build(rules, extra_top, bin_dir(), false)
+    }
+
+    /// A node running an earlier nhi build from `bin_dir` (e.g. main's, for a benchmark
+    /// against it in the same run). `legacy_user`: that build predates `companion.uid_range`
+    /// and takes one `companion.user` (given the first uid of this node's block).
+    pub fn with_bin_dir(rules: &str, bin_dir: &Path, legacy_user: bool) -> Node {
+        Self::build(rules, "", bin_dir.to_path_buf(), legacy_user)
+    }
+
+    fn build(rules: &str, extra_top: &str, bins: PathBuf, legacy_user: bool) -> Node {
         require_runtime();
         let dir = tempfile::Builder::new()
             .prefix("nhi-it-")
             .tempdir()
             .expect("tempdir");
-        // The companion runs as an unprivileged uid: it must be able to reach its binary.
+        // The companion runs as an unprivileged uid: it must be able to reach its binary, and
+        // only execute it, like the packages install it (nhid refuses a readable one).
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let bin_copy = dir.path().join("bin");
         fs::create_dir(&bin_copy).unwrap();
         fs::set_permissions(&bin_copy, fs::Permissions::from_mode(0o755)).unwrap();
         let companion = bin_copy.join("nhi-companion");
-        fs::copy(bin("nhi-companion"), &companion).unwrap();
-        fs::set_permissions(&companion, fs::Permissions::from_mode(0o755)).unwrap();
+        install_exec_only(&bin_in(&bins, "nhi-companion"), &companion);
+        let uids = UidBlock::claim();
+        let companion_uids = if legacy_user {
+            format!("user = \"{}\"", uids.first)
+        } else {
+            format!("uid_range = \"{}\"", uids.range())
+        };
 
         let state_dir = dir.path().join("state");
         let socket = dir.path().join("run/nhid.sock");
@@ -149,7 +229,7 @@ impl Node {
         fs::write(
             &config,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\nuser = \"{COMPANION_UID}\"\n{store}{rules}",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\n{companion_uids}\n{store}{rules}",
                 state_dir.display(),
                 socket.display(),
                 companion.display(),
@@ -166,8 +246,15 @@ impl Node {
             rootfs,
             runc_root,
             dir,
+            uids,
+            bins,
             nhid: None,
         }
+    }
+
+    /// This node's binary `name`.
+    pub fn bin(&self, name: &str) -> PathBuf {
+        bin_in(&self.bins, name)
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -190,7 +277,7 @@ impl Node {
 
     /// Runs `nhictl --config <this node's config> args...` with `stdin`.
     pub fn nhictl(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = Command::new(bin("nhictl"))
+        let mut child = Command::new(self.bin("nhictl"))
             .arg("--config")
             .arg(&self.config)
             .args(args)
@@ -209,20 +296,41 @@ impl Node {
         fs::write(&self.config, format!("{cfg}\n{toml}\n")).unwrap();
     }
 
-    /// Runs companions from `binary` as `user` instead of the copy of the workspace's build as
-    /// uid 65533 (e.g. an installed package's). Before `start`.
-    pub fn set_companion(&self, binary: &Path, user: &str) {
+    /// Runs companions from `binary` instead of the node's copy of the workspace's build
+    /// (e.g. an installed package's). Before `start`.
+    pub fn set_companion(&self, binary: &Path) {
         let cfg = fs::read_to_string(&self.config).unwrap();
         let old = format!(
-            "[companion]\nbinary = \"{}\"\nuser = \"{COMPANION_UID}\"\n",
+            "[companion]\nbinary = \"{}\"\n",
             self.path("bin/nhi-companion").display()
         );
         assert!(cfg.contains(&old), "companion section not found in {cfg}");
-        let new = format!(
-            "[companion]\nbinary = \"{}\"\nuser = \"{user}\"\n",
-            binary.display()
-        );
+        let new = format!("[companion]\nbinary = \"{}\"\n", binary.display());
         fs::write(&self.config, cfg.replace(&old, &new)).unwrap();
+    }
+
+    /// Adds `key = value` lines to the node's `[companion]` table. Before `start`.
+    pub fn companion_config(&self, lines: &str) {
+        let cfg = fs::read_to_string(&self.config).unwrap();
+        let anchor = format!("uid_range = \"{}\"\n", self.uids.range());
+        assert!(
+            cfg.contains(&anchor),
+            "companion section not found in {cfg}"
+        );
+        fs::write(
+            &self.config,
+            cfg.replacen(&anchor, &format!("{anchor}{lines}\n"), 1),
+        )
+        .unwrap();
+    }
+
+    /// The uid the companion serving `container_id` runs as.
+    pub fn companion_uid(&self, container_id: &str) -> u32 {
+        let pid = self
+            .companion_pid(container_id)
+            .unwrap_or_else(|| panic!("no companion serves {container_id}"));
+        let uid = proc_status(pid, "Uid");
+        uid.split_whitespace().next().unwrap().parse().unwrap()
     }
 
     /// Points nhi at a kubelet root inside the node's temp dir (see [`kube::kubelet_token`]).
@@ -240,7 +348,7 @@ impl Node {
     }
 
     pub fn try_start(&mut self) -> Result<(), String> {
-        self.try_start_with(Command::new(bin("nhid")))
+        self.try_start_with(Command::new(self.bin("nhid")))
     }
 
     /// Starts nhid through `nhid` (a command that ends in an nhid binary, e.g. an installed one
@@ -298,6 +406,11 @@ impl Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// nhid's pid (the parent of every companion).
+    pub fn nhid_pid(&self) -> i32 {
+        self.nhid.as_ref().expect("nhid running").id() as i32
     }
 
     /// Sends SIGHUP to nhid (reloads the edge policies).
@@ -379,6 +492,7 @@ impl Node {
             join_netns: None,
             mounts: vec![],
             hooks: true,
+            user: None,
         }
     }
 }
@@ -398,6 +512,14 @@ impl Drop for Node {
         }
         self.stop();
     }
+}
+
+/// Copies `src` to `dst` as root-owned, mode 0711: executable but unreadable by companion
+/// uids, as the packages install the companion (the kernel then starts it non-dumpable).
+pub fn install_exec_only(src: &Path, dst: &Path) {
+    fs::copy(src, dst).unwrap();
+    std::os::unix::fs::chown(dst, Some(0), Some(0)).unwrap();
+    fs::set_permissions(dst, fs::Permissions::from_mode(0o711)).unwrap();
 }
 
 fn make_rootfs(root: &Path) {
@@ -435,9 +557,15 @@ pub struct BundleBuilder<'n> {
     join_netns: Option<i32>,
     mounts: Vec<(String, PathBuf)>,
     hooks: bool,
+    user: Option<(u32, u32)>,
 }
 
 impl<'n> BundleBuilder<'n> {
+    /// The container's process runs as `uid`:`gid` (`process.user`).
+    pub fn user(mut self, uid: u32, gid: u32) -> Self {
+        self.user = Some((uid, gid));
+        self
+    }
     /// Join the network namespace of `pid` (as a pod's app container joins its sandbox's).
     pub fn join_netns(mut self, pid: i32) -> Self {
         self.join_netns = Some(pid);
@@ -497,6 +625,9 @@ impl<'n> BundleBuilder<'n> {
         env.extend(self.env.into_iter().map(Into::into));
         spec["process"]["env"] = env.into();
         spec["hostname"] = "workload".into();
+        if let Some((uid, gid)) = self.user {
+            spec["process"]["user"] = serde_json::json!({"uid": uid, "gid": gid});
+        }
         let ann: serde_json::Map<String, serde_json::Value> = self
             .annotations
             .into_iter()
@@ -523,7 +654,7 @@ impl<'n> BundleBuilder<'n> {
                 }));
         }
         if self.hooks {
-            let hook = bin("nhi-hook").display().to_string();
+            let hook = self.node.bin("nhi-hook").display().to_string();
             let cfg = self.node.config.display().to_string();
             spec["hooks"] = serde_json::json!({
                 "createRuntime": [{"path": hook, "args": ["nhi-hook", "createRuntime", "--config", cfg]}],
@@ -615,10 +746,19 @@ impl Container {
         self.runc(&a)
     }
 
-    /// GET from the companion with busybox wget inside the container; the body on 2xx.
+    /// `runc exec --user uid:gid`.
+    pub fn exec_as(&self, uid: u32, gid: u32, args: &[&str]) -> Output {
+        let user = format!("{uid}:{gid}");
+        let mut a = vec!["exec", "--user", &user, &self.id];
+        a.extend_from_slice(args);
+        self.runc(&a)
+    }
+
+    /// GET from the companion with busybox wget inside the container, as the workload's own
+    /// code does (with the proof header); the body on 2xx.
     pub fn get(&self, path: &str) -> Result<String, String> {
         let url = format!("{COMPANION_URL}{path}");
-        let out = self.exec(&["wget", "-qO-", &url]);
+        let out = self.exec(&["wget", "-qO-", "--header", PROOF_HEADER, &url]);
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -695,7 +835,9 @@ pub fn keep_alive_gets(
     let mut r = std::io::BufReader::new(s);
     let mut statuses = Vec::new();
     for path in paths {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\n{PROOF_HEADER}\r\nContent-Length: 0\r\n\r\n"
+        );
         w.write_all(req.as_bytes()).unwrap();
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
@@ -735,8 +877,9 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// Plain HTTP/1.1 request to the companion from a thread that joined the network namespace of
-/// `pid` (and nothing else), to see status codes and error bodies busybox wget hides.
+/// Plain HTTP/1.1 request to the companion (with the proof header, as the workload's own code
+/// sends it) from a thread that joined the network namespace of `pid` (and nothing else), to
+/// see status codes and error bodies busybox wget hides.
 pub fn http_in_netns(pid: i32, method: &str, path: &str) -> (u16, String) {
     http_in_netns_with(pid, method, path, "")
 }
@@ -754,18 +897,25 @@ pub fn http_in_netns_with_headers(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
-    let ns = fs::File::open(format!("/proc/{pid}/ns/net")).expect("open netns");
     let extra: String = headers
         .iter()
         .map(|(k, v)| format!("{k}: {v}\r\n"))
         .collect();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{PROOF_HEADER}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
+    raw_http_in_netns(pid, 15100, &req)
+}
+
+/// Sends `request` as is to `127.0.0.1:<port>` from a thread in the network namespace of
+/// `pid`; the status and the body of the answer.
+pub fn raw_http_in_netns(pid: i32, port: u16, request: &str) -> (u16, String) {
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net")).expect("open netns");
+    let req = request.to_string();
     std::thread::spawn(move || {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let mut s = std::net::TcpStream::connect("127.0.0.1:15100").expect("connect companion");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect companion");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.write_all(req.as_bytes()).unwrap();
         let mut resp = String::new();

@@ -137,13 +137,15 @@ fn credential_fetches_are_audited_with_identity_and_container_never_the_value() 
             r["spiffe_id"] == id && r["credential"]["name"] == name && r["decision"] == decision
         })
     };
+    // Every record so far is written before `tail --follow -n 0` below starts.
     assert!(
         eventually(Duration::from_secs(10), || find(
             &beta,
             "secret:db-password",
             "deny"
         )
-        .is_some()),
+        .is_some()
+            && find(&alpha, "secret:db-pass2", "deny").is_some()),
         "refusal audited: {:?}",
         node.audit_records()
     );

@@ -58,6 +58,8 @@ spiffe_id = "ctr/{container.id}"
         &[
             "/bin/wget",
             "-qO-",
+            "--header",
+            PROOF_HEADER,
             "http://127.0.0.1:15100/v1/token?audience=ctr",
         ],
     ));

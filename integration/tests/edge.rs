@@ -81,8 +81,10 @@ fn egress_by_l4_sni_and_http_and_rules_only_in_the_workload_netns() {
     // The rules are in the container's namespace, not the host's.
     let rules = nft_in(&named);
     assert!(rules.contains("redirect to :15001"), "{rules}");
+    let companion_uid = node.companion_uid(&c.id);
+    assert!(node.uids.contains(companion_uid), "{companion_uid}");
     assert!(
-        rules.contains(&format!("meta skuid {COMPANION_UID}")),
+        rules.contains(&format!("meta skuid {companion_uid}")),
         "{rules}"
     );
     let host_after = Command::new("nft")

@@ -214,6 +214,34 @@ fn two_nodes_share_one_trust_domain_secrets_and_revocations() {
     for n in [&a, &b] {
         assert!(!n.log().contains("from-operator") && !n.log().contains("written-in-openbao"));
     }
+
+    // A workload ends on node A: the token it was issued is refused on node B within 2 s (the
+    // deny-list entry travels through OpenBao), while alpha's own tokens stay good.
+    let gamma = a.named_container("gamma");
+    let ended = gamma.get_json("/v1/token?audience=svc")["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(validate(beta.pid(), &ended, "svc"), 200);
+    let t = Instant::now();
+    gamma.delete();
+    assert!(
+        eventually(Duration::from_secs(2), || validate(
+            beta.pid(),
+            &ended,
+            "svc"
+        ) == 403),
+        "the ended workload's token is still accepted on node B after 2 s"
+    );
+    eprintln!(
+        "an ended workload's token was refused on the other node after {:?}",
+        t.elapsed()
+    );
+    let fresh = alpha.get_json("/v1/token?audience=svc")["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(validate(beta.pid(), &fresh, "svc"), 200);
     alpha.delete();
     beta.delete();
 }

@@ -168,7 +168,10 @@ fn packages_hold_exactly_the_expected_files() {
     for (path, mode) in &modes {
         let want = if mode.starts_with('d') {
             "drwxr-xr-x"
-        } else if path.contains("/bin/") || path.contains("/sbin/") || path.contains("libexec/") {
+        } else if path.contains("libexec/") {
+            // Exec-only: companions start non-dumpable (nhid refuses a readable binary).
+            "-rwx--x--x"
+        } else if path.contains("/bin/") || path.contains("/sbin/") {
             "-rwxr-xr-x"
         } else {
             "-rw-r--r--"
@@ -220,12 +223,19 @@ fn packages_hold_exactly_the_expected_files() {
     );
 }
 
+/// The companion uid range the packages reserve in /etc/subuid and /etc/subgid
+/// (`first:count`): `companion.uid_range`'s default.
+const RESERVED_RANGE: &str = "1879048192:65536";
+
 /// Lintian tags accepted on the .deb, each justified in docs/PACKAGING.md.
 const ACCEPTED_LINTIAN: &[&str] = &[
     "initial-upload-closes-no-bugs",
     "hardening-no-fortify-functions",
     "package-supports-alternative-init-but-no-init.d-script",
     "spelling-error-in-binary",
+    // The companion is exec-only (0711) so the kernel starts it non-dumpable.
+    "executable-is-not-world-readable",
+    "non-standard-executable-perm",
 ];
 
 #[test]
@@ -418,6 +428,9 @@ fn deb_installs_upgrades_and_purges_cleanly_in_a_clean_debian_root() {
     let passwd_before = fs::read_to_string(root.path("/etc/passwd")).unwrap();
     let group_before = fs::read_to_string(root.path("/etc/group")).unwrap();
     let shadow_before = fs::read_to_string(root.path("/etc/shadow")).unwrap();
+    let subids_before: Vec<Option<String>> = ["/etc/subuid", "/etc/subgid"]
+        .map(|f| fs::read_to_string(root.path(f)).ok())
+        .to_vec();
     fs::copy(&p.deb, root.path("/tmp/nhi.deb")).unwrap();
 
     // Install: maintainer scripts run; no systemd here, so nothing is enabled or started.
@@ -444,6 +457,13 @@ fn deb_installs_upgrades_and_purges_cleanly_in_a_clean_debian_root() {
     assert!(f[2].parse::<u32>().unwrap() < 1000, "a system uid: {user}");
     assert_eq!(&f[5..], ["/nonexistent", "/usr/sbin/nologin"], "{user}");
     assert!(!root.path("/nonexistent").exists(), "no home created");
+    for f in ["/etc/subuid", "/etc/subgid"] {
+        let text = fs::read_to_string(root.path(f)).unwrap();
+        assert!(
+            text.contains(&format!("nhi-companion:{RESERVED_RANGE}\n")),
+            "{f} reserves the companion range: {text}"
+        );
+    }
     let state = fs::metadata(root.path("/var/lib/nhi")).unwrap();
     assert!(state.is_dir());
     assert_eq!(state.permissions().mode() & 0o7777, 0o700);
@@ -550,6 +570,13 @@ fn deb_installs_upgrades_and_purges_cleanly_in_a_clean_debian_root() {
         fs::read_to_string(root.path("/etc/shadow")).unwrap(),
         shadow_before
     );
+    let subids_after: Vec<Option<String>> = ["/etc/subuid", "/etc/subgid"]
+        .map(|f| fs::read_to_string(root.path(f)).ok())
+        .to_vec();
+    assert_eq!(
+        subids_after, subids_before,
+        "the reserved range is released"
+    );
 }
 
 #[test]
@@ -568,6 +595,13 @@ fn rpm_scriptlets_create_the_user_and_state_dir_and_erase_keeps_state() {
         format!("nhictl {VERSION}")
     );
     ok(&mut root.cmd(&["getent", "passwd", "nhi-companion"]));
+    let subuid = fs::read_to_string(root.path("/etc/subuid")).unwrap();
+    assert!(
+        subuid.contains(&format!("nhi-companion:{RESERVED_RANGE}\n")),
+        "{subuid}"
+    );
+    let companion = fs::metadata(root.path("/usr/libexec/nhi/nhi-companion")).unwrap();
+    assert_eq!(companion.permissions().mode() & 0o7777, 0o711);
     let state = fs::metadata(root.path("/var/lib/nhi")).unwrap();
     assert_eq!(state.permissions().mode() & 0o7777, 0o700);
     assert!(root.path("/usr/lib/systemd/system/nhid.service").is_file());
@@ -698,7 +732,7 @@ name = "containerd"
 spiffe_id = "ctr/{container.id}"
 "#,
     );
-    node.set_companion(Path::new("/usr/libexec/nhi/nhi-companion"), "nhi-companion");
+    node.set_companion(Path::new("/usr/libexec/nhi/nhi-companion"));
     node.append_config(&format!(
         "[runtime]\nshim_bin_dir = \"{}\"",
         node.path("runtime-bin").display()
@@ -760,6 +794,8 @@ spiffe_id = "ctr/{container.id}"
             &id,
             "/bin/wget",
             "-qO-",
+            "--header",
+            PROOF_HEADER,
             url,
         ]);
         assert!(out.status.success(), "{out:?}\n{}", node.log());
@@ -788,10 +824,18 @@ spiffe_id = "ctr/{container.id}"
         fs::read_link(format!("/proc/{cp}/exe")).unwrap(),
         Path::new("/usr/libexec/nhi/nhi-companion")
     );
+    // Its own uid from the range (the test node's block), never the account's; started
+    // non-dumpable from the exec-only installed binary.
+    let companion_uid = node.companion_uid(&id);
+    assert!(node.uids.contains(companion_uid), "{companion_uid}");
+    assert_ne!(companion_uid, uid);
     assert_eq!(
-        fs::metadata(format!("/proc/{cp}")).unwrap().uid(),
-        uid,
-        "the companion runs as the package's nhi-companion user"
+        fs::metadata("/usr/libexec/nhi/nhi-companion")
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o711
     );
     assert_eq!(proc_status(cp, "CapEff"), "0000000000000000");
     let bundle = ctd.dir.join(format!(

@@ -204,11 +204,17 @@ fn companion_is_invisible_to_the_workload_and_unprivileged() {
         "kill -0 {cp} from the workload succeeded"
     );
 
+    // Its own uid from the node's companion range, also as its gid.
+    let uid = node.companion_uid(&c.id);
+    assert!(
+        node.uids.contains(uid),
+        "companion uid {uid} outside {}",
+        node.uids.range()
+    );
     for field in ["Uid", "Gid"] {
         let ids = proc_status(cp, field);
         assert!(
-            ids.split_whitespace()
-                .all(|u| u == COMPANION_UID.to_string()),
+            ids.split_whitespace().all(|u| u == uid.to_string()),
             "{field}: {ids}"
         );
     }
@@ -244,7 +250,7 @@ fn companion_is_invisible_to_the_workload_and_unprivileged() {
         })
         .collect();
     let sockets = fds.iter().filter(|f| f.starts_with("socket:")).count();
-    assert!(sockets >= 2, "listener + channel: {fds:?}");
+    assert!(sockets >= 3, "listener + channel + fd channel: {fds:?}");
     assert!(
         !fds.iter().any(|f| f.starts_with('/') && f != "/dev/null"),
         "no files of nhid's leak into the companion: {fds:?}"

@@ -123,7 +123,8 @@ fn selected_rule(config: &Config, bundle: &Path, id: &str) -> Option<nhi_core::R
     let mut w = nhi_core::Workload::from_oci(&state, &spec);
     // The same Nomad proof the hook checks; without it no Nomad rule selects the container.
     let _ = nhi_core::nomad::attach(&config.nomad, &spec, &mut w);
-    nhi_core::select::select(config, &w).cloned()
+    // A rule the container may not pick gets no directory; the hook then refuses the container.
+    nhi_core::select::select(config, &w).ok().flatten().cloned()
 }
 
 /// `<store.containers_dir>/<id>`, root-owned, 0755 (files inside are 0400 to the container's

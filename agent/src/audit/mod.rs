@@ -44,9 +44,9 @@ fn ingest_into(
 ) {
     let id = identity.spiffe_id.as_str();
     for ev in events {
-        if ev.kind == AuditKind::ChainBreak {
-            // Only nhid itself says its log broke.
-            tracing::warn!(spiffe_id = %id, "companion sent a chain_break event; ignored");
+        if ev.kind.nhid_only() {
+            // Only nhid itself says its log broke or a workload ended.
+            tracing::warn!(spiffe_id = %id, kind = ?ev.kind, "companion sent an event only nhid writes; ignored");
             continue;
         }
         metrics.event(id, ev.kind, ev.decision);
@@ -121,6 +121,26 @@ pub fn credential(
     ));
 }
 
+/// Audits the end of a workload (its last container is gone) with what happened to the
+/// credentials it was issued (`detail`).
+pub fn workload_ended(ctx: &Ctx, identity: &Identity, decision: Decision, detail: String) {
+    ctx.metrics.event(
+        identity.spiffe_id.as_str(),
+        AuditKind::WorkloadEnded,
+        decision,
+    );
+    ctx.audit.submit(about(
+        identity,
+        AuditEvent {
+            ts_ms: now_ms(),
+            kind: AuditKind::WorkloadEnded,
+            decision,
+            detail: Some(detail),
+            ..Default::default()
+        },
+    ));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,15 +160,15 @@ mod tests {
             fsync: Fsync::Never,
         };
         let sink = AuditSink::start(d.path(), opts, 64, metrics.clone()).unwrap();
-        let identity = Identity {
-            spiffe_id: nhi_core::SpiffeId::parse("spiffe://td/container/web").unwrap(),
-            rule: "r".into(),
-            workload: nhi_core::Workload {
+        let identity = Identity::new(
+            nhi_core::SpiffeId::parse("spiffe://td/container/web").unwrap(),
+            "r".into(),
+            nhi_core::Workload {
                 container_id: "c0ffee".into(),
                 container_name: Some("web".into()),
                 ..Default::default()
             },
-        };
+        );
         let denied = AuditEvent {
             ts_ms: 5,
             kind: AuditKind::Connection,
@@ -165,11 +185,15 @@ mod tests {
             kind: AuditKind::ChainBreak,
             ..Default::default()
         };
+        let forged_end = AuditEvent {
+            kind: AuditKind::WorkloadEnded,
+            ..Default::default()
+        };
         ingest_into(
             &sink,
             &metrics,
             &identity,
-            vec![denied.clone(), forged_break],
+            vec![denied.clone(), forged_break, forged_end],
             3,
         );
         assert!(sink.sync(Duration::from_secs(10)));
@@ -181,7 +205,7 @@ mod tests {
         assert_eq!(
             recs.len(),
             2,
-            "the forged chain_break is not written: {lines:?}"
+            "the forged chain_break and workload_ended are not written: {lines:?}"
         );
         assert_eq!(recs[0].event, denied);
         assert_eq!(

@@ -236,6 +236,7 @@ mod tests {
             revoked_at: 5,
             jtis: vec!["j".into()],
             serials: vec![],
+            ended: None,
         };
         s.save_revocations(std::slice::from_ref(&r)).unwrap();
         assert_eq!(store(dir.path()).load_revocations().unwrap(), vec![r]);

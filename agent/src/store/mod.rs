@@ -101,12 +101,13 @@ impl Store {
         }
     }
 
-    /// Adds or replaces the revocation of `r.spiffe_id`.
+    /// Adds or replaces the deny-list entry `r.key()`.
     pub async fn put_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => {
                 let mut list = s.load_revocations()?;
-                list.retain(|x| x.spiffe_id != r.spiffe_id);
+                let key = r.key();
+                list.retain(|x| x.key() != key);
                 list.push(r.clone());
                 s.save_revocations(&list)
             }
@@ -114,14 +115,15 @@ impl Store {
         }
     }
 
-    pub async fn remove_revocation(&self, spiffe_id: &str) -> Result<(), StoreError> {
+    /// Removes the deny-list entry `key` (see `Revocation::key`).
+    pub async fn remove_revocation(&self, key: &str) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => {
                 let mut list = s.load_revocations()?;
-                list.retain(|x| x.spiffe_id != spiffe_id);
+                list.retain(|x| x.key() != key);
                 s.save_revocations(&list)
             }
-            Store::OpenBao(s) => s.remove_revocation(spiffe_id).await,
+            Store::OpenBao(s) => s.remove_revocation(key).await,
         }
     }
 }

@@ -37,8 +37,9 @@ fn secret_path(name: &str) -> String {
     format!("secrets/{name}")
 }
 
-fn revocation_path(spiffe_id: &str) -> String {
-    let h = Sha256::digest(spiffe_id.as_bytes());
+/// A deny-list entry's path, by its key (`Revocation::key`).
+fn revocation_path(key: &str) -> String {
+    let h = Sha256::digest(key.as_bytes());
     let hex: String = h[..16].iter().map(|b| format!("{b:02x}")).collect();
     format!("revocations/{hex}")
 }
@@ -197,15 +198,15 @@ impl BaoStore {
             unreachable!("a struct serializes to an object")
         };
         self.bao
-            .kv_write(&revocation_path(&r.spiffe_id), data, None)
+            .kv_write(&revocation_path(&r.key()), data, None)
             .await
             .map(|_| ())
             .map_err(unavailable)
     }
 
-    pub async fn remove_revocation(&self, spiffe_id: &str) -> Result<(), StoreError> {
+    pub async fn remove_revocation(&self, key: &str) -> Result<(), StoreError> {
         self.bao
-            .kv_delete(&revocation_path(spiffe_id))
+            .kv_delete(&revocation_path(key))
             .await
             .map_err(unavailable)
     }

@@ -48,7 +48,10 @@ impl Http {
         s.set_nodelay(true).unwrap();
         Http {
             r: BufReader::new(s),
-            req: format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").into_bytes(),
+            // The proof header the companion's credential endpoints require (the floor
+            // server ignores it).
+            req: format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{PROOF_HEADER}\r\n\r\n")
+                .into_bytes(),
         }
     }
 

@@ -8,6 +8,11 @@
 //!   with `runc create`.
 //! - Companion resident memory once idle, next to the container's own busybox `sleep`.
 //!
+//! - With `--baseline-bin-dir DIR` (the binaries of another nhi build, e.g. main's, from
+//!   `cargo build --release --bins` in its checkout): a third interleaved series, `runc run`
+//!   through that build's nhid and hook, so a change is measured against its base in one run.
+//!   `--baseline-legacy-user` when that build predates `companion.uid_range`.
+//!
 //! Run as root: `cargo run --release -p nhi-bench --bin start-latency -- --runs 200`
 
 use std::io::Write;
@@ -15,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nhi_bench::{interleave, ms, row, summarize, HEADER};
+use nhi_bench::{interleave_n, ms, row, summarize, HEADER};
 use nhi_integration::*;
 
 #[derive(Parser)]
@@ -26,24 +31,43 @@ struct Args {
     /// Warm-up runs per series, not counted.
     #[arg(long, default_value_t = 5)]
     warmup: usize,
+    /// Binaries of another nhi build to measure in the same run (a third series).
+    #[arg(long)]
+    baseline_bin_dir: Option<std::path::PathBuf>,
+    /// The baseline build takes `companion.user` (before `companion.uid_range`).
+    #[arg(long)]
+    baseline_legacy_user: bool,
 }
 
 fn main() {
     let args = Args::parse();
     let mut node = Node::new(ANNOTATED_RULE);
     node.start();
-
-    let (plain, hooked) = interleave(args.runs, args.warmup, |with_nhi| {
-        let c = if with_nhi {
-            node.bundle(&unique_id("nhi"))
-                .inject()
-                .args(&["true"])
-                .write()
-        } else {
-            node.bundle(&unique_id("plain"))
+    let mut baseline = args.baseline_bin_dir.as_deref().map(|dir| {
+        let mut n = Node::with_bin_dir(ANNOTATED_RULE, dir, args.baseline_legacy_user);
+        n.start();
+        n
+    });
+    let series = if baseline.is_some() { 3 } else { 2 };
+    let mut all = interleave_n(args.runs, args.warmup, series, |s| {
+        let c = match s {
+            0 => node
+                .bundle(&unique_id("plain"))
                 .without_hooks()
                 .args(&["true"])
-                .write()
+                .write(),
+            1 => node
+                .bundle(&unique_id("nhi"))
+                .inject()
+                .args(&["true"])
+                .write(),
+            _ => baseline
+                .as_ref()
+                .expect("baseline node")
+                .bundle(&unique_id("base"))
+                .inject()
+                .args(&["true"])
+                .write(),
         };
         let t = Instant::now();
         let out = c.run();
@@ -52,7 +76,13 @@ fn main() {
         let _ = std::fs::remove_dir_all(&c.bundle);
         d
     });
+    let based = (series == 3).then(|| all.pop().expect("baseline series"));
+    let hooked = all.pop().expect("nhi series");
+    let plain = all.pop().expect("plain series");
     assert!(node.status().workloads.is_empty(), "companions left behind");
+    if let Some(b) = baseline.as_mut() {
+        b.stop();
+    }
 
     // The hook alone.
     let mut attach = Vec::new();
@@ -80,7 +110,7 @@ fn main() {
     // Idle companion memory.
     let c = node.bundle(&unique_id("rss")).inject().write();
     c.start().unwrap();
-    c.get("/v1/token?audience=rss").unwrap();
+    c.get("/v1/token?audience=rss").unwrap(); // Container::get sends the proof header
     c.get("/v1/x509").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let comp_pid = node.companion_pid(&c.id).unwrap();
@@ -96,12 +126,25 @@ fn main() {
     println!("{HEADER}");
     println!("{}", row("plain runc", &sp));
     println!("{}", row("runc + nhi hook (companion attached)", &sh));
+    let sb = based.as_deref().map(summarize);
+    if let Some(sb) = &sb {
+        println!("{}", row("runc + nhi hook, baseline build", sb));
+    }
     println!(
-        "\nratio nhi/plain: p50 {:.2}x, p99 {:.2}x; added p50 {:+.2} ms (target <= +15 ms)\n",
+        "\nratio nhi/plain: p50 {:.2}x, p99 {:.2}x; added p50 {:+.2} ms (target <= +15 ms)",
         ms(sh.p50) / ms(sp.p50),
         ms(sh.p99) / ms(sp.p99),
         ms(sh.p50) - ms(sp.p50)
     );
+    if let Some(sb) = &sb {
+        println!(
+            "baseline/plain: p50 {:.2}x; this build vs the baseline: p50 {:+.2} ms, p99 {:+.2} ms",
+            ms(sb.p50) / ms(sp.p50),
+            ms(sh.p50) - ms(sb.p50),
+            ms(sh.p99) - ms(sb.p99)
+        );
+    }
+    println!();
     println!("## Hook wall time (process start to exit)\n");
     println!("{HEADER}");
     println!(

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod audit_log;
 pub mod config;
 pub mod grant;
+pub mod http_path;
 pub mod jwt;
 pub mod k8s;
 pub mod openbao;

@@ -3,7 +3,8 @@
 //! its only channel back to `nhid`.
 //!
 //! The child is forked from `nhid` (host pid, mount, user, cgroup namespaces), then, before exec:
-//! `setns(CLONE_NEWNET)` into the workload's namespace, `setsid`, drop every capability from the
+//! `setns(CLONE_NEWNET)` into the workload's namespace, join its own cgroup (`crate::cgroup`:
+//! every socket it will create belongs to it), `setsid`, drop every capability from the
 //! bounding set, drop supplementary groups, switch gid and uid (which clears the remaining
 //! capability sets), set `no_new_privs`. The companion re-checks all of it at startup.
 
@@ -61,6 +62,9 @@ pub struct Serving<'a> {
     pub workload_api_listen: Option<&'a str>,
     /// A listening unix socket nhid bound for the Workload API; inherited by the child.
     pub listener_fd: Option<RawFd>,
+    /// `cgroup.procs` files of the companion's cgroup (one per hierarchy), which the child
+    /// writes `0` to before exec.
+    pub cgroup_procs: &'a [RawFd],
 }
 
 /// Forks and execs `binary` inside the network namespace behind `netns_fd`.
@@ -116,9 +120,10 @@ pub fn spawn_companion_serving(
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let CompanionUser { uid, gid } = user;
+    let cgroup_procs: Vec<RawFd> = serving.cgroup_procs.to_vec();
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
-    // (setns, close_range, fcntl, setsid, prctl, setgroups, setresgid, setresuid), which are
-    // async-signal-safe; it allocates nothing and takes no locks.
+    // (setns, write, close_range, fcntl, setsid, prctl, setgroups, setresgid, setresuid), which
+    // are async-signal-safe; it allocates nothing and takes no locks.
     unsafe {
         cmd.pre_exec(move || {
             fn check(r: libc::c_long) -> io::Result<()> {
@@ -129,6 +134,12 @@ pub fn spawn_companion_serving(
                 }
             }
             check(libc::setns(ns_fd, libc::CLONE_NEWNET) as _)?;
+            // Into the companion's own cgroup, while still root: "0" moves the writer.
+            for fd in &cgroup_procs {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             // Keep only stdio and the channel fd across exec: nhid's own fds are CLOEXEC, but
             // whatever nhid itself inherited (from systemd, a shell, a test harness) may not be.
             // Marked close-on-exec rather than closed, so std's own pipe that reports a failed

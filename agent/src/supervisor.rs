@@ -34,6 +34,8 @@ pub struct Ctx {
     pub user: CompanionUser,
     pub store: Arc<Store>,
     pub revocations: Arc<Revocations>,
+    /// Companions' cgroups (bounds, and the edge policy's exemption).
+    pub cgroups: Arc<crate::cgroup::Cgroups>,
     /// Edge policies: from the config at start, replaced on SIGHUP.
     pub policies: std::sync::RwLock<Arc<Vec<nhi_core::policy::Policy>>>,
 }
@@ -126,6 +128,7 @@ pub async fn start(
     netns: NetNs,
 ) -> Result<CompanionHandle, String> {
     let last_stderr = Arc::new(Mutex::new(String::new()));
+    let cgroup = Arc::new(ctx.cgroups.companion(netns.inode)?);
     let aws = ctx
         .config
         .rule(&identity.rule)
@@ -136,12 +139,24 @@ pub async fn start(
         })
         .ok()
         .map(Arc::new);
-    let spawned = spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_deref()).map_err(|e| {
-        format!(
-            "cannot start companion {}: {e}",
-            ctx.config.companion.binary.display()
-        )
-    })?;
+    let spawned = match spawn(
+        &ctx,
+        &identity,
+        &netns,
+        &last_stderr,
+        wapi.as_deref(),
+        &cgroup,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            cgroup.remove().await;
+            return Err(format!(
+                "cannot start companion {} (cgroup {}): {e}",
+                ctx.config.companion.binary.display(),
+                cgroup.path()
+            ));
+        }
+    };
     let pid = Arc::new(AtomicI32::new(
         spawned.child.id().map(|p| p as i32).unwrap_or(0),
     ));
@@ -159,12 +174,14 @@ pub async fn start(
         events_rx,
         last_stderr.clone(),
         wapi.clone(),
+        cgroup.clone(),
     );
     tokio::spawn(async move {
         runner.await;
         if let Some(w) = wapi {
             w.unbind();
         }
+        cgroup.remove().await;
     });
     let handle = CompanionHandle {
         pid,
@@ -194,9 +211,13 @@ fn spawn(
     netns: &NetNs,
     last_stderr: &Arc<Mutex<String>>,
     wapi: Option<&crate::wapi::Socket>,
+    cgroup: &crate::cgroup::CompanionCgroup,
 ) -> std::io::Result<Spawned> {
     use std::os::fd::AsRawFd;
     let c = &ctx.config.companion;
+    // Opened here, written by the child before exec, closed when this returns.
+    let procs = cgroup.procs_files()?;
+    let procs_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
     let mut s = crate::spawn::spawn_companion_serving(
         &c.binary,
         &c.listen,
@@ -206,8 +227,10 @@ fn spawn(
         crate::spawn::Serving {
             workload_api_listen: Some(&c.workload_api_listen),
             listener_fd: wapi.map(|w| w.listener.as_raw_fd()),
+            cgroup_procs: &procs_fds,
         },
     )?;
+    drop(procs);
     // Relay the companion's log lines into nhid's log, tagged with the identity. Lines are cut
     // at MAX_LOG_LINE bytes: a misbehaving companion cannot grow nhid's memory.
     if let Some(err) = s.child.stderr.take() {
@@ -255,6 +278,7 @@ async fn run(
     mut events_rx: mpsc::UnboundedReceiver<CompanionResponse>,
     last_stderr: Arc<Mutex<String>>,
     wapi: Option<Arc<crate::wapi::Socket>>,
+    cgroup: Arc<crate::cgroup::CompanionCgroup>,
 ) {
     let mut ready_tx = Some(ready_tx);
     let mut backoff = MIN_BACKOFF;
@@ -302,7 +326,14 @@ async fn run(
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            match spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_deref()) {
+            match spawn(
+                &ctx,
+                &identity,
+                &netns,
+                &last_stderr,
+                wapi.as_deref(),
+                &cgroup,
+            ) {
                 Ok(s) => {
                     spawned = s;
                     pid.store(

@@ -763,7 +763,8 @@ annotations = { "nhi.dev/inject" = "true" }
         assert_eq!(c.companion.cgroup.parent, "/system.slice/nhi-c");
         assert_eq!(c.companion.cgroup.memory_max, 64 << 20);
         assert_eq!(c.companion.cgroup.pids_max, 32);
-        let c = parse("trust_domain = \"td\"\n[companion.cgroup]\nmemory_max = 33554432\n").unwrap();
+        let c =
+            parse("trust_domain = \"td\"\n[companion.cgroup]\nmemory_max = 33554432\n").unwrap();
         assert_eq!(c.companion.cgroup.memory_max, 32 << 20);
         assert_eq!(parse_bytes("1G"), Ok(1 << 30));
         assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
@@ -811,9 +812,11 @@ annotations = { "nhi.dev/inject" = "true" }
             ("memory_max = \"12X\"", "unknown unit"),
             ("pids_max = 2", "at least 8"),
         ] {
-            let e = parse(&format!("trust_domain = \"td\"\n[companion.cgroup]\n{cg}\n"))
-                .unwrap_err()
-                .to_string();
+            let e = parse(&format!(
+                "trust_domain = \"td\"\n[companion.cgroup]\n{cg}\n"
+            ))
+            .unwrap_err()
+            .to_string();
             assert!(e.contains(want), "{cg}: {e}");
         }
         let dup = "trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"y\"\n";

@@ -253,7 +253,10 @@ mod tests {
     #[test]
     fn escaped_slashes_can_be_kept_as_data() {
         let k = |p| normalize(p, EscapedSlashes::Keep);
-        assert_eq!(k("/api/group%2fproject").as_deref(), Ok("/api/group%2Fproject"));
+        assert_eq!(
+            k("/api/group%2fproject").as_deref(),
+            Ok("/api/group%2Fproject")
+        );
         // Kept encoded, so never a separator: no dot segment forms across it.
         assert_eq!(k("/x%2F..%2Fadmin").as_deref(), Ok("/x%2F..%2Fadmin"));
         assert_eq!(k("/a%5Cb").as_deref(), Ok("/a%5Cb"));

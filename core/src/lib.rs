@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod audit_log;
+pub mod cgroupfs;
 pub mod config;
 pub mod grant;
 pub mod http_path;

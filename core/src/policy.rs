@@ -947,11 +947,17 @@ audience = "web"
             http: None,
         };
         let v = p.decide(&tls);
-        assert_eq!((v.action, v.rule, v.bind), (Action::Allow, Some("tls"), Some("api.example.com")));
+        assert_eq!(
+            (v.action, v.rule, v.bind),
+            (Action::Allow, Some("tls"), Some("api.example.com"))
+        );
         // When the name does not resolve to 192.0.2.1 the caller goes on after the rule: here
         // the default (deny) decides.
         let next = p.decide_from(v.index.unwrap() + 1, &tls);
-        assert_eq!((next.action, next.rule, next.bind), (Action::Deny, None, None));
+        assert_eq!(
+            (next.action, next.rule, next.bind),
+            (Action::Deny, None, None)
+        );
         // HTTP host rules bind the Host header's name, without its port.
         let http = Facts {
             dest: dest("10.1.0.9:80"),
@@ -970,10 +976,22 @@ audience = "web"
         };
         assert_eq!(p.decide(&l4).bind, None);
         assert!(!p.egress_rule("no-admin").unwrap().binds_name());
-        assert_eq!(literal_binding("10.0.0.1", "10.0.0.1".parse().unwrap()), Some(true));
-        assert_eq!(literal_binding("10.0.0.1", "::ffff:10.0.0.1".parse().unwrap()), Some(true));
-        assert_eq!(literal_binding("10.0.0.1", "10.0.0.2".parse().unwrap()), Some(false));
-        assert_eq!(literal_binding("a.example", "10.0.0.2".parse().unwrap()), None);
+        assert_eq!(
+            literal_binding("10.0.0.1", "10.0.0.1".parse().unwrap()),
+            Some(true)
+        );
+        assert_eq!(
+            literal_binding("10.0.0.1", "::ffff:10.0.0.1".parse().unwrap()),
+            Some(true)
+        );
+        assert_eq!(
+            literal_binding("10.0.0.1", "10.0.0.2".parse().unwrap()),
+            Some(false)
+        );
+        assert_eq!(
+            literal_binding("a.example", "10.0.0.2".parse().unwrap()),
+            None
+        );
         assert!(p.is_resolver("10.0.0.53:53".parse().unwrap()));
         assert!(!p.is_resolver("10.0.0.53:5353".parse().unwrap()));
         assert!(!p.is_resolver("10.0.0.54:53".parse().unwrap()));
@@ -990,8 +1008,13 @@ audience = "web"
         let e = v("[[policy.egress]]\nid = \"a\"\nhost = \"api.example.com\"\n").unwrap_err();
         assert!(e.contains("needs `dns`"), "{e}");
         assert!(v("[[policy.egress]]\nid = \"a\"\nhost = \"10.1.2.3\"\n").is_ok());
-        assert!(v("[[policy.egress]]\nid = \"a\"\naction = \"deny\"\nsni = \"*.evil.com\"\n").is_ok());
-        assert!(v("dns = [\"10.96.0.10\"]\n[[policy.egress]]\nid = \"a\"\nsni = \"*.github.com\"\n").is_ok());
+        assert!(
+            v("[[policy.egress]]\nid = \"a\"\naction = \"deny\"\nsni = \"*.evil.com\"\n").is_ok()
+        );
+        assert!(v(
+            "dns = [\"10.96.0.10\"]\n[[policy.egress]]\nid = \"a\"\nsni = \"*.github.com\"\n"
+        )
+        .is_ok());
         let e = v("dns = [\"127.0.0.53\"]\n").unwrap_err();
         assert!(e.contains("outside the workload"), "{e}");
         let e = v("dns = [\"10.0.0.1\", \"10.0.0.1\"]\n").unwrap_err();
@@ -1073,7 +1096,11 @@ path_prefix = "/secret"
             }),
         };
         assert_eq!(p.decide(&f("/ADMIN/x")).rule, Some("no-admin"));
-        assert_eq!(p.decide(&f("/Secret")).rule, None, "case-sensitive by default");
+        assert_eq!(
+            p.decide(&f("/Secret")).rule,
+            None,
+            "case-sensitive by default"
+        );
         assert_eq!(p.decide(&f("/secret/x")).rule, Some("no-secret"));
     }
 

@@ -95,6 +95,8 @@ pub struct Node {
     pub state_dir: PathBuf,
     pub rootfs: PathBuf,
     pub runc_root: PathBuf,
+    /// `[companion.cgroup] parent` of this node: unique per node, removed on drop.
+    pub cgroup_parent: String,
     nhid: Option<Child>,
 }
 
@@ -145,10 +147,12 @@ impl Node {
         } else {
             (extra_top.to_string(), format!("[store]\n{containers}"))
         };
+        // Companion cgroups of parallel tests (and of their nhids' startup clean-ups) never meet.
+        let cgroup_parent = format!("/nhi-it/{}", unique_id("node"));
         fs::write(
             &config,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\nuser = \"{COMPANION_UID}\"\n{store}{rules}",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\nuser = \"{COMPANION_UID}\"\n[companion.cgroup]\nparent = \"{cgroup_parent}\"\n{store}{rules}",
                 state_dir.display(),
                 socket.display(),
                 companion.display(),
@@ -165,6 +169,7 @@ impl Node {
             rootfs,
             runc_root,
             dir,
+            cgroup_parent,
             nhid: None,
         }
     }
@@ -396,6 +401,31 @@ impl Drop for Node {
             }
         }
         self.stop();
+        remove_cgroup_tree(&self.cgroup_parent);
+    }
+}
+
+/// The directories of cgroup `path` in every hierarchy nhid may use (v2, v1 memory and pids).
+pub fn cgroup_dirs(path: &str) -> Vec<PathBuf> {
+    let m = nhi_core::cgroupfs::own_mounts().expect("mountinfo");
+    [m.v2, m.memory_v1, m.pids_v1]
+        .into_iter()
+        .flatten()
+        .map(|mount| mount.join(path.trim_start_matches('/')))
+        .collect()
+}
+
+/// Removes cgroup `path` and its (empty) children in every hierarchy.
+fn remove_cgroup_tree(path: &str) {
+    for dir in cgroup_dirs(path) {
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&dir);
     }
 }
 

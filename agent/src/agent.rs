@@ -22,8 +22,8 @@ use crate::supervisor::{self, CompanionHandle, Ctx, Identity};
 pub(crate) struct Running {
     pub(crate) identity: Arc<Identity>,
     pub(crate) companion: CompanionHandle,
-    /// The namespace holding our edge-policy rules, when the identity has a policy.
-    pub(crate) edge: Option<NetNs>,
+    /// Our edge-policy rules in the namespace, when the identity has a policy.
+    pub(crate) edge: Option<crate::edge::Installed>,
 }
 
 pub(crate) struct Attachment {
@@ -247,7 +247,7 @@ impl Agent {
         drop(reg);
         let started = match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
             // Rules only once the companion listens: intercepted traffic never meets a closed port.
-            Ok(c) => match crate::edge::install(&self.ctx, &identity, pid).await {
+            Ok(c) => match crate::edge::install(&self.ctx, &identity, pid, None).await {
                 Ok(edge) => Ok((c, edge)),
                 Err(e) => {
                     c.stop().await;
@@ -402,7 +402,7 @@ impl Agent {
                         Ok(companion) => {
                             tracing::info!(netns = inode, spiffe_id = %id, companion_pid = companion.pid(), "companion restored after restart");
                             let edge = match pid {
-                                Some(pid) => crate::edge::install(&self.ctx, &identity, pid)
+                                Some(pid) => crate::edge::install(&self.ctx, &identity, pid, None)
                                     .await
                                     .unwrap_or_else(|e| {
                                         tracing::error!(netns = inode, spiffe_id = %id, "restoring edge policy: {e}");
@@ -457,8 +457,8 @@ impl Agent {
             let stopped = matches!(ended, Some(Some(_)));
             if let Some(Some(r)) = ended {
                 r.companion.stop().await;
-                if let Some(ns) = r.edge {
-                    crate::edge::remove(ns).await;
+                if let Some(installed) = r.edge {
+                    crate::edge::remove(&self.ctx, &r.identity, installed).await;
                 }
                 tracing::info!(container = %container_id, spiffe_id = %r.identity.spiffe_id, "detached; companion stopped");
             }

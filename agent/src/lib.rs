@@ -7,6 +7,7 @@ pub mod audit;
 pub mod bao_issuer;
 pub mod cgroup;
 pub mod control;
+pub mod denials;
 pub mod edge;
 pub mod issuer;
 pub mod keystore;

@@ -17,7 +17,9 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
-use netlink_packet_netfilter::nflog::{config_request, ConfigCmd, ConfigMode, PacketNla, ULogMessage};
+use netlink_packet_netfilter::nflog::{
+    config_request, ConfigCmd, ConfigMode, PacketNla, ULogMessage,
+};
 use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
 use netlink_sys::{constants::NETLINK_NETFILTER, Socket};
 use nhi_core::audit::{now_ms, AuditEvent, AuditKind, Decision, Destination};
@@ -205,7 +207,7 @@ pub fn watch(ctx: Arc<Ctx>, identity: Arc<Identity>, netns: &impl AsRawFd) -> io
     // SAFETY: `Socket` owns its fd, keeps it open until dropped and always reports the same
     // one; the AsyncFd owns the socket for its whole life.
     let fd = unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }
-        .map_err(|e| io::Error::from(e))?;
+        .map_err(io::Error::from)?;
     let task = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -308,7 +310,10 @@ mod tests {
         let e = event(&d, "nhi:no-echo", Some("web"));
         assert_eq!((e.kind, e.decision), (AuditKind::Packet, Decision::Deny));
         assert_eq!(e.rule.as_deref(), Some("no-echo"));
-        assert_eq!(e.destination.unwrap().addr.as_deref(), Some("10.77.0.1:9999"));
+        assert_eq!(
+            e.destination.unwrap().addr.as_deref(),
+            Some("10.77.0.1:9999")
+        );
         assert_eq!(e.source.as_deref(), Some("10.77.0.2:40000"));
         let e = event(&d, "nhi:", Some("web"));
         assert_eq!(e.rule, None);
@@ -319,7 +324,10 @@ mod tests {
     fn summaries_only_when_something_was_denied() {
         let none = vec![("denied_udp".to_string(), 0), ("denied_tcp".to_string(), 0)];
         assert!(summary(&none, Some("p")).is_none());
-        let some = vec![("denied_udp".to_string(), 7), ("denied_icmp".to_string(), 2)];
+        let some = vec![
+            ("denied_udp".to_string(), 7),
+            ("denied_icmp".to_string(), 2),
+        ];
         let e = summary(&some, Some("p")).unwrap();
         let d = e.detail.unwrap();
         assert!(d.starts_with("9 packets denied by edge policy p"), "{d}");

@@ -41,7 +41,11 @@ pub(crate) async fn install(
             None,
         ),
     };
-    let script = crate::nft::ruleset(&policy, &ctx.config.egress, &ctx.cgroups.exempt_for(ns.inode));
+    let script = crate::nft::ruleset(
+        &policy,
+        &ctx.config.egress,
+        &ctx.cgroups.exempt_for(ns.inode),
+    );
     let cgroup2 = ctx.cgroups.v2_mount().to_path_buf();
     let before = {
         let (c, id) = (ctx.clone(), identity.clone());

@@ -73,7 +73,11 @@ pub fn log_prefix(rule: Option<&str>) -> String {
 /// The denying rules for packets matching `m`: counted in `denied_<class>`, logged within the
 /// namespace's shared log rate (with the deciding rule in the prefix), dropped.
 fn deny(m: &str, class: &str, rule: Option<&str>) -> String {
-    let m = if m.is_empty() { String::new() } else { format!("{m} ") };
+    let m = if m.is_empty() {
+        String::new()
+    } else {
+        format!("{m} ")
+    };
     format!(
         "\t\t{m}counter name \"denied_{class}\" limit name \"deny_log\" log prefix \"{}\" group {NFLOG_GROUP} snaplen {LOG_SNAPLEN} drop\n\t\t{m}drop\n",
         log_prefix(rule)
@@ -216,7 +220,12 @@ pub fn removal() -> String {
 
 /// The denial counters of our table in the namespace: (name, packets), from `nft -j`.
 pub fn counters(netns: &impl AsRawFd) -> io::Result<Vec<(String, u64)>> {
-    let out = run(netns, &["-j", "list", "counters", "table", "inet", "nhi"], None, None)?;
+    let out = run(
+        netns,
+        &["-j", "list", "counters", "table", "inet", "nhi"],
+        None,
+        None,
+    )?;
     Ok(parse_counters(&out))
 }
 
@@ -358,8 +367,15 @@ mod tests {
 
     #[test]
     fn companion_exempt_by_cgroup_never_by_uid() {
-        let r = ruleset(&base(serde_json::json!({})), &EgressConfig::default(), &exempt());
-        assert!(r.starts_with("table inet nhi\ndelete table inet nhi\n"), "{r}");
+        let r = ruleset(
+            &base(serde_json::json!({})),
+            &EgressConfig::default(),
+            &exempt(),
+        );
+        assert!(
+            r.starts_with("table inet nhi\ndelete table inet nhi\n"),
+            "{r}"
+        );
         assert!(!r.contains("skuid"), "no uid exemption: {r}");
         let nat = &r[r.find("chain egress {").unwrap()..r.find("chain egress_filter").unwrap()];
         let cg = nat
@@ -367,7 +383,10 @@ mod tests {
             .unwrap();
         let redirect = nat.find("meta l4proto tcp redirect to :15001").unwrap();
         assert!(cg < redirect, "exemption first: {nat}");
-        assert!(!r.contains("prerouting"), "no inbound chain without inbound rules");
+        assert!(
+            !r.contains("prerouting"),
+            "no inbound chain without inbound rules"
+        );
         let filter = &r[r.find("chain egress_filter").unwrap()..];
         assert!(filter.contains("socket cgroupv2 level 2 \"nhi/c-4026532181\" accept"));
         // Default allow: only unredirected TCP is refused.
@@ -404,7 +423,9 @@ mod tests {
         let icmp = pos("meta l4proto { icmp, ipv6-icmp } counter name \"denied_icmp\"");
         let other = pos("\t\tcounter name \"denied_other\" limit name \"deny_log\"");
         pos("\t\tdrop\n");
-        assert!(ntp4 < ntp6 && ntp6 < echo && echo < ping && ping < udp && udp < icmp && icmp < other);
+        assert!(
+            ntp4 < ntp6 && ntp6 < echo && echo < ping && ping < udp && udp < icmp && icmp < other
+        );
         assert!(!r.contains("dport { 80 }"), "TCP rules are the companion's");
         pos("limit deny_log { rate 5/second burst 20 packets }");
         pos("tcp dport { 8080, 8443 } redirect to :15006");

@@ -438,6 +438,8 @@ fn make_rootfs(root: &Path) {
     fs::copy(busybox(), bin.join("busybox")).unwrap();
     for applet in [
         "sh", "wget", "ps", "sleep", "cat", "true", "ip", "echo", "kill", "ls", "id",
+        // Edge-policy tests: UDP (tftp), DNS (nslookup), bounded waits, mount attempts.
+        "timeout", "tftp", "nslookup", "mount",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }

@@ -409,6 +409,27 @@ impl Cri {
         name: &str,
         token_dir: Option<&Path>,
     ) -> Result<String, String> {
+        self.start_container_as(pod_id, pod, name, token_dir, None)
+    }
+
+    /// [`Cri::start_container`] with the pod spec's `securityContext.runAsUser` (and
+    /// `runAsGroup`) set to `run_as`.
+    pub fn start_container_as(
+        &self,
+        pod_id: &str,
+        pod: &PodSpec,
+        name: &str,
+        token_dir: Option<&Path>,
+        run_as: Option<i64>,
+    ) -> Result<String, String> {
+        let linux = LinuxContainerConfig {
+            security_context: run_as.map(|uid| LinuxContainerSecurityContext {
+                run_as_user: Some(Int64Value { value: uid }),
+                run_as_group: Some(Int64Value { value: uid }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         let mounts = token_dir
             .map(|d| {
                 vec![Mount {
@@ -436,7 +457,7 @@ impl Cri {
                     value: "/bin".into(),
                 }],
                 mounts,
-                linux: Some(LinuxContainerConfig::default()),
+                linux: Some(linux),
                 ..Default::default()
             }),
             sandbox_config: Some(pod.config()),

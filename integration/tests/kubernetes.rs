@@ -186,7 +186,11 @@ ports = [9000]
         .start_container_as(&pod, &spec, "app", Some(&tok), Some(COMPANION_UID as i64))
         .unwrap_or_else(|e| panic!("{e}\n{}", ctd.log()));
     let (out, _, _) = cri.exec(&app, &["/bin/id", "-u"]).unwrap();
-    assert_eq!(out.trim(), COMPANION_UID.to_string(), "the app runs as the companion's uid");
+    assert_eq!(
+        out.trim(),
+        COMPANION_UID.to_string(),
+        "the app runs as the companion's uid"
+    );
 
     let pid = cri.container_pid(&app).expect("container pid");
     let peer = peer(&unique_id("podp"), pid);

@@ -345,18 +345,15 @@ impl CompanionCgroup {
 mod tests {
     use super::*;
 
-    const HYBRID: &str = "\
-25 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
-30 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
-31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
-35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:14 - cgroup cgroup rw,memory
-36 30 0:32 / /sys/fs/cgroup/pids rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,pids
-37 30 0:33 / /sys/fs/cgroup/cpu,cpuacct rw shared:16 - cgroup cgroup rw,cpu,cpuacct
-";
 
     #[test]
     fn bounds_go_to_v2_when_it_offers_the_controller_else_to_v1() {
-        let m = parse_mountinfo(HYBRID);
+        // A hybrid host: cgroup2 without controllers, memory and pids on v1.
+        let m = Mounts {
+            v2: Some("/sys/fs/cgroup/unified".into()),
+            memory_v1: Some("/sys/fs/cgroup/memory".into()),
+            pids_v1: Some("/sys/fs/cgroup/pids".into()),
+        };
         // Hybrid: the v2 root offers no memory/pids; they are on v1.
         assert_eq!(
             place("memory", "hugetlb", m.memory_v1.as_deref()),

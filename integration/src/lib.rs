@@ -402,6 +402,10 @@ impl Drop for Node {
         }
         self.stop();
         remove_cgroup_tree(&self.cgroup_parent);
+        // The shared parent goes with the last node (fails while others use it).
+        for dir in cgroup_dirs("/nhi-it") {
+            let _ = fs::remove_dir(dir);
+        }
     }
 }
 

@@ -345,7 +345,6 @@ impl CompanionCgroup {
 mod tests {
     use super::*;
 
-
     #[test]
     fn bounds_go_to_v2_when_it_offers_the_controller_else_to_v1() {
         // A hybrid host: cgroup2 without controllers, memory and pids on v1.

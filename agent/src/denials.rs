@@ -69,7 +69,20 @@ pub fn parse_packet(b: &[u8]) -> Option<Denied> {
                 x.copy_from_slice(&b[o..o + 16]);
                 Ipv6Addr::from(x)
             };
-            (b[6], IpAddr::V6(a(8)), IpAddr::V6(a(24)), b.get(40..))
+            // Skip extension headers (hop-by-hop, routing, fragment, destination options) to
+            // the transport protocol.
+            let (mut next, mut at) = (b[6], 40usize);
+            while matches!(next, 0 | 43 | 44 | 60) {
+                let Some(h) = b.get(at..at + 2) else { break };
+                let len = if next == 44 {
+                    8
+                } else {
+                    (h[1] as usize + 1) * 8
+                };
+                next = h[0];
+                at += len;
+            }
+            (next, IpAddr::V6(a(8)), IpAddr::V6(a(24)), b.get(at..))
         }
         _ => return None,
     };
@@ -299,6 +312,12 @@ mod tests {
         let d = parse_packet(&icmp6).unwrap();
         assert_eq!((d.protocol.as_str(), d.dst_port), ("ipv6-icmp", None));
         assert_eq!(d.dst, "fd00::1".parse::<IpAddr>().unwrap());
+        // Behind a hop-by-hop header (MLD reports carry one): the transport protocol counts.
+        let mut mld = vec![0x60, 0, 0, 0, 0, 16, 0, 1];
+        mld.extend("fe80::1".parse::<Ipv6Addr>().unwrap().octets());
+        mld.extend("ff02::16".parse::<Ipv6Addr>().unwrap().octets());
+        mld.extend([58, 0, 5, 2, 0, 0, 1, 0, 143, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(parse_packet(&mld).unwrap().protocol, "ipv6-icmp");
         assert_eq!(parse_packet(&[0x45, 0, 0]), None, "truncated");
         assert_eq!(parse_packet(&[]), None);
         assert_eq!(parse_packet(&[0x20; 40]), None, "not IP");

@@ -16,7 +16,8 @@
 //! `socket cgroupv2`, never a uid: any root process of a container can switch to any uid, and
 //! a uid per companion would be a whole range to step into); loopback; packets of flows that are
 //! already established (replies to what a peer opened, and flows older than the rules); IPv6
-//! neighbour discovery (hop limit 255, so it never leaves the link). What the operator must
+//! neighbour discovery (hop limit 255) and multicast listener reports (hop limit 1, to ff02::):
+//! the kernel's own link-local signalling, which never leaves the link. What the operator must
 //! withhold from a workload so it cannot step around these rules is in ARCHITECTURE.md.
 
 use std::ffi::CString;
@@ -182,7 +183,8 @@ pub fn ruleset(policy: &Policy, egress: &EgressConfig, exempt: &Exempt) -> Strin
          \t\tip daddr 127.0.0.0/8 accept\n\
          \t\tip6 daddr ::1 accept\n\
          \t\tct state established,related accept\n\
-         \t\ticmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }} ip6 hoplimit 255 accept\n"
+         \t\ticmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }} ip6 hoplimit 255 accept\n\
+         \t\tip6 daddr ff02::/16 ip6 hoplimit 1 icmpv6 type {{ mld-listener-report, mld2-listener-report, mld-listener-done }} accept\n"
     ));
     for r in policy.packet_rules() {
         for line in packet_rule(r) {

@@ -108,8 +108,8 @@ impl Worker {
             loop {
                 let n = s.read(buf).unwrap();
                 assert!(
-                    n > 0 || want.is_some(),
-                    "connection closed before an answer"
+                    n > 0 || total > 0,
+                    "{addr} (Host {host}): connection closed before an answer"
                 );
                 if n == 0 {
                     break;
@@ -178,7 +178,10 @@ fn expected(first: &[u8]) -> Option<usize> {
     let head_end = s.find("\r\n\r\n")? + 4;
     let len: usize = s
         .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))?
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then_some(v)
+        })?
         .trim()
         .parse()
         .ok()?;

@@ -23,8 +23,8 @@ use crate::supervisor::{self, CompanionHandle, Ctx, Identity};
 pub(crate) struct Running {
     pub(crate) identity: Arc<Identity>,
     pub(crate) companion: CompanionHandle,
-    /// The namespace holding our edge-policy rules, when the identity has a policy.
-    pub(crate) edge: Option<NetNs>,
+    /// Our edge-policy rules in the namespace, when the identity has a policy.
+    pub(crate) edge: Option<crate::edge::Installed>,
 }
 
 pub(crate) struct Attachment {
@@ -289,7 +289,7 @@ impl Agent {
         drop(reg);
         let started = match supervisor::start(self.ctx.clone(), identity.clone(), ns, uid).await {
             // Rules only once the companion listens: intercepted traffic never meets a closed port.
-            Ok(c) => match crate::edge::install(&self.ctx, &identity, pid, c.uid()).await {
+            Ok(c) => match crate::edge::install(&self.ctx, &identity, pid, None).await {
                 Ok(edge) => Ok((c, edge)),
                 Err(e) => {
                     c.stop().await;
@@ -485,14 +485,12 @@ impl Agent {
                         Ok(companion) => {
                             tracing::info!(netns = inode, spiffe_id = %id, companion_pid = companion.pid(), companion_uid = companion.uid(), "companion restored after restart");
                             let edge = match pid {
-                                Some(pid) => {
-                                    crate::edge::install(&self.ctx, &identity, pid, companion.uid())
-                                        .await
-                                        .unwrap_or_else(|e| {
-                                            tracing::error!(netns = inode, spiffe_id = %id, "restoring edge policy: {e}");
-                                            None
-                                        })
-                                }
+                                Some(pid) => crate::edge::install(&self.ctx, &identity, pid, None)
+                                    .await
+                                    .unwrap_or_else(|e| {
+                                        tracing::error!(netns = inode, spiffe_id = %id, "restoring edge policy: {e}");
+                                        None
+                                    }),
                                 None => None,
                             };
                             attachment.running = Some(Running {
@@ -614,8 +612,9 @@ impl Agent {
             };
             let stopped = matches!(ended, Some(Some(_)));
             if let Some(Some(r)) = ended {
+                let spiffe_id = r.identity.spiffe_id.to_string();
                 self.end(r, &[container_id.to_string()]).await;
-                tracing::info!(container = %container_id, "detached; companion stopped");
+                tracing::info!(container = %container_id, %spiffe_id, "detached; companion stopped");
             }
             AgentResponse::Detached { stopped }
         })
@@ -669,8 +668,8 @@ impl Agent {
         // Stopped first, so its ledger is complete (no issuance after its channel closed).
         r.companion.stop().await;
         self.workload_ended(&r.identity, containers).await;
-        if let Some(ns) = r.edge {
-            crate::edge::remove(ns).await;
+        if let Some(installed) = r.edge {
+            crate::edge::remove(&self.ctx, &r.identity, installed).await;
         }
     }
 

@@ -5,7 +5,9 @@ pub mod agent;
 pub mod api;
 pub mod audit;
 pub mod bao_issuer;
+pub mod cgroup;
 pub mod control;
+pub mod denials;
 pub mod edge;
 pub mod issuer;
 pub mod keystore;
@@ -76,6 +78,15 @@ pub async fn run(config: Config) -> Result<(), String> {
         .load_revocations()
         .await
         .map_err(|e| format!("loading revocations: {e}"))?;
+    // Companions' cgroups: checked (and leftovers removed) before any companion starts.
+    let cgroups = Arc::new(
+        cgroup::Cgroups::setup(&config.companion.cgroup).map_err(|e| {
+            format!(
+                "companion cgroups ([companion.cgroup] parent {:?}): {e}",
+                config.companion.cgroup.parent
+            )
+        })?,
+    );
     let metrics = Arc::new(metrics::Metrics::new());
     let audit = Arc::new(audit::AuditSink::start(
         &config.audit_dir(),
@@ -90,6 +101,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         uids,
         store: Arc::new(store),
         revocations: Arc::new(revoke::Revocations::new(revocations)),
+        cgroups,
         policies: std::sync::RwLock::new(Arc::new(config.policies.clone())),
         config,
     });

@@ -3,7 +3,8 @@
 //! its only channel back to `nhid`.
 //!
 //! The child is forked from `nhid` (host pid, mount, user, cgroup namespaces), then, before exec:
-//! `setns(CLONE_NEWNET)` into the workload's namespace, `setsid`, drop every capability from the
+//! `setns(CLONE_NEWNET)` into the workload's namespace, join its own cgroup (`crate::cgroup`:
+//! every socket it will create belongs to it), `setsid`, drop every capability from the
 //! bounding set, drop supplementary groups, switch gid and uid (which clears the remaining
 //! capability sets), set `no_new_privs`. The companion re-checks all of it at startup.
 
@@ -119,6 +120,9 @@ pub struct Launch<'a> {
     pub uid: u32,
     pub seccomp: Enforcement,
     pub landlock: Enforcement,
+    /// `cgroup.procs` files of the companion's cgroup (one per hierarchy), which the child
+    /// writes `0` to before exec.
+    pub cgroup_procs: &'a [RawFd],
 }
 
 /// Forks and execs the companion inside the network namespace behind `netns_fd`.
@@ -163,9 +167,10 @@ pub fn spawn_companion(launch: &Launch<'_>, netns_fd: &impl AsRawFd) -> io::Resu
         .kill_on_drop(true);
     let (uid, gid) = (launch.uid, launch.uid);
     let keep = [theirs_fd, fds_theirs_fd];
+    let cgroup_procs: Vec<RawFd> = launch.cgroup_procs.to_vec();
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
-    // (setns, close_range, fcntl, setsid, prctl, setgroups, setresgid, setresuid), which are
-    // async-signal-safe; it allocates nothing and takes no locks.
+    // (setns, write, close_range, fcntl, setsid, prctl, setgroups, setresgid, setresuid), which
+    // are async-signal-safe; it allocates nothing and takes no locks.
     unsafe {
         cmd.pre_exec(move || {
             fn check(r: libc::c_long) -> io::Result<()> {
@@ -176,6 +181,12 @@ pub fn spawn_companion(launch: &Launch<'_>, netns_fd: &impl AsRawFd) -> io::Resu
                 }
             }
             check(libc::setns(ns_fd, libc::CLONE_NEWNET) as _)?;
+            // Into the companion's own cgroup, while still root: "0" moves the writer.
+            for fd in &cgroup_procs {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             // Keep only stdio and the channel fds across exec: nhid's own fds are CLOEXEC, but
             // whatever nhid itself inherited (from systemd, a shell, a test harness) may not be.
             // Marked close-on-exec rather than closed, so std's own pipe that reports a failed

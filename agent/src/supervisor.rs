@@ -35,6 +35,8 @@ pub struct Ctx {
     pub uids: Arc<crate::uids::UidAllocator>,
     pub store: Arc<Store>,
     pub revocations: Arc<Revocations>,
+    /// Companions' cgroups (bounds, and the edge policy's exemption).
+    pub cgroups: Arc<crate::cgroup::Cgroups>,
     /// Edge policies: from the config at start, replaced on SIGHUP.
     pub policies: std::sync::RwLock<Arc<Vec<nhi_core::policy::Policy>>>,
 }
@@ -203,18 +205,27 @@ pub async fn start(
     uid: u32,
 ) -> Result<CompanionHandle, String> {
     let last_stderr = Arc::new(Mutex::new(String::new()));
+    let cgroup = match ctx.cgroups.companion(netns.inode) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            ctx.uids.release(uid);
+            return Err(e);
+        }
+    };
     let aws_token = ctx
         .config
         .rule(&identity.rule)
         .is_some_and(|r| r.aws_credentials.is_some())
         .then(|| Arc::new(crate::wapi::new_token()));
-    let spawned = match spawn(&ctx, &identity, &netns, &last_stderr, uid) {
+    let spawned = match spawn(&ctx, &identity, &netns, &last_stderr, uid, &cgroup) {
         Ok(s) => s,
         Err(e) => {
             ctx.uids.release(uid);
+            cgroup.remove().await;
             return Err(format!(
-                "cannot start companion {}: {e}",
-                ctx.config.companion.binary.display()
+                "cannot start companion {} (cgroup {}): {e}",
+                ctx.config.companion.binary.display(),
+                cgroup.path()
             ));
         }
     };
@@ -244,6 +255,7 @@ pub async fn start(
         Incarnation {
             handover: handover.clone(),
             aws_token: aws_token.clone(),
+            cgroup: cgroup.clone(),
         },
     );
     let uids = ctx.uids.clone();
@@ -251,6 +263,7 @@ pub async fn start(
         runner.await;
         // Its process is gone (waited for); the uid is reused once nothing else has it.
         uids.release(uid);
+        cgroup.remove().await;
     });
     let handle = CompanionHandle {
         pid,
@@ -281,6 +294,8 @@ pub async fn start(
 struct Incarnation {
     handover: Arc<Mutex<Handover>>,
     aws_token: Option<Arc<zeroize::Zeroizing<String>>>,
+    /// The companion's cgroup, kept across restarts (removed when it ends for good).
+    cgroup: Arc<crate::cgroup::CompanionCgroup>,
 }
 
 fn spawn(
@@ -289,8 +304,12 @@ fn spawn(
     netns: &NetNs,
     last_stderr: &Arc<Mutex<String>>,
     uid: u32,
+    cgroup: &crate::cgroup::CompanionCgroup,
 ) -> std::io::Result<Spawned> {
     let c = &ctx.config.companion;
+    // Opened here, written by the child before exec, closed when this returns.
+    let procs = cgroup.procs_files()?;
+    let procs_fds: Vec<i32> = procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
     let mut s = crate::spawn::spawn_companion(
         &crate::spawn::Launch {
             binary: &c.binary,
@@ -300,9 +319,11 @@ fn spawn(
             uid,
             seccomp: c.seccomp,
             landlock: c.landlock,
+            cgroup_procs: &procs_fds,
         },
         &netns.file,
     )?;
+    drop(procs);
     // Relay the companion's log lines into nhid's log, tagged with the identity. Lines are cut
     // at MAX_LOG_LINE bytes: a misbehaving companion cannot grow nhid's memory.
     if let Some(err) = s.child.stderr.take() {
@@ -406,7 +427,7 @@ async fn run(
                 tracing::error!(spiffe_id = %identity.spiffe_id, uid, "companion uid still has processes; not restarting until they are gone");
                 continue;
             }
-            match spawn(&ctx, &identity, &netns, &last_stderr, uid) {
+            match spawn(&ctx, &identity, &netns, &last_stderr, uid, &inc.cgroup) {
                 Ok(s) => {
                     spawned = s;
                     if let Ok(fds) = spawned.fds.try_clone() {

@@ -77,13 +77,23 @@ pub fn interleave_n(
 
 /// Prints a two-series comparison with its ratios.
 pub fn report(title: &str, base_name: &str, base: &[Duration], nhi: &[Duration]) {
-    let (sa, sb) = (summarize(base), summarize(nhi));
+    table(title, (base_name, base), ("with nhi", nhi), "nhi/plain");
+}
+
+/// [`report`] with both series named: `other` against `base`.
+pub fn compare(title: &str, base: (&str, &[Duration]), other: (&str, &[Duration])) {
+    let ratio = format!("{}/{}", other.0, base.0);
+    table(title, base, other, &ratio);
+}
+
+fn table(title: &str, base: (&str, &[Duration]), other: (&str, &[Duration]), ratio: &str) {
+    let (sa, sb) = (summarize(base.1), summarize(other.1));
     println!("## {title} ({} runs each, interleaved)\n", sa.n);
     println!("{HEADER}");
-    println!("{}", row(base_name, &sa));
-    println!("{}", row("with nhi", &sb));
+    println!("{}", row(base.0, &sa));
+    println!("{}", row(other.0, &sb));
     println!(
-        "\nratio nhi/plain: p50 {:.2}x, p99 {:.2}x; added p50 {:+.2} ms\n",
+        "\nratio {ratio}: p50 {:.2}x, p99 {:.2}x; added p50 {:+.2} ms\n",
         ms(sb.p50) / ms(sa.p50),
         ms(sb.p99) / ms(sa.p99),
         ms(sb.p50) - ms(sa.p50)

@@ -107,7 +107,13 @@ pub fn run(opts: Options) -> Result<(), String> {
         );
         start_edge(
             &init,
-            proxy::Edge::new(init.policy.clone(), recorder, edge_channel, creds.clone()),
+            proxy::Edge::new(
+                init.policy.clone(),
+                init.egress,
+                recorder,
+                edge_channel,
+                creds.clone(),
+            ),
             edge_events,
             limits,
         )
@@ -200,6 +206,21 @@ async fn listen(
             tokio::spawn(proxy::serve_outbound(l, edge.clone(), limits));
         }
         Err(e) => eprintln!("edge proxy disabled: listening on {out}: {e}"),
+    }
+    // The DNS relay, where the workload's UDP queries to the policy's resolvers are
+    // redirected (IPv4 and, where the namespace has it, IPv6 loopback).
+    for ip in [
+        std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+        std::net::Ipv6Addr::LOCALHOST.into(),
+    ] {
+        let at = SocketAddr::new(ip, ports.dns_port);
+        match tokio::net::UdpSocket::bind(at).await {
+            Ok(s) => {
+                tokio::spawn(proxy::dns::serve_udp(s, edge.clone()));
+            }
+            Err(e) if ip.is_ipv6() => eprintln!("dns relay: no IPv6 ({at}: {e})"),
+            Err(e) => eprintln!("dns relay disabled: listening on {at}: {e}"),
+        }
     }
     let inb: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, ports.inbound_port).into();
     match tokio::net::TcpListener::bind(inb).await {

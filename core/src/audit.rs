@@ -50,6 +50,13 @@ pub enum AuditKind {
     HttpRequest,
     /// One inbound request checked by an inbound rule.
     Inbound,
+    /// Non-TCP packets the kernel's rules in the workload's namespace denied (written by
+    /// `nhid`, rate-limited: one record per logged packet; a summary with exact counts when
+    /// the rules are replaced or removed).
+    Packet,
+    /// One DNS query the companion relayed to a policy's resolver; `destination.host` is the
+    /// name asked, `detail` the answer.
+    Dns,
     /// A credential (JWT-SVID, X.509-SVID, secret, AWS credentials) issued or refused.
     Credential,
     /// Events lost because the sink fell behind; `detail` says how many.

@@ -326,6 +326,9 @@ pub struct CompanionConfig {
     pub workload_api_listen: String,
     /// `[companion.limits]`: what one process in a pod can make its companion hold.
     pub limits: CompanionLimits,
+    /// The cgroup each companion runs in (its bounds, and what exempts its own traffic from
+    /// the edge policy's interception).
+    pub cgroup: CompanionCgroupConfig,
 }
 
 /// Bounds on every companion listener (see `companion/src/limits.rs` and ARCHITECTURE's
@@ -371,6 +374,33 @@ impl Default for CompanionLimits {
             proxy_idle_timeout: Duration::from_secs(60 * 60),
             request_timeout: Duration::from_secs(30),
             max_connection_age: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+/// `[companion.cgroup]`: every companion gets a cgroup of its own, `<parent>/c-<netns inode>`,
+/// joined before it execs, with these bounds (on cgroup v2, or on the v1 memory and pids
+/// hierarchies of a hybrid host).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompanionCgroupConfig {
+    /// Absolute cgroup path (the same in every hierarchy used) under which companions' cgroups
+    /// are made. Its ancestors must hold no processes on cgroup v2 (the root may).
+    pub parent: String,
+    /// `memory.max` (v2) / `memory.limit_in_bytes` (v1) of each companion: bytes, or a string
+    /// with a `K`/`M`/`G` (KiB/MiB/GiB) suffix.
+    #[serde(deserialize_with = "bytes_or_suffixed")]
+    pub memory_max: u64,
+    /// `pids.max` of each companion (processes and threads).
+    pub pids_max: u64,
+}
+
+impl Default for CompanionCgroupConfig {
+    fn default() -> Self {
+        CompanionCgroupConfig {
+            parent: DEFAULT_CGROUP_PARENT.into(),
+            memory_max: 128 << 20,
+            pids_max: 64,
         }
     }
 }
@@ -422,6 +452,40 @@ impl CompanionLimits {
     }
 }
 
+pub const DEFAULT_CGROUP_PARENT: &str = "/nhi";
+
+/// `1048576`, `"1048576"`, `"512K"`, `"128M"`, `"1G"` (also `KiB`, `MiB`, `GiB`).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: a number of bytes, optionally with K, M or G"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        u => return Err(format!("{s:?}: unknown unit {u:?} (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn bytes_or_suffixed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum V {
+        N(u64),
+        S(String),
+    }
+    match V::deserialize(d)? {
+        V::N(n) => Ok(n),
+        V::S(s) => parse_bytes(&s).map_err(serde::de::Error::custom),
+    }
+}
+
 impl Default for CompanionConfig {
     fn default() -> Self {
         CompanionConfig {
@@ -436,6 +500,7 @@ impl Default for CompanionConfig {
             max_cached_audiences: 64,
             workload_api_listen: DEFAULT_WORKLOAD_API_LISTEN.into(),
             limits: CompanionLimits::default(),
+            cgroup: CompanionCgroupConfig::default(),
         }
     }
 }
@@ -672,6 +737,7 @@ impl Config {
             .parse::<std::net::SocketAddr>()
             .map_err(|e| invalid(format!("companion.listen {:?}: {e}", raw.companion.listen)))?;
         validate_workload_api_listen(&raw.companion).map_err(invalid)?;
+        validate_cgroup(&raw.companion.cgroup).map_err(invalid)?;
         if raw.runtime.runtime.is_empty() || raw.runtime.runc_shim.is_empty() {
             return Err(invalid(
                 "runtime.runtime and runtime.runc_shim must not be empty".into(),
@@ -830,6 +896,40 @@ fn parse_sources(names: Option<&[String]>) -> Result<Vec<crate::workload::Source
     Ok(out)
 }
 
+/// `[companion.cgroup]`: an absolute path of plain names, bounds a companion can live in.
+fn validate_cgroup(c: &CompanionCgroupConfig) -> Result<(), String> {
+    let p = &c.parent;
+    let ok = p.starts_with('/')
+        && p.len() > 1
+        && p[1..].split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && !seg.starts_with("cgroup.")
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'@'))
+        });
+    if !ok {
+        return Err(format!(
+            "companion.cgroup.parent {p:?}: an absolute cgroup path below the root, e.g. \"/nhi\""
+        ));
+    }
+    if c.memory_max < 16 << 20 {
+        return Err(format!(
+            "companion.cgroup.memory_max {}: at least 16M (a companion needs a few MiB to start)",
+            c.memory_max
+        ));
+    }
+    if c.pids_max < 8 {
+        return Err(format!(
+            "companion.cgroup.pids_max {}: at least 8 (the companion's threads count)",
+            c.pids_max
+        ));
+    }
+    Ok(())
+}
+
 /// `[egress]` and `[[policy]]` checks: distinct ports, unique ids, each policy valid.
 fn validate_policies(
     trust_domain: &str,
@@ -839,6 +939,9 @@ fn validate_policies(
 ) -> Result<(), String> {
     if e.proxy_port == 0 || e.inbound_port == 0 || e.proxy_port == e.inbound_port {
         return Err("egress.proxy_port and egress.inbound_port must be two different ports".into());
+    }
+    if e.dns_port == 0 {
+        return Err("egress.dns_port must be a port (1-65535)".into());
     }
     let mut ids = std::collections::BTreeSet::new();
     for p in policies {
@@ -963,6 +1066,26 @@ annotations = { "nhi.dev/inject" = "true" }
     }
 
     #[test]
+    fn companion_cgroup_bounds() {
+        let c = parse("trust_domain = \"td\"\n").unwrap();
+        assert_eq!(c.companion.cgroup.parent, "/nhi");
+        assert_eq!(c.companion.cgroup.memory_max, 128 << 20);
+        assert_eq!(c.companion.cgroup.pids_max, 64);
+        let c = parse("trust_domain = \"td\"\n[companion.cgroup]\nparent = \"/system.slice/nhi-c\"\nmemory_max = \"64M\"\npids_max = 32\n").unwrap();
+        assert_eq!(c.companion.cgroup.parent, "/system.slice/nhi-c");
+        assert_eq!(c.companion.cgroup.memory_max, 64 << 20);
+        assert_eq!(c.companion.cgroup.pids_max, 32);
+        let c =
+            parse("trust_domain = \"td\"\n[companion.cgroup]\nmemory_max = 33554432\n").unwrap();
+        assert_eq!(c.companion.cgroup.memory_max, 32 << 20);
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("7"), Ok(7));
+        assert!(parse_bytes("M").is_err());
+        assert!(parse_bytes("99999999999999999999G").is_err());
+    }
+
+    #[test]
     fn errors_name_the_problem() {
         let e =
             parse("trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x/{k8s.bogus}\"\n")
@@ -992,6 +1115,22 @@ annotations = { "nhi.dev/inject" = "true" }
             .unwrap_err()
             .to_string();
         assert!(e.contains("two different ports"), "{e}");
+        for (cg, want) in [
+            ("parent = \"nhi\"", "absolute cgroup path"),
+            ("parent = \"/\"", "absolute cgroup path"),
+            ("parent = \"/a/../b\"", "absolute cgroup path"),
+            ("parent = \"/a/cgroup.procs\"", "absolute cgroup path"),
+            ("memory_max = \"1M\"", "at least 16M"),
+            ("memory_max = \"12X\"", "unknown unit"),
+            ("pids_max = 2", "at least 8"),
+        ] {
+            let e = parse(&format!(
+                "trust_domain = \"td\"\n[companion.cgroup]\n{cg}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{cg}: {e}");
+        }
         let dup = "trust_domain = \"td\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"x\"\n[[rule]]\nname = \"a\"\nspiffe_id = \"y\"\n";
         assert!(parse(dup).unwrap_err().to_string().contains("used twice"));
     }

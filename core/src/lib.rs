@@ -4,8 +4,10 @@
 
 pub mod audit;
 pub mod audit_log;
+pub mod cgroupfs;
 pub mod config;
 pub mod grant;
+pub mod http_path;
 pub mod jwt;
 pub mod k8s;
 pub mod nomad;

@@ -4,18 +4,28 @@
 //! decides, else the policy's `default`. `[[policy.inbound]]` rules make listed ports require a
 //! JWT-SVID from allowed identities.
 //!
-//! Pure types and decisions only: `nhid` validates and ships a policy to the companion, which
-//! calls [`Policy::decide`] per connection (L4, TLS by SNI) or per plaintext HTTP request.
+//! TCP rules are decided by the companion, which calls [`Policy::decide_from`] per connection
+//! (L4, TLS by SNI) or per plaintext HTTP request; UDP and ICMP rules (`protocol`) and the
+//! default for every protocol but TCP are compiled by `nhid` into the kernel's rules of the
+//! workload's network namespace. An allow rule that names its destination (`sni`, `host`) holds
+//! only for the addresses that name resolves to ([`EgressRule::binds_name`]): the companion
+//! checks the original destination against the DNS answers it relayed (or resolves the name
+//! itself) before it applies the rule.
+//!
+//! Pure types and decisions only: `nhid` validates and ships a policy to the companion.
 
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::http_path::EscapedSlashes;
 use crate::select::glob_match;
 
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+pub const DEFAULT_DNS_PORT: u16 = 15053;
 
 /// `[egress]`: the ports the companion listens on inside the workload's network namespace.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -25,6 +35,13 @@ pub struct EgressConfig {
     pub proxy_port: u16,
     /// Inbound TCP to ports with an inbound rule is redirected here.
     pub inbound_port: u16,
+    /// DNS queries (UDP) to a policy's `dns` resolvers are redirected here; the companion
+    /// relays them and remembers the answers.
+    pub dns_port: u16,
+    /// An answer binds its name to its addresses for its TTL, but never for less than this
+    /// (answers with TTL 0 would otherwise be useless by the time the client connects).
+    #[serde(with = "humantime_serde")]
+    pub dns_min_ttl: Duration,
 }
 
 impl Default for EgressConfig {
@@ -32,8 +49,27 @@ impl Default for EgressConfig {
         EgressConfig {
             proxy_port: DEFAULT_PROXY_PORT,
             inbound_port: DEFAULT_INBOUND_PORT,
+            dns_port: DEFAULT_DNS_PORT,
+            dns_min_ttl: Duration::from_secs(5),
         }
     }
+}
+
+/// The transport an egress rule is about.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Decided by the companion (redirected to its proxy): L4, TLS SNI, HTTP.
+    #[default]
+    Tcp,
+    /// Decided in the kernel by destination and port.
+    Udp,
+    /// ICMP and ICMPv6, decided in the kernel by destination.
+    Icmp,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -58,6 +94,15 @@ pub struct Policy {
     /// What happens when no egress rule matches.
     #[serde(default)]
     pub default: Action,
+    /// DNS resolvers the workload may query (port 53). Queries over UDP and TCP are relayed by
+    /// the companion, which remembers every answer: what binds the names of `sni`/`host`
+    /// allow rules to addresses. Needed by any policy with such a rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<IpAddr>,
+    /// What plaintext HTTP requests with `%2F`/`%5C` in their path get: refused (default), or
+    /// kept encoded as data for upstreams that never decode them.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub path_escaped_slashes: EscapedSlashes,
     #[serde(default)]
     pub egress: Vec<EgressRule>,
     #[serde(default)]
@@ -71,6 +116,9 @@ pub struct EgressRule {
     pub id: String,
     #[serde(default)]
     pub action: Action,
+    /// `tcp` (default), `udp` or `icmp`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub protocol: Protocol,
     /// Destination networks, e.g. `10.0.0.0/8`, `2001:db8::/32`, `192.0.2.7`.
     #[serde(default)]
     pub cidr: Vec<Cidr>,
@@ -85,8 +133,13 @@ pub struct EgressRule {
     /// Plaintext HTTP methods, upper case.
     #[serde(default)]
     pub methods: Vec<String>,
+    /// Compared with the request's normalized path ([`crate::http_path::normalize`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
+    /// Compare `path_prefix` ASCII case-insensitively (for upstreams that serve `/Admin` as
+    /// `/admin`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub path_ignore_case: bool,
     /// Credential the companion injects into matching plaintext HTTP requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<Broker>,
@@ -217,6 +270,11 @@ pub struct Verdict<'p> {
     pub action: Action,
     pub rule: Option<&'p str>,
     pub broker: Option<&'p Broker>,
+    /// Position of the deciding rule in `egress` (`None`: the default).
+    pub index: Option<usize>,
+    /// The name (SNI, or HTTP host without port) the original destination must resolve to for
+    /// this verdict to stand; when it does not, evaluation goes on after `index`.
+    pub bind: Option<&'p str>,
 }
 
 /// `pattern` is `host` exactly or `*.suffix` (any subdomain, not the suffix itself); ASCII
@@ -227,6 +285,21 @@ pub fn host_match(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
         Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
         None => host == pattern,
+    }
+}
+
+/// Whether `ip` is the literal address `name` spells (an IP in an `sni`/`host` needs no DNS):
+/// `Some(equal)`, or `None` when `name` is not an IP address.
+pub fn literal_binding(name: &str, ip: IpAddr) -> Option<bool> {
+    let addr: IpAddr = name.parse().ok()?;
+    Some(canonical_ip(addr) == canonical_ip(ip))
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is; others unchanged.
+pub fn canonical_ip(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
+        v4 => v4,
     }
 }
 
@@ -255,6 +328,21 @@ impl EgressRule {
             || self.broker.is_some()
     }
 
+    /// An allow rule that names its destination (`sni`, `host`): it holds only for the
+    /// addresses the name resolves to, never for wherever the workload sent it.
+    pub fn binds_name(&self) -> bool {
+        self.action == Action::Allow && (self.sni.is_some() || self.host.is_some())
+    }
+
+    /// Whether the rule needs DNS to bind its name (an IP literal binds itself).
+    pub fn binds_by_dns(&self) -> bool {
+        self.binds_name()
+            && [&self.sni, &self.host]
+                .into_iter()
+                .flatten()
+                .any(|p| p.parse::<IpAddr>().is_err())
+    }
+
     /// Destination address and port conditions.
     pub fn matches_l4(&self, dest: Option<SocketAddr>) -> bool {
         let ip_ok = self.cidr.is_empty()
@@ -263,8 +351,10 @@ impl EgressRule {
         ip_ok && port_ok
     }
 
+    /// Whether the rule decides this TCP connection or request (UDP and ICMP rules never do:
+    /// the kernel applies them).
     pub fn matches(&self, f: &Facts) -> bool {
-        if !self.matches_l4(f.dest) {
+        if self.protocol != Protocol::Tcp || !self.matches_l4(f.dest) {
             return false;
         }
         if let Some(p) = &self.sni {
@@ -283,7 +373,7 @@ impl EgressRule {
                 return false;
             }
             if let Some(p) = &self.path_prefix {
-                if !h.path.starts_with(p.as_str()) {
+                if !crate::http_path::has_prefix(h.path, p, self.path_ignore_case) {
                     return false;
                 }
             }
@@ -299,14 +389,33 @@ impl Policy {
             || self.spiffe_ids.iter().any(|p| glob_match(p, spiffe_id))
     }
 
-    /// The first egress rule that matches decides; otherwise the default.
-    pub fn decide(&self, f: &Facts) -> Verdict<'_> {
-        for r in &self.egress {
+    /// The first egress rule that matches decides; otherwise the default. A verdict with
+    /// `bind` set stands only if the destination is an address of that name: see
+    /// [`Policy::decide_from`].
+    pub fn decide<'f>(&'f self, f: &Facts<'f>) -> Verdict<'f> {
+        self.decide_from(0, f)
+    }
+
+    /// [`Policy::decide`] starting at egress rule `start`: when a verdict's name does not bind
+    /// to the destination, the caller goes on with `decide_from(index + 1, ..)`.
+    pub fn decide_from<'f>(&'f self, start: usize, f: &Facts<'f>) -> Verdict<'f> {
+        for (i, r) in self.egress.iter().enumerate().skip(start) {
             if r.matches(f) {
+                let bind = if r.binds_name() {
+                    if r.sni.is_some() {
+                        f.sni
+                    } else {
+                        f.http.and_then(|h| h.host).map(host_without_port)
+                    }
+                } else {
+                    None
+                };
                 return Verdict {
                     action: r.action,
                     rule: Some(&r.id),
                     broker: r.broker.as_ref(),
+                    index: Some(i),
+                    bind,
                 };
             }
         }
@@ -314,15 +423,34 @@ impl Policy {
             action: self.default,
             rule: None,
             broker: None,
+            index: None,
+            bind: None,
         }
     }
 
     /// Whether a connection to `dest` must be looked into (ClientHello, HTTP request) before
     /// deciding: some rule that could apply to it depends on SNI or HTTP.
     pub fn needs_inspection(&self, dest: SocketAddr) -> bool {
-        self.egress
-            .iter()
-            .any(|r| (r.needs_tls() || r.needs_http()) && r.matches_l4(Some(dest)))
+        self.egress.iter().any(|r| {
+            r.protocol == Protocol::Tcp
+                && (r.needs_tls() || r.needs_http())
+                && r.matches_l4(Some(dest))
+        })
+    }
+
+    /// Whether `dest` is one of the policy's DNS resolvers on port 53 (relayed by the
+    /// companion, whatever the rules say).
+    pub fn is_resolver(&self, dest: SocketAddr) -> bool {
+        dest.port() == 53
+            && self
+                .dns
+                .iter()
+                .any(|r| canonical_ip(*r) == canonical_ip(dest.ip()))
+    }
+
+    /// The UDP and ICMP rules, in order: what `nhid` compiles into the kernel's rules.
+    pub fn packet_rules(&self) -> impl Iterator<Item = &EgressRule> {
+        self.egress.iter().filter(|r| r.protocol != Protocol::Tcp)
     }
 
     pub fn inbound_for_port(&self, port: u16) -> Option<&InboundRule> {
@@ -382,6 +510,17 @@ impl Policy {
                 return Err(ctx(format!("names rule {r:?}, which is not defined")));
             }
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &self.dns {
+            if d.is_loopback() || d.is_unspecified() || d.is_multicast() {
+                return Err(ctx(format!(
+                    "dns {d}: a resolver outside the workload's own namespace, e.g. the cluster DNS service"
+                )));
+            }
+            if !seen.insert(*d) {
+                return Err(ctx(format!("dns {d} is listed twice")));
+            }
+        }
         let mut ids = std::collections::BTreeSet::new();
         for r in &self.egress {
             if !ids.insert(r.id.as_str()) {
@@ -389,6 +528,18 @@ impl Policy {
             }
             r.validate()
                 .map_err(|e| ctx(format!("egress {:?}: {e}", r.id)))?;
+            if r.binds_by_dns() && self.dns.is_empty() {
+                let what = r
+                    .sni
+                    .as_ref()
+                    .map(|s| format!("sni {s:?}"))
+                    .or_else(|| r.host.as_ref().map(|h| format!("host {h:?}")))
+                    .unwrap_or_default();
+                return Err(ctx(format!(
+                    "egress {:?} allows by name ({what}); a name holds only for the addresses it resolves to, so the policy needs `dns` (the resolvers the workload uses, e.g. dns = [\"10.96.0.10\"])",
+                    r.id
+                )));
+            }
         }
         for r in &self.inbound {
             if !ids.insert(r.id.as_str()) {
@@ -448,6 +599,21 @@ impl EgressRule {
         if self.ports.contains(&0) {
             return Err("port 0 never matches".into());
         }
+        if self.protocol != Protocol::Tcp {
+            if self.needs_tls() || self.needs_http() || self.path_ignore_case {
+                return Err(format!(
+                    "sni, host, methods, path_prefix and broker are TCP conditions; a {:?} rule matches by cidr{} only",
+                    self.protocol,
+                    if self.protocol == Protocol::Udp { " and ports" } else { "" }
+                ));
+            }
+            if self.protocol == Protocol::Icmp && !self.ports.is_empty() {
+                return Err("ICMP has no ports; match it by cidr".into());
+            }
+        }
+        if self.path_ignore_case && self.path_prefix.is_none() {
+            return Err("path_ignore_case needs a path_prefix".into());
+        }
         if self.needs_tls() && self.needs_http() {
             return Err(
                 "`sni` (TLS) and host/methods/path_prefix/broker (plaintext HTTP) never hold for the same connection; use two rules"
@@ -471,6 +637,16 @@ impl EgressRule {
         if let Some(p) = &self.path_prefix {
             if !p.starts_with('/') {
                 return Err(format!("path_prefix {p:?} must start with '/'"));
+            }
+            // Requests are compared in normal form: a prefix in any other form never matches.
+            match crate::http_path::normalize(p, EscapedSlashes::Keep) {
+                Ok(n) if n == *p => {}
+                Ok(n) => {
+                    return Err(format!(
+                        "path_prefix {p:?}: requests are compared in normal form, write {n:?}"
+                    ))
+                }
+                Err(e) => return Err(format!("path_prefix {p:?}: {e}")),
             }
         }
         if let Some(b) = &self.broker {
@@ -529,6 +705,7 @@ mod tests {
 id = "web"
 spiffe_ids = ["spiffe://td/container/*"]
 default = "deny"
+dns = ["10.0.0.53"]
 [[policy.egress]]
 id = "no-admin"
 action = "deny"
@@ -759,6 +936,172 @@ audience = "web"
             .unwrap_err()
             .contains("not defined"));
         assert!(toml::from_str::<Policy>("id = \"p\"\nbogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn name_allows_carry_the_name_to_bind_and_evaluation_can_go_on() {
+        let p = sample();
+        let tls = Facts {
+            dest: dest("192.0.2.1:443"),
+            sni: Some("api.example.com"),
+            http: None,
+        };
+        let v = p.decide(&tls);
+        assert_eq!(
+            (v.action, v.rule, v.bind),
+            (Action::Allow, Some("tls"), Some("api.example.com"))
+        );
+        // When the name does not resolve to 192.0.2.1 the caller goes on after the rule: here
+        // the default (deny) decides.
+        let next = p.decide_from(v.index.unwrap() + 1, &tls);
+        assert_eq!(
+            (next.action, next.rule, next.bind),
+            (Action::Deny, None, None)
+        );
+        // HTTP host rules bind the Host header's name, without its port.
+        let http = Facts {
+            dest: dest("10.1.0.9:80"),
+            sni: None,
+            http: Some(HttpFacts {
+                host: Some("api.example.com:80"),
+                method: "GET",
+                path: "/v1",
+            }),
+        };
+        assert_eq!(p.decide(&http).bind, Some("api.example.com"));
+        // Address-only rules and deny rules bind nothing.
+        let l4 = Facts {
+            dest: dest("10.2.0.5:5432"),
+            ..Default::default()
+        };
+        assert_eq!(p.decide(&l4).bind, None);
+        assert!(!p.egress_rule("no-admin").unwrap().binds_name());
+        assert_eq!(
+            literal_binding("10.0.0.1", "10.0.0.1".parse().unwrap()),
+            Some(true)
+        );
+        assert_eq!(
+            literal_binding("10.0.0.1", "::ffff:10.0.0.1".parse().unwrap()),
+            Some(true)
+        );
+        assert_eq!(
+            literal_binding("10.0.0.1", "10.0.0.2".parse().unwrap()),
+            Some(false)
+        );
+        assert_eq!(
+            literal_binding("a.example", "10.0.0.2".parse().unwrap()),
+            None
+        );
+        assert!(p.is_resolver("10.0.0.53:53".parse().unwrap()));
+        assert!(!p.is_resolver("10.0.0.53:5353".parse().unwrap()));
+        assert!(!p.is_resolver("10.0.0.54:53".parse().unwrap()));
+    }
+
+    #[test]
+    fn name_allows_need_resolvers_and_literals_do_not() {
+        let base = "[[policy]]\nid = \"p\"\nspiffe_ids = [\"spiffe://td/x\"]\n";
+        let v = |extra: &str| {
+            policy(&format!("{base}{extra}")).validate("td", &EgressConfig::default(), |_| true)
+        };
+        let e = v("[[policy.egress]]\nid = \"a\"\nsni = \"*.github.com\"\n").unwrap_err();
+        assert!(e.contains("needs `dns`"), "{e}");
+        let e = v("[[policy.egress]]\nid = \"a\"\nhost = \"api.example.com\"\n").unwrap_err();
+        assert!(e.contains("needs `dns`"), "{e}");
+        assert!(v("[[policy.egress]]\nid = \"a\"\nhost = \"10.1.2.3\"\n").is_ok());
+        assert!(
+            v("[[policy.egress]]\nid = \"a\"\naction = \"deny\"\nsni = \"*.evil.com\"\n").is_ok()
+        );
+        assert!(v(
+            "dns = [\"10.96.0.10\"]\n[[policy.egress]]\nid = \"a\"\nsni = \"*.github.com\"\n"
+        )
+        .is_ok());
+        let e = v("dns = [\"127.0.0.53\"]\n").unwrap_err();
+        assert!(e.contains("outside the workload"), "{e}");
+        let e = v("dns = [\"10.0.0.1\", \"10.0.0.1\"]\n").unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn udp_and_icmp_rules_are_for_the_kernel_and_take_only_addresses() {
+        let p = policy(
+            r#"
+[[policy]]
+id = "p"
+spiffe_ids = ["spiffe://td/x"]
+default = "deny"
+[[policy.egress]]
+id = "ntp"
+protocol = "udp"
+cidr = ["10.0.0.0/8"]
+ports = [123]
+[[policy.egress]]
+id = "ping"
+protocol = "icmp"
+cidr = ["10.0.0.1"]
+[[policy.egress]]
+id = "web"
+ports = [123]
+"#,
+        );
+        assert!(p.validate("td", &EgressConfig::default(), |_| true).is_ok());
+        let ids: Vec<&str> = p.packet_rules().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["ntp", "ping"]);
+        // A TCP connection to 10.0.0.1:123 is decided by the TCP rule, never the UDP one.
+        let v = p.decide(&Facts {
+            dest: dest("10.0.0.1:123"),
+            ..Default::default()
+        });
+        assert_eq!(v.rule, Some("web"));
+        assert!(!p.needs_inspection("10.0.0.1:123".parse().unwrap()));
+        let base = "[[policy]]\nid = \"p\"\nspiffe_ids = [\"spiffe://td/x\"]\n[[policy.egress]]\nid = \"a\"\n";
+        let e = |extra: &str| {
+            policy(&format!("{base}{extra}"))
+                .validate("td", &EgressConfig::default(), |_| true)
+                .unwrap_err()
+        };
+        assert!(e("protocol = \"udp\"\nsni = \"a.b\"\n").contains("TCP conditions"));
+        assert!(e("protocol = \"udp\"\npath_prefix = \"/a\"\n").contains("TCP conditions"));
+        assert!(e("protocol = \"icmp\"\nports = [1]\n").contains("no ports"));
+        assert!(e("path_ignore_case = true\n").contains("needs a path_prefix"));
+        assert!(e("path_prefix = \"/a/../admin\"\n").contains("normal form"));
+        assert!(e("path_prefix = \"//admin\"\n").contains("\"/admin\""));
+        assert!(toml::from_str::<EgressRule>("id = \"a\"\nprotocol = \"sctp\"\n").is_err());
+    }
+
+    #[test]
+    fn path_rules_compare_normalized_paths_optionally_ignoring_case() {
+        let p = policy(
+            r#"
+[[policy]]
+id = "p"
+spiffe_ids = ["spiffe://td/x"]
+[[policy.egress]]
+id = "no-admin"
+action = "deny"
+path_prefix = "/admin"
+path_ignore_case = true
+[[policy.egress]]
+id = "no-secret"
+action = "deny"
+path_prefix = "/secret"
+"#,
+        );
+        let f = |path| Facts {
+            dest: dest("10.0.0.1:80"),
+            sni: None,
+            http: Some(HttpFacts {
+                host: None,
+                method: "GET",
+                path,
+            }),
+        };
+        assert_eq!(p.decide(&f("/ADMIN/x")).rule, Some("no-admin"));
+        assert_eq!(
+            p.decide(&f("/Secret")).rule,
+            None,
+            "case-sensitive by default"
+        );
+        assert_eq!(p.decide(&f("/secret/x")).rule, Some("no-secret"));
     }
 
     #[test]

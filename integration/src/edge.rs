@@ -323,3 +323,190 @@ pub fn http(
         Ok((status, body))
     })
 }
+
+/// A second address of the peer namespace: an "unrelated" server a workload may name an
+/// allowed host towards.
+pub const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+
+impl NamedNs {
+    /// Adds `addr` (CIDR) to the peer side's interface (`vp`).
+    pub fn add_addr(&self, cidr: &str) {
+        let dev = "vp";
+        let out = self.exec("ip", &["addr", "add", cidr, "dev", dev, "nodad"]);
+        assert!(out.status.success(), "ip addr add {cidr}: {out:?}");
+    }
+}
+
+/// Adds `cidr` to the container side (`vc`) of the veth made by [`peer`].
+pub fn add_workload_addr(pid: i32, cidr: &str) {
+    sh(
+        "nsenter",
+        &[
+            "-t",
+            &pid.to_string(),
+            "-n",
+            "ip",
+            "addr",
+            "add",
+            cidr,
+            "dev",
+            "vc",
+            "nodad",
+        ],
+    );
+}
+
+/// A process run inside a named namespace, killed on drop.
+pub struct NsDaemon {
+    child: std::process::Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for NsDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NsDaemon {
+    fn spawn(ns: &NamedNs, cmd: &str, args: &[String], dir: tempfile::TempDir) -> NsDaemon {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, cmd])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).expect("daemon stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd}: {e} (run scripts/install-deps)"));
+        NsDaemon { child, dir }
+    }
+
+    /// The daemon's stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// A file the daemon writes in its directory (a log).
+    pub fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+fn daemon_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("nhi-it-d-")
+        .tempdir()
+        .expect("tempdir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    d
+}
+
+/// A real DNS server (dnsmasq, Debian `dnsmasq-base`) in `ns` on `listen`:53, answering
+/// `name → ip` for each record (and nothing else), every query logged to `queries.log`.
+pub fn dnsmasq(ns: &NamedNs, listen: Ipv4Addr, records: &[(&str, Ipv4Addr)], ttl: u32) -> NsDaemon {
+    let dir = daemon_dir();
+    let mut args: Vec<String> = vec![
+        "--keep-in-foreground".into(),
+        "--conf-file=/dev/null".into(),
+        "--no-resolv".into(),
+        "--no-hosts".into(),
+        "--bind-interfaces".into(),
+        format!("--listen-address={listen}"),
+        "--port=53".into(),
+        "--user=root".into(),
+        "--pid-file=".into(),
+        format!("--local-ttl={ttl}"),
+        "--log-queries".into(),
+        format!(
+            "--log-facility={}",
+            dir.path().join("queries.log").display()
+        ),
+    ];
+    for (name, ip) in records {
+        args.push(format!("--host-record={name},{ip}"));
+    }
+    let d = NsDaemon::spawn(ns, "dnsmasq", &args, dir);
+    // Ready when it answers on TCP (it listens on both).
+    let addr = SocketAddr::new(listen.into(), 53);
+    let ready = (0..200).any(|_| {
+        let ok = in_netns(&ns.path(), move || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+        });
+        if !ok {
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        ok
+    });
+    assert!(ready, "dnsmasq did not start: {}", d.stderr());
+    d
+}
+
+/// A real nginx (Debian `nginx-light`) in `ns` on `listen`: `location /admin` answers
+/// `admin area`, everything else `public`; every request it serves is logged to `access.log`
+/// as the URI nginx resolved (`$uri`) and the target the client sent (`$request_uri`).
+pub fn nginx(ns: &NamedNs, listen: SocketAddr) -> NsDaemon {
+    let dir = daemon_dir();
+    let d = dir.path().display().to_string();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  log_format seen '$uri $request_uri';\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         \x20 server {{\n    listen {listen};\n    access_log {d}/access.log seen;\n    location /admin {{ return 200 \"admin area\\n\"; }}\n    location / {{ return 200 \"public\\n\"; }}\n  }}\n}}\n"
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let args = vec![
+        "-c".to_string(),
+        dir.path().join("nginx.conf").display().to_string(),
+        "-p".to_string(),
+        d.clone(),
+    ];
+    let daemon = NsDaemon::spawn(ns, "nginx", &args, dir);
+    let ready = (0..200).any(|_| {
+        let ok = in_netns(&ns.path(), move || {
+            TcpStream::connect_timeout(&listen, Duration::from_millis(100)).is_ok()
+        });
+        if !ok {
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        ok
+    });
+    assert!(
+        ready,
+        "nginx did not start: {} {}",
+        daemon.stderr(),
+        daemon.file("error.log")
+    );
+    daemon
+}
+
+/// A UDP socket bound inside `ns` that counts the datagrams reaching it.
+pub fn udp_listener(ns: &Path, addr: SocketAddr) -> Arc<AtomicUsize> {
+    let sock = in_netns(ns, move || {
+        std::net::UdpSocket::bind(addr).expect("bind udp in netns")
+    });
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while sock.recv_from(&mut buf).is_ok() {
+            s.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    seen
+}
+
+/// From a thread inside `ns` (a process outside the companion's cgroup): one UDP datagram.
+pub fn udp_send(ns: &Path, to: SocketAddr, payload: &[u8]) -> std::io::Result<()> {
+    let payload = payload.to_vec();
+    in_netns(ns, move || {
+        let bind: SocketAddr = if to.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let s = std::net::UdpSocket::bind(bind)?;
+        s.send_to(&payload, to).map(|_| ())
+    })
+}

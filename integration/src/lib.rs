@@ -159,6 +159,8 @@ pub struct Node {
     pub uids: UidBlock,
     /// Where its nhi binaries come from.
     bins: PathBuf,
+    /// `[companion.cgroup] parent` of this node: unique per node, removed on drop.
+    pub cgroup_parent: String,
     nhid: Option<Child>,
 }
 
@@ -226,10 +228,18 @@ impl Node {
         } else {
             (extra_top.to_string(), format!("[store]\n{containers}"))
         };
+        // Companion cgroups of parallel tests (and of their nhids' startup clean-ups) never meet.
+        let cgroup_parent = format!("/nhi-it/{}", unique_id("node"));
+        // An earlier build (legacy_user) predates [companion.cgroup].
+        let cgroup = if legacy_user {
+            String::new()
+        } else {
+            format!("[companion.cgroup]\nparent = \"{cgroup_parent}\"\n")
+        };
         fs::write(
             &config,
             format!(
-                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\n{companion_uids}\n{store}{rules}",
+                "trust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\nsocket = \"{}\"\n{extra_top}\n[companion]\nbinary = \"{}\"\n{companion_uids}\n{cgroup}{store}{rules}",
                 state_dir.display(),
                 socket.display(),
                 companion.display(),
@@ -248,6 +258,7 @@ impl Node {
             dir,
             uids,
             bins,
+            cgroup_parent,
             nhid: None,
         }
     }
@@ -511,6 +522,35 @@ impl Drop for Node {
             }
         }
         self.stop();
+        remove_cgroup_tree(&self.cgroup_parent);
+        // The shared parent goes with the last node (fails while others use it).
+        for dir in cgroup_dirs("/nhi-it") {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// The directories of cgroup `path` in every hierarchy nhid may use (v2, v1 memory and pids).
+pub fn cgroup_dirs(path: &str) -> Vec<PathBuf> {
+    let m = nhi_core::cgroupfs::own_mounts().expect("mountinfo");
+    [m.v2, m.memory_v1, m.pids_v1]
+        .into_iter()
+        .flatten()
+        .map(|mount| mount.join(path.trim_start_matches('/')))
+        .collect()
+}
+
+/// Removes cgroup `path` and its (empty) children in every hierarchy.
+fn remove_cgroup_tree(path: &str) {
+    for dir in cgroup_dirs(path) {
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&dir);
     }
 }
 
@@ -531,6 +571,8 @@ fn make_rootfs(root: &Path) {
     fs::copy(busybox(), bin.join("busybox")).unwrap();
     for applet in [
         "sh", "wget", "ps", "sleep", "cat", "true", "ip", "echo", "kill", "ls", "id",
+        // Edge-policy tests: UDP (tftp), DNS (nslookup), bounded waits, mount attempts.
+        "timeout", "tftp", "nslookup", "mount",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }

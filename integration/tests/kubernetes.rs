@@ -145,3 +145,80 @@ fn cri_pods_get_one_companion_each_with_the_service_account_identity() {
         .workloads
         .is_empty()));
 }
+
+/// Issue 13, "by uid", the way a kubelet would do it: a pod container with
+/// `securityContext.runAsUser` set to the companion's uid is refused at start, and the pod's
+/// root process is intercepted like any other (the companion is exempt by its cgroup, not its
+/// uid), so default deny refuses it. (`edge.rs` covers a process that switches to the
+/// companion's uid inside a running container, `runc exec --user`.)
+#[test]
+fn a_pod_running_as_the_companion_uid_is_still_refused_by_default_deny() {
+    use nhi_integration::edge::{http_server, listen_in, peer, PEER_IP};
+    let mut node = Node::new(RULES);
+    node.with_kubelet_root();
+    node.append_config(
+        r#"
+[[policy]]
+id = "pods"
+rules = ["k8s"]
+default = "deny"
+[[policy.egress]]
+id = "only-9000"
+ports = [9000]
+"#,
+    );
+    node.start();
+    let mut ctd = CriContainerd::new(&node);
+    ctd.configure_nhi_handler();
+    ctd.start(&node.rootfs);
+    let cri = ctd.client();
+    let uid = unique_id("uid");
+    let spec = PodSpec {
+        name: "as-companion-0",
+        namespace: "team-c",
+        uid: &uid,
+        annotations: HashMap::new(),
+        runtime_handler: "nhi",
+    };
+    let pod = cri
+        .run_pod(&spec)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let tok = kubelet_token(&node, &uid, PROJECTED, "team-c", "edge");
+    let app = cri
+        .start_container(&pod, &spec, "app", Some(&tok))
+        .unwrap_or_else(|e| panic!("{e}\n{}", ctd.log()));
+    // A second container of the pod asking to run as the companion's uid never starts: nhid
+    // refuses a workload whose process.user falls in companion.uid_range (a uid per companion,
+    // issue 12), so no pod process shares the companion's id; and the exemption below is by
+    // cgroup anyway.
+    let companion_uid = node.companion_uid(&app);
+    let e = cri
+        .start_container_as(
+            &pod,
+            &spec,
+            "as-companion",
+            Some(&tok),
+            Some((companion_uid as i64, companion_uid as i64)),
+        )
+        .expect_err("a container running as the companion's uid started");
+    assert!(e.contains("companion.uid_range"), "{e}");
+    let pid = cri.container_pid(&app).expect("container pid");
+    let peer = peer(&unique_id("podp"), pid);
+    let at = |port| std::net::SocketAddr::new(PEER_IP.into(), port);
+    let allowed = http_server(listen_in(&peer.path(), at(9000)));
+    let denied = http_server(listen_in(&peer.path(), at(9001)));
+    let wget = |port: u16| {
+        let url = format!("http://10.77.0.1:{port}/from-pod");
+        cri.exec(&app, &["/bin/timeout", "10", "/bin/wget", "-qO-", &url])
+            .unwrap()
+    };
+    let (body, err, code) = wget(9000);
+    assert_eq!((body.as_str(), code), ("ok", 0), "{err}");
+    let (_, _, code) = wget(9001);
+    assert_ne!(code, 0, "a pod's root process reached a denied port");
+    assert_eq!(denied.connections(), 0);
+    assert_eq!(allowed.requests().len(), 1);
+
+    cri.stop_pod(&pod).unwrap();
+    cri.remove_pod(&pod).unwrap();
+}

@@ -357,17 +357,33 @@ impl Chroot {
         c
     }
 
+    /// `/proc`, and the host's cgroup hierarchies at `/sys/fs/cgroup` as on a booted host
+    /// (nhid gives each companion a cgroup and refuses to start without them).
     fn mount_proc(&mut self) {
         ok(Command::new("mount")
             .args(["-t", "proc", "proc"])
             .arg(self.path("/proc")));
+        fs::create_dir_all(self.path("/sys/fs/cgroup")).unwrap();
+        ok(Command::new("mount")
+            .args(["--rbind", "/sys/fs/cgroup"])
+            .arg(self.path("/sys/fs/cgroup")));
+        ok(Command::new("mount")
+            .arg("--make-rslave")
+            .arg(self.path("/sys/fs/cgroup")));
         self.proc_mounted = true;
     }
 
     fn umount_proc(&mut self) {
         if self.proc_mounted {
             ok(Command::new("umount").arg(self.path("/proc")));
+            ok(Command::new("umount")
+                .arg("-R")
+                .arg(self.path("/sys/fs/cgroup")));
             self.proc_mounted = false;
+            // The shipped config's companion cgroup parent, made by the nhid that ran here.
+            for dir in cgroup_dirs(nhi_core::config::DEFAULT_CGROUP_PARENT) {
+                let _ = fs::remove_dir(dir);
+            }
         }
     }
 
@@ -395,6 +411,10 @@ impl Drop for Chroot {
             let _ = Command::new("umount")
                 .arg("-l")
                 .arg(self.path("/proc"))
+                .status();
+            let _ = Command::new("umount")
+                .args(["-R", "-l"])
+                .arg(self.path("/sys/fs/cgroup"))
                 .status();
         }
     }

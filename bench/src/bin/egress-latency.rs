@@ -5,18 +5,25 @@
 //! - small HTTP request, new connection each (`GET /small`, `Connection: close`): latency of the
 //!   whole exchange, through the per-request HTTP path (port 8080: a path rule makes the proxy
 //!   read each request) and through the L4 path (port 9000: address/port rules only, splice(2));
-//! - 100 MiB transfer (`GET /bytes/104857600`) through both paths: time and throughput.
+//! - 100 MiB transfer (`GET /bytes/104857600`) through both paths: time and throughput;
+//! - what each protection of issue 13 adds, each against its own baseline in the same run:
+//!   UDP allowed by a kernel rule (the companion-cgroup match, conntrack and a list of UDP rules
+//!   evaluated for every new flow) vs the same datagram from the container without a policy;
+//!   a DNS query relayed (and learned) by the companion vs sent straight to the resolver; an
+//!   HTTP request allowed by a `host` rule (its name bound to the destination) vs one allowed
+//!   by a rule without a name, both through the proxy; path normalisation per request vs
+//!   copying the path (in-process, nanoseconds).
 //!
 //! Runs are interleaved (direct and proxied alternate, alternating which goes first).
 //! Run as root: `cargo run --release -p nhi-bench --bin egress-latency -- --runs 1000 --big-runs 10`
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nhi_bench::{interleave, ms, report, summarize};
+use nhi_bench::{compare, interleave, ms, report, summarize};
 use nhi_integration::edge::*;
 use nhi_integration::*;
 
@@ -39,62 +46,130 @@ const POLICY: &str = r#"
 id = "bench"
 spiffe_ids = ["spiffe://example.org/container/bench-proxied"]
 default = "deny"
+dns = ["10.77.0.1"]
 [[policy.egress]]
 id = "http"
 ports = [8080]
 path_prefix = "/"
 [[policy.egress]]
+id = "by-name"
+ports = [8081]
+host = "api.bench.test"
+[[policy.egress]]
 id = "l4"
 ports = [9000]
 "#;
 
+/// UDP rules in front of the one that allows the echo: every new flow walks them.
+const UDP_RULES: usize = 8;
+const UDP_ECHO: u16 = 7000;
+
+type Job = Box<dyn FnOnce(&mut Vec<u8>) -> Duration + Send>;
+
 /// A thread living in one network namespace that runs requests on demand.
 struct Worker {
-    tx: mpsc::Sender<(SocketAddr, String, mpsc::Sender<Duration>)>,
+    tx: mpsc::Sender<(Job, mpsc::Sender<Duration>)>,
 }
 
 impl Worker {
     fn new(ns: std::path::PathBuf) -> Worker {
-        let (tx, rx) = mpsc::channel::<(SocketAddr, String, mpsc::Sender<Duration>)>();
+        let (tx, rx) = mpsc::channel::<(Job, mpsc::Sender<Duration>)>();
         let file = std::fs::File::open(&ns).unwrap();
         std::thread::spawn(move || {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let mut buf = vec![0u8; 1 << 20];
-            for (addr, path, reply) in rx {
-                let t = Instant::now();
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.set_nodelay(true).unwrap();
-                write!(
-                    s,
-                    "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-                )
-                .unwrap();
-                let (mut total, mut want) = (0, None);
-                loop {
-                    let n = s.read(&mut buf).unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    // The head arrives in the first read (one small write by the server).
-                    if want.is_none() {
-                        want = expected(&buf[..n]);
-                    }
-                    total += n;
-                    if want.is_some_and(|w| total >= w) {
-                        break;
-                    }
-                }
-                let _ = reply.send(t.elapsed());
+            for (job, reply) in rx {
+                let _ = reply.send(job(&mut buf));
             }
         });
         Worker { tx }
     }
 
-    fn get(&self, addr: SocketAddr, path: &str) -> Duration {
+    fn run(&self, job: Job) -> Duration {
         let (tx, rx) = mpsc::channel();
-        self.tx.send((addr, path.into(), tx)).unwrap();
+        self.tx.send((job, tx)).unwrap();
         rx.recv().expect("request failed")
     }
+
+    /// One HTTP GET on a new connection, `Host` as given (default: the address).
+    fn get_as(&self, addr: SocketAddr, path: &str, host: Option<&str>) -> Duration {
+        let path = path.to_string();
+        let host = host.map(str::to_string).unwrap_or_else(|| addr.to_string());
+        self.run(Box::new(move |buf| {
+            let t = Instant::now();
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let (mut total, mut want) = (0, None);
+            loop {
+                let n = s.read(buf).unwrap();
+                assert!(
+                    n > 0 || total > 0,
+                    "{addr} (Host {host}): connection closed before an answer"
+                );
+                if n == 0 {
+                    break;
+                }
+                // The head arrives in the first read (one small write by the server).
+                if want.is_none() {
+                    want = expected(&buf[..n]);
+                    assert!(
+                        buf.starts_with(b"HTTP/1.1 200"),
+                        "{}",
+                        String::from_utf8_lossy(&buf[..n.min(200)])
+                    );
+                }
+                total += n;
+                if want.is_some_and(|w| total >= w) {
+                    break;
+                }
+            }
+            t.elapsed()
+        }))
+    }
+
+    fn get(&self, addr: SocketAddr, path: &str) -> Duration {
+        self.get_as(addr, path, None)
+    }
+
+    /// `payload` to `addr` from a new UDP socket (a new flow), then its answer.
+    fn udp(&self, addr: SocketAddr, payload: Vec<u8>) -> Duration {
+        self.run(Box::new(move |buf| {
+            let t = Instant::now();
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.connect(addr).unwrap();
+            s.send(&payload).unwrap();
+            let n = s.recv(buf).expect("no UDP answer");
+            assert!(n > 0);
+            t.elapsed()
+        }))
+    }
+}
+
+/// A DNS query for `api.bench.test` A (id 0x4242, recursion desired).
+fn dns_query() -> Vec<u8> {
+    let mut q = vec![0x42, 0x42, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["api", "bench", "test"] {
+        q.push(label.len() as u8);
+        q.extend(label.as_bytes());
+    }
+    q.extend([0, 0, 1, 0, 1]);
+    q
+}
+
+/// Echoes every datagram on `l` back to its sender.
+fn udp_echo(l: UdpSocket) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = l.recv_from(&mut buf) {
+            let _ = l.send_to(&buf[..n], from);
+        }
+    });
 }
 
 /// Header length + Content-Length, from the first bytes of a response.
@@ -103,7 +178,10 @@ fn expected(first: &[u8]) -> Option<usize> {
     let head_end = s.find("\r\n\r\n")? + 4;
     let len: usize = s
         .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))?
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then_some(v)
+        })?
         .trim()
         .parse()
         .ok()?;
@@ -113,16 +191,33 @@ fn expected(first: &[u8]) -> Option<usize> {
 fn main() {
     let args = Args::parse();
     let mut node = Node::new(ANNOTATED_RULE);
-    node.append_config(POLICY);
+    let mut policy = POLICY.to_string();
+    for i in 0..UDP_RULES {
+        policy.push_str(&format!(
+            "[[policy.egress]]\nid = \"udp-{i}\"\nprotocol = \"udp\"\ncidr = [\"10.99.{i}.0/24\"]\nports = [{}]\n",
+            UDP_ECHO + 1 + i as u16
+        ));
+    }
+    policy.push_str(&format!(
+        "[[policy.egress]]\nid = \"udp-echo\"\nprotocol = \"udp\"\nports = [{UDP_ECHO}]\n"
+    ));
+    node.append_config(&policy);
     node.start();
     let direct = node.named_container("bench-direct");
     let proxied = node.named_container("bench-proxied");
     let mut peers = Vec::new();
+    let mut dns = Vec::new();
     let mut workers = Vec::new();
     for c in [&direct, &proxied] {
         let p = peer(&unique_id("benchp"), c.pid());
-        http_server(listen_in(&p.path(), SocketAddr::new(PEER_IP.into(), 8080)));
-        http_server(listen_in(&p.path(), SocketAddr::new(PEER_IP.into(), 9000)));
+        for port in [8080, 8081, 9000] {
+            http_server(listen_in(&p.path(), SocketAddr::new(PEER_IP.into(), port)));
+        }
+        let echo_at = SocketAddr::new(PEER_IP.into(), UDP_ECHO);
+        udp_echo(in_netns(&p.path(), move || {
+            UdpSocket::bind(echo_at).unwrap()
+        }));
+        dns.push(dnsmasq(&p, PEER_IP, &[("api.bench.test", PEER_IP)], 3600));
         peers.push(p);
         workers.push(Worker::new(container_ns(c.pid())));
     }
@@ -158,7 +253,71 @@ fn main() {
             ms(sb.p50),
         );
     }
+    // What each protection of issue 13 adds.
+    let echo = to(UDP_ECHO);
+    let (base, nhi) = interleave(args.runs, args.warmup, |with| {
+        workers[with as usize].udp(echo, vec![0u8; 64])
+    });
+    report(
+        &format!("UDP datagram and its echo, new flow each: allowed by the {}th UDP rule (kernel rules) vs no policy", UDP_RULES + 1),
+        "direct",
+        &base,
+        &nhi,
+    );
+    let resolver = to(53);
+    let (base, nhi) = interleave(args.runs, args.warmup, |with| {
+        workers[with as usize].udp(resolver, dns_query())
+    });
+    report(
+        "DNS query (UDP) to the resolver: relayed and learned by the companion vs straight to it",
+        "direct",
+        &base,
+        &nhi,
+    );
+    let (by_rule, by_name) = interleave(args.runs, args.warmup, |named| {
+        if named {
+            workers[1].get_as(to(8081), "/small", Some("api.bench.test"))
+        } else {
+            workers[1].get_as(to(8080), "/small", Some("api.bench.test"))
+        }
+    });
+    compare(
+        "Small HTTP request through the proxy, new connection each: allowed by a host rule (name bound to the address) vs by a rule without a name",
+        ("no name", &by_rule),
+        ("host bound", &by_name),
+    );
+    path_normalisation(args.runs.max(1000) * 100);
     direct.delete();
     proxied.delete();
+    drop(dns);
     drop(peers);
+}
+
+/// In-process: the cost of normalising a request path before comparing it with a rule's prefix
+/// (what the proxy does per request now) vs comparing the path as sent (what it did before).
+fn path_normalisation(iterations: usize) {
+    use nhi_core::http_path::{has_prefix, normalize, EscapedSlashes};
+    let paths = [
+        "/api/v1/users/42",
+        "/static/js/app.min.js",
+        "/x/../admin//users/./%61bc",
+        "/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p",
+    ];
+    let time = |f: &dyn Fn(&str) -> bool| {
+        let t = Instant::now();
+        let mut hits = 0usize;
+        for i in 0..iterations {
+            hits += f(std::hint::black_box(paths[i % paths.len()])) as usize;
+        }
+        std::hint::black_box(hits);
+        t.elapsed().as_nanos() as f64 / iterations as f64
+    };
+    let raw = time(&|p| has_prefix(p, "/admin", false));
+    let norm = time(&|p| {
+        normalize(p, EscapedSlashes::Reject).is_ok_and(|n| has_prefix(&n, "/admin", false))
+    });
+    println!(
+        "## Path normalisation, in-process ({iterations} paths)\n\nprefix compare of the raw path {raw:.0} ns, normalise then compare {norm:.0} ns per request: added {:.0} ns\n",
+        norm - raw
+    );
 }

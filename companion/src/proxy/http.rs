@@ -152,6 +152,51 @@ pub(crate) fn refusal(
     )
 }
 
+/// What the proxy compares and forwards of a request: its host (from `Host`, or the
+/// absolute-form target when there is none) and its normalized path, with the request's target
+/// rewritten to origin form with that path. Refuses what upstreams would read differently.
+fn canonical_target<B>(
+    req: &mut Request<B>,
+    slashes: nhi_core::http_path::EscapedSlashes,
+) -> Result<(Option<String>, String), String> {
+    let hosts: Vec<&HeaderValue> = req.headers().get_all(HOST).iter().collect();
+    if hosts.len() > 1 {
+        return Err("more than one Host header".into());
+    }
+    let header = match hosts.first() {
+        Some(h) => Some(
+            h.to_str()
+                .map_err(|_| "a Host header that is not text".to_string())?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+    let host = match (header, authority) {
+        (Some(h), Some(a)) if !h.eq_ignore_ascii_case(&a) => {
+            return Err(format!(
+                "the request target names {a:?} but the Host header {h:?}"
+            ))
+        }
+        (Some(h), _) => Some(h),
+        (None, Some(a)) => {
+            let v = HeaderValue::from_str(&a).map_err(|_| "bad authority".to_string())?;
+            req.headers_mut().insert(HOST, v);
+            Some(a)
+        }
+        (None, None) => None,
+    };
+    let raw = req.uri().path();
+    let path =
+        nhi_core::http_path::normalize(raw, slashes).map_err(|e| format!("path {raw:?}: {e}"))?;
+    let target = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    *req.uri_mut() = target.parse().map_err(|e| format!("path {raw:?}: {e}"))?;
+    Ok((host, path))
+}
+
 async fn request(
     edge: &Edge,
     upstream: &Upstream,
@@ -161,52 +206,87 @@ async fn request(
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
-    let host = req
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
     let method = req.method().as_str().to_string();
-    let path = req.uri().path().to_string();
+    let raw_path = req.uri().path().to_string();
     let mut ev = event(
         AuditKind::HttpRequest,
         peer,
         Destination {
             addr: Some(dest.to_string()),
-            host: host.clone(),
             method: Some(method.clone()),
-            path: Some(path.clone()),
+            path: Some(raw_path.clone()),
             ..Default::default()
         },
     );
-    let v = policy.decide(&Facts {
-        dest: Some(dest),
-        sni: None,
-        http: Some(HttpFacts {
-            host: host.as_deref(),
-            method: &method,
-            path: &path,
-        }),
-    });
-    ev.rule = v.rule.map(str::to_string);
-    if v.action == Action::Deny {
+    let (host, path) = match canonical_target(&mut req, policy.path_escaped_slashes) {
+        Ok(t) => t,
+        Err(why) => {
+            // Ambiguous: refused before any rule, never forwarded.
+            ev.decision = Decision::Deny;
+            ev.detail = Some(format!("refused: {why}"));
+            finish(edge, ev, started);
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({
+                    "error": "ambiguous_request",
+                    "policy": policy.id,
+                    "message": format!("{method} refused by the edge proxy: {why}"),
+                }),
+            );
+        }
+    };
+    if let Some(d) = ev.destination.as_mut() {
+        d.host = host.clone();
+        d.path = Some(path.clone());
+    }
+    if path != raw_path {
+        ev.detail = Some(format!("path as sent: {raw_path}"));
+    }
+    let d = edge
+        .decide(
+            policy,
+            &Facts {
+                dest: Some(dest),
+                sni: None,
+                http: Some(HttpFacts {
+                    host: host.as_deref(),
+                    method: &method,
+                    path: &path,
+                }),
+            },
+        )
+        .await;
+    if let Some(note) = &d.note {
+        ev.detail = Some(match ev.detail.take() {
+            Some(prev) => format!("{prev}; {note}"),
+            None => note.clone(),
+        });
+    }
+    ev.rule = d.rule.clone();
+    if d.action == Action::Deny {
         ev.decision = Decision::Deny;
         finish(edge, ev, started);
+        let mut message = match &d.rule {
+            Some(r) => format!("{method} {path} denied by edge policy rule {r:?}"),
+            None => format!(
+                "{method} {path} denied by the default of edge policy {:?}",
+                policy.id
+            ),
+        };
+        if let Some(note) = &d.note {
+            message.push_str(&format!(" ({note})"));
+        }
         return json(
             StatusCode::FORBIDDEN,
             serde_json::json!({
                 "error": "forbidden",
-                "rule": v.rule,
+                "rule": d.rule,
                 "policy": policy.id,
-                "message": match v.rule {
-                    Some(r) => format!("{method} {path} denied by edge policy rule {r:?}"),
-                    None => format!("{method} {path} denied by the default of edge policy {:?}", policy.id),
-                },
+                "message": message,
             }),
         );
     }
-    if let (Some(b), Some(rule)) = (v.broker, v.rule) {
+    if let (Some(b), Some(rule)) = (&d.broker, d.rule.as_deref()) {
         match edge.credential(rule, b).await {
             Ok((value, cred)) => {
                 let name = HeaderName::from_bytes(b.header.as_bytes());
@@ -255,5 +335,63 @@ async fn request(
                 serde_json::json!({"error": "upstream_failed", "message": e}),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nhi_core::http_path::EscapedSlashes;
+
+    fn req(target: &str, hosts: &[&str]) -> Request<()> {
+        let mut b = Request::builder().uri(target);
+        for h in hosts {
+            b = b.header(HOST, *h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn targets_are_rewritten_to_the_normalized_origin_form() {
+        let mut r = req("/x/../%61dmin//users?q=%2e", &["api.example.com"]);
+        let (host, path) = canonical_target(&mut r, EscapedSlashes::Reject).unwrap();
+        assert_eq!(
+            (host.as_deref(), path.as_str()),
+            (Some("api.example.com"), "/admin/users")
+        );
+        assert_eq!(
+            r.uri().to_string(),
+            "/admin/users?q=%2e",
+            "the query is left alone"
+        );
+        // Absolute form: its authority becomes the Host, the upstream sees origin form.
+        let mut r = req("http://api.example.com/a/./b", &[]);
+        let (host, path) = canonical_target(&mut r, EscapedSlashes::Reject).unwrap();
+        assert_eq!(
+            (host.as_deref(), path.as_str()),
+            (Some("api.example.com"), "/a/b")
+        );
+        assert_eq!(r.uri().to_string(), "/a/b");
+        assert_eq!(r.headers()[HOST], "api.example.com");
+    }
+
+    #[test]
+    fn ambiguous_requests_are_refused() {
+        let e = canonical_target(
+            &mut req("/a", &["a.example", "b.example"]),
+            EscapedSlashes::Reject,
+        )
+        .unwrap_err();
+        assert!(e.contains("more than one Host"), "{e}");
+        let e = canonical_target(
+            &mut req("http://a.example/x", &["b.example"]),
+            EscapedSlashes::Reject,
+        )
+        .unwrap_err();
+        assert!(e.contains("Host header"), "{e}");
+        let e =
+            canonical_target(&mut req("/%2Fadmin", &["a"]), EscapedSlashes::Reject).unwrap_err();
+        assert!(e.contains("encoded '/'"), "{e}");
+        assert!(canonical_target(&mut req("/%2Fadmin", &["a"]), EscapedSlashes::Keep).is_ok());
     }
 }

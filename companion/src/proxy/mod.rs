@@ -6,6 +6,7 @@
 //! destination, splices it through, or serves it request by request (403 for denied requests,
 //! brokered credentials injected into allowed ones). Every decision is an audit event.
 
+pub mod dns;
 pub mod http;
 pub mod inbound;
 pub mod sniff;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use nhi_core::audit::{now_ms, AuditEvent, AuditKind, CredentialRef, Decision, Destination};
-use nhi_core::policy::{Action, Broker, Facts, Policy};
+use nhi_core::policy::{Action, Broker, EgressConfig, Facts, Policy};
 use nhi_core::wire::{CompanionRequest, CompanionResponse, SecretValue};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -46,11 +47,24 @@ pub struct Edge {
     pub creds: Arc<Creds>,
     /// Brokered secrets by egress rule id, until nhid's lease on them ends.
     brokered: Mutex<HashMap<String, Arc<SecretValue>>>,
+    /// What names resolved to (DNS answers relayed or asked for): binds `sni`/`host` allows.
+    pub(crate) names: dns::Names,
+}
+
+/// A decision after name binding: owned, with why a name rule was passed over.
+#[derive(Debug, Clone)]
+pub(crate) struct Decided {
+    pub(crate) action: Action,
+    pub(crate) rule: Option<String>,
+    pub(crate) broker: Option<Broker>,
+    /// Rules that matched by name but not by address, and why.
+    pub(crate) note: Option<String>,
 }
 
 impl Edge {
     pub fn new(
         policy: Option<Policy>,
+        egress: EgressConfig,
         recorder: Recorder,
         channel: Channel,
         creds: Arc<Creds>,
@@ -61,7 +75,35 @@ impl Edge {
             channel,
             creds,
             brokered: Mutex::new(HashMap::new()),
+            names: dns::Names::new(egress.dns_min_ttl),
         })
+    }
+
+    /// The policy's verdict for a connection or request. A rule that allows by name stands
+    /// only if the original destination is an address of that name; otherwise evaluation goes
+    /// on with the next rule (and the passed-over rule is named in `note`).
+    pub(crate) async fn decide(&self, policy: &Policy, facts: &Facts<'_>) -> Decided {
+        let mut from = 0;
+        let mut notes: Vec<String> = Vec::new();
+        loop {
+            let v = policy.decide_from(from, facts);
+            if let (Some(name), Some(dest), Some(i)) = (v.bind, facts.dest, v.index) {
+                if let Err(why) = self.name_binds(&policy.dns, name, dest.ip()).await {
+                    notes.push(format!(
+                        "rule {:?} not applied: {why}",
+                        v.rule.unwrap_or("?")
+                    ));
+                    from = i + 1;
+                    continue;
+                }
+            }
+            return Decided {
+                action: v.action,
+                rule: v.rule.map(str::to_string),
+                broker: v.broker.cloned(),
+                note: (!notes.is_empty()).then(|| notes.join("; ")),
+            };
+        }
     }
 
     pub fn policy(&self) -> Option<Arc<Policy>> {
@@ -289,6 +331,13 @@ async fn outbound(
         ..Default::default()
     };
     let policy = edge.policy();
+    if let Some(p) = &policy {
+        if p.is_resolver(dest) {
+            // DNS over TCP to one of the policy's resolvers: relayed, answers learned.
+            dns::relay_tcp(edge, client, peer, dest).await;
+            return;
+        }
+    }
     let mut sni = None;
     let mut is_http = false;
     if let Some(p) = &policy {
@@ -317,16 +366,20 @@ async fn outbound(
         // Evicted while its first bytes were awaited.
         return fail(&edge, ev, started, client, LIMITS_CLOSED.into());
     }
-    let verdict = policy.as_ref().map(|p| {
-        let v = p.decide(&Facts {
-            dest: Some(dest),
-            sni: sni.as_deref(),
-            http: None,
-        });
-        (v.action, v.rule.map(str::to_string))
-    });
-    let (action, rule) = verdict.unwrap_or((Action::Allow, None));
+    let (action, rule, note) = match &policy {
+        Some(p) => {
+            let facts = Facts {
+                dest: Some(dest),
+                sni: sni.as_deref(),
+                http: None,
+            };
+            let d = edge.decide(p, &facts).await;
+            (d.action, d.rule, d.note)
+        }
+        None => (Action::Allow, None, None),
+    };
     ev.rule = rule;
+    ev.detail = note;
     if action == Action::Deny {
         ev.decision = Decision::Deny;
         finish(&edge, ev, started);

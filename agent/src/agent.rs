@@ -7,8 +7,9 @@
 //! join it; the companion stops when the last container of the namespace, normally the sandbox
 //! at pod removal, is gone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use nhi_core::select::select;
 use nhi_core::wire::{AgentRequest, AgentResponse, Status, WorkloadStatus};
@@ -340,100 +341,183 @@ impl Agent {
     }
 
     /// After a restart: brings back the companions (and pod reservations) of containers that
-    /// still run, if the current config still gives them the same identity. Everything else
-    /// is dropped.
+    /// still run, if the current config still gives them the same identity: companions that
+    /// kept running are re-adopted (`crate::adopt`), the others started again. Everything else
+    /// is dropped, and companions of namespaces not restored are stopped.
     pub async fn recover(&self) {
-        crate::wapi::clear_stale(&self.ctx.config.store.containers_dir);
-        for rec in self.store.load_all() {
-            let inode = rec.netns_inode;
-            let alive: BTreeMap<String, ProcRef> = rec
-                .containers
-                .iter()
-                .map(|c| {
-                    (
-                        c.id.clone(),
-                        ProcRef {
-                            pid: c.pid,
-                            start_time: c.start_time,
-                        },
-                    )
-                })
-                .filter(|(_, p)| p.alive())
-                .collect();
-            let ns = alive
-                .values()
-                .find_map(|p| NetNs::of_pid(p.pid).ok().filter(|n| n.inode == inode));
-            let (Some(ns), false) = (ns, alive.is_empty()) else {
-                self.store.remove(inode);
-                continue;
-            };
-            let cfg = &self.ctx.config;
-            let Some(rule) = select(cfg, &rec.workload) else {
-                tracing::warn!(
-                    netns = inode,
-                    "not restoring an attachment the config no longer selects"
-                );
-                self.store.remove(inode);
-                continue;
-            };
-            let mut attachment = Attachment {
-                rule: rule.name.clone(),
-                first: rec.workload.clone(),
-                netns: None,
-                running: None,
-                containers: alive,
-            };
-            match &rec.spiffe_id {
-                None => attachment.netns = Some(ns),
-                Some(id) => {
-                    let rendered = rule.spiffe_id.render(&cfg.trust_domain, &rec.workload);
-                    let Some(spiffe_id) = rendered.ok().filter(|r| r.as_str() == id) else {
-                        tracing::warn!(netns = inode, spiffe_id = %id, "the config now gives another identity; not restoring its companion");
-                        self.store.remove(inode);
-                        continue;
-                    };
-                    let identity = Arc::new(Identity {
-                        spiffe_id,
-                        rule: rule.name.clone(),
-                        workload: rec.workload.clone(),
-                    });
-                    let pid = attachment.containers.values().next().map(|p| p.pid);
-                    match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
-                        Ok(companion) => {
-                            tracing::info!(netns = inode, spiffe_id = %id, companion_pid = companion.pid(), "companion restored after restart");
-                            let edge = match pid {
-                                Some(pid) => crate::edge::install(&self.ctx, &identity, pid)
-                                    .await
-                                    .unwrap_or_else(|e| {
-                                        tracing::error!(netns = inode, spiffe_id = %id, "restoring edge policy: {e}");
-                                        None
-                                    }),
-                                None => None,
-                            };
-                            for (cid, p) in &attachment.containers {
-                                self.link_workload_socket(cid, p.pid, inode);
-                            }
-                            attachment.running = Some(Running {
-                                identity,
-                                companion,
-                                edge,
-                            });
-                        }
-                        Err(e) => {
-                            tracing::error!(netns = inode, spiffe_id = %id, "restoring companion: {e}");
-                            self.store.remove(inode);
-                            continue;
-                        }
-                    }
-                }
+        use futures_util::StreamExt;
+        let records = self.store.load_all();
+        let total = records.len();
+        // A few at a time: adopting is a connect and one exchange, a start waits for a hello.
+        let restored: Vec<(u64, Attachment, Restored)> = futures_util::stream::iter(records)
+            .map(|rec| self.restore(rec))
+            .buffer_unordered(16)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        let (mut adopted, mut started) = (0, 0);
+        let mut reg = self.registry.lock().await;
+        for (inode, attachment, how) in restored {
+            match how {
+                Restored::Adopted => adopted += 1,
+                Restored::Started => started += 1,
+                Restored::Reserved => {}
             }
-            let mut reg = self.registry.lock().await;
             for c in attachment.containers.keys() {
                 reg.netns_of.insert(c.clone(), inode);
             }
             reg.by_netns.insert(inode, attachment);
             self.sync(&reg, inode);
         }
+        let keep: HashSet<u64> = reg
+            .by_netns
+            .iter()
+            .filter(|(_, a)| a.running.is_some())
+            .map(|(i, _)| *i)
+            .collect();
+        let kept = reg.by_netns.len();
+        drop(reg);
+        crate::wapi::clear_stale(&self.ctx.config.store.containers_dir, &keep);
+        // Companions left running for namespaces that are not restored: their containers are
+        // gone (or the config changed their identity). Only the recorded process is stopped.
+        let mut stopped = 0;
+        for inode in self.ctx.companions.inodes() {
+            if keep.contains(&inode) {
+                continue;
+            }
+            if let Some(rec) = self.ctx.companions.load(inode) {
+                if crate::adopt::stop_recorded(&rec, Duration::from_secs(2)).await {
+                    tracing::info!(
+                        netns = inode,
+                        pid = rec.pid,
+                        "stopped a companion whose workload is gone"
+                    );
+                    stopped += 1;
+                }
+            }
+        }
+        self.ctx.companions.clear_except(&keep);
+        if total > 0 || stopped > 0 {
+            tracing::info!(
+                records = total,
+                restored = kept,
+                adopted,
+                started,
+                stopped,
+                "attachments recovered"
+            );
+        }
+    }
+
+    /// One attachment record after a restart; `None`: dropped.
+    async fn restore(&self, rec: Record) -> Option<(u64, Attachment, Restored)> {
+        let inode = rec.netns_inode;
+        let alive: BTreeMap<String, ProcRef> = rec
+            .containers
+            .iter()
+            .map(|c| {
+                (
+                    c.id.clone(),
+                    ProcRef {
+                        pid: c.pid,
+                        start_time: c.start_time,
+                    },
+                )
+            })
+            .filter(|(_, p)| p.alive())
+            .collect();
+        let ns = alive
+            .values()
+            .find_map(|p| NetNs::of_pid(p.pid).ok().filter(|n| n.inode == inode));
+        let (Some(ns), false) = (ns, alive.is_empty()) else {
+            self.store.remove(inode);
+            return None;
+        };
+        let cfg = &self.ctx.config;
+        let Some(rule) = select(cfg, &rec.workload) else {
+            tracing::warn!(
+                netns = inode,
+                "not restoring an attachment the config no longer selects"
+            );
+            self.store.remove(inode);
+            return None;
+        };
+        let mut attachment = Attachment {
+            rule: rule.name.clone(),
+            first: rec.workload.clone(),
+            netns: None,
+            running: None,
+            containers: alive,
+        };
+        let Some(id) = &rec.spiffe_id else {
+            attachment.netns = Some(ns);
+            return Some((inode, attachment, Restored::Reserved));
+        };
+        let rendered = rule.spiffe_id.render(&cfg.trust_domain, &rec.workload);
+        let Some(spiffe_id) = rendered.ok().filter(|r| r.as_str() == id) else {
+            tracing::warn!(netns = inode, spiffe_id = %id, "the config now gives another identity; not restoring its companion");
+            self.store.remove(inode);
+            return None;
+        };
+        let identity = Arc::new(Identity {
+            spiffe_id,
+            rule: rule.name.clone(),
+            workload: rec.workload.clone(),
+        });
+        let pid = attachment.containers.values().next().map(|p| p.pid);
+        // The companion that kept serving while nhid was away, if it is still the one recorded
+        // and proves itself; otherwise a new one.
+        let mut how = Restored::Started;
+        let mut companion = None;
+        if let Some(crec) = self.ctx.companions.load(inode) {
+            match ns.try_clone() {
+                Ok(ns2) => {
+                    match supervisor::adopt(self.ctx.clone(), identity.clone(), ns2, &crec).await {
+                        Ok(c) => {
+                            how = Restored::Adopted;
+                            companion = Some(c);
+                        }
+                        Err(e) => {
+                            tracing::warn!(netns = inode, spiffe_id = %id, pid = crec.pid, "not re-adopting the running companion ({e}); starting a new one")
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(netns = inode, "network namespace: {e}"),
+            }
+        }
+        let companion = match companion {
+            Some(c) => c,
+            None => match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
+                Ok(c) => {
+                    tracing::info!(netns = inode, spiffe_id = %id, companion_pid = c.pid(), "companion restored after restart");
+                    c
+                }
+                Err(e) => {
+                    tracing::error!(netns = inode, spiffe_id = %id, "restoring companion: {e}");
+                    self.store.remove(inode);
+                    return None;
+                }
+            },
+        };
+        // Rules as the current policy says (they stayed in place meanwhile).
+        let edge = match pid {
+            Some(pid) => crate::edge::install(&self.ctx, &identity, pid)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(netns = inode, spiffe_id = %id, "restoring edge policy: {e}");
+                    None
+                }),
+            None => None,
+        };
+        for (cid, p) in &attachment.containers {
+            self.link_workload_socket(cid, p.pid, inode);
+        }
+        attachment.running = Some(Running {
+            identity,
+            companion,
+            edge,
+        });
+        Some((inode, attachment, how))
     }
 
     async fn detach(&self, container_id: &str) -> AgentResponse {
@@ -531,16 +615,28 @@ impl Agent {
         stop_all(stale).await;
     }
 
-    /// Stops every companion (daemon shutdown). Their records stay on disk: the next start
-    /// restores the companions of containers that still run.
+    /// Daemon shutdown (upgrade, restart): lets go of every companion without stopping it.
+    /// Each keeps serving what it has cached (up to `companion.orphan_timeout`); records stay on
+    /// disk and the next start re-adopts the companions of containers that still run.
     pub async fn shutdown(&self) {
         let all: Vec<Attachment> = {
             let mut reg = self.registry.lock().await;
             reg.netns_of.clear();
             reg.by_netns.drain().map(|(_, a)| a).collect()
         };
-        stop_all(all.into_iter().filter_map(|a| a.running).collect()).await;
+        let mut set = tokio::task::JoinSet::new();
+        for r in all.into_iter().filter_map(|a| a.running) {
+            set.spawn(r.companion.release());
+        }
+        while set.join_next().await.is_some() {}
     }
+}
+
+/// How an attachment came back after a restart.
+enum Restored {
+    Adopted,
+    Started,
+    Reserved,
 }
 
 /// Stops companions concurrently: one slow companion does not hold up the others.

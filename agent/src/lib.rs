@@ -1,6 +1,7 @@
 //! nhid, the node daemon: issues identities, places and supervises companions, answers the
 //! hook over a root-only socket. `main.rs` only parses arguments and calls [`run`].
 
+pub mod adopt;
 pub mod agent;
 pub mod api;
 pub mod audit;
@@ -9,6 +10,7 @@ pub mod control;
 pub mod edge;
 pub mod issuer;
 pub mod keystore;
+pub mod lanes;
 pub mod metrics;
 pub mod netns;
 pub mod nft;
@@ -87,6 +89,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         store: Arc::new(store),
         revocations: Arc::new(revoke::Revocations::new(revocations)),
         policies: std::sync::RwLock::new(Arc::new(config.policies.clone())),
+        companions: adopt::Records::open(&config.state_dir)?,
         config,
     });
     let agent = Arc::new(
@@ -144,7 +147,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             _ = hup.recv() => agent.reload_policies().await,
         }
     }
-    tracing::info!("shutting down: stopping companions");
+    tracing::info!("shutting down: companions keep serving until the next nhid re-adopts them");
     server.abort();
     gc.abort();
     if let Some(f) = follower {

@@ -21,6 +21,14 @@ impl NetNs {
         Self::open("/proc/self/ns/net")
     }
 
+    /// Another handle on the same namespace.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(NetNs {
+            file: self.file.try_clone()?,
+            inode: self.inode,
+        })
+    }
+
     fn open(path: &str) -> io::Result<Self> {
         let file = File::open(path)?;
         let inode = file.metadata()?.ino();

@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
@@ -55,12 +56,16 @@ pub struct Spawned {
 }
 
 /// Where the companion serves, beyond its HTTP address.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Serving<'a> {
     /// SPIFFE Workload API TCP address (`companion.workload_api_listen`).
     pub workload_api_listen: Option<&'a str>,
     /// A listening unix socket nhid bound for the Workload API; inherited by the child.
     pub listener_fd: Option<RawFd>,
+    /// The re-adoption socket (bound, not listening; see `crate::adopt`); inherited.
+    pub adopt_fd: Option<RawFd>,
+    /// How long the companion serves without nhid, waiting to be re-adopted.
+    pub orphan_timeout: Duration,
 }
 
 /// Forks and execs `binary` inside the network namespace behind `netns_fd`.
@@ -77,7 +82,12 @@ pub fn spawn_companion(
         max_cached_audiences,
         user,
         netns_fd,
-        Serving::default(),
+        Serving {
+            workload_api_listen: None,
+            listener_fd: None,
+            adopt_fd: None,
+            orphan_timeout: Duration::from_secs(600),
+        },
     )
 }
 
@@ -108,17 +118,27 @@ pub fn spawn_companion_serving(
     if listener_fd >= 0 {
         cmd.arg("--listener-fd").arg(listener_fd.to_string());
     }
+    let adopt_fd = serving.adopt_fd.unwrap_or(-1);
+    if adopt_fd >= 0 {
+        cmd.arg("--adopt-fd")
+            .arg(adopt_fd.to_string())
+            .arg("--orphan-timeout-secs")
+            .arg(serving.orphan_timeout.as_secs().max(1).to_string());
+    }
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        // Never killed behind nhid's back: a companion outlives an nhid restart (see
+        // `crate::adopt`); nhid stops it explicitly when its workload goes.
+        .kill_on_drop(false);
     let CompanionUser { uid, gid } = user;
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
     // (setns, close_range, fcntl, setsid, prctl, setgroups, setresgid, setresuid), which are
-    // async-signal-safe; it allocates nothing and takes no locks.
+    // async-signal-safe; it allocates nothing and takes no locks (the array it loops over is
+    // on the stack).
     unsafe {
         cmd.pre_exec(move || {
             fn check(r: libc::c_long) -> io::Result<()> {
@@ -137,10 +157,12 @@ pub fn spawn_companion_serving(
             let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
             check(flags as _)?;
             check(libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) as _)?;
-            if listener_fd >= 0 {
-                let flags = libc::fcntl(listener_fd, libc::F_GETFD);
-                check(flags as _)?;
-                check(libc::fcntl(listener_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) as _)?;
+            for fd in [listener_fd, adopt_fd] {
+                if fd >= 0 {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    check(flags as _)?;
+                    check(libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) as _)?;
+                }
             }
             // Own session: signals to nhid's process group (e.g. on restart) don't reach it.
             check(libc::setsid() as _)?;

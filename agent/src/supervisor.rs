@@ -1,6 +1,11 @@
 //! One task per companion: serves its channel (the socketpair is the capability: whatever
 //! arrives on it is answered for this one identity and no other), restarts the companion with
-//! backoff if it dies while its workload lives, and stops it on detach.
+//! backoff if it dies while its workload lives, and stops it on detach. When `nhid` shuts down
+//! it releases the companion instead (it keeps serving its cache), and the next `nhid`
+//! re-adopts it ([`adopt`], `crate::adopt`) and serves it here again.
+//!
+//! Requests are answered concurrently in two lanes (`crate::lanes`): what needs the secret
+//! store never delays what `nhid` signs itself, and nothing waits unboundedly.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,10 +24,12 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
+use crate::adopt::{AdoptKey, CompanionRecord, Pidfd, Records};
 use crate::issuer::{now_unix, Issuer};
-use crate::netns::NetNs;
+use crate::lanes::{Lane, Lanes, Refused};
+use crate::netns::{NetNs, ProcRef};
 use crate::revoke::Revocations;
-use crate::spawn::{CompanionUser, Spawned};
+use crate::spawn::CompanionUser;
 use crate::store::Store;
 
 /// What every companion task needs from the daemon.
@@ -36,6 +43,8 @@ pub struct Ctx {
     pub revocations: Arc<Revocations>,
     /// Edge policies: from the config at start, replaced on SIGHUP.
     pub policies: std::sync::RwLock<Arc<Vec<nhi_core::policy::Policy>>>,
+    /// Companion records and re-adoption sockets (`<state_dir>/companions`).
+    pub companions: Records,
 }
 
 impl Ctx {
@@ -79,8 +88,16 @@ pub struct Identity {
 /// `nhid`'s handle on a running companion.
 pub struct CompanionHandle {
     pid: Arc<AtomicI32>,
-    stop: Option<oneshot::Sender<oneshot::Sender<()>>>,
+    ctl: Option<oneshot::Sender<Control>>,
     events: mpsc::UnboundedSender<CompanionResponse>,
+}
+
+/// What `nhid` tells a companion's task.
+enum Control {
+    /// Stop the companion (detach) and report when it is gone.
+    Stop(oneshot::Sender<()>),
+    /// `nhid` shuts down: leave the companion running for the next `nhid` to re-adopt.
+    Release(oneshot::Sender<()>),
 }
 
 impl CompanionHandle {
@@ -97,15 +114,27 @@ impl CompanionHandle {
     /// Stops the companion and waits until its process is gone (bounded: SIGTERM, a grace
     /// period, then SIGKILL).
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let (done_tx, done_rx) = oneshot::channel();
-            if tx.send(done_tx).is_ok() {
-                let bound = STOP_GRACE + WRITE_TIMEOUT + Duration::from_secs(1);
-                if tokio::time::timeout(bound, done_rx).await.is_err() {
-                    tracing::error!(pid = self.pid(), "companion did not stop in {bound:?}");
-                }
-            }
+        let bound = STOP_GRACE + WRITE_TIMEOUT + Duration::from_secs(1);
+        if !self.control(Control::Stop, bound).await {
+            tracing::error!(pid = self.pid(), "companion did not stop in {bound:?}");
         }
+    }
+
+    /// Lets go of the companion without stopping it (`nhid` shutting down): it keeps serving
+    /// what it has cached and waits for the next `nhid`, which re-adopts it. Its records stay.
+    pub async fn release(mut self) {
+        self.control(Control::Release, Duration::from_secs(2)).await;
+    }
+
+    async fn control(&mut self, c: fn(oneshot::Sender<()>) -> Control, bound: Duration) -> bool {
+        let Some(tx) = self.ctl.take() else {
+            return true;
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        if tx.send(c(done_tx)).is_err() {
+            return true;
+        }
+        tokio::time::timeout(bound, done_rx).await.is_ok()
     }
 }
 
@@ -118,6 +147,70 @@ const MAX_LOG_LINE: u64 = 4096;
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long a restarted `nhid` waits for a running companion to answer its re-adoption.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A companion process: one `nhid` started (its child), or one it re-adopted (a pidfd).
+enum Proc {
+    Child(Child),
+    Adopted(Pidfd),
+}
+
+impl Proc {
+    fn pid(&self) -> i32 {
+        match self {
+            Proc::Child(c) => c.id().map(|p| p as i32).unwrap_or(0),
+            Proc::Adopted(p) => p.pid(),
+        }
+    }
+
+    /// Returns once the process has exited, saying how.
+    async fn wait(&mut self) -> String {
+        match self {
+            Proc::Child(c) => format!("{:?}", c.wait().await),
+            Proc::Adopted(p) => {
+                p.exited().await;
+                "exited".into()
+            }
+        }
+    }
+
+    /// SIGTERM, a grace period, SIGKILL; returns once it is gone.
+    async fn terminate(&mut self) {
+        match self {
+            Proc::Child(child) => {
+                if let Some(pid) = child.id() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+                        return;
+                    }
+                }
+                let _ = child.kill().await;
+            }
+            Proc::Adopted(p) => p.terminate(STOP_GRACE).await,
+        }
+    }
+}
+
+/// How the companion opens its channel.
+enum Greeting {
+    /// Started by this `nhid`: it says `hello`; the answer hands it `key`, its proof for a
+    /// later re-adoption (`None`: no re-adoption socket could be made).
+    Hello(Option<AdoptKey>),
+    /// Re-adopted: its first message must be `reattach` with the key of this SHA-256.
+    Reattach(String),
+}
+
+/// One companion process and `nhid`'s end of its channel.
+struct Incarnation {
+    proc: Proc,
+    channel: tokio::net::UnixStream,
+    greeting: Greeting,
+}
 
 /// Starts a companion for `identity` in `netns` and returns once it is ready to serve.
 pub async fn start(
@@ -134,69 +227,110 @@ pub async fn start(
         .map_err(|e| {
             tracing::warn!(spiffe_id = %identity.spiffe_id, "Workload API unix socket unavailable (TCP only): {e}")
         })
-        .ok()
-        .map(Arc::new);
-    let spawned = spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_deref()).map_err(|e| {
+        .ok();
+    let inc = spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_ref()).map_err(|e| {
         format!(
             "cannot start companion {}: {e}",
             ctx.config.companion.binary.display()
         )
     })?;
-    let pid = Arc::new(AtomicI32::new(
-        spawned.child.id().map(|p| p as i32).unwrap_or(0),
-    ));
+    launch(ctx, identity, netns, inc, wapi, last_stderr).await
+}
+
+/// Takes over the companion a previous `nhid` started for `identity` in `netns`, as recorded
+/// in `rec`: only exactly that process, proving itself with its key (see `crate::adopt`), and
+/// only for this identity. On failure nothing of it is left running.
+pub async fn adopt(
+    ctx: Arc<Ctx>,
+    identity: Arc<Identity>,
+    netns: NetNs,
+    rec: &CompanionRecord,
+) -> Result<CompanionHandle, String> {
+    let (channel, pidfd) =
+        crate::adopt::connect(&ctx.companions, netns.inode, rec, ADOPT_TIMEOUT).await?;
+    let wapi = crate::wapi::Socket::existing(&ctx.config.store.containers_dir, netns.inode);
+    let inc = Incarnation {
+        proc: Proc::Adopted(pidfd),
+        channel,
+        greeting: Greeting::Reattach(rec.key_sha256.clone()),
+    };
+    let last_stderr = Arc::new(Mutex::new(String::new()));
+    launch(ctx, identity, netns, inc, wapi, last_stderr).await
+}
+
+/// Runs the companion's task and waits until it is ready (hello or reattach answered).
+async fn launch(
+    ctx: Arc<Ctx>,
+    identity: Arc<Identity>,
+    netns: NetNs,
+    inc: Incarnation,
+    wapi: Option<crate::wapi::Socket>,
+    last_stderr: Arc<Mutex<String>>,
+) -> Result<CompanionHandle, String> {
+    let pid = Arc::new(AtomicI32::new(inc.proc.pid()));
     let (ready_tx, ready_rx) = oneshot::channel();
-    let (stop_tx, stop_rx) = oneshot::channel();
+    let (ctl_tx, ctl_rx) = oneshot::channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let runner = run(
+    let adopted = matches!(inc.greeting, Greeting::Reattach(_));
+    tokio::spawn(run(
         ctx.clone(),
         identity,
         netns,
-        spawned,
+        inc,
         pid.clone(),
         ready_tx,
-        stop_rx,
+        ctl_rx,
         events_rx,
         last_stderr.clone(),
-        wapi.clone(),
-    );
-    tokio::spawn(async move {
-        runner.await;
-        if let Some(w) = wapi {
-            w.unbind();
-        }
-    });
+        wapi,
+    ));
     let handle = CompanionHandle {
         pid,
-        stop: Some(stop_tx),
+        ctl: Some(ctl_tx),
         events: events_tx,
     };
-    match tokio::time::timeout(ctx.config.companion.ready_timeout, ready_rx).await {
+    let timeout = if adopted {
+        ADOPT_TIMEOUT
+    } else {
+        ctx.config.companion.ready_timeout
+    };
+    match tokio::time::timeout(timeout, ready_rx).await {
         Ok(Ok(())) => Ok(handle),
         Ok(Err(_)) => {
             handle.stop().await;
             let why = last_stderr.lock().map(|s| s.clone()).unwrap_or_default();
-            Err(format!("companion exited before it was ready: {why}"))
+            Err(if adopted {
+                "the companion did not prove itself".to_string()
+            } else {
+                format!("companion exited before it was ready: {why}")
+            })
         }
         Err(_) => {
             handle.stop().await;
-            Err(format!(
-                "companion not ready within {:?}",
-                ctx.config.companion.ready_timeout
-            ))
+            Err(format!("companion not ready within {timeout:?}"))
         }
     }
 }
 
+/// Spawns a companion (see `crate::spawn`) with a fresh re-adoption socket and key, and
+/// records it for a later `nhid`.
 fn spawn(
     ctx: &Ctx,
     identity: &Identity,
     netns: &NetNs,
     last_stderr: &Arc<Mutex<String>>,
     wapi: Option<&crate::wapi::Socket>,
-) -> std::io::Result<Spawned> {
+) -> std::io::Result<Incarnation> {
     use std::os::fd::AsRawFd;
     let c = &ctx.config.companion;
+    let inode = netns.inode;
+    let adopt_fd = ctx
+        .companions
+        .bind(inode)
+        .map_err(|e| {
+            tracing::warn!(spiffe_id = %identity.spiffe_id, "no re-adoption socket (this companion will be restarted, not re-adopted, after an nhid restart): {e}")
+        })
+        .ok();
     let mut s = crate::spawn::spawn_companion_serving(
         &c.binary,
         &c.listen,
@@ -205,9 +339,33 @@ fn spawn(
         &netns.file,
         crate::spawn::Serving {
             workload_api_listen: Some(&c.workload_api_listen),
-            listener_fd: wapi.map(|w| w.listener.as_raw_fd()),
+            listener_fd: wapi
+                .and_then(|w| w.listener.as_ref())
+                .map(|l| l.as_raw_fd()),
+            adopt_fd: adopt_fd.as_ref().map(|f| f.as_raw_fd()),
+            orphan_timeout: c.orphan_timeout,
         },
     )?;
+    let pid = s.child.id().map(|p| p as i32).unwrap_or(0);
+    let key = match (&adopt_fd, ProcRef::of(pid)) {
+        (Some(_), Ok(p)) => {
+            let key = AdoptKey::generate();
+            ctx.companions.save(
+                inode,
+                &CompanionRecord {
+                    pid,
+                    start_time: p.start_time,
+                    uid: ctx.user.uid,
+                    key_sha256: key.digest(),
+                },
+            );
+            Some(key)
+        }
+        _ => {
+            ctx.companions.remove(inode);
+            None
+        }
+    };
     // Relay the companion's log lines into nhid's log, tagged with the identity. Lines are cut
     // at MAX_LOG_LINE bytes: a misbehaving companion cannot grow nhid's memory.
     if let Some(err) = s.child.stderr.take() {
@@ -235,12 +393,25 @@ fn spawn(
             }
         });
     }
-    Ok(s)
+    Ok(Incarnation {
+        proc: Proc::Child(s.child),
+        channel: s.channel,
+        greeting: Greeting::Hello(key),
+    })
 }
 
 enum Ended {
     Stop(oneshot::Sender<()>),
+    Release(oneshot::Sender<()>),
     Exited(String),
+}
+
+/// Forgets a companion that is gone for good: its Workload API socket and its records.
+fn forget(ctx: &Ctx, inode: u64, pid: i32, wapi: Option<crate::wapi::Socket>) {
+    if let Some(w) = wapi {
+        w.unbind();
+    }
+    ctx.companions.remove_if_pid(inode, pid);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -248,42 +419,52 @@ async fn run(
     ctx: Arc<Ctx>,
     identity: Arc<Identity>,
     netns: NetNs,
-    mut spawned: Spawned,
+    mut inc: Incarnation,
     pid: Arc<AtomicI32>,
     ready_tx: oneshot::Sender<()>,
-    mut stop_rx: oneshot::Receiver<oneshot::Sender<()>>,
+    mut ctl_rx: oneshot::Receiver<Control>,
     mut events_rx: mpsc::UnboundedReceiver<CompanionResponse>,
     last_stderr: Arc<Mutex<String>>,
-    wapi: Option<Arc<crate::wapi::Socket>>,
+    mut wapi: Option<crate::wapi::Socket>,
 ) {
     let mut ready_tx = Some(ready_tx);
     let mut backoff = MIN_BACKOFF;
+    let inode = netns.inode;
     loop {
         let started_at = tokio::time::Instant::now();
         let ended = serve(
             &ctx,
             &identity,
-            wapi.as_deref(),
-            &mut spawned,
+            wapi.as_ref(),
+            &mut inc,
             &mut ready_tx,
-            &mut stop_rx,
+            &mut ctl_rx,
             &mut events_rx,
         )
         .await;
         match ended {
             Ended::Stop(done) => {
-                terminate(&mut spawned.child).await;
+                inc.proc.terminate().await;
+                forget(&ctx, inode, inc.proc.pid(), wapi);
+                let _ = done.send(());
+                return;
+            }
+            Ended::Release(done) => {
+                // Our end of the channel closes as `inc` drops; the process, its sockets and
+                // records stay for the next nhid.
+                tracing::info!(spiffe_id = %identity.spiffe_id, pid = inc.proc.pid(), "companion left running for the next nhid to re-adopt");
                 let _ = done.send(());
                 return;
             }
             Ended::Exited(why) => {
                 // It may still run (closed its channel, sent garbage, stopped reading): make sure
                 // it is gone before a new one binds the same port.
-                terminate(&mut spawned.child).await;
+                inc.proc.terminate().await;
                 if ready_tx.is_some() {
-                    // Never became ready: report to the attach call (dropping ready_tx), no restart.
+                    // Never became ready: report to the caller (dropping ready_tx), no restart.
                     tracing::warn!(spiffe_id = %identity.spiffe_id, "companion failed at startup: {why}");
-                    wait_for_stop(stop_rx).await;
+                    forget(&ctx, inode, inc.proc.pid(), wapi);
+                    wait_for_control(ctl_rx).await;
                     return;
                 }
                 if started_at.elapsed() >= HEALTHY_RUN {
@@ -295,20 +476,41 @@ async fn run(
         // Restart with backoff until it runs again or nhid detaches the workload.
         loop {
             tokio::select! {
-                done = &mut stop_rx => {
-                    if let Ok(done) = done { let _ = done.send(()); }
+                c = &mut ctl_rx => {
+                    match c {
+                        Ok(Control::Stop(done)) => {
+                            forget(&ctx, inode, inc.proc.pid(), wapi);
+                            let _ = done.send(());
+                        }
+                        Ok(Control::Release(done)) => {
+                            let _ = done.send(());
+                        }
+                        Err(_) => forget(&ctx, inode, inc.proc.pid(), wapi),
+                    }
                     return;
                 }
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            match spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_deref()) {
-                Ok(s) => {
-                    spawned = s;
-                    pid.store(
-                        spawned.child.id().map(|p| p as i32).unwrap_or(0),
-                        Ordering::Relaxed,
-                    );
+            if wapi.as_ref().is_some_and(|w| w.listener.is_none()) {
+                // A re-adopted companion held the only listener: bind a new one and move the
+                // containers' links over to it.
+                let aws = ctx
+                    .config
+                    .rule(&identity.rule)
+                    .is_some_and(|r| r.aws_credentials.is_some());
+                match crate::wapi::rebind(&ctx.config.store.containers_dir, inode, aws) {
+                    Ok(w) => wapi = Some(w),
+                    Err(e) => {
+                        tracing::warn!(spiffe_id = %identity.spiffe_id, "Workload API unix socket unavailable (TCP only): {e}");
+                        wapi = None;
+                    }
+                }
+            }
+            match spawn(&ctx, &identity, &netns, &last_stderr, wapi.as_ref()) {
+                Ok(i) => {
+                    inc = i;
+                    pid.store(inc.proc.pid(), Ordering::Relaxed);
                     break;
                 }
                 Err(e) => {
@@ -319,14 +521,14 @@ async fn run(
     }
 }
 
-async fn wait_for_stop(stop_rx: oneshot::Receiver<oneshot::Sender<()>>) {
-    if let Ok(done) = stop_rx.await {
+async fn wait_for_control(ctl_rx: oneshot::Receiver<Control>) {
+    if let Ok(Control::Stop(done) | Control::Release(done)) = ctl_rx.await {
         let _ = done.send(());
     }
 }
 
-/// Most requests of one companion answered at once; more wait in its channel.
-const MAX_IN_FLIGHT: usize = 16;
+/// Answers finished and waiting to be written to the channel.
+const OUT_QUEUE: usize = 64;
 
 async fn write_line(
     wr: &mut (impl AsyncWriteExt + Unpin),
@@ -350,29 +552,32 @@ async fn serve(
     ctx: &Arc<Ctx>,
     identity: &Arc<Identity>,
     wapi: Option<&crate::wapi::Socket>,
-    spawned: &mut Spawned,
+    inc: &mut Incarnation,
     ready_tx: &mut Option<oneshot::Sender<()>>,
-    stop_rx: &mut oneshot::Receiver<oneshot::Sender<()>>,
+    ctl_rx: &mut oneshot::Receiver<Control>,
     events_rx: &mut mpsc::UnboundedReceiver<CompanionResponse>,
 ) -> Ended {
-    let (rd, mut wr) = spawned.channel.split();
+    let (rd, mut wr) = inc.channel.split();
     let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
-    // Requests are answered concurrently (a slow store read does not hold up a token).
-    let (out_tx, mut out_rx) = mpsc::channel::<ChannelResponse>(MAX_IN_FLIGHT);
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    // Requests are answered concurrently, each class in its own lane: a slow store read never
+    // holds up a token, and the reader below never waits for a slot.
+    let (out_tx, mut out_rx) = mpsc::channel::<ChannelResponse>(OUT_QUEUE);
+    let lanes = Lanes::default();
+    let mut greeted = false;
     loop {
         let res = tokio::select! {
-            done = &mut *stop_rx => {
-                return match done {
-                    Ok(done) => Ended::Stop(done),
+            c = &mut *ctl_rx => {
+                return match c {
+                    Ok(Control::Stop(done)) => Ended::Stop(done),
+                    Ok(Control::Release(done)) => Ended::Release(done),
                     // The handle was dropped without stop(): treat as stop.
                     Err(_) => Ended::Stop(oneshot::channel().0),
                 };
             }
-            status = spawned.child.wait() => {
-                return Ended::Exited(format!("{status:?}"));
+            status = inc.proc.wait() => {
+                return Ended::Exited(status);
             }
-            Some(body) = events_rx.recv() => {
+            Some(body) = events_rx.recv(), if greeted => {
                 write_line(&mut wr, &ChannelResponse { id: EVENT_ID, body }).await
             }
             Some(resp) = out_rx.recv() => write_line(&mut wr, &resp).await,
@@ -382,28 +587,68 @@ async fn serve(
                     Some(Err(e)) => return Ended::Exited(format!("channel: {e}")),
                     None => return Ended::Exited("channel closed".into()),
                 };
-                match serde_json::from_str::<ChannelRequest>(&line) {
-                    Ok(ChannelRequest { id, body: CompanionRequest::Hello }) => {
-                        let body = hello(ctx, identity, ready_tx, wapi);
-                        write_line(&mut wr, &ChannelResponse { id, body }).await
-                    }
-                    Ok(ChannelRequest { body: CompanionRequest::Audit { events, dropped }, .. }) => {
-                        crate::audit::ingest(ctx, identity, events, dropped);
-                        Ok(())
-                    }
-                    Ok(req) => {
-                        let permit = in_flight.clone().acquire_owned().await.expect("never closed");
-                        let (ctx, identity, out) = (ctx.clone(), identity.clone(), out_tx.clone());
-                        tokio::spawn(async move {
-                            let body = answer(&ctx, &identity, req.body).await;
-                            let _ = out.send(ChannelResponse { id: req.id, body }).await;
-                            drop(permit);
-                        });
-                        Ok(())
-                    }
+                let req = match serde_json::from_str::<ChannelRequest>(&line) {
+                    Ok(req) => req,
                     Err(e) => {
                         let body = CompanionResponse::Error { message: format!("bad request: {e}") };
-                        write_line(&mut wr, &ChannelResponse { id: 0, body }).await
+                        if let Err(ended) = write_line(&mut wr, &ChannelResponse { id: 0, body }).await {
+                            return ended;
+                        }
+                        continue;
+                    }
+                };
+                if !greeted {
+                    // The first message opens the channel: `hello` from a companion this nhid
+                    // started, `reattach` with the right key from one it re-adopts. Nothing
+                    // else is answered before.
+                    let key = match (&inc.greeting, &req.body) {
+                        (Greeting::Hello(key), CompanionRequest::Hello) => {
+                            key.as_ref().map(|k| k.as_str().to_string())
+                        }
+                        (Greeting::Reattach(digest), CompanionRequest::Reattach { key })
+                            if crate::adopt::key_matches(digest, &key.0) =>
+                        {
+                            tracing::info!(spiffe_id = %identity.spiffe_id, pid = inc.proc.pid(), "companion re-adopted");
+                            None
+                        }
+                        (Greeting::Reattach(_), CompanionRequest::Reattach { .. }) => {
+                            return Ended::Exited("re-adoption refused: wrong key".into());
+                        }
+                        _ => {
+                            return Ended::Exited(
+                                "the companion's first message was not the expected hello or reattach"
+                                    .into(),
+                            );
+                        }
+                    };
+                    greeted = true;
+                    let body = hello(ctx, identity, ready_tx, wapi, key);
+                    write_line(&mut wr, &ChannelResponse { id: req.id, body }).await
+                } else {
+                    match req.body {
+                        CompanionRequest::Hello | CompanionRequest::Reattach { .. } => {
+                            let body = CompanionResponse::Error {
+                                message: "the channel is already open".into(),
+                            };
+                            write_line(&mut wr, &ChannelResponse { id: req.id, body }).await
+                        }
+                        CompanionRequest::Audit { events, dropped } => {
+                            crate::audit::ingest(ctx, identity, events, dropped);
+                            Ok(())
+                        }
+                        CompanionRequest::Log { line } => {
+                            let mut line = line;
+                            if line.len() > MAX_LOG_LINE as usize {
+                                let mut end = MAX_LOG_LINE as usize;
+                                while !line.is_char_boundary(end) {
+                                    end -= 1;
+                                }
+                                line.truncate(end);
+                            }
+                            tracing::info!(spiffe_id = %identity.spiffe_id, "companion: {line}");
+                            Ok(())
+                        }
+                        body => dispatch(ctx, identity, &lanes, &out_tx, &mut wr, req.id, body).await,
                     }
                 }
             }
@@ -414,11 +659,69 @@ async fn serve(
     }
 }
 
+/// Starts answering request `id` in its lane, or refuses it at once if the lane is full.
+async fn dispatch(
+    ctx: &Arc<Ctx>,
+    identity: &Arc<Identity>,
+    lanes: &Lanes,
+    out: &mpsc::Sender<ChannelResponse>,
+    wr: &mut (impl AsyncWriteExt + Unpin),
+    id: u64,
+    body: CompanionRequest,
+) -> Result<(), Ended> {
+    let started = std::time::Instant::now();
+    let ticket = match lanes.admit(Lane::of(&body)) {
+        Ok(t) => t,
+        Err(refused) => {
+            let body = busy(ctx, identity, &body, &refused, started);
+            return write_line(wr, &ChannelResponse { id, body }).await;
+        }
+    };
+    let (ctx, identity, out) = (ctx.clone(), identity.clone(), out.clone());
+    tokio::spawn(async move {
+        let body = match ticket.start().await {
+            Ok(permit) => {
+                let answer = answer(&ctx, &identity, body).await;
+                drop(permit);
+                answer
+            }
+            Err(refused) => busy(&ctx, &identity, &body, &refused, started),
+        };
+        let _ = out.send(ChannelResponse { id, body }).await;
+    });
+    Ok(())
+}
+
+/// A request `nhid` could not start in time: audited like any other outcome, answered `busy`.
+fn busy(
+    ctx: &Ctx,
+    identity: &Identity,
+    req: &CompanionRequest,
+    refused: &Refused,
+    started: std::time::Instant,
+) -> CompanionResponse {
+    let message = refused.to_string();
+    tracing::debug!(spiffe_id = %identity.spiffe_id, "{message}");
+    crate::audit::credential(
+        ctx,
+        identity,
+        crate::audit::requested(req),
+        None,
+        nhi_core::audit::Decision::Error,
+        Some(message.clone()),
+        started,
+    );
+    CompanionResponse::Busy { message }
+}
+
+/// The companion's identity and everything it serves from, answering its `hello` (with its
+/// re-adoption key) or its `reattach` (without: a restarted nhid only knows the key's digest).
 fn hello(
     ctx: &Ctx,
     identity: &Identity,
     ready_tx: &mut Option<oneshot::Sender<()>>,
     wapi: Option<&crate::wapi::Socket>,
+    adopt_key: Option<String>,
 ) -> CompanionResponse {
     if let Some(tx) = ready_tx.take() {
         let _ = tx.send(());
@@ -434,6 +737,7 @@ fn hello(
         policy: ctx.policy_for(identity),
         egress: ctx.config.egress,
         aws: aws_provider(ctx, identity, wapi),
+        adopt_key: adopt_key.map(nhi_core::wire::Redacted),
     }))
 }
 
@@ -475,11 +779,11 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
     };
     use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
     match req {
-        CompanionRequest::Hello => CompanionResponse::Error {
-            message: "hello is answered once".into(),
+        CompanionRequest::Hello | CompanionRequest::Reattach { .. } => CompanionResponse::Error {
+            message: "the channel is already open".into(),
         },
-        CompanionRequest::Audit { .. } => CompanionResponse::Error {
-            message: "audit events are notifications".into(),
+        CompanionRequest::Audit { .. } | CompanionRequest::Log { .. } => CompanionResponse::Error {
+            message: "audit events and log lines are notifications".into(),
         },
         CompanionRequest::Validate { token, audience } => match ctx.validate(&token, &audience) {
             Ok(v) => CompanionResponse::Validated(v),
@@ -615,17 +919,4 @@ async fn read_secret(
             }
         }
     }
-}
-
-async fn terminate(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
-            return;
-        }
-    }
-    let _ = child.kill().await;
 }

@@ -30,9 +30,10 @@ pub const AWS_TOKEN_NAME: &str = "aws-token";
 
 /// A bound Workload API socket: the listener and the path (and inode) it was bound at, plus
 /// the companion's AWS authorization token (and its root-only copy next to the socket) when its
-/// rule names an AWS source.
+/// rule names an AWS source. For a companion re-adopted after an nhid restart, the listener is
+/// the companion's alone (`listener` is `None`): should it die, [`rebind`] makes a new one.
 pub struct Socket {
-    pub listener: UnixListener,
+    pub listener: Option<UnixListener>,
     path: PathBuf,
     ino: u64,
     pub aws_token: Option<zeroize::Zeroizing<String>>,
@@ -101,21 +102,77 @@ pub fn bind(containers_dir: &Path, inode: u64, aws: bool) -> io::Result<Socket> 
         None
     };
     Ok(Socket {
-        listener,
+        listener: Some(listener),
         path,
         ino,
         aws_token,
     })
 }
 
-/// Removes every socket and token left by a previous `nhid` (at start, before any companion
-/// runs: whatever is there belongs to companions that are gone).
-pub fn clear_stale(containers_dir: &Path) {
+impl Socket {
+    /// The socket of namespace `inode` an earlier nhid bound for a companion that is being
+    /// re-adopted (the companion holds the listener), with its AWS token if it has one.
+    pub fn existing(containers_dir: &Path, inode: u64) -> Option<Socket> {
+        use std::os::unix::fs::FileTypeExt;
+        let path = socket_path(containers_dir, inode);
+        let meta = fs::symlink_metadata(&path).ok()?;
+        if !meta.file_type().is_socket() {
+            return None;
+        }
+        let aws_token = fs::read(token_path(containers_dir, inode))
+            .ok()
+            .and_then(|t| String::from_utf8(t).ok())
+            .map(zeroize::Zeroizing::new);
+        Some(Socket {
+            listener: None,
+            path,
+            ino: meta.ino(),
+            aws_token,
+        })
+    }
+}
+
+/// A new socket for namespace `inode` whose previous listener is gone with a re-adopted
+/// companion: binds it and moves every container's `workload.sock` link of the old socket
+/// (and its AWS token file) over to it, keeping each link's owner.
+pub fn rebind(containers_dir: &Path, inode: u64, aws: bool) -> io::Result<Socket> {
+    let old = fs::symlink_metadata(socket_path(containers_dir, inode))
+        .ok()
+        .map(|m| m.ino());
+    let s = bind(containers_dir, inode, aws)?;
+    let Some(old) = old else { return Ok(s) };
+    for e in fs::read_dir(containers_dir)?.flatten() {
+        let name = e.file_name();
+        let Some(dir) = name
+            .to_str()
+            .and_then(|n| crate::secrets::container_dir(containers_dir, n))
+        else {
+            continue;
+        };
+        if let Ok(m) = fs::symlink_metadata(dir.join(SOCKET_NAME)) {
+            if m.ino() == old {
+                link_into(&dir, containers_dir, inode, (m.uid(), m.gid()));
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// Removes every socket and token left by a previous `nhid` except those of namespaces in
+/// `keep` (after recovery: the others belong to companions that are gone).
+pub fn clear_stale(containers_dir: &Path, keep: &std::collections::HashSet<u64>) {
     let dir = hidden_dir(containers_dir);
     if fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
         if let Ok(entries) = fs::read_dir(&dir) {
             for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
+                let name = e.file_name();
+                let inode = name
+                    .to_str()
+                    .and_then(|n| n.split('.').next())
+                    .and_then(|n| n.parse::<u64>().ok());
+                if inode.is_none_or(|i| !keep.contains(&i)) {
+                    let _ = fs::remove_file(e.path());
+                }
             }
         }
     }
@@ -183,7 +240,7 @@ mod tests {
         assert_eq!(fs::metadata(&tf).unwrap().mode() & 0o777, 0o400);
         // The link reaches the same listener.
         let _s = std::os::unix::net::UnixStream::connect(&linked).unwrap();
-        s1.listener.accept().unwrap();
+        s1.listener.as_ref().unwrap().accept().unwrap();
         // A newer bind of the same namespace is not removed by the older socket.
         let s2 = bind(root.path(), 42, false).unwrap();
         assert!(!token_path(root.path(), 42).exists());
@@ -191,8 +248,24 @@ mod tests {
         assert!(p.exists());
         s2.unbind();
         assert!(!p.exists());
+        // A re-adopted companion's socket: found again by path; if its listener dies with the
+        // companion, a new one takes over every container link (and the AWS token file).
+        let s4 = bind(root.path(), 9, true).unwrap();
+        link_into(&c, root.path(), 9, me);
+        let found = Socket::existing(root.path(), 9).unwrap();
+        assert!(found.listener.is_none());
+        assert_eq!(found.aws_token.as_deref(), s4.aws_token.as_deref());
+        drop(s4);
+        let s5 = rebind(root.path(), 9, true).unwrap();
+        let _s = std::os::unix::net::UnixStream::connect(c.join(SOCKET_NAME)).unwrap();
+        s5.listener.as_ref().unwrap().accept().unwrap();
+        assert_eq!(
+            fs::read(&tf).unwrap(),
+            s5.aws_token.as_ref().unwrap().as_bytes()
+        );
+        assert!(Socket::existing(root.path(), 10).is_none());
         let _s3 = bind(root.path(), 7, true).unwrap();
-        clear_stale(root.path());
+        clear_stale(root.path(), &Default::default());
         assert_eq!(fs::read_dir(hidden_dir(root.path())).unwrap().count(), 0);
     }
 }

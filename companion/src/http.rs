@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use nhi_core::wire::Init;
 use tokio::net::TcpListener;
@@ -273,6 +273,12 @@ fn cred_error(e: CredError) -> Resp {
         CredError::Unavailable(m) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "issuer_unavailable", &m)
         }
+        CredError::Busy(m) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "busy", &m);
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
     }
 }
 
@@ -376,7 +382,7 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>) {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("nhi-companion: accept: {e}");
+                crate::log!("nhi-companion: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }

@@ -8,14 +8,16 @@ pub mod channel;
 pub mod h2fix;
 pub mod harden;
 pub mod http;
+pub mod log;
 pub mod proxy;
 pub mod workload;
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
-use nhi_core::wire::{CompanionRequest, CompanionResponse};
+use nhi_core::wire::CompanionResponse;
 
 pub struct Options {
     pub listen: SocketAddr,
@@ -26,9 +28,15 @@ pub struct Options {
     /// A listening unix socket nhid bound for the Workload API (`/run/nhi/workload.sock` in
     /// the container), inherited at spawn.
     pub listener_fd: Option<RawFd>,
+    /// The re-adoption socket nhid bound (unlistened) in its root-only state directory,
+    /// inherited at spawn: a restarted nhid connects to it (see [`channel`]).
+    pub adopt_fd: Option<RawFd>,
+    /// How long to keep serving without nhid, waiting to be re-adopted, before exiting.
+    pub orphan_timeout: Duration,
 }
 
-/// Hardens the process, binds, says hello to nhid and serves until nhid closes the channel.
+/// Hardens the process, binds, says hello to nhid and serves until nhid stops it, or until
+/// nhid went away and none re-adopted it within `orphan_timeout`.
 pub fn run(opts: Options) -> Result<(), String> {
     if opts.channel_fd < 3 {
         return Err(format!(
@@ -40,6 +48,7 @@ pub fn run(opts: Options) -> Result<(), String> {
     // exec; nothing else in this process owns or closes it.
     let channel_fd = unsafe { OwnedFd::from_raw_fd(opts.channel_fd) };
     let unix_listener = opts.listener_fd.map(workload_listener).transpose()?;
+    let adopt_listener = opts.adopt_fd.map(adoption_listener).transpose()?;
     harden::harden()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -56,17 +65,21 @@ pub fn run(opts: Options) -> Result<(), String> {
             .map(|l| tokio::net::UnixListener::from_std(l))
             .transpose()
             .map_err(|e| format!("workload API socket: {e}"))?;
+        let adoption = adopt_listener
+            .map(|l| {
+                tokio::net::UnixListener::from_std(l).map(|listener| channel::Adoption {
+                    listener,
+                    orphan_timeout: opts.orphan_timeout,
+                })
+            })
+            .transpose()
+            .map_err(|e| format!("re-adoption socket: {e}"))?;
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
-        let (channel, events) = channel::Channel::start(channel_fd, move || {
+        let (channel, init, events) = channel::Channel::open(channel_fd, adoption, move || {
             let _ = closed_tx.send(());
         })
-        .map_err(|e| format!("channel: {e}"))?;
-        let init = match channel.call(CompanionRequest::Hello).await? {
-            CompanionResponse::Init(i) => i,
-            CompanionResponse::Error { message } => return Err(format!("nhid refused: {message}")),
-            other => return Err(format!("unexpected hello answer: {other:?}")),
-        };
-        eprintln!("serving {} on http://{}", init.spiffe_id, opts.listen);
+        .await?;
+        crate::log!("serving {} on http://{}", init.spiffe_id, opts.listen);
         let trust = cache::Trust::new(&init.bundle_pem, &init.jwks);
         let recorder = audit::Recorder::start(channel.clone());
         let edge_channel = channel.clone();
@@ -89,10 +102,8 @@ pub fn run(opts: Options) -> Result<(), String> {
         let api = Arc::new(http::Api::new(&init, creds));
         tokio::select! {
             _ = http::serve(listener, api) => Ok(()),
-            _ = closed_rx => {
-                eprintln!("nhid closed the channel; exiting");
-                Ok(())
-            }
+            // The channel logged why.
+            _ = closed_rx => Ok(()),
         }
     })
 }
@@ -111,6 +122,7 @@ fn split_events(mut events: channel::Events) -> (channel::Events, EdgeEvents) {
                 CompanionResponse::Policy { .. }
                     | CompanionResponse::SecretChanged { .. }
                     | CompanionResponse::Revoked { .. }
+                    | CompanionResponse::Init(_)
             ) {
                 let _ = edge_tx.send(e.clone());
             }
@@ -150,15 +162,40 @@ async fn listen(edge: &Arc<proxy::Edge>, ports: nhi_core::policy::EgressConfig) 
         Ok(l) => {
             tokio::spawn(proxy::serve_outbound(l, edge.clone()));
         }
-        Err(e) => eprintln!("edge proxy disabled: listening on {out}: {e}"),
+        Err(e) => crate::log!("edge proxy disabled: listening on {out}: {e}"),
     }
     let inb: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, ports.inbound_port).into();
     match tokio::net::TcpListener::bind(inb).await {
         Ok(l) => {
             tokio::spawn(proxy::inbound::serve(l, edge.clone()));
         }
-        Err(e) => eprintln!("inbound policy disabled: listening on {inb}: {e}"),
+        Err(e) => crate::log!("inbound policy disabled: listening on {inb}: {e}"),
     }
+}
+
+/// Takes the inherited re-adoption socket `fd` (bound by nhid, not yet listening) and listens
+/// on it. Listening here, not in nhid, makes this process the socket's peer credentials: a
+/// restarted nhid that connects sees this companion's pid and uid (`SO_PEERCRED`).
+fn adoption_listener(fd: RawFd) -> Result<std::os::unix::net::UnixListener, String> {
+    if fd < 3 {
+        return Err(format!("--adopt-fd {fd} is not an inherited socket"));
+    }
+    // SAFETY: nhid passes the fd number of the socket it left open for us across exec; nothing
+    // else in this process owns or closes it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: listen(2) on an fd we own; it only changes the socket's state.
+    if unsafe { libc::listen(owned.as_raw_fd(), 16) } != 0 {
+        return Err(format!(
+            "--adopt-fd {fd}: listen: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let l = std::os::unix::net::UnixListener::from(owned);
+    l.local_addr()
+        .map_err(|e| format!("--adopt-fd {fd}: not a unix socket: {e}"))?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("--adopt-fd {fd}: {e}"))?;
+    Ok(l)
 }
 
 /// Takes the inherited Workload API socket `fd`: it must be a listening unix stream socket.

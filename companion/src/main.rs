@@ -21,6 +21,12 @@ struct Args {
     /// File descriptor of a listening unix socket for the Workload API, inherited at spawn.
     #[arg(long)]
     listener_fd: Option<i32>,
+    /// File descriptor of the re-adoption socket nhid bound, inherited at spawn.
+    #[arg(long)]
+    adopt_fd: Option<i32>,
+    /// Seconds to keep serving without nhid, waiting to be re-adopted, before exiting.
+    #[arg(long, default_value_t = 600)]
+    orphan_timeout_secs: u64,
 }
 
 fn main() {
@@ -31,9 +37,11 @@ fn main() {
         max_cached_audiences: a.max_cached_audiences,
         workload_api_listen: a.workload_api_listen,
         listener_fd: a.listener_fd,
+        adopt_fd: a.adopt_fd,
+        orphan_timeout: std::time::Duration::from_secs(a.orphan_timeout_secs),
     };
     if let Err(e) = nhi_companion::run(opts) {
-        eprintln!("nhi-companion: {e}");
+        nhi_companion::log!("nhi-companion: {e}");
         std::process::exit(1);
     }
 }

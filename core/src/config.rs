@@ -211,6 +211,10 @@ pub struct CompanionConfig {
     pub max_cached_audiences: usize,
     /// SPIFFE Workload API (gRPC) listen address inside the workload's network namespace.
     pub workload_api_listen: String,
+    /// How long a companion whose `nhid` went away (crash, restart, upgrade) keeps serving
+    /// what it has cached while it waits to be re-adopted by the next `nhid`; then it exits.
+    #[serde(with = "humantime_serde")]
+    pub orphan_timeout: Duration,
 }
 
 impl Default for CompanionConfig {
@@ -222,6 +226,7 @@ impl Default for CompanionConfig {
             ready_timeout: Duration::from_secs(5),
             max_cached_audiences: 64,
             workload_api_listen: DEFAULT_WORKLOAD_API_LISTEN.into(),
+            orphan_timeout: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -438,6 +443,11 @@ impl Config {
                 "runtime.runtime and runtime.runc_shim must not be empty".into(),
             ));
         }
+        if raw.companion.orphan_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "companion.orphan_timeout must be at least 1s".into(),
+            ));
+        }
         if raw.companion.max_cached_audiences == 0 {
             return Err(invalid(
                 "companion.max_cached_audiences must be at least 1".into(),
@@ -596,6 +606,7 @@ mod tests {
         assert_eq!(c.issuer.jwt_ttl, Duration::from_secs(300));
         assert_eq!(c.issuer.x509_ttl, Duration::from_secs(3600));
         assert_eq!(c.companion.listen, "127.0.0.1:15100");
+        assert_eq!(c.companion.orphan_timeout, Duration::from_secs(600));
         assert_eq!(c.key_file(), PathBuf::from("/var/lib/nhi/master.key"));
         assert_eq!(c.audit_dir(), PathBuf::from("/var/lib/nhi/audit"));
         assert_eq!(c.audit.fsync, Fsync::Batch);

@@ -214,6 +214,18 @@ pub enum CompanionRequest {
     BrokeredSecret {
         rule_id: String,
     },
+    /// The first message on a connection a restarted `nhid` opened to the companion's
+    /// re-adoption socket: proves the companion is the one `nhid` started (the key it got in
+    /// [`Init::adopt_key`]). Answered with [`CompanionResponse::Init`] for the identity of
+    /// `nhid`'s attachment record, never one the companion names.
+    Reattach {
+        key: Redacted,
+    },
+    /// Notification (never answered): a log line of a companion whose stderr is gone (it was
+    /// started by an earlier `nhid`).
+    Log {
+        line: String,
+    },
     /// Notification (sent with `id` [`EVENT_ID`], never answered): audit events the companion
     /// observed, and how many it had to drop since the last batch because this channel fell
     /// behind. `nhid` attributes them to the companion's workload itself.
@@ -250,6 +262,11 @@ pub enum CompanionResponse {
         message: String,
     },
     Error {
+        message: String,
+    },
+    /// `nhid` could not start the request in time (its class's budget of requests in flight
+    /// and queue are full, or no slot freed up within the queue's deadline): HTTP 503, retry.
+    Busy {
         message: String,
     },
     /// Event: a secret has a new version (or was removed); drop the cached value.
@@ -298,6 +315,27 @@ pub struct Init {
     /// The AWS container-credential provider, when the workload's rule names an AWS source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsProvider>,
+    /// At spawn only: the key the companion proves itself with when a restarted `nhid`
+    /// re-adopts it (`nhid` keeps only its SHA-256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt_key: Option<Redacted>,
+}
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Drop for Redacted {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
 }
 
 /// What the companion needs to serve `GET /v1/aws/credentials`. Debug never shows the token.

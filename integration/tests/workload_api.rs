@@ -268,11 +268,23 @@ fn the_socket_survives_a_companion_crash_and_an_nhid_restart_and_goes_with_the_c
         node.log()
     );
     assert_eq!(fetch(&sock).unwrap(), id);
-    // nhid restarts: the restored companion's new socket is linked into the container again.
+    // nhid restarts: the companion keeps serving the socket and is re-adopted.
     node.stop();
     node.start();
     assert!(
         eventually(Duration::from_secs(10), || fetch(&sock).is_ok()),
+        "{}",
+        node.log()
+    );
+    assert_eq!(fetch(&sock).unwrap(), id);
+    // The re-adopted companion dies: only it held that listener, so nhid binds a new socket
+    // and moves the container's link over to it.
+    let adopted = node.kill_companion(&c.id);
+    assert!(
+        eventually(Duration::from_secs(10), || node
+            .companion_pid(&c.id)
+            .is_some_and(|p| p != adopted && alive(p))
+            && fetch(&sock).is_ok()),
         "{}",
         node.log()
     );

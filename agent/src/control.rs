@@ -78,7 +78,7 @@ impl Agent {
         if self.ctx.revocations.is_revoked(identity.spiffe_id.as_str()) {
             return;
         }
-        let names = match self.ctx.store.list().await {
+        let names = match self.ctx.store.list_for_workload().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(container = %container_id, "secret files: {e}");
@@ -95,7 +95,13 @@ impl Agent {
     async fn write_file(&self, dir: &std::path::Path, container_id: &str, pid: i32, name: &str) {
         let res = async {
             let owner = secrets::owner_of(pid).map_err(|e| e.to_string())?;
-            match self.ctx.store.get(name).await.map_err(|e| e.to_string())? {
+            match self
+                .ctx
+                .store
+                .get_for_workload(name)
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 Some(s) => secrets::write(dir, name, &s.value, owner).map_err(|e| e.to_string()),
                 None => {
                     secrets::remove(dir, name);

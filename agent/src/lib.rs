@@ -5,6 +5,7 @@ pub mod adopt;
 pub mod agent;
 pub mod api;
 pub mod audit;
+pub mod bao_cache;
 pub mod bao_issuer;
 pub mod control;
 pub mod edge;
@@ -49,31 +50,62 @@ pub async fn run(config: Config) -> Result<(), String> {
     // One nhid per state dir: a second one would restore (and fight over) the same companions.
     let _single = lock_state_dir(&config.state_dir)?;
     let uses_bao = config.issuer.kind == "openbao" || config.store.kind == "openbao";
+    // What is degraded from the start (OpenBao unreachable: serving from the sealed cache).
+    let mut degraded = Vec::new();
     let bao = match (&config.openbao, uses_bao) {
-        (Some(ob), true) => Some(
-            openbao::Bao::connect(ob)
+        (Some(ob), true) => {
+            let (bao, outage) = openbao::Bao::connect_deferred(ob)
                 .await
-                .map_err(|e| format!("OpenBao: {e}"))?,
-        ),
+                .map_err(|e| format!("OpenBao: {e}"))?;
+            if let Some(e) = &outage {
+                tracing::warn!("OpenBao unreachable at start ({e}); logging in in the background");
+                degraded.push(format!("OpenBao: not logged in ({e})"));
+            }
+            let cache = bao_cache::BaoCache::open(
+                &config.state_dir,
+                &config.key_file(),
+                config.store.secret_ttl,
+            )?;
+            Some((bao, Arc::new(cache)))
+        }
         _ => None,
     };
     let issuer: Arc<dyn issuer::Issuer> = match (&bao, config.issuer.kind.as_str()) {
-        (Some(bao), "openbao") => {
-            Arc::new(bao_issuer::BaoIssuer::start(&config, bao.clone()).await?)
+        (Some((bao, cache)), "openbao") => {
+            let (issuer, why) =
+                bao_issuer::BaoIssuer::start(&config, bao.clone(), cache.clone()).await?;
+            degraded.extend(why);
+            Arc::new(issuer)
         }
         _ => Arc::new(issuer::EmbeddedIssuer::load_or_create(&config).map_err(|e| e.to_string())?),
     };
     let store = match (&bao, config.store.kind.as_str()) {
-        (Some(bao), "openbao") => store::Store::OpenBao(store::BaoStore::new(bao.clone())),
+        (Some((bao, cache)), "openbao") => {
+            store::Store::OpenBao(store::BaoStore::new(bao.clone(), cache.clone()))
+        }
         _ => store::Store::Embedded(
             store::EmbeddedStore::open(&config.state_dir, &config.key_file())
                 .map_err(|e| e.to_string())?,
         ),
     };
-    let revocations = store
-        .load_revocations()
-        .await
-        .map_err(|e| format!("loading revocations: {e}"))?;
+    let revocations = match (store.load_revocations().await, &store) {
+        (Ok(list), _) => list,
+        // Never start forgetting a revocation: the list as last loaded, or no start.
+        (Err(store::StoreError::Unavailable(e)), store::Store::OpenBao(s)) => {
+            let list = s.cached_revocations().ok_or_else(|| {
+                format!("loading revocations: OpenBao is unreachable ({e}) and there is no sealed cache of the revocation list from an earlier run")
+            })?;
+            tracing::warn!(
+                revocations = list.len(),
+                "OpenBao unreachable: revocation list from the sealed cache"
+            );
+            degraded.push(format!(
+                "revocations: from the sealed cache (OpenBao unreachable: {e})"
+            ));
+            list
+        }
+        (Err(e), _) => return Err(format!("loading revocations: {e}")),
+    };
     let metrics = Arc::new(metrics::Metrics::new());
     let audit = Arc::new(audit::AuditSink::start(
         &config.audit_dir(),
@@ -96,6 +128,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         agent::Agent::new(ctx.clone())
             .map_err(|e| format!("reading own network namespace: {e}"))?,
     );
+    *agent.degraded.lock().unwrap_or_else(|p| p.into_inner()) = degraded;
     agent.recover().await;
     let socket = ctx.config.socket.clone();
     let listener =

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
 use crate::adopt::{AdoptKey, CompanionRecord, Pidfd, Records};
-use crate::issuer::{now_unix, Issuer};
+use crate::issuer::Issuer;
 use crate::lanes::{Lane, Lanes, Refused};
 use crate::netns::{NetNs, ProcRef};
 use crate::revoke::Revocations;
@@ -895,15 +895,19 @@ async fn read_secret(
     audit: impl Fn(Option<String>, nhi_core::audit::Decision, Option<&str>),
 ) -> CompanionResponse {
     use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
-    match ctx.store.get(&name).await {
+    match ctx.store.get_for_workload(&name).await {
         Ok(Some(s)) => {
-            tracing::info!(spiffe_id = %spiffe_id, secret = %name, version = s.version, "{what}");
-            audit(Some(s.version.to_string()), Allow, None);
+            let cached = s
+                .from_cache
+                .then_some("from the sealed cache: OpenBao unreachable");
+            tracing::info!(spiffe_id = %spiffe_id, secret = %name, version = s.version, from_cache = s.from_cache, "{what}");
+            audit(Some(s.version.to_string()), Allow, cached);
             CompanionResponse::Secret(SecretValue {
                 name,
                 version: s.version,
                 value_b64: B64.encode(&s.value[..]),
-                expires_at: now_unix() + ctx.config.store.secret_ttl.as_secs(),
+                // Never served longer than secret_ttl after it was read from the store.
+                expires_at: s.fetched_at + ctx.config.store.secret_ttl.as_secs(),
             })
         }
         Ok(None) => {

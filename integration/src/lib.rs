@@ -299,6 +299,27 @@ impl Node {
         }
     }
 
+    /// SIGKILLs nhid: a crash, nothing of its shutdown runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.nhid.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Adds `line` (e.g. `orphan_timeout = "2s"`) to the node's `[companion]` table; before
+    /// `start`.
+    pub fn set_companion_option(&self, line: &str) {
+        let cfg = fs::read_to_string(&self.config).unwrap();
+        let user = format!("user = \"{COMPANION_UID}\"\n");
+        assert!(cfg.contains(&user), "companion section not found in {cfg}");
+        fs::write(
+            &self.config,
+            cfg.replacen(&user, &format!("{user}{line}\n"), 1),
+        )
+        .unwrap();
+    }
+
     /// Sends SIGHUP to nhid (reloads the edge policies).
     pub fn reload(&self) {
         let c = self.nhid.as_ref().expect("nhid running");
@@ -743,28 +764,38 @@ pub fn http_in_netns(pid: i32, method: &str, path: &str) -> (u16, String) {
 /// [`http_in_netns`] with a JSON request body.
 pub fn http_in_netns_with(pid: i32, method: &str, path: &str, body: &str) -> (u16, String) {
     let ns = fs::File::open(format!("/proc/{pid}/ns/net")).expect("open netns");
+    let (method, path, body) = (method.to_string(), path.to_string(), body.to_string());
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        companion_request(&method, &path, &body).unwrap_or_else(|e| panic!("{e}"))
+    })
+    .join()
+    .expect("netns client thread")
+}
+
+/// One plain HTTP/1.1 request to the companion at `127.0.0.1:15100` of the network namespace
+/// the calling thread is in: its status and body, or why there was no answer.
+pub fn companion_request(method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    std::thread::spawn(move || {
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let mut s = std::net::TcpStream::connect("127.0.0.1:15100").expect("connect companion");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
-    })
-    .join()
-    .expect("netns client thread")
+    let mut s = std::net::TcpStream::connect("127.0.0.1:15100")
+        .map_err(|e| format!("connect companion: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("read: {e}"))?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no HTTP answer: {resp:?}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }

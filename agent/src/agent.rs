@@ -615,17 +615,29 @@ impl Agent {
         stop_all(stale).await;
     }
 
+    /// Daemon shutdown for good (SIGUSR2: decommission, package removal): stops every
+    /// companion. Records stay: a later start restores the companions of containers that
+    /// still run.
+    pub async fn stop_companions(&self) {
+        stop_all(self.drain().await).await;
+    }
+
+    /// Empties the registry (shutdown); the companions that ran.
+    async fn drain(&self) -> Vec<Running> {
+        let mut reg = self.registry.lock().await;
+        reg.netns_of.clear();
+        reg.by_netns
+            .drain()
+            .filter_map(|(_, a)| a.running)
+            .collect()
+    }
+
     /// Daemon shutdown (upgrade, restart): lets go of every companion without stopping it.
     /// Each keeps serving what it has cached (up to `companion.orphan_timeout`); records stay on
     /// disk and the next start re-adopts the companions of containers that still run.
     pub async fn shutdown(&self) {
-        let all: Vec<Attachment> = {
-            let mut reg = self.registry.lock().await;
-            reg.netns_of.clear();
-            reg.by_netns.drain().map(|(_, a)| a).collect()
-        };
         let mut set = tokio::task::JoinSet::new();
-        for r in all.into_iter().filter_map(|a| a.running) {
+        for r in self.drain().await {
             set.spawn(r.companion.release());
         }
         while set.join_next().await.is_some() {}

@@ -173,14 +173,22 @@ pub async fn run(config: Config) -> Result<(), String> {
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-    loop {
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
+    // SIGTERM/SIGINT (restart, upgrade): companions keep serving for the next nhid.
+    // SIGUSR2 (node decommission, package removal): companions stop too.
+    let stop_companions = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break false,
+            _ = int.recv() => break false,
+            _ = usr2.recv() => break true,
             _ = hup.recv() => agent.reload_policies().await,
         }
+    };
+    if stop_companions {
+        tracing::info!("shutting down (SIGUSR2): stopping companions");
+    } else {
+        tracing::info!("shutting down: companions keep serving until the next nhid re-adopts them");
     }
-    tracing::info!("shutting down: companions keep serving until the next nhid re-adopts them");
     server.abort();
     gc.abort();
     if let Some(f) = follower {
@@ -190,7 +198,11 @@ pub async fn run(config: Config) -> Result<(), String> {
     if let Some(m) = metrics_server {
         m.abort();
     }
-    agent.shutdown().await;
+    if stop_companions {
+        agent.stop_companions().await;
+    } else {
+        agent.shutdown().await;
+    }
     // What the companions reported last is on disk before nhid exits.
     let audit = ctx.audit.clone();
     let _ = tokio::task::spawn_blocking(move || audit.sync(Duration::from_secs(5))).await;

@@ -445,7 +445,7 @@ async fn run(
         match ended {
             Ended::Stop(done) => {
                 inc.proc.terminate().await;
-                forget(&ctx, inode, inc.proc.pid(), wapi);
+                forget(&ctx, inode, pid.load(Ordering::Relaxed), wapi);
                 let _ = done.send(());
                 return;
             }
@@ -463,7 +463,7 @@ async fn run(
                 if ready_tx.is_some() {
                     // Never became ready: report to the caller (dropping ready_tx), no restart.
                     tracing::warn!(spiffe_id = %identity.spiffe_id, "companion failed at startup: {why}");
-                    forget(&ctx, inode, inc.proc.pid(), wapi);
+                    forget(&ctx, inode, pid.load(Ordering::Relaxed), wapi);
                     wait_for_control(ctl_rx).await;
                     return;
                 }
@@ -479,13 +479,13 @@ async fn run(
                 c = &mut ctl_rx => {
                     match c {
                         Ok(Control::Stop(done)) => {
-                            forget(&ctx, inode, inc.proc.pid(), wapi);
+                            forget(&ctx, inode, pid.load(Ordering::Relaxed), wapi);
                             let _ = done.send(());
                         }
                         Ok(Control::Release(done)) => {
                             let _ = done.send(());
                         }
-                        Err(_) => forget(&ctx, inode, inc.proc.pid(), wapi),
+                        Err(_) => forget(&ctx, inode, pid.load(Ordering::Relaxed), wapi),
                     }
                     return;
                 }

@@ -11,6 +11,10 @@
 //! the companion's `reattach` (the key it got at spawn) with the identity this companion
 //! already serves. Anything else is refused and the wait goes on. Past `orphan_timeout` the
 //! companion exits, as it does at once when it has no re-adoption listener.
+//!
+//! For a sandbox (seccomp, Landlock): re-adoption needs `listen(2)` once at start (lib.rs),
+//! then `accept4(2)` and `getsockopt(SO_PEERCRED)` on that inherited fd; no `socket(2)`, no
+//! `connect(2)`, no path.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;

@@ -322,12 +322,30 @@ impl Node {
 
     /// Sends SIGHUP to nhid (reloads the edge policies).
     pub fn reload(&self) {
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+
+    /// Sends `sig` to nhid.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let c = self.nhid.as_ref().expect("nhid running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .expect("SIGHUP nhid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig)
+            .unwrap_or_else(|e| panic!("{sig} to nhid: {e}"));
+    }
+
+    /// Waits (up to 10 s) for nhid to exit by itself, e.g. after SIGUSR2.
+    pub fn wait_exit(&mut self) {
+        if let Some(mut c) = self.nhid.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("nhid did not exit within 10 s: {}", self.log());
+        }
     }
 
     /// Every record of this node's audit log (default `[audit] dir`), oldest first.

@@ -778,6 +778,14 @@ fn nhid_restart_readopts_companions_of_running_containers_and_stops_the_rest() {
         "served through the new nhid"
     );
     assert!(node.log().contains("companion re-adopted"));
+    // SIGUSR2 (decommission, package removal): nhid stops its companions too; the next start
+    // gives the running container a new one.
+    node.signal(nix::sys::signal::Signal::SIGUSR2);
+    node.wait_exit();
+    assert!(!alive(pa), "SIGUSR2 stops the companions");
+    node.start();
+    let pa = node.companion_pid(&a.id).expect("a new companion");
+    assert!(a.get("/v1/token?audience=new").is_ok());
     let records: Vec<_> = fs::read_dir(node.state_dir.join("attachments"))
         .unwrap()
         .collect();

@@ -25,7 +25,7 @@
 //! `socket(2)` and no `connect(2)` (it only `accept`s), which keeps its seccomp and Landlock
 //! sandbox as it is.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -336,6 +336,56 @@ pub async fn stop_recorded(rec: &CompanionRecord, grace: Duration) -> bool {
     }
 }
 
+/// Companion processes that run now, by network namespace: started from `binary` (also when
+/// an upgrade replaced the file since), as uid `uid`, in the host's mount namespace (never a
+/// container's). For companions no usable record names (a full disk when it was written, an
+/// operator's cleanup): left alone they would hold the companion's ports in their namespace until
+/// `orphan_timeout`. Another nhid's companions (its own binary path) are not ours.
+pub fn running(uid: u32, binary: &Path) -> HashMap<u64, Vec<ProcRef>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out: HashMap<u64, Vec<ProcRef>> = HashMap::new();
+    let Ok(own_mnt) = fs::metadata("/proc/self/ns/mnt").map(|m| m.ino()) else {
+        return out;
+    };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let base = format!("/proc/{pid}");
+        let exe = fs::read_link(format!("{base}/exe")).ok().map(|p| {
+            let s = p.to_string_lossy().into_owned();
+            PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
+        });
+        let matches = exe.as_deref() == Some(binary)
+            && crate::secrets::owner_of(pid).is_ok_and(|(u, _)| u == uid)
+            && fs::metadata(format!("{base}/ns/mnt")).is_ok_and(|m| m.ino() == own_mnt);
+        if !matches {
+            continue;
+        }
+        if let (Ok(net), Ok(p)) = (fs::metadata(format!("{base}/ns/net")), ProcRef::of(pid)) {
+            out.entry(net.ino()).or_default().push(p);
+        }
+    }
+    out
+}
+
+/// Stops `procs` (each only if it is still that process), concurrently.
+pub async fn stop_all(procs: impl IntoIterator<Item = ProcRef>, grace: Duration) {
+    let mut set = tokio::task::JoinSet::new();
+    for p in procs {
+        set.spawn(async move {
+            if let Ok(fd) = Pidfd::open(p) {
+                tracing::info!(pid = p.pid, "stopping a companion nobody serves");
+                fd.terminate(grace).await;
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,6 +484,36 @@ mod tests {
             );
             // No socket at all.
             assert!(connect(&r, 2, &rec, t).await.is_err());
+        });
+    }
+
+    #[test]
+    fn running_companions_are_found_by_name_uid_and_namespaces() {
+        rt().block_on(async {
+            // `sleep` as a stand-in: same uid and mount namespace as this test.
+            let mut child = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap();
+            let pid = child.id() as i32;
+            let me = nix::unistd::geteuid().as_raw();
+            let sleep = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+            let found = running(me, &sleep);
+            let netns = crate::netns::NetNs::own().unwrap().inode;
+            assert!(found
+                .get(&netns)
+                .is_some_and(|v| v.iter().any(|p| p.pid == pid)));
+            assert!(!running(me + 1, &sleep)
+                .values()
+                .flatten()
+                .any(|p| p.pid == pid));
+            assert!(!running(me, Path::new("/usr/libexec/nhi/nhi-companion"))
+                .values()
+                .flatten()
+                .any(|p| p.pid == pid));
+            let reaper = std::thread::spawn(move || child.wait());
+            stop_all([ProcRef::of(pid).unwrap()], Duration::from_secs(2)).await;
+            assert!(!reaper.join().unwrap().unwrap().success());
         });
     }
 

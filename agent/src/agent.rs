@@ -348,9 +348,12 @@ impl Agent {
         use futures_util::StreamExt;
         let records = self.store.load_all();
         let total = records.len();
+        let (uid, binary) = self.companion_process();
+        // Companions running now, whatever the records say.
+        let strays = crate::adopt::running(uid, &binary);
         // A few at a time: adopting is a connect and one exchange, a start waits for a hello.
         let restored: Vec<(u64, Attachment, Restored)> = futures_util::stream::iter(records)
-            .map(|rec| self.restore(rec))
+            .map(|rec| self.restore(rec, &strays))
             .buffer_unordered(16)
             .filter_map(|r| async move { r })
             .collect()
@@ -397,6 +400,21 @@ impl Agent {
             }
         }
         self.ctx.companions.clear_except(&keep);
+        // Any other companion process (no usable record) is nobody's now.
+        let serving: HashSet<i32> = {
+            let reg = self.registry.lock().await;
+            reg.by_netns
+                .values()
+                .filter_map(|a| a.running.as_ref().map(|r| r.companion.pid()))
+                .collect()
+        };
+        let others: Vec<ProcRef> = crate::adopt::running(uid, &binary)
+            .into_values()
+            .flatten()
+            .filter(|p| !serving.contains(&p.pid))
+            .collect();
+        stopped += others.len();
+        crate::adopt::stop_all(others, Duration::from_secs(2)).await;
         if total > 0 || stopped > 0 {
             tracing::info!(
                 records = total,
@@ -409,8 +427,20 @@ impl Agent {
         }
     }
 
-    /// One attachment record after a restart; `None`: dropped.
-    async fn restore(&self, rec: Record) -> Option<(u64, Attachment, Restored)> {
+    /// The uid and binary (as `/proc/<pid>/exe` names it) companion processes run with.
+    fn companion_process(&self) -> (u32, std::path::PathBuf) {
+        let binary = &self.ctx.config.companion.binary;
+        let exe = std::fs::canonicalize(binary).unwrap_or_else(|_| binary.clone());
+        (self.ctx.user.uid, exe)
+    }
+
+    /// One attachment record after a restart; `None`: dropped. `strays`: companion processes
+    /// running before recovery, by network namespace.
+    async fn restore(
+        &self,
+        rec: Record,
+        strays: &HashMap<u64, Vec<ProcRef>>,
+    ) -> Option<(u64, Attachment, Restored)> {
         let inode = rec.netns_inode;
         let alive: BTreeMap<String, ProcRef> = rec
             .containers
@@ -487,17 +517,24 @@ impl Agent {
         }
         let companion = match companion {
             Some(c) => c,
-            None => match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
-                Ok(c) => {
-                    tracing::info!(netns = inode, spiffe_id = %id, companion_pid = c.pid(), "companion restored after restart");
-                    c
+            None => {
+                // Whatever still runs there (a companion without a usable record) holds the
+                // ports the new one needs.
+                if let Some(p) = strays.get(&inode) {
+                    crate::adopt::stop_all(p.iter().copied(), Duration::from_secs(2)).await;
                 }
-                Err(e) => {
-                    tracing::error!(netns = inode, spiffe_id = %id, "restoring companion: {e}");
-                    self.store.remove(inode);
-                    return None;
+                match supervisor::start(self.ctx.clone(), identity.clone(), ns).await {
+                    Ok(c) => {
+                        tracing::info!(netns = inode, spiffe_id = %id, companion_pid = c.pid(), "companion restored after restart");
+                        c
+                    }
+                    Err(e) => {
+                        tracing::error!(netns = inode, spiffe_id = %id, "restoring companion: {e}");
+                        self.store.remove(inode);
+                        return None;
+                    }
                 }
-            },
+            }
         };
         // Rules as the current policy says (they stayed in place meanwhile).
         let edge = match pid {

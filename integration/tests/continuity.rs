@@ -1,7 +1,7 @@
 //! Continuity across nhid restarts (issue 14, item 5): companions keep serving their cache
 //! while nhid is away and the restarted nhid re-adopts them; what needs nhid is refused at once
 //! with the reason; a companion nobody re-adopts exits after `orphan_timeout`; nobody but root
-//! reaches a companion's re-adoption socket.
+//! reaches a companion's re-adoption socket; a companion without a record is stopped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -211,5 +211,19 @@ fn an_orphaned_companion_exits_after_orphan_timeout_and_only_root_reaches_its_so
     let new = node.companion_pid(&c.id).unwrap();
     assert_ne!(new, companion);
     assert!(c.get("/v1/token?audience=x").is_ok());
+    // A companion whose record is lost (a full disk, an operator's cleanup) is not left holding
+    // the namespace's ports: the next nhid stops it and starts a new one.
+    node.kill();
+    for e in std::fs::read_dir(node.state_dir.join("companions")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "json") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    node.start();
+    assert!(!alive(new), "the unrecorded companion was stopped");
+    let newest = node.companion_pid(&c.id).unwrap();
+    assert_ne!(newest, new);
+    assert!(c.get("/v1/token?audience=y").is_ok());
     c.delete();
 }

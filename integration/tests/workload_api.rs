@@ -85,9 +85,11 @@ fn py_spiffe_gets_svids_through_the_socket_with_only_the_env_pointer() {
     node.start();
     let c = node.named_container("alpha");
     let pid = c.pid();
-    // The container is told where the socket is, and it is there, owned by its uid.
+    // The container is told where the socket is, and it is there, owned by its uid. (`runc
+    // run -d` returns before runc's init has exec'd the process: until then environ is runc's.)
     assert!(
-        environ(pid).contains("SPIFFE_ENDPOINT_SOCKET=unix:///run/nhi/workload.sock"),
+        eventually(Duration::from_secs(5), || environ(pid)
+            .contains("SPIFFE_ENDPOINT_SOCKET=unix:///run/nhi/workload.sock")),
         "{}",
         environ(pid)
     );

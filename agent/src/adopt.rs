@@ -138,12 +138,7 @@ impl Records {
     /// only means that companion is replaced rather than re-adopted after a restart.
     pub fn save(&self, inode: u64, r: &CompanionRecord) {
         let path = self.record_path(inode);
-        let tmp = path.with_extension("tmp");
-        let res = serde_json::to_vec(r)
-            .map_err(io::Error::other)
-            .and_then(|data| fs::write(&tmp, data))
-            .and_then(|_| fs::rename(&tmp, &path));
-        if let Err(e) = res {
+        if let Err(e) = crate::persist::write_json(&path, r) {
             tracing::warn!(
                 "saving companion record {}: {e} (the companion will be restarted rather than re-adopted after an nhid restart)",
                 path.display()
@@ -198,19 +193,7 @@ impl Records {
     /// Removes every record and socket except those of `keep` (after recovery: what is left
     /// belongs to companions that are gone).
     pub fn clear_except(&self, keep: &HashSet<u64>) {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let inode = name
-                .to_str()
-                .and_then(|n| n.split('.').next())
-                .and_then(|n| n.parse::<u64>().ok());
-            if inode.is_none_or(|i| !keep.contains(&i)) {
-                let _ = fs::remove_file(e.path());
-            }
-        }
+        crate::netns::remove_files_except(&self.dir, keep);
     }
 }
 
@@ -487,15 +470,24 @@ mod tests {
         });
     }
 
+    /// A child to stop: its pid, and a thread that returns whether it exited successfully.
+    fn sleeper() -> (i32, std::thread::JoinHandle<bool>) {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        (
+            pid,
+            std::thread::spawn(move || child.wait().unwrap().success()),
+        )
+    }
+
     #[test]
-    fn running_companions_are_found_by_name_uid_and_namespaces() {
+    fn running_companions_are_found_by_binary_uid_and_namespaces() {
         rt().block_on(async {
             // `sleep` as a stand-in: same uid and mount namespace as this test.
-            let mut child = std::process::Command::new("sleep")
-                .arg("30")
-                .spawn()
-                .unwrap();
-            let pid = child.id() as i32;
+            let (pid, reaper) = sleeper();
             let me = nix::unistd::geteuid().as_raw();
             let sleep = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
             let found = running(me, &sleep);
@@ -511,31 +503,25 @@ mod tests {
                 .values()
                 .flatten()
                 .any(|p| p.pid == pid));
-            let reaper = std::thread::spawn(move || child.wait());
             stop_all([ProcRef::of(pid).unwrap()], Duration::from_secs(2)).await;
-            assert!(!reaper.join().unwrap().unwrap().success());
+            assert!(!reaper.join().unwrap());
         });
     }
 
     #[test]
     fn a_pidfd_outlives_nothing_and_terminates_its_process() {
         rt().block_on(async {
-            let mut child = std::process::Command::new("sleep")
-                .arg("30")
-                .spawn()
-                .unwrap();
-            let pid = child.id() as i32;
+            let (pid, reaper) = sleeper();
             let p = Pidfd::open(ProcRef::of(pid).unwrap()).unwrap();
             // `exited` fires only when it is gone.
             assert!(tokio::time::timeout(Duration::from_millis(100), p.exited())
                 .await
                 .is_err());
-            let reaper = std::thread::spawn(move || child.wait());
             p.terminate(Duration::from_secs(2)).await;
             tokio::time::timeout(Duration::from_secs(1), p.exited())
                 .await
                 .expect("exited");
-            assert!(!reaper.join().unwrap().unwrap().success());
+            assert!(!reaper.join().unwrap());
         });
     }
 }

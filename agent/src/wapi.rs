@@ -163,18 +163,7 @@ pub fn rebind(containers_dir: &Path, inode: u64, aws: bool) -> io::Result<Socket
 pub fn clear_stale(containers_dir: &Path, keep: &std::collections::HashSet<u64>) {
     let dir = hidden_dir(containers_dir);
     if fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
-        if let Ok(entries) = fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let name = e.file_name();
-                let inode = name
-                    .to_str()
-                    .and_then(|n| n.split('.').next())
-                    .and_then(|n| n.parse::<u64>().ok());
-                if inode.is_none_or(|i| !keep.contains(&i)) {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
-        }
+        crate::netns::remove_files_except(&dir, keep);
     }
 }
 

@@ -280,23 +280,39 @@ impl Node {
         Ok(())
     }
 
-    /// Stops nhid with SIGTERM, as systemd would.
+    /// Stops nhid with SIGTERM, as systemd would (SIGKILL after 10 s).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.nhid.take() {
+        if let Some(c) = self.nhid.as_ref() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            self.reap();
         }
+    }
+
+    /// Waits (up to 10 s) for nhid to exit by itself, e.g. after SIGUSR2.
+    pub fn wait_exit(&mut self) {
+        if !self.reap() {
+            panic!("nhid did not exit within 10 s: {}", self.log());
+        }
+    }
+
+    /// Waits up to 10 s for nhid to exit, then kills it; whether it exited in time.
+    fn reap(&mut self) -> bool {
+        let Some(mut c) = self.nhid.take() else {
+            return true;
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
     }
 
     /// SIGKILLs nhid: a crash, nothing of its shutdown runs.
@@ -330,22 +346,6 @@ impl Node {
         let c = self.nhid.as_ref().expect("nhid running");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig)
             .unwrap_or_else(|e| panic!("{sig} to nhid: {e}"));
-    }
-
-    /// Waits (up to 10 s) for nhid to exit by itself, e.g. after SIGUSR2.
-    pub fn wait_exit(&mut self) {
-        if let Some(mut c) = self.nhid.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!("nhid did not exit within 10 s: {}", self.log());
-        }
     }
 
     /// Every record of this node's audit log (default `[audit] dir`), oldest first.

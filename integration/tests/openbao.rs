@@ -21,16 +21,21 @@ spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
 
 /// A node whose issuer and store are OpenBao at `addresses`.
 fn bao_node(name: &str, addresses: &[String], setup: &BaoNhiSetup) -> Node {
+    let mut node = Node::with_config(&rules(), &bao_config(name, addresses, setup, "6s"));
+    node.start();
+    node
+}
+
+/// The top of a node's config for OpenBao at `addresses` as issuer and store.
+fn bao_config(name: &str, addresses: &[String], setup: &BaoNhiSetup, secret_ttl: &str) -> String {
     let addrs: Vec<String> = addresses.iter().map(|a| format!("{a:?}")).collect();
-    let mut node = Node::with_config(
-        &rules(),
-        &format!(
-            r#"node_name = "{name}"
+    format!(
+        r#"node_name = "{name}"
 [issuer]
 kind = "openbao"
 [store]
 kind = "openbao"
-secret_ttl = "6s"
+secret_ttl = "{secret_ttl}"
 [openbao]
 addresses = [{}]
 poll_interval = "1s"
@@ -41,13 +46,10 @@ method = "approle"
 role_id = "{}"
 secret_id_file = "{}"
 "#,
-            addrs.join(", "),
-            setup.role_id,
-            setup.secret_id_file.display()
-        ),
-    );
-    node.start();
-    node
+        addrs.join(", "),
+        setup.role_id,
+        setup.secret_id_file.display()
+    )
 }
 
 fn ok(out: &std::process::Output) -> String {
@@ -113,40 +115,12 @@ fn two_nodes_share_one_trust_domain_secrets_and_revocations() {
         .unwrap()
         .to_string();
     assert_eq!(validate(beta.pid(), &token, "svc"), 200);
-    let jwks = node_path_write(&b, "jwks-b.json", &beta.get("/v1/jwks").unwrap());
-    let out = b.nhictl(
-        &[
-            "token",
-            "verify",
-            "--audience",
-            "svc",
-            "--jwks",
-            jwks.to_str().unwrap(),
-        ],
-        token.as_bytes(),
-    );
-    assert!(ok(&out).contains("container/alpha"));
+    assert!(verify_offline(&b, &beta, &token, "svc").contains("container/alpha"));
 
     // An X.509-SVID from node A chains (through A's intermediate) to the bundle B serves.
     let pem = alpha.get("/v1/x509").unwrap();
-    let chain = pem_certs(&pem);
-    assert_eq!(chain.len(), 2, "leaf + node A's intermediate");
-    let bundle = pem_certs(&beta.get("/v1/bundle").unwrap());
-    let root = CertificateDer::from(bundle[0].clone());
-    let anchor = webpki::anchor_from_trusted_cert(&root).unwrap();
-    let leaf = CertificateDer::from(chain[0].clone());
-    let inter = CertificateDer::from(chain[1].clone());
-    webpki::EndEntityCert::try_from(&leaf)
-        .unwrap()
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &[anchor],
-            &[inter],
-            UnixTime::now(),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
+    assert_eq!(pem_certs(&pem).len(), 2, "leaf + node A's intermediate");
+    chains_to(&pem, &beta.get("/v1/bundle").unwrap())
         .expect("node A's X.509-SVID verifies with node B's bundle");
 
     // Secrets are the operators': a node's policy refuses writes, and nhictl says what to do.
@@ -240,6 +214,27 @@ fn put_secret_anywhere(cluster: &BaoCluster, value: &str) -> bool {
                 )
                 .is_ok_and(|(st, _)| st == 200)
     })
+}
+
+/// `nhictl token verify` of `token` for `audience` on `node`, offline, against the JWKS
+/// container `c` serves; its output.
+fn verify_offline(node: &Node, c: &Container, token: &str, audience: &str) -> String {
+    let jwks = node_path_write(
+        node,
+        &format!("jwks-{}.json", c.id),
+        &c.get("/v1/jwks").unwrap(),
+    );
+    ok(&node.nhictl(
+        &[
+            "token",
+            "verify",
+            "--audience",
+            audience,
+            "--jwks",
+            jwks.to_str().unwrap(),
+        ],
+        token.as_bytes(),
+    ))
 }
 
 fn node_path_write(node: &Node, rel: &str, content: &str) -> std::path::PathBuf {
@@ -393,27 +388,7 @@ secrets = ["db-password", "slow-*"]
 spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
 "#
         ),
-        &format!(
-            r#"node_name = "node-a"
-[issuer]
-kind = "openbao"
-[store]
-kind = "openbao"
-secret_ttl = "120s"
-[openbao]
-addresses = ["{}"]
-poll_interval = "1s"
-request_timeout = "2s"
-intermediate_ttl = "1h"
-[openbao.auth]
-method = "approle"
-role_id = "{}"
-secret_id_file = "{}"
-"#,
-            cluster.address(0),
-            setup.role_id,
-            setup.secret_id_file.display()
-        ),
+        &bao_config("node-a", &[cluster.address(0)], &setup, "120s"),
     );
     node.start();
     put_secret(&cluster.root(0), "cached-value-1");
@@ -507,19 +482,7 @@ secret_id_file = "{}"
         .as_str()
         .unwrap()
         .to_string();
-    let jwks = node_path_write(&node, "jwks.json", &alpha.get("/v1/jwks").unwrap());
-    let out = node.nhictl(
-        &[
-            "token",
-            "verify",
-            "--audience",
-            "after",
-            "--jwks",
-            jwks.to_str().unwrap(),
-        ],
-        token.as_bytes(),
-    );
-    assert!(ok(&out).contains("container/alpha"));
+    assert!(verify_offline(&node, &alpha, &token, "after").contains("container/alpha"));
     // A container started during the outage gets its identity too.
     let beta = node.named_container("beta");
     assert!(beta.get("/v1/token?audience=x").is_ok());

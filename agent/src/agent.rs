@@ -400,7 +400,9 @@ impl Agent {
             }
         }
         self.ctx.companions.clear_except(&keep);
-        // Any other companion process (no usable record) is nobody's now.
+        // Any other companion process (no usable record) is nobody's now. (Scanned before the
+        // registry is read: a companion respawned meanwhile is in the registry, not the scan.)
+        let found = crate::adopt::running(uid, &binary);
         let serving: HashSet<i32> = {
             let reg = self.registry.lock().await;
             reg.by_netns
@@ -408,7 +410,7 @@ impl Agent {
                 .filter_map(|a| a.running.as_ref().map(|r| r.companion.pid()))
                 .collect()
         };
-        let others: Vec<ProcRef> = crate::adopt::running(uid, &binary)
+        let others: Vec<ProcRef> = found
             .into_values()
             .flatten()
             .filter(|p| !serving.contains(&p.pid))

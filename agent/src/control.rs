@@ -83,7 +83,7 @@ impl Agent {
         if self.ctx.revocations.is_revoked(identity.spiffe_id.as_str()) {
             return;
         }
-        let names = match self.ctx.store.list().await {
+        let names = match self.ctx.store.list_for_workload().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(container = %container_id, "secret files: {e}");
@@ -108,7 +108,13 @@ impl Agent {
     ) {
         let res = async {
             let owner = secrets::owner(user, pid).map_err(|e| e.to_string())?;
-            match self.ctx.store.get(name).await.map_err(|e| e.to_string())? {
+            match self
+                .ctx
+                .store
+                .get_for_workload(name)
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 Some(s) => secrets::write(dir, name, &s.value, owner).map_err(|e| e.to_string()),
                 None => {
                     secrets::remove(dir, name);

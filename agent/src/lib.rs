@@ -1,9 +1,11 @@
 //! nhid, the node daemon: issues identities, places and supervises companions, answers the
 //! hook over a root-only socket. `main.rs` only parses arguments and calls [`run`].
 
+pub mod adopt;
 pub mod agent;
 pub mod api;
 pub mod audit;
+pub mod bao_cache;
 pub mod bao_issuer;
 pub mod cgroup;
 pub mod control;
@@ -11,6 +13,7 @@ pub mod denials;
 pub mod edge;
 pub mod issuer;
 pub mod keystore;
+pub mod lanes;
 pub mod metrics;
 pub mod netns;
 pub mod nft;
@@ -53,31 +56,62 @@ pub async fn run(config: Config) -> Result<(), String> {
     // One nhid per state dir: a second one would restore (and fight over) the same companions.
     let _single = lock_state_dir(&config.state_dir)?;
     let uses_bao = config.issuer.kind == "openbao" || config.store.kind == "openbao";
+    // What is degraded from the start (OpenBao unreachable: serving from the sealed cache).
+    let mut degraded = Vec::new();
     let bao = match (&config.openbao, uses_bao) {
-        (Some(ob), true) => Some(
-            openbao::Bao::connect(ob)
+        (Some(ob), true) => {
+            let (bao, outage) = openbao::Bao::connect_deferred(ob)
                 .await
-                .map_err(|e| format!("OpenBao: {e}"))?,
-        ),
+                .map_err(|e| format!("OpenBao: {e}"))?;
+            if let Some(e) = &outage {
+                tracing::warn!("OpenBao unreachable at start ({e}); logging in in the background");
+                degraded.push(format!("OpenBao: not logged in ({e})"));
+            }
+            let cache = bao_cache::BaoCache::open(
+                &config.state_dir,
+                &config.key_file(),
+                config.store.secret_ttl,
+            )?;
+            Some((bao, Arc::new(cache)))
+        }
         _ => None,
     };
     let issuer: Arc<dyn issuer::Issuer> = match (&bao, config.issuer.kind.as_str()) {
-        (Some(bao), "openbao") => {
-            Arc::new(bao_issuer::BaoIssuer::start(&config, bao.clone()).await?)
+        (Some((bao, cache)), "openbao") => {
+            let (issuer, why) =
+                bao_issuer::BaoIssuer::start(&config, bao.clone(), cache.clone()).await?;
+            degraded.extend(why);
+            Arc::new(issuer)
         }
         _ => Arc::new(issuer::EmbeddedIssuer::load_or_create(&config).map_err(|e| e.to_string())?),
     };
     let store = match (&bao, config.store.kind.as_str()) {
-        (Some(bao), "openbao") => store::Store::OpenBao(store::BaoStore::new(bao.clone())),
+        (Some((bao, cache)), "openbao") => {
+            store::Store::OpenBao(store::BaoStore::new(bao.clone(), cache.clone()))
+        }
         _ => store::Store::Embedded(
             store::EmbeddedStore::open(&config.state_dir, &config.key_file())
                 .map_err(|e| e.to_string())?,
         ),
     };
-    let revocations = store
-        .load_revocations()
-        .await
-        .map_err(|e| format!("loading revocations: {e}"))?;
+    let revocations = match (store.load_revocations().await, &store) {
+        (Ok(list), _) => list,
+        // Never start forgetting a revocation: the list as last loaded, or no start.
+        (Err(store::StoreError::Unavailable(e)), store::Store::OpenBao(s)) => {
+            let list = s.cached_revocations().ok_or_else(|| {
+                format!("loading revocations: OpenBao is unreachable ({e}) and there is no sealed cache of the revocation list from an earlier run")
+            })?;
+            tracing::warn!(
+                revocations = list.len(),
+                "OpenBao unreachable: revocation list from the sealed cache"
+            );
+            degraded.push(format!(
+                "revocations: from the sealed cache (OpenBao unreachable: {e})"
+            ));
+            list
+        }
+        (Err(e), _) => return Err(format!("loading revocations: {e}")),
+    };
     // Companions' cgroups: checked (and leftovers removed) before any companion starts.
     let cgroups = Arc::new(
         cgroup::Cgroups::setup(&config.companion.cgroup).map_err(|e| {
@@ -103,12 +137,14 @@ pub async fn run(config: Config) -> Result<(), String> {
         revocations: Arc::new(revoke::Revocations::new(revocations)),
         cgroups,
         policies: std::sync::RwLock::new(Arc::new(config.policies.clone())),
+        companions: adopt::Records::open(&config.state_dir)?,
         config,
     });
     let agent = Arc::new(
         agent::Agent::new(ctx.clone())
             .map_err(|e| format!("reading own network namespace: {e}"))?,
     );
+    *agent.degraded.lock().unwrap_or_else(|p| p.into_inner()) = degraded;
     agent.recover().await;
     let socket = ctx.config.socket.clone();
     let listener =
@@ -153,14 +189,22 @@ pub async fn run(config: Config) -> Result<(), String> {
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-    loop {
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
+    // SIGTERM/SIGINT (restart, upgrade): companions keep serving for the next nhid.
+    // SIGUSR2 (node decommission, package removal): companions stop too.
+    let stop_companions = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break false,
+            _ = int.recv() => break false,
+            _ = usr2.recv() => break true,
             _ = hup.recv() => agent.reload_policies().await,
         }
+    };
+    if stop_companions {
+        tracing::info!("shutting down (SIGUSR2): stopping companions");
+    } else {
+        tracing::info!("shutting down: companions keep serving until the next nhid re-adopts them");
     }
-    tracing::info!("shutting down: stopping companions");
     server.abort();
     gc.abort();
     if let Some(f) = follower {
@@ -170,7 +214,11 @@ pub async fn run(config: Config) -> Result<(), String> {
     if let Some(m) = metrics_server {
         m.abort();
     }
-    agent.shutdown().await;
+    if stop_companions {
+        agent.stop_companions().await;
+    } else {
+        agent.shutdown().await;
+    }
     // What the companions reported last is on disk before nhid exits.
     let audit = ctx.audit.clone();
     let _ = tokio::task::spawn_blocking(move || audit.sync(Duration::from_secs(5))).await;

@@ -21,10 +21,36 @@ impl NetNs {
         Self::open("/proc/self/ns/net")
     }
 
+    /// Another handle on the same namespace.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(NetNs {
+            file: self.file.try_clone()?,
+            inode: self.inode,
+        })
+    }
+
     fn open(path: &str) -> io::Result<Self> {
         let file = File::open(path)?;
         let inode = file.metadata()?.ino();
         Ok(NetNs { file, inode })
+    }
+}
+
+/// Removes every file of `dir` named `<netns inode>.<anything>` whose inode is not in `keep`,
+/// and every file not named so (per-namespace sockets, tokens and records after a restart).
+pub fn remove_files_except(dir: &std::path::Path, keep: &std::collections::HashSet<u64>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let inode = name
+            .to_str()
+            .and_then(|n| n.split('.').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        if inode.is_none_or(|i| !keep.contains(&i)) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 

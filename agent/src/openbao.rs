@@ -39,6 +39,9 @@ const ROUND_PAUSE_BASE: Duration = Duration::from_millis(100);
 const ROUND_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// The renewal task never acts more often than this, whatever the token's TTL.
 const MIN_STEP: Duration = Duration::from_secs(1);
+/// Longest pause between logins while there is no session at all (nhid started during an
+/// outage): nothing works without one, and a login attempt is one request.
+const BACKOFF_MAX_LOGGED_OUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BaoError {
@@ -85,6 +88,21 @@ pub enum BaoError {
     /// The configuration or an argument is unusable (bad CA file, KV path with `..`, ...).
     #[error("{0}")]
     Invalid(String),
+    /// No session yet (OpenBao was unreachable at every login so far); the login is retried
+    /// in the background.
+    #[error("not logged in to OpenBao ({0})")]
+    NotLoggedIn(String),
+}
+
+impl BaoError {
+    /// OpenBao could not be reached (down, sealed, partitioned), as opposed to a refusal or a
+    /// configuration problem: the cases where serving from the sealed cache makes sense.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            BaoError::Unreachable { .. } | BaoError::NotLoggedIn(_)
+        )
+    }
 }
 
 fn fmt_errors(errors: &[String]) -> String {
@@ -280,6 +298,18 @@ impl Bao {
     /// Builds the HTTP client, logs in and starts the background renewal. Must be called
     /// inside a tokio runtime.
     pub async fn connect(cfg: &OpenBaoConfig) -> Result<Bao, BaoError> {
+        match Self::connect_deferred(cfg).await? {
+            (bao, None) => Ok(bao),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// Like [`connect`](Self::connect), but an outage ([`BaoError::is_outage`]) at login does
+    /// not fail it: the client comes back not logged in, with why, and keeps logging in in the
+    /// background until OpenBao answers. A refused login or a bad configuration still fails.
+    pub async fn connect_deferred(
+        cfg: &OpenBaoConfig,
+    ) -> Result<(Bao, Option<BaoError>), BaoError> {
         cfg.validate()
             .map_err(|e| BaoError::Invalid(format!("invalid [openbao] config: {e}")))?;
         let mut builder = reqwest::Client::builder()
@@ -336,10 +366,17 @@ impl Bao {
             renewer: Mutex::new(None),
         });
         inner.find_active().await;
-        inner.login().await?;
+        let deferred = match inner.login().await {
+            Ok(()) => None,
+            Err(e) if e.is_outage() => {
+                inner.set_error(&e);
+                Some(e)
+            }
+            Err(e) => return Err(e),
+        };
         let task = tokio::spawn(renew_loop(Arc::downgrade(&inner)));
         *inner.renewer.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
-        Ok(Bao { inner })
+        Ok((Bao { inner }, deferred))
     }
 
     /// The current version of `<kv_mount>/<kv_prefix>/<path>`; `None` if there is none or it
@@ -530,14 +567,8 @@ impl Bao {
 
     pub fn health(&self) -> BaoHealth {
         let i = &self.inner;
-        let (logged_in, token_expires_at) = match &*i.session_read() {
-            Some(s) => {
-                let live =
-                    s.times.lease.is_zero() || Instant::now() < s.times.obtained + s.times.lease;
-                (live, s.expires_at)
-            }
-            None => (false, None),
-        };
+        let logged_in = i.has_live_session();
+        let token_expires_at = i.session_read().as_ref().and_then(|s| s.expires_at);
         let st = i.status.lock().unwrap_or_else(|e| e.into_inner());
         BaoHealth {
             address: i.addresses[i.current_index()].clone(),
@@ -761,7 +792,14 @@ impl Inner {
     fn token(&self) -> Result<(Zeroizing<String>, u64), BaoError> {
         match &*self.session_read() {
             Some(s) => Ok((s.token.clone(), s.generation)),
-            None => Err(BaoError::Invalid("not logged in to OpenBao".into())),
+            None => Err(BaoError::NotLoggedIn(
+                self.status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "no session".into()),
+            )),
         }
     }
 
@@ -882,10 +920,19 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether a token is in place and not expired.
+    fn has_live_session(&self) -> bool {
+        self.session_read().as_ref().is_some_and(|s| {
+            s.times.lease.is_zero() || Instant::now() < s.times.obtained + s.times.lease
+        })
+    }
+
+    /// What to do next and when; with no session at all, log in now.
     fn next_step(&self, now: Instant) -> Option<(Action, Instant)> {
-        self.session_read()
-            .as_ref()
-            .and_then(|s| plan(&s.times, now))
+        match &*self.session_read() {
+            Some(s) => plan(&s.times, now),
+            None => Some((Action::Relogin, now)),
+        }
     }
 
     fn set_error(&self, e: &BaoError) {
@@ -926,8 +973,12 @@ async fn renew_loop(weak: Weak<Inner>) {
                 failures += 1;
                 tracing::warn!(error = %e, attempt = failures, "OpenBao token renewal/login failed");
                 inner.set_error(&e);
+                let mut pause = backoff(failures, rand::random::<f64>());
+                if !inner.has_live_session() {
+                    pause = pause.min(BACKOFF_MAX_LOGGED_OUT);
+                }
                 drop(inner);
-                tokio::time::sleep(backoff(failures, rand::random::<f64>())).await;
+                tokio::time::sleep(pause).await;
             }
         }
     }

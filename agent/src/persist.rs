@@ -46,6 +46,15 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// Writes `value` as JSON to `path` through a temporary file and a rename (readers see the old
+/// or the new record, never a partial one); not fsynced (see the module docs).
+pub fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let data = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    fs::write(&tmp, data)?;
+    fs::rename(&tmp, path)
+}
+
 impl Store {
     pub fn new(state_dir: &Path) -> std::io::Result<Self> {
         let dir = state_dir.join("attachments");
@@ -59,12 +68,7 @@ impl Store {
 
     pub fn save(&self, r: &Record) {
         let path = self.path(r.netns_inode);
-        let tmp = path.with_extension("tmp");
-        let res = serde_json::to_vec(r)
-            .map_err(std::io::Error::other)
-            .and_then(|data| fs::write(&tmp, data))
-            .and_then(|_| fs::rename(&tmp, &path));
-        if let Err(e) = res {
+        if let Err(e) = write_json(&path, r) {
             tracing::warn!(
                 "saving attachment {}: {e} (it will not survive an nhid restart)",
                 path.display()

@@ -13,6 +13,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Stdio;
+use std::time::Duration;
 
 use nhi_core::config::Enforcement;
 use tokio::process::{Child, Command};
@@ -123,6 +124,10 @@ pub struct Launch<'a> {
     /// `cgroup.procs` files of the companion's cgroup (one per hierarchy), which the child
     /// writes `0` to before exec.
     pub cgroup_procs: &'a [RawFd],
+    /// The re-adoption socket (bound, not listening; see `crate::adopt`); inherited.
+    pub adopt_fd: Option<RawFd>,
+    /// How long the companion serves without nhid, waiting to be re-adopted.
+    pub orphan_timeout: Duration,
 }
 
 /// Forks and execs the companion inside the network namespace behind `netns_fd`.
@@ -158,19 +163,34 @@ pub fn spawn_companion(launch: &Launch<'_>, netns_fd: &impl AsRawFd) -> io::Resu
     if let Some(addr) = launch.workload_api_listen {
         cmd.arg("--workload-api-listen").arg(addr);
     }
+    let adopt_fd = launch.adopt_fd.unwrap_or(-1);
+    if adopt_fd >= 0 {
+        cmd.arg("--adopt-fd")
+            .arg(adopt_fd.to_string())
+            .arg("--orphan-timeout-secs")
+            .arg(launch.orphan_timeout.as_secs().max(1).to_string());
+    }
     cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        // Never killed behind nhid's back: a companion outlives an nhid restart (see
+        // `crate::adopt`); nhid stops it explicitly when its workload goes.
+        .kill_on_drop(false);
     let (uid, gid) = (launch.uid, launch.uid);
-    let keep = [theirs_fd, fds_theirs_fd];
+    // Without a re-adoption socket the channel's fd stands in (a duplicate changes nothing).
+    let keep = [
+        theirs_fd,
+        fds_theirs_fd,
+        if adopt_fd >= 0 { adopt_fd } else { theirs_fd },
+    ];
     let cgroup_procs: Vec<RawFd> = launch.cgroup_procs.to_vec();
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
     // (setns, write, close_range, fcntl, setsid, prctl, setgroups, setresgid, setresuid), which
-    // are async-signal-safe; it allocates nothing and takes no locks.
+    // are async-signal-safe; it allocates nothing and takes no locks (the arrays it loops over
+    // are copied in before the fork).
     unsafe {
         cmd.pre_exec(move || {
             fn check(r: libc::c_long) -> io::Result<()> {
@@ -266,7 +286,7 @@ pub fn send_listener(channel: &OwnedFd, key: &str, listener: Option<RawFd>) -> i
 /// Marks every fd from 3 up except those in `keep` close-on-exec. Async-signal-safe:
 /// `close_range(2)` with `CLOSE_RANGE_CLOEXEC` where the kernel has it (5.11+), else `fcntl`
 /// over the fd table.
-fn cloexec_fds_except(mut keep: [libc::c_int; 2]) {
+fn cloexec_fds_except(mut keep: [libc::c_int; 3]) {
     keep.sort_unstable();
     // SAFETY: only changes fd flags in the forked child before exec; closes nothing.
     unsafe {

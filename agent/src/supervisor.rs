@@ -1,6 +1,11 @@
 //! One task per companion: serves its channel (the socketpair is the capability: whatever
 //! arrives on it is answered for this one identity and no other), restarts the companion with
-//! backoff if it dies while its workload lives, and stops it on detach.
+//! backoff if it dies while its workload lives, and stops it on detach. When `nhid` shuts down
+//! it releases the companion instead (it keeps serving its cache), and the next `nhid`
+//! re-adopts it ([`adopt`], `crate::adopt`) and serves it here again.
+//!
+//! Requests are answered concurrently in two lanes (`crate::lanes`): what needs the secret
+//! store never delays what `nhid` signs itself, and nothing waits unboundedly.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,10 +24,11 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
-use crate::issuer::{now_unix, Issuer};
-use crate::netns::NetNs;
+use crate::adopt::{AdoptKey, CompanionRecord, Pidfd, Records};
+use crate::issuer::Issuer;
+use crate::lanes::{Lane, Lanes, Refused};
+use crate::netns::{NetNs, ProcRef};
 use crate::revoke::Revocations;
-use crate::spawn::Spawned;
 use crate::store::Store;
 
 /// What every companion task needs from the daemon.
@@ -39,6 +45,8 @@ pub struct Ctx {
     pub cgroups: Arc<crate::cgroup::Cgroups>,
     /// Edge policies: from the config at start, replaced on SIGHUP.
     pub policies: std::sync::RwLock<Arc<Vec<nhi_core::policy::Policy>>>,
+    /// Companion records and re-adoption sockets (`<state_dir>/companions`).
+    pub companions: Records,
 }
 
 impl Ctx {
@@ -95,7 +103,8 @@ impl Identity {
 
 /// The listening sockets a companion serves besides its TCP ports (each container's Workload
 /// API socket), and the fd channel of its current incarnation: every incarnation gets all of
-/// them, containers that join later get theirs while it runs.
+/// them, containers that join later get theirs while it runs. A re-adopted companion gets a
+/// new fd channel with its re-adoption (`crate::adopt::send_fd_channel`).
 #[derive(Default)]
 struct Handover {
     sockets: std::collections::BTreeMap<String, Arc<crate::wapi::ContainerSocket>>,
@@ -120,17 +129,45 @@ impl Handover {
             self.send(key, Some(s));
         }
     }
+
+    /// `nhid` lets go of a running companion (shutdown): its sockets stay where they are, in
+    /// the containers and in the companion, for the next `nhid` to take over.
+    fn release(&mut self) {
+        self.channel = None;
+        for (_, s) in std::mem::take(&mut self.sockets) {
+            if let Ok(s) = Arc::try_unwrap(s) {
+                s.keep_path();
+            }
+        }
+    }
+}
+
+/// What every incarnation of one companion shares, for its whole life: its uid, its cgroup,
+/// its sockets and its AWS token.
+struct Shared {
+    uid: u32,
+    cgroup: Arc<crate::cgroup::CompanionCgroup>,
+    handover: Arc<Mutex<Handover>>,
+    aws_token: Option<Arc<zeroize::Zeroizing<String>>>,
 }
 
 /// `nhid`'s handle on a running companion.
 pub struct CompanionHandle {
     pid: Arc<AtomicI32>,
     uid: u32,
-    stop: Option<oneshot::Sender<oneshot::Sender<()>>>,
+    ctl: Option<oneshot::Sender<Control>>,
     events: mpsc::UnboundedSender<CompanionResponse>,
     handover: Arc<Mutex<Handover>>,
     /// The AWS container-credential token of its workload, when its rule names an AWS source.
     aws_token: Option<Arc<zeroize::Zeroizing<String>>>,
+}
+
+/// What `nhid` tells a companion's task.
+enum Control {
+    /// Stop the companion (detach) and report when it is gone.
+    Stop(oneshot::Sender<()>),
+    /// `nhid` shuts down: leave the companion running for the next `nhid` to re-adopt.
+    Release(oneshot::Sender<()>),
 }
 
 impl CompanionHandle {
@@ -173,15 +210,27 @@ impl CompanionHandle {
     /// Stops the companion and waits until its process is gone (bounded: SIGTERM, a grace
     /// period, then SIGKILL).
     pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let (done_tx, done_rx) = oneshot::channel();
-            if tx.send(done_tx).is_ok() {
-                let bound = STOP_GRACE + WRITE_TIMEOUT + Duration::from_secs(1);
-                if tokio::time::timeout(bound, done_rx).await.is_err() {
-                    tracing::error!(pid = self.pid(), "companion did not stop in {bound:?}");
-                }
-            }
+        let bound = STOP_GRACE + WRITE_TIMEOUT + Duration::from_secs(1);
+        if !self.control(Control::Stop, bound).await {
+            tracing::error!(pid = self.pid(), "companion did not stop in {bound:?}");
         }
+    }
+
+    /// Lets go of the companion without stopping it (`nhid` shutting down): it keeps serving
+    /// what it has cached and waits for the next `nhid`, which re-adopts it. Its records stay.
+    pub async fn release(mut self) {
+        self.control(Control::Release, Duration::from_secs(2)).await;
+    }
+
+    async fn control(&mut self, c: fn(oneshot::Sender<()>) -> Control, bound: Duration) -> bool {
+        let Some(tx) = self.ctl.take() else {
+            return true;
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        if tx.send(c(done_tx)).is_err() {
+            return true;
+        }
+        tokio::time::timeout(bound, done_rx).await.is_ok()
     }
 }
 
@@ -195,9 +244,73 @@ const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Starts a companion for `identity` in `netns` as `uid` (allocated from
-/// `ctx.uids`; released here when the companion fails to start or, later, ends) and returns
-/// once it is ready to serve.
+/// How long a restarted `nhid` waits for a running companion to answer its re-adoption.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A companion process: one `nhid` started (its child), or one it re-adopted (a pidfd).
+enum Proc {
+    Child(Child),
+    Adopted(Pidfd),
+}
+
+impl Proc {
+    fn pid(&self) -> i32 {
+        match self {
+            Proc::Child(c) => c.id().map(|p| p as i32).unwrap_or(0),
+            Proc::Adopted(p) => p.pid(),
+        }
+    }
+
+    /// Returns once the process has exited, saying how.
+    async fn wait(&mut self) -> String {
+        match self {
+            Proc::Child(c) => format!("{:?}", c.wait().await),
+            Proc::Adopted(p) => {
+                p.exited().await;
+                "exited".into()
+            }
+        }
+    }
+
+    /// SIGTERM, a grace period, SIGKILL; returns once it is gone.
+    async fn terminate(&mut self) {
+        match self {
+            Proc::Child(child) => {
+                if let Some(pid) = child.id() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+                        return;
+                    }
+                }
+                let _ = child.kill().await;
+            }
+            Proc::Adopted(p) => p.terminate(STOP_GRACE).await,
+        }
+    }
+}
+
+/// How the companion opens its channel.
+enum Greeting {
+    /// Started by this `nhid`: it says `hello`; the answer hands it `key`, its proof for a
+    /// later re-adoption (`None`: no re-adoption socket could be made).
+    Hello(Option<AdoptKey>),
+    /// Re-adopted: its first message must be `reattach` with the key of this SHA-256.
+    Reattach(String),
+}
+
+/// One companion process and `nhid`'s end of its channel.
+struct Incarnation {
+    proc: Proc,
+    channel: tokio::net::UnixStream,
+    greeting: Greeting,
+}
+
+/// Starts a companion for `identity` in `netns` as `uid` (allocated from `ctx.uids`; released
+/// when the companion fails to start or, later, ends for good) and returns once it is ready to
+/// serve.
 pub async fn start(
     ctx: Arc<Ctx>,
     identity: Arc<Identity>,
@@ -217,113 +330,189 @@ pub async fn start(
         .rule(&identity.rule)
         .is_some_and(|r| r.aws_credentials.is_some())
         .then(|| Arc::new(crate::wapi::new_token()));
-    let spawned = match spawn(&ctx, &identity, &netns, &last_stderr, uid, &cgroup) {
-        Ok(s) => s,
+    let shared = Shared {
+        uid,
+        cgroup,
+        handover: Arc::new(Mutex::new(Handover::default())),
+        aws_token,
+    };
+    let inc = match spawn(&ctx, &identity, &netns, &last_stderr, &shared) {
+        Ok(i) => i,
         Err(e) => {
             ctx.uids.release(uid);
-            cgroup.remove().await;
+            shared.cgroup.remove().await;
             return Err(format!(
                 "cannot start companion {} (cgroup {}): {e}",
                 ctx.config.companion.binary.display(),
-                cgroup.path()
+                shared.cgroup.path()
             ));
         }
     };
-    let handover = Arc::new(Mutex::new(Handover::default()));
-    if let Ok(fds) = spawned.fds.try_clone() {
-        handover
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .attach(fds);
-    }
-    let pid = Arc::new(AtomicI32::new(
-        spawned.child.id().map(|p| p as i32).unwrap_or(0),
-    ));
+    launch(ctx, identity, netns, inc, shared, last_stderr).await
+}
+
+/// Takes over the companion a previous `nhid` started for `identity` in `netns`, as recorded
+/// in `rec`: only exactly that process, proving itself with its key (see `crate::adopt`), and
+/// only for this identity. Its uid (`rec.uid`) must already be claimed in `ctx.uids`; its
+/// cgroup is the one it runs in; `aws_token` is the token its containers' files hold. On
+/// failure nothing of it is left running.
+pub async fn adopt(
+    ctx: Arc<Ctx>,
+    identity: Arc<Identity>,
+    netns: NetNs,
+    rec: &CompanionRecord,
+    aws_token: Option<zeroize::Zeroizing<String>>,
+) -> Result<CompanionHandle, String> {
+    let cgroup = Arc::new(ctx.cgroups.companion(netns.inode)?);
+    let (channel, pidfd) =
+        crate::adopt::connect(&ctx.companions, netns.inode, rec, ADOPT_TIMEOUT).await?;
+    // A new fd channel for the containers' Workload API sockets, handed over first thing.
+    let fds = crate::adopt::send_fd_channel(&channel)
+        .map_err(|e| format!("handing the re-adopted companion its fd channel: {e}"))?;
+    let mut handover = Handover::default();
+    handover.attach(fds);
+    let shared = Shared {
+        uid: rec.uid,
+        cgroup,
+        handover: Arc::new(Mutex::new(handover)),
+        aws_token: aws_token.map(Arc::new),
+    };
+    let inc = Incarnation {
+        proc: Proc::Adopted(pidfd),
+        channel,
+        greeting: Greeting::Reattach(rec.key_sha256.clone()),
+    };
+    let last_stderr = Arc::new(Mutex::new(String::new()));
+    launch(ctx, identity, netns, inc, shared, last_stderr).await
+}
+
+/// Runs the companion's task and waits until it is ready (hello or reattach answered).
+async fn launch(
+    ctx: Arc<Ctx>,
+    identity: Arc<Identity>,
+    netns: NetNs,
+    inc: Incarnation,
+    shared: Shared,
+    last_stderr: Arc<Mutex<String>>,
+) -> Result<CompanionHandle, String> {
+    let pid = Arc::new(AtomicI32::new(inc.proc.pid()));
+    let (uid, handover, aws_token) = (
+        shared.uid,
+        shared.handover.clone(),
+        shared.aws_token.clone(),
+    );
     let (ready_tx, ready_rx) = oneshot::channel();
-    let (stop_tx, stop_rx) = oneshot::channel();
+    let (ctl_tx, ctl_rx) = oneshot::channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let runner = run(
+    let adopted = matches!(inc.greeting, Greeting::Reattach(_));
+    tokio::spawn(run(
         ctx.clone(),
         identity,
         netns,
-        spawned,
+        inc,
         pid.clone(),
         ready_tx,
-        stop_rx,
+        ctl_rx,
         events_rx,
         last_stderr.clone(),
-        Incarnation {
-            handover: handover.clone(),
-            aws_token: aws_token.clone(),
-            cgroup: cgroup.clone(),
-        },
-    );
-    let uids = ctx.uids.clone();
-    tokio::spawn(async move {
-        runner.await;
-        // Its process is gone (waited for); the uid is reused once nothing else has it.
-        uids.release(uid);
-        cgroup.remove().await;
-    });
+        shared,
+    ));
     let handle = CompanionHandle {
         pid,
         uid,
-        stop: Some(stop_tx),
+        ctl: Some(ctl_tx),
         events: events_tx,
         handover,
         aws_token,
     };
-    match tokio::time::timeout(ctx.config.companion.ready_timeout, ready_rx).await {
+    let timeout = if adopted {
+        ADOPT_TIMEOUT
+    } else {
+        ctx.config.companion.ready_timeout
+    };
+    match tokio::time::timeout(timeout, ready_rx).await {
         Ok(Ok(())) => Ok(handle),
         Ok(Err(_)) => {
             handle.stop().await;
             let why = last_stderr.lock().map(|s| s.clone()).unwrap_or_default();
-            Err(format!("companion exited before it was ready: {why}"))
+            Err(if adopted {
+                "the companion did not prove itself".to_string()
+            } else {
+                format!("companion exited before it was ready: {why}")
+            })
         }
         Err(_) => {
             handle.stop().await;
-            Err(format!(
-                "companion not ready within {:?}",
-                ctx.config.companion.ready_timeout
-            ))
+            Err(format!("companion not ready within {timeout:?}"))
         }
     }
 }
 
-/// What every incarnation of one companion shares: its sockets and its AWS token.
-struct Incarnation {
-    handover: Arc<Mutex<Handover>>,
-    aws_token: Option<Arc<zeroize::Zeroizing<String>>>,
-    /// The companion's cgroup, kept across restarts (removed when it ends for good).
-    cgroup: Arc<crate::cgroup::CompanionCgroup>,
-}
-
+/// Spawns a companion (see `crate::spawn`) as `shared.uid` in `shared.cgroup`, with a fresh
+/// re-adoption socket and key, records it for a later `nhid`, and hands it every socket.
 fn spawn(
     ctx: &Ctx,
     identity: &Identity,
     netns: &NetNs,
     last_stderr: &Arc<Mutex<String>>,
-    uid: u32,
-    cgroup: &crate::cgroup::CompanionCgroup,
-) -> std::io::Result<Spawned> {
+    shared: &Shared,
+) -> std::io::Result<Incarnation> {
+    use std::os::fd::AsRawFd;
     let c = &ctx.config.companion;
+    let inode = netns.inode;
+    let adopt_fd = ctx
+        .companions
+        .bind(inode)
+        .map_err(|e| {
+            tracing::warn!(spiffe_id = %identity.spiffe_id, "no re-adoption socket (this companion will be restarted, not re-adopted, after an nhid restart): {e}")
+        })
+        .ok();
     // Opened here, written by the child before exec, closed when this returns.
-    let procs = cgroup.procs_files()?;
-    let procs_fds: Vec<i32> = procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+    let procs = shared.cgroup.procs_files()?;
+    let procs_fds: Vec<i32> = procs.iter().map(AsRawFd::as_raw_fd).collect();
     let mut s = crate::spawn::spawn_companion(
         &crate::spawn::Launch {
             binary: &c.binary,
             listen: c.http_api.then_some(c.listen.as_str()),
             workload_api_listen: Some(&c.workload_api_listen),
             max_cached_audiences: c.max_cached_audiences,
-            uid,
+            uid: shared.uid,
             seccomp: c.seccomp,
             landlock: c.landlock,
             cgroup_procs: &procs_fds,
+            adopt_fd: adopt_fd.as_ref().map(|f| f.as_raw_fd()),
+            orphan_timeout: c.orphan_timeout,
         },
         &netns.file,
     )?;
     drop(procs);
+    let pid = s.child.id().map(|p| p as i32).unwrap_or(0);
+    let key = match (&adopt_fd, ProcRef::of(pid)) {
+        (Some(_), Ok(p)) => {
+            let key = AdoptKey::generate();
+            ctx.companions.save(
+                inode,
+                &CompanionRecord {
+                    pid,
+                    start_time: p.start_time,
+                    uid: shared.uid,
+                    key_sha256: key.digest(),
+                },
+            );
+            Some(key)
+        }
+        _ => {
+            ctx.companions.remove(inode);
+            None
+        }
+    };
+    if let Ok(fds) = s.fds.try_clone() {
+        shared
+            .handover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attach(fds);
+    }
     // Relay the companion's log lines into nhid's log, tagged with the identity. Lines are cut
     // at MAX_LOG_LINE bytes: a misbehaving companion cannot grow nhid's memory.
     if let Some(err) = s.child.stderr.take() {
@@ -351,12 +540,25 @@ fn spawn(
             }
         });
     }
-    Ok(s)
+    Ok(Incarnation {
+        proc: Proc::Child(s.child),
+        channel: s.channel,
+        greeting: Greeting::Hello(key),
+    })
 }
 
 enum Ended {
     Stop(oneshot::Sender<()>),
+    Release(oneshot::Sender<()>),
     Exited(String),
+}
+
+/// Forgets a companion that is gone for good: its records, its uid (reused once nothing else
+/// has it) and its cgroup. Its containers' sockets go with their directories.
+async fn forget(ctx: &Ctx, inode: u64, pid: i32, shared: &Shared) {
+    ctx.companions.remove_if_pid(inode, pid);
+    ctx.uids.release(shared.uid);
+    shared.cgroup.remove().await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -364,45 +566,59 @@ async fn run(
     ctx: Arc<Ctx>,
     identity: Arc<Identity>,
     netns: NetNs,
-    mut spawned: Spawned,
+    mut inc: Incarnation,
     pid: Arc<AtomicI32>,
     ready_tx: oneshot::Sender<()>,
-    mut stop_rx: oneshot::Receiver<oneshot::Sender<()>>,
+    mut ctl_rx: oneshot::Receiver<Control>,
     mut events_rx: mpsc::UnboundedReceiver<CompanionResponse>,
     last_stderr: Arc<Mutex<String>>,
-    inc: Incarnation,
+    shared: Shared,
 ) {
     let mut ready_tx = Some(ready_tx);
     let mut backoff = MIN_BACKOFF;
-    let uid = spawned.uid;
+    let inode = netns.inode;
     loop {
         let started_at = tokio::time::Instant::now();
         let ended = serve(
             &ctx,
             &identity,
-            inc.aws_token.as_deref(),
-            &mut spawned,
+            shared.aws_token.as_deref(),
+            &mut inc,
             &mut ready_tx,
-            &mut stop_rx,
+            &mut ctl_rx,
             &mut events_rx,
         )
         .await;
         match ended {
             Ended::Stop(done) => {
-                terminate(&mut spawned.child).await;
+                inc.proc.terminate().await;
+                forget(&ctx, inode, pid.load(Ordering::Relaxed), &shared).await;
+                let _ = done.send(());
+                return;
+            }
+            Ended::Release(done) => {
+                // Our end of the channel closes as `inc` drops; the process, its sockets and
+                // records stay for the next nhid.
+                shared
+                    .handover
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .release();
+                tracing::info!(spiffe_id = %identity.spiffe_id, pid = inc.proc.pid(), "companion left running for the next nhid to re-adopt");
                 let _ = done.send(());
                 return;
             }
             Ended::Exited(why) => {
                 // It may still run (closed its channel, sent garbage, stopped reading): make sure
                 // it is gone before a new one binds the same port.
-                terminate(&mut spawned.child).await;
+                inc.proc.terminate().await;
                 if let Some(tx) = ready_tx.take() {
-                    // Never became ready: report to the attach call at once (dropping the
-                    // sender: it then shows the companion's last log line), no restart.
+                    // Never became ready: report to the caller at once (dropping the sender: it
+                    // then shows the companion's last log line), no restart.
                     drop(tx);
                     tracing::warn!(spiffe_id = %identity.spiffe_id, "companion failed at startup: {why}");
-                    wait_for_stop(stop_rx).await;
+                    forget(&ctx, inode, pid.load(Ordering::Relaxed), &shared).await;
+                    wait_for_control(ctl_rx).await;
                     return;
                 }
                 if started_at.elapsed() >= HEALTHY_RUN {
@@ -414,8 +630,19 @@ async fn run(
         // Restart with backoff until it runs again or nhid detaches the workload.
         loop {
             tokio::select! {
-                done = &mut stop_rx => {
-                    if let Ok(done) = done { let _ = done.send(()); }
+                c = &mut ctl_rx => {
+                    match c {
+                        Ok(Control::Stop(done)) => {
+                            forget(&ctx, inode, pid.load(Ordering::Relaxed), &shared).await;
+                            let _ = done.send(());
+                        }
+                        Ok(Control::Release(done)) => {
+                            // Nothing runs: nothing to leave behind.
+                            forget(&ctx, inode, pid.load(Ordering::Relaxed), &shared).await;
+                            let _ = done.send(());
+                        }
+                        Err(_) => forget(&ctx, inode, pid.load(Ordering::Relaxed), &shared).await,
+                    }
                     return;
                 }
                 _ = tokio::time::sleep(backoff) => {}
@@ -423,23 +650,14 @@ async fn run(
             backoff = (backoff * 2).min(MAX_BACKOFF);
             // The uid is this companion's for its life, but a new incarnation never shares it
             // with anything the old one may have left: wait until no process has it.
-            if crate::uids::has_processes(uid) {
-                tracing::error!(spiffe_id = %identity.spiffe_id, uid, "companion uid still has processes; not restarting until they are gone");
+            if crate::uids::has_processes(shared.uid) {
+                tracing::error!(spiffe_id = %identity.spiffe_id, uid = shared.uid, "companion uid still has processes; not restarting until they are gone");
                 continue;
             }
-            match spawn(&ctx, &identity, &netns, &last_stderr, uid, &inc.cgroup) {
-                Ok(s) => {
-                    spawned = s;
-                    if let Ok(fds) = spawned.fds.try_clone() {
-                        inc.handover
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .attach(fds);
-                    }
-                    pid.store(
-                        spawned.child.id().map(|p| p as i32).unwrap_or(0),
-                        Ordering::Relaxed,
-                    );
+            match spawn(&ctx, &identity, &netns, &last_stderr, &shared) {
+                Ok(i) => {
+                    inc = i;
+                    pid.store(inc.proc.pid(), Ordering::Relaxed);
                     break;
                 }
                 Err(e) => {
@@ -450,14 +668,14 @@ async fn run(
     }
 }
 
-async fn wait_for_stop(stop_rx: oneshot::Receiver<oneshot::Sender<()>>) {
-    if let Ok(done) = stop_rx.await {
+async fn wait_for_control(ctl_rx: oneshot::Receiver<Control>) {
+    if let Ok(Control::Stop(done) | Control::Release(done)) = ctl_rx.await {
         let _ = done.send(());
     }
 }
 
-/// Most requests of one companion answered at once; more wait in its channel.
-const MAX_IN_FLIGHT: usize = 16;
+/// Answers finished and waiting to be written to the channel.
+const OUT_QUEUE: usize = 64;
 
 async fn write_line(
     wr: &mut (impl AsyncWriteExt + Unpin),
@@ -481,29 +699,32 @@ async fn serve(
     ctx: &Arc<Ctx>,
     identity: &Arc<Identity>,
     aws_token: Option<&zeroize::Zeroizing<String>>,
-    spawned: &mut Spawned,
+    inc: &mut Incarnation,
     ready_tx: &mut Option<oneshot::Sender<()>>,
-    stop_rx: &mut oneshot::Receiver<oneshot::Sender<()>>,
+    ctl_rx: &mut oneshot::Receiver<Control>,
     events_rx: &mut mpsc::UnboundedReceiver<CompanionResponse>,
 ) -> Ended {
-    let (rd, mut wr) = spawned.channel.split();
+    let (rd, mut wr) = inc.channel.split();
     let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
-    // Requests are answered concurrently (a slow store read does not hold up a token).
-    let (out_tx, mut out_rx) = mpsc::channel::<ChannelResponse>(MAX_IN_FLIGHT);
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    // Requests are answered concurrently, each class in its own lane: a slow store read never
+    // holds up a token, and the reader below never waits for a slot.
+    let (out_tx, mut out_rx) = mpsc::channel::<ChannelResponse>(OUT_QUEUE);
+    let lanes = Lanes::default();
+    let mut greeted = false;
     loop {
         let res = tokio::select! {
-            done = &mut *stop_rx => {
-                return match done {
-                    Ok(done) => Ended::Stop(done),
+            c = &mut *ctl_rx => {
+                return match c {
+                    Ok(Control::Stop(done)) => Ended::Stop(done),
+                    Ok(Control::Release(done)) => Ended::Release(done),
                     // The handle was dropped without stop(): treat as stop.
                     Err(_) => Ended::Stop(oneshot::channel().0),
                 };
             }
-            status = spawned.child.wait() => {
-                return Ended::Exited(format!("{status:?}"));
+            status = inc.proc.wait() => {
+                return Ended::Exited(status);
             }
-            Some(body) = events_rx.recv() => {
+            Some(body) = events_rx.recv(), if greeted => {
                 write_line(&mut wr, &ChannelResponse { id: EVENT_ID, body }).await
             }
             Some(resp) = out_rx.recv() => write_line(&mut wr, &resp).await,
@@ -513,28 +734,68 @@ async fn serve(
                     Some(Err(e)) => return Ended::Exited(format!("channel: {e}")),
                     None => return Ended::Exited("channel closed".into()),
                 };
-                match serde_json::from_str::<ChannelRequest>(&line) {
-                    Ok(ChannelRequest { id, body: CompanionRequest::Hello }) => {
-                        let body = hello(ctx, identity, ready_tx, aws_token);
-                        write_line(&mut wr, &ChannelResponse { id, body }).await
-                    }
-                    Ok(ChannelRequest { body: CompanionRequest::Audit { events, dropped }, .. }) => {
-                        crate::audit::ingest(ctx, identity, events, dropped);
-                        Ok(())
-                    }
-                    Ok(req) => {
-                        let permit = in_flight.clone().acquire_owned().await.expect("never closed");
-                        let (ctx, identity, out) = (ctx.clone(), identity.clone(), out_tx.clone());
-                        tokio::spawn(async move {
-                            let body = answer(&ctx, &identity, req.body).await;
-                            let _ = out.send(ChannelResponse { id: req.id, body }).await;
-                            drop(permit);
-                        });
-                        Ok(())
-                    }
+                let req = match serde_json::from_str::<ChannelRequest>(&line) {
+                    Ok(req) => req,
                     Err(e) => {
                         let body = CompanionResponse::Error { message: format!("bad request: {e}") };
-                        write_line(&mut wr, &ChannelResponse { id: 0, body }).await
+                        if let Err(ended) = write_line(&mut wr, &ChannelResponse { id: 0, body }).await {
+                            return ended;
+                        }
+                        continue;
+                    }
+                };
+                if !greeted {
+                    // The first message opens the channel: `hello` from a companion this nhid
+                    // started, `reattach` with the right key from one it re-adopts. Nothing
+                    // else is answered before.
+                    let key = match (&inc.greeting, &req.body) {
+                        (Greeting::Hello(key), CompanionRequest::Hello) => {
+                            key.as_ref().map(|k| k.as_str().to_string())
+                        }
+                        (Greeting::Reattach(digest), CompanionRequest::Reattach { key })
+                            if crate::adopt::key_matches(digest, &key.0) =>
+                        {
+                            tracing::info!(spiffe_id = %identity.spiffe_id, pid = inc.proc.pid(), "companion re-adopted");
+                            None
+                        }
+                        (Greeting::Reattach(_), CompanionRequest::Reattach { .. }) => {
+                            return Ended::Exited("re-adoption refused: wrong key".into());
+                        }
+                        _ => {
+                            return Ended::Exited(
+                                "the companion's first message was not the expected hello or reattach"
+                                    .into(),
+                            );
+                        }
+                    };
+                    greeted = true;
+                    let body = hello(ctx, identity, ready_tx, aws_token, key);
+                    write_line(&mut wr, &ChannelResponse { id: req.id, body }).await
+                } else {
+                    match req.body {
+                        CompanionRequest::Hello | CompanionRequest::Reattach { .. } => {
+                            let body = CompanionResponse::Error {
+                                message: "the channel is already open".into(),
+                            };
+                            write_line(&mut wr, &ChannelResponse { id: req.id, body }).await
+                        }
+                        CompanionRequest::Audit { events, dropped } => {
+                            crate::audit::ingest(ctx, identity, events, dropped);
+                            Ok(())
+                        }
+                        CompanionRequest::Log { line } => {
+                            let mut line = line;
+                            if line.len() > MAX_LOG_LINE as usize {
+                                let mut end = MAX_LOG_LINE as usize;
+                                while !line.is_char_boundary(end) {
+                                    end -= 1;
+                                }
+                                line.truncate(end);
+                            }
+                            tracing::info!(spiffe_id = %identity.spiffe_id, "companion: {line}");
+                            Ok(())
+                        }
+                        body => dispatch(ctx, identity, &lanes, &out_tx, &mut wr, req.id, body).await,
                     }
                 }
             }
@@ -545,11 +806,69 @@ async fn serve(
     }
 }
 
+/// Starts answering request `id` in its lane, or refuses it at once if the lane is full.
+async fn dispatch(
+    ctx: &Arc<Ctx>,
+    identity: &Arc<Identity>,
+    lanes: &Lanes,
+    out: &mpsc::Sender<ChannelResponse>,
+    wr: &mut (impl AsyncWriteExt + Unpin),
+    id: u64,
+    body: CompanionRequest,
+) -> Result<(), Ended> {
+    let started = std::time::Instant::now();
+    let ticket = match lanes.admit(Lane::of(&body)) {
+        Ok(t) => t,
+        Err(refused) => {
+            let body = busy(ctx, identity, &body, &refused, started);
+            return write_line(wr, &ChannelResponse { id, body }).await;
+        }
+    };
+    let (ctx, identity, out) = (ctx.clone(), identity.clone(), out.clone());
+    tokio::spawn(async move {
+        let body = match ticket.start().await {
+            Ok(permit) => {
+                let answer = answer(&ctx, &identity, body).await;
+                drop(permit);
+                answer
+            }
+            Err(refused) => busy(&ctx, &identity, &body, &refused, started),
+        };
+        let _ = out.send(ChannelResponse { id, body }).await;
+    });
+    Ok(())
+}
+
+/// A request `nhid` could not start in time: audited like any other outcome, answered `busy`.
+fn busy(
+    ctx: &Ctx,
+    identity: &Identity,
+    req: &CompanionRequest,
+    refused: &Refused,
+    started: std::time::Instant,
+) -> CompanionResponse {
+    let message = refused.to_string();
+    tracing::debug!(spiffe_id = %identity.spiffe_id, "{message}");
+    crate::audit::credential(
+        ctx,
+        identity,
+        crate::audit::requested(req),
+        None,
+        nhi_core::audit::Decision::Error,
+        Some(message.clone()),
+        started,
+    );
+    CompanionResponse::Busy { message }
+}
+
+/// The companion's identity and everything it serves from, answering its `hello` (with its
+/// re-adoption key) or its `reattach` (without: a restarted nhid only knows the key's digest).
 fn hello(
     ctx: &Ctx,
     identity: &Identity,
     ready_tx: &mut Option<oneshot::Sender<()>>,
     aws_token: Option<&zeroize::Zeroizing<String>>,
+    adopt_key: Option<String>,
 ) -> CompanionResponse {
     if let Some(tx) = ready_tx.take() {
         let _ = tx.send(());
@@ -567,6 +886,7 @@ fn hello(
         egress: ctx.config.egress,
         aws: aws_provider(ctx, identity, aws_token),
         limits: ctx.config.companion.limits,
+        adopt_key: adopt_key.map(nhi_core::wire::Redacted),
     }))
 }
 
@@ -608,11 +928,11 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
     };
     use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
     match req {
-        CompanionRequest::Hello => CompanionResponse::Error {
-            message: "hello is answered once".into(),
+        CompanionRequest::Hello | CompanionRequest::Reattach { .. } => CompanionResponse::Error {
+            message: "the channel is already open".into(),
         },
-        CompanionRequest::Audit { .. } => CompanionResponse::Error {
-            message: "audit events are notifications".into(),
+        CompanionRequest::Audit { .. } | CompanionRequest::Log { .. } => CompanionResponse::Error {
+            message: "audit events and log lines are notifications".into(),
         },
         CompanionRequest::Validate { token, audience } => match ctx.validate(&token, &audience) {
             Ok(v) => CompanionResponse::Validated(v),
@@ -726,15 +1046,19 @@ async fn read_secret(
     audit: impl Fn(Option<String>, nhi_core::audit::Decision, Option<&str>),
 ) -> CompanionResponse {
     use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
-    match ctx.store.get(&name).await {
+    match ctx.store.get_for_workload(&name).await {
         Ok(Some(s)) => {
-            tracing::info!(spiffe_id = %spiffe_id, secret = %name, version = s.version, "{what}");
-            audit(Some(s.version.to_string()), Allow, None);
+            let cached = s
+                .from_cache
+                .then_some("from the sealed cache: OpenBao unreachable");
+            tracing::info!(spiffe_id = %spiffe_id, secret = %name, version = s.version, from_cache = s.from_cache, "{what}");
+            audit(Some(s.version.to_string()), Allow, cached);
             CompanionResponse::Secret(SecretValue {
                 name,
                 version: s.version,
                 value_b64: B64.encode(&s.value[..]),
-                expires_at: now_unix() + ctx.config.store.secret_ttl.as_secs(),
+                // Never served longer than secret_ttl after it was read from the store.
+                expires_at: s.fetched_at + ctx.config.store.secret_ttl.as_secs(),
             })
         }
         Ok(None) => {
@@ -750,17 +1074,4 @@ async fn read_secret(
             }
         }
     }
-}
-
-async fn terminate(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
-            return;
-        }
-    }
-    let _ = child.kill().await;
 }

@@ -1,8 +1,9 @@
 //! Following the central store: every `poll_interval` (±20 % jitter, so nodes spread out) a
 //! node with OpenBao looks for new secret versions (including ones written directly in
 //! OpenBao), revocations made on other nodes, and renews its intermediate CA / refreshes the
-//! shared JWKS. What fails is reported as degraded in `nhictl status`; companions keep serving
-//! what they hold until it expires, and everything resumes by itself when OpenBao answers.
+//! shared JWKS. What fails is reported as degraded in `nhictl status` (so is an issuer still
+//! running on the sealed cache it started from); companions keep serving what they hold until
+//! it expires, and everything resumes by itself when OpenBao answers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub async fn run(agent: Arc<Agent>, interval: Duration) {
                 Ok(false) => {}
                 Err(e) => degraded.push(format!("issuer: {e}")),
             }
+            degraded.extend(m.degraded());
         }
         if let Store::OpenBao(s) = &*agent.ctx.store {
             let h = s.bao().health();

@@ -96,6 +96,23 @@ impl UidAllocator {
         true
     }
 
+    /// Takes `uid` for a running companion re-adopted after an `nhid` restart: its own process
+    /// holds it (so it was counted as draining at start). `false` if it is outside the range or
+    /// another companion holds it.
+    pub fn adopt(&self, uid: u32) -> bool {
+        if !self.range.contains(uid) {
+            return false;
+        }
+        let mut s = self.state();
+        if s.in_use.contains(&uid) {
+            return false;
+        }
+        s.draining.remove(&uid);
+        s.free.retain(|u| *u != uid);
+        s.in_use.insert(uid);
+        true
+    }
+
     /// The companion holding `uid` is gone; the uid is reusable once no process has it.
     pub fn release(&self, uid: u32) {
         let mut s = self.state();
@@ -129,6 +146,19 @@ impl UidAllocator {
     pub fn in_use(&self) -> usize {
         self.state().in_use.len()
     }
+}
+
+/// The real uid of process `pid` (`/proc/<pid>/status`: a non-dumpable process's `/proc`
+/// entries belong to root, so their owner says nothing).
+pub fn real_uid(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Every id of `range` that some live process uses as real, effective, saved or filesystem

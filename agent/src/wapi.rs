@@ -29,6 +29,8 @@ pub struct ContainerSocket {
     pub listener: UnixListener,
     path: PathBuf,
     ino: u64,
+    /// Leave the path in place when dropped (`nhid` lets go of a running companion).
+    keep: bool,
 }
 
 impl ContainerSocket {
@@ -59,6 +61,7 @@ impl ContainerSocket {
                 listener,
                 path,
                 ino,
+                keep: false,
             }),
             Err(e) => {
                 let _ = fs::remove_file(&path);
@@ -68,10 +71,18 @@ impl ContainerSocket {
     }
 }
 
+impl ContainerSocket {
+    /// Closes nhid's copy but leaves the path: the companion it was handed to keeps serving it
+    /// while `nhid` is away, and the next `nhid` binds it anew.
+    pub fn keep_path(mut self) {
+        self.keep = true;
+    }
+}
+
 impl Drop for ContainerSocket {
-    /// Removes the socket's path if it is still this socket.
+    /// Removes the socket's path if it is still this socket (unless kept).
     fn drop(&mut self) {
-        if fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+        if !self.keep && fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
             let _ = fs::remove_file(&self.path);
         }
     }
@@ -101,6 +112,16 @@ pub fn write_aws_token(container_dir: &Path, token: Option<&str>, owner: HostUse
             let _ = fs::remove_file(&dst);
         }
     }
+}
+
+/// The token of a container's `/run/nhi/aws-token` (root reads it: `nhid` wrote it), if it
+/// holds one: what a re-adopted companion already checks requests against.
+pub fn read_aws_token(container_dir: &Path) -> Option<zeroize::Zeroizing<String>> {
+    let bytes = nhi_core::untrusted_fs::read_regular(&container_dir.join(AWS_TOKEN_NAME), 256)
+        .ok()
+        .map(zeroize::Zeroizing::new)?;
+    let t = std::str::from_utf8(&bytes).ok()?.trim();
+    (!t.is_empty()).then(|| zeroize::Zeroizing::new(t.to_string()))
 }
 
 /// Removes what an `nhid` before per-container sockets left (`<containers_dir>/.wapi`): at

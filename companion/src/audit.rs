@@ -87,7 +87,6 @@ mod tests {
     use super::*;
     use futures_util::StreamExt;
     use nhi_core::wire::{ChannelRequest, EVENT_ID};
-    use tokio_util::codec::{FramedRead, LinesCodec};
 
     /// Through a real channel: a flood far larger than the queue, recorded without ever
     /// yielding to the flush task, arrives at nhid's end as events plus reported drops that add
@@ -99,8 +98,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let (ours, nhid) = std::os::unix::net::UnixStream::pair().unwrap();
-            let (channel, _events) = Channel::start(ours.into(), || {}).unwrap();
+            let (channel, _events, mut lines) = crate::channel::testing::pair().await;
             let recorder = Recorder::start_with(channel, 8);
             const N: u64 = 1000;
             for i in 0..N {
@@ -109,9 +107,6 @@ mod tests {
                     ..Default::default()
                 });
             }
-            nhid.set_nonblocking(true).unwrap();
-            let nhid = tokio::net::UnixStream::from_std(nhid).unwrap();
-            let mut lines = FramedRead::new(nhid, LinesCodec::new());
             let (mut delivered, mut dropped) = (0u64, 0u64);
             while delivered + dropped < N {
                 let line = tokio::time::timeout(Duration::from_secs(5), lines.next())

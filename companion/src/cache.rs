@@ -28,14 +28,17 @@ pub enum CredError {
     NotFound(String),
     /// nhid or the store could not answer: 503.
     Unavailable(String),
+    /// nhid could not take the request in time (too many of its class in flight): 503, retry.
+    Busy(String),
 }
 
 impl std::fmt::Display for CredError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CredError::Denied(m) | CredError::NotFound(m) | CredError::Unavailable(m) => {
-                f.write_str(m)
-            }
+            CredError::Denied(m)
+            | CredError::NotFound(m)
+            | CredError::Unavailable(m)
+            | CredError::Busy(m) => f.write_str(m),
         }
     }
 }
@@ -45,6 +48,7 @@ fn unexpected(other: CompanionResponse) -> CredError {
         CompanionResponse::Denied { message } => CredError::Denied(message),
         CompanionResponse::NotFound { message } => CredError::NotFound(message),
         CompanionResponse::Error { message } => CredError::Unavailable(message),
+        CompanionResponse::Busy { message } => CredError::Busy(message),
         _ => CredError::Unavailable("unexpected answer from nhid".into()),
     }
 }
@@ -97,11 +101,19 @@ impl<T> Entry<T> {
     }
 }
 
+/// A secret as nhid served it, until its lease (`expires_at`) ends.
+struct CachedSecret {
+    value: Arc<SecretValue>,
+    /// Fetched from an nhid that has gone since: ask the current one first, and serve this
+    /// copy only if it cannot answer (its lease still bounds it).
+    revalidate: bool,
+}
+
 #[derive(Default)]
 struct Inner {
     x509: Option<Entry<X509Svid>>,
     jwt: HashMap<Vec<String>, Entry<JwtSvid>>,
-    secrets: HashMap<String, Arc<SecretValue>>,
+    secrets: HashMap<String, CachedSecret>,
 }
 
 /// The trust bundle (PEM), JWKS (JSON) and SPIFFE bundle (JSON; empty if nhid sent none) as
@@ -202,11 +214,11 @@ impl Creds {
                 inner.x509 = None;
                 inner.jwt.clear();
                 inner.secrets.clear();
-                eprintln!("nhi-companion: {message}; cached credentials dropped");
+                crate::log!("nhi-companion: {message}; cached credentials dropped");
             }
             CompanionResponse::Restored => {
                 self.revoked.store(false, Ordering::SeqCst);
-                eprintln!("nhi-companion: revocation lifted");
+                crate::log!("nhi-companion: revocation lifted");
             }
             CompanionResponse::SecretChanged { name } => {
                 self.lock().secrets.remove(&name);
@@ -219,6 +231,26 @@ impl Creds {
                 *self.trust.write().unwrap_or_else(|p| p.into_inner()) =
                     Arc::new(Trust::new(&bundle_pem, &jwks, &bundle_spiffe));
             }
+            // Re-adopted by a restarted nhid: its view of revocation and trust wins, and the
+            // secrets fetched from its predecessor are checked with it before they are served.
+            CompanionResponse::Init(init) => {
+                let revoked = init.revoked;
+                if revoked {
+                    self.apply(CompanionResponse::Revoked {
+                        message: format!("{} was revoked while nhid was away", init.spiffe_id),
+                    });
+                } else if self.revoked.swap(false, Ordering::SeqCst) {
+                    crate::log!("nhi-companion: revocation lifted while nhid was away");
+                }
+                *self.trust.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Trust::new(
+                    &init.bundle_pem,
+                    &init.jwks,
+                    &init.bundle_spiffe,
+                ));
+                for s in self.lock().secrets.values_mut() {
+                    s.revalidate = true;
+                }
+            }
             _ => return,
         }
         self.bump();
@@ -228,26 +260,48 @@ impl Creds {
     pub async fn secret(&self, name: &str) -> Result<Arc<SecretValue>, CredError> {
         self.check_revoked()?;
         let now = now_unix();
-        if let Some(s) = self.lock().secrets.get(name).filter(|s| now < s.expires_at) {
-            return Ok(s.clone());
-        }
-        let s = match self
+        let cached = match self.lock().secrets.get(name) {
+            Some(s) if now < s.value.expires_at => Some((s.value.clone(), s.revalidate)),
+            _ => None,
+        };
+        let stale = match cached {
+            Some((v, false)) => return Ok(v),
+            Some((v, true)) => Some(v),
+            None => None,
+        };
+        let answer = self
             .channel
             .call(CompanionRequest::Secret { name: name.into() })
-            .await
-            .map_err(CredError::Unavailable)?
-        {
-            CompanionResponse::Secret(s) => Arc::new(s),
-            other => return Err(unexpected(other)),
+            .await;
+        let s = match answer {
+            Ok(CompanionResponse::Secret(s)) => Arc::new(s),
+            // nhid cannot answer now: the copy from its predecessor, still within its lease.
+            Err(_) | Ok(CompanionResponse::Error { .. } | CompanionResponse::Busy { .. })
+                if stale.is_some() =>
+            {
+                self.check_revoked()?;
+                return Ok(stale.expect("checked"));
+            }
+            Ok(other) => {
+                self.lock().secrets.remove(name);
+                return Err(unexpected(other));
+            }
+            Err(e) => return Err(CredError::Unavailable(e)),
         };
         // A revocation that arrived meanwhile wins.
         self.check_revoked()?;
         let mut inner = self.lock();
         if inner.secrets.len() >= MAX_SECRETS {
-            inner.secrets.retain(|_, v| now < v.expires_at);
+            inner.secrets.retain(|_, v| now < v.value.expires_at);
         }
-        if inner.secrets.len() < MAX_SECRETS {
-            inner.secrets.insert(name.into(), s.clone());
+        if inner.secrets.len() < MAX_SECRETS || inner.secrets.contains_key(name) {
+            inner.secrets.insert(
+                name.into(),
+                CachedSecret {
+                    value: s.clone(),
+                    revalidate: false,
+                },
+            );
         }
         Ok(s)
     }
@@ -397,6 +451,14 @@ async fn refresher(c: Arc<Creds>) {
             }
             (due, next)
         };
+        if !due.is_empty() && !c.channel.is_up() {
+            // nhid is away: what is cached is served until it expires; refresh once it is back.
+            tokio::select! {
+                _ = c.channel.wait_up() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
         // `next` only covers entries that were not due: after refreshing, look again.
         let refreshed = !due.is_empty();
         for d in due {
@@ -437,7 +499,7 @@ async fn refresher(c: Arc<Creds>) {
 }
 
 fn retry_soon<T>(entry: Option<&mut Entry<T>>, why: &CredError) {
-    eprintln!("nhi-companion: refresh failed, retrying in 1s: {why}");
+    crate::log!("nhi-companion: refresh failed, retrying in 1s: {why}");
     if let Some(e) = entry {
         e.refresh_at = now_unix() + 1;
     }

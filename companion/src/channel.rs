@@ -1,108 +1,731 @@
-//! The companion's end of the socketpair `nhid` handed it at spawn: its only way to credentials.
-//! Requests are multiplexed by id; when `nhid` closes its end (detach, shutdown) the companion
-//! exits, so it never outlives the decision to serve its workload.
+//! The companion's link to `nhid`: first the socketpair `nhid` handed it at spawn (its only
+//! way to credentials), later, if that `nhid` went away, a connection a restarted `nhid` opens
+//! to the companion's re-adoption socket.
+//!
+//! Requests are multiplexed by id and each waits at most [`CALL_TIMEOUT`] for its answer.
+//! While there is no `nhid` (it crashed, restarts or is upgraded) the companion keeps serving
+//! what it has cached; a request that needs `nhid` fails at once with [`DOWN`] (HTTP 503), never
+//! hangs. It waits up to `orphan_timeout` to be re-adopted: a connection on the re-adoption
+//! listener (a unix socket `nhid` bound in its root-only state directory and handed over at
+//! spawn, so no path, no new socket and no `connect` are needed here), from root, that answers
+//! the companion's `reattach` (the key it got at spawn) with the identity this companion
+//! already serves. Anything else is refused and the wait goes on. Past `orphan_timeout` the
+//! companion exits, as it does at once when it has no re-adoption listener.
+//!
+//! For a sandbox (seccomp, Landlock): re-adoption needs `listen(2)` once at start (lib.rs),
+//! then `accept4(2)` and `getsockopt(SO_PEERCRED)` on that inherited fd; no `socket(2)`, no
+//! `connect(2)`, no path.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use nhi_core::wire::{
-    ChannelRequest, ChannelResponse, CompanionRequest, CompanionResponse, EVENT_ID, MAX_LINE,
+    ChannelRequest, ChannelResponse, CompanionRequest, CompanionResponse, Init, Redacted, EVENT_ID,
+    MAX_LINE,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
-type Reply = oneshot::Sender<CompanionResponse>;
+type Reply = oneshot::Sender<Result<CompanionResponse, String>>;
 pub type Events = mpsc::UnboundedReceiver<CompanionResponse>;
 
+/// Longest a request waits for `nhid`'s answer (`nhid` bounds its own waits well below).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a re-adoption handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most requests waiting for an answer at once.
+const MAX_PENDING: usize = 1024;
+/// Notifications (audit batches) waiting for a connection.
+const NOTES: usize = 64;
+
+/// Why a request that needs `nhid` fails while it is away.
+pub const DOWN: &str =
+    "no connection to nhid (restarting or unreachable): only credentials already cached are served";
+
+/// A handle on the link; cheap to clone.
 #[derive(Clone)]
 pub struct Channel {
-    tx: mpsc::Sender<(CompanionRequest, Option<Reply>)>,
+    calls: mpsc::Sender<(CompanionRequest, Reply)>,
+    notes: mpsc::Sender<CompanionRequest>,
+    up: watch::Receiver<bool>,
+}
+
+/// Where a restarted `nhid` finds this companion, and how long it waits for one.
+pub struct Adoption {
+    /// Listening socket `nhid` bound (in a directory only root can enter) and handed over.
+    pub listener: UnixListener,
+    pub orphan_timeout: Duration,
+    /// Where the fd channel a re-adopting `nhid` hands over goes (the Workload API sockets).
+    pub listeners: crate::listeners::Listeners,
+}
+
+/// What the companion proves itself with and checks a re-adoption against.
+struct Ident {
+    spiffe_id: String,
+    key: Redacted,
+}
+
+/// One connection to `nhid`.
+struct Conn {
+    lines: FramedRead<OwnedReadHalf, LinesCodec>,
+    wr: OwnedWriteHalf,
+}
+
+impl Conn {
+    fn new(stream: UnixStream) -> Self {
+        let (rd, wr) = stream.into_split();
+        Conn {
+            lines: FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE)),
+            wr,
+        }
+    }
+
+    async fn send(&mut self, id: u64, body: CompanionRequest) -> std::io::Result<()> {
+        let mut line =
+            serde_json::to_vec(&ChannelRequest { id, body }).expect("request serializes");
+        line.push(b'\n');
+        let res = self.wr.write_all(&line).await;
+        // A reattach carries the companion's key.
+        zeroize::Zeroize::zeroize(&mut line);
+        res
+    }
+
+    /// Reads until the answer to `id`; events that come first go to `events`.
+    async fn answer(
+        &mut self,
+        id: u64,
+        events: &mpsc::UnboundedSender<CompanionResponse>,
+    ) -> Result<CompanionResponse, String> {
+        loop {
+            let line = match self.lines.next().await {
+                Some(Ok(l)) => l,
+                Some(Err(e)) => return Err(format!("reading from nhid: {e}")),
+                None => return Err("nhid closed the connection".into()),
+            };
+            match serde_json::from_str::<ChannelResponse>(&line) {
+                Ok(r) if r.id == id => return Ok(r.body),
+                Ok(r) if r.id == EVENT_ID => {
+                    let _ = events.send(r.body);
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("bad message from nhid: {e}")),
+            }
+        }
+    }
 }
 
 impl Channel {
-    /// Takes ownership of the channel fd and starts its I/O task. `on_close` runs when nhid
-    /// closes the channel. Events nhid pushes (rotation, revocation) arrive on the receiver.
-    pub fn start(
+    /// Says hello on the channel `nhid` handed over at spawn (`fd`) and starts the link.
+    /// Returns the companion's identity; events `nhid` pushes (rotation, revocation, and an
+    /// [`CompanionResponse::Init`] after each re-adoption) arrive on the receiver. `on_exit` runs
+    /// when the link ends for good (no `nhid` within `orphan_timeout`, or no re-adoption
+    /// listener): the companion then exits.
+    pub async fn open(
         fd: OwnedFd,
-        on_close: impl FnOnce() + Send + 'static,
-    ) -> std::io::Result<(Self, Events)> {
+        adoption: Option<Adoption>,
+        on_exit: impl FnOnce() + Send + 'static,
+    ) -> Result<(Self, Box<Init>, Events), String> {
         let std_stream = std::os::unix::net::UnixStream::from(fd);
-        std_stream.set_nonblocking(true)?;
-        let stream = UnixStream::from_std(std_stream)?;
-        let (tx, rx) = mpsc::channel(64);
+        std_stream
+            .set_nonblocking(true)
+            .map_err(|e| format!("channel: {e}"))?;
+        let stream = UnixStream::from_std(std_stream).map_err(|e| format!("channel: {e}"))?;
+        let mut conn = Conn::new(stream);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            io_task(stream, rx, events_tx).await;
-            on_close();
+        conn.send(1, CompanionRequest::Hello)
+            .await
+            .map_err(|e| format!("channel: {e}"))?;
+        let init = match tokio::time::timeout(CALL_TIMEOUT, conn.answer(1, &events_tx)).await {
+            Ok(Ok(CompanionResponse::Init(i))) => i,
+            Ok(Ok(CompanionResponse::Error { message })) => {
+                return Err(format!("nhid refused: {message}"))
+            }
+            Ok(Ok(other)) => return Err(format!("unexpected hello answer: {other:?}")),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(format!("nhid did not answer hello within {CALL_TIMEOUT:?}")),
+        };
+        let ident = init.adopt_key.clone().map(|key| Ident {
+            spiffe_id: init.spiffe_id.clone(),
+            key,
         });
-        Ok((Channel { tx }, events_rx))
+        // Without a key nhid could not tell us from an impostor: no re-adoption then.
+        let adoption = adoption.zip(ident);
+        let (calls_tx, calls_rx) = mpsc::channel(64);
+        let (notes_tx, notes_rx) = mpsc::channel(NOTES);
+        let (up_tx, up_rx) = watch::channel(true);
+        let link = Link {
+            calls: calls_rx,
+            notes: notes_rx,
+            logs: crate::log::channel_queue(),
+            events: events_tx,
+            up: up_tx,
+            next_id: 2,
+        };
+        tokio::spawn(async move {
+            link.run(conn, adoption).await;
+            on_exit();
+        });
+        Ok((
+            Channel {
+                calls: calls_tx,
+                notes: notes_tx,
+                up: up_rx,
+            },
+            init,
+            events_rx,
+        ))
     }
 
+    /// Whether `nhid` is connected now.
+    pub fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    /// Returns once `nhid` is connected (at once if it is).
+    pub async fn wait_up(&self) {
+        let mut up = self.up.clone();
+        let _ = up.wait_for(|u| *u).await;
+    }
+
+    /// A request to `nhid`: fails at once while it is away, and after [`CALL_TIMEOUT`].
     pub async fn call(&self, req: CompanionRequest) -> Result<CompanionResponse, String> {
+        if !self.is_up() {
+            return Err(DOWN.into());
+        }
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send((req, Some(reply)))
+        self.calls
+            .send((req, reply))
             .await
-            .map_err(|_| "channel to nhid is closed".to_string())?;
-        rx.await
-            .map_err(|_| "channel to nhid is closed".to_string())
+            .map_err(|_| "the companion is shutting down".to_string())?;
+        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err("the connection to nhid was lost before it answered".into()),
+            Err(_) => Err(format!("nhid did not answer within {CALL_TIMEOUT:?}")),
+        }
     }
 
-    /// Sends a notification nhid does not answer (audit events). Waits only for room in the
-    /// channel's queue, never for nhid.
+    /// Sends a notification `nhid` does not answer (audit events). Waits for room in the
+    /// queue, which only drains while `nhid` is connected: the caller's own bounded queue
+    /// (and its drop count) absorbs an absence.
     pub async fn notify(&self, req: CompanionRequest) -> Result<(), String> {
-        self.tx
-            .send((req, None))
+        self.notes
+            .send(req)
             .await
-            .map_err(|_| "channel to nhid is closed".to_string())
+            .map_err(|_| "the companion is shutting down".to_string())
     }
 }
 
-async fn io_task(
-    stream: UnixStream,
-    mut rx: mpsc::Receiver<(CompanionRequest, Option<Reply>)>,
+/// The link task's state.
+struct Link {
+    calls: mpsc::Receiver<(CompanionRequest, Reply)>,
+    notes: mpsc::Receiver<CompanionRequest>,
+    logs: Option<mpsc::Receiver<String>>,
     events: mpsc::UnboundedSender<CompanionResponse>,
-) {
-    let (rd, mut wr) = stream.into_split();
-    let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
-    let mut pending: HashMap<u64, Reply> = HashMap::new();
-    let mut next_id: u64 = 1;
-    loop {
-        tokio::select! {
-            req = rx.recv() => {
-                let Some((body, reply)) = req else { return };
-                let id = if reply.is_some() {
-                    next_id += 1;
-                    next_id - 1
-                } else {
-                    EVENT_ID
-                };
-                let mut line = serde_json::to_vec(&ChannelRequest { id, body }).expect("request serializes");
-                line.push(b'\n');
-                if wr.write_all(&line).await.is_err() {
+    up: watch::Sender<bool>,
+    /// Request ids stay unique across connections.
+    next_id: u64,
+}
+
+impl Link {
+    async fn run(mut self, mut conn: Conn, adoption: Option<(Adoption, Ident)>) {
+        loop {
+            let _ = self.up.send(true);
+            let why = self.connected(&mut conn).await;
+            let _ = self.up.send(false);
+            let Some((a, ident)) = &adoption else {
+                crate::log!("nhi-companion: channel to nhid closed ({why}); exiting");
+                return;
+            };
+            crate::log!(
+                "nhi-companion: lost the channel to nhid ({why}); serving cached credentials, waiting up to {:?} to be re-adopted",
+                a.orphan_timeout
+            );
+            match self.orphaned(a, ident).await {
+                Some((c, init)) => {
+                    conn = c;
+                    crate::log!("nhi-companion: re-adopted by nhid");
+                    // Revocation, trust and policy as they are now, before serving through nhid.
+                    let _ = self.events.send(CompanionResponse::Init(init));
+                }
+                None => {
+                    crate::log!(
+                        "nhi-companion: no nhid re-adopted this companion within {:?}; exiting",
+                        a.orphan_timeout
+                    );
                     return;
-                }
-                if let Some(reply) = reply {
-                    pending.insert(id, reply);
-                }
-            }
-            line = lines.next() => {
-                let Some(Ok(line)) = line else { return };
-                match serde_json::from_str::<ChannelResponse>(&line) {
-                    Ok(resp) if resp.id == EVENT_ID => {
-                        let _ = events.send(resp.body);
-                    }
-                    Ok(resp) => {
-                        if let Some(reply) = pending.remove(&resp.id) {
-                            let _ = reply.send(resp.body);
-                        }
-                    }
-                    Err(e) => eprintln!("nhi-companion: bad message from nhid: {e}"),
                 }
             }
         }
+    }
+
+    /// Serves one connection until it ends; returns why it ended.
+    async fn connected(&mut self, conn: &mut Conn) -> String {
+        let Link {
+            calls,
+            notes,
+            logs,
+            events,
+            next_id,
+            ..
+        } = self;
+        let mut pending: HashMap<u64, Reply> = HashMap::new();
+        loop {
+            let has_logs = logs.is_some();
+            tokio::select! {
+                c = calls.recv() => {
+                    let Some((body, reply)) = c else { return "the companion is shutting down".into() };
+                    if pending.len() >= MAX_PENDING {
+                        pending.retain(|_, r| !r.is_closed());
+                    }
+                    if pending.len() >= MAX_PENDING {
+                        let _ = reply.send(Err(format!("{MAX_PENDING} requests already wait for nhid")));
+                        continue;
+                    }
+                    let id = *next_id;
+                    *next_id += 1;
+                    if let Err(e) = conn.send(id, body).await {
+                        let _ = reply.send(Err(format!("writing to nhid: {e}")));
+                        return format!("writing: {e}");
+                    }
+                    pending.insert(id, reply);
+                }
+                n = notes.recv() => {
+                    let Some(body) = n else { return "the companion is shutting down".into() };
+                    if let Err(e) = conn.send(EVENT_ID, body).await {
+                        return format!("writing: {e}");
+                    }
+                }
+                l = async { logs.as_mut().expect("checked").recv().await }, if has_logs => {
+                    match l {
+                        Some(line) => {
+                            if let Err(e) = conn.send(EVENT_ID, CompanionRequest::Log { line }).await {
+                                return format!("writing: {e}");
+                            }
+                        }
+                        None => *logs = None,
+                    }
+                }
+                line = conn.lines.next() => {
+                    let line = match line {
+                        Some(Ok(l)) => l,
+                        Some(Err(e)) => return format!("reading: {e}"),
+                        None => return "nhid closed it".into(),
+                    };
+                    match serde_json::from_str::<ChannelResponse>(&line) {
+                        Ok(resp) if resp.id == EVENT_ID => {
+                            let _ = events.send(resp.body);
+                        }
+                        Ok(resp) => {
+                            if let Some(reply) = pending.remove(&resp.id) {
+                                let _ = reply.send(Ok(resp.body));
+                            }
+                        }
+                        Err(e) => crate::log!("nhi-companion: bad message from nhid: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// No `nhid`: refuses what needs it and waits (bounded) for one to re-adopt us.
+    async fn orphaned(&mut self, a: &Adoption, ident: &Ident) -> Option<(Conn, Box<Init>)> {
+        let deadline = tokio::time::Instant::now() + a.orphan_timeout;
+        loop {
+            tokio::select! {
+                c = self.calls.recv() => match c {
+                    Some((_, reply)) => {
+                        let _ = reply.send(Err(DOWN.into()));
+                    }
+                    None => return None,
+                },
+                acc = a.listener.accept() => match acc {
+                    Ok((stream, _)) => {
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, reattach(stream, ident, id, &self.events, &a.listeners)).await {
+                            Ok(Ok(adopted)) => return Some(adopted),
+                            Ok(Err(e)) => crate::log!("nhi-companion: re-adoption refused: {e}"),
+                            Err(_) => crate::log!("nhi-companion: re-adoption refused: no answer within {HANDSHAKE_TIMEOUT:?}"),
+                        }
+                    }
+                    Err(e) => {
+                        crate::log!("nhi-companion: re-adoption socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+}
+
+/// The companion's half of a re-adoption: the peer must be root (only root can reach the
+/// socket's directory anyway), must accept the companion's key and must offer exactly the
+/// identity this companion already serves.
+async fn reattach(
+    stream: UnixStream,
+    ident: &Ident,
+    id: u64,
+    events: &mpsc::UnboundedSender<CompanionResponse>,
+    listeners: &crate::listeners::Listeners,
+) -> Result<(Conn, Box<Init>), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("peer credentials: {e}"))?;
+    if cred.uid() != 0 {
+        return Err(format!(
+            "the peer runs as uid {}, not root: only nhid re-adopts companions",
+            cred.uid()
+        ));
+    }
+    // nhid's first byte carries the new fd channel; it is used only once nhid accepted us.
+    let fd_channel = receive_fd_channel(&stream).await?;
+    let mut conn = Conn::new(stream);
+    conn.send(
+        id,
+        CompanionRequest::Reattach {
+            key: ident.key.clone(),
+        },
+    )
+    .await
+    .map_err(|e| format!("writing: {e}"))?;
+    match conn.answer(id, events).await? {
+        CompanionResponse::Init(init) if init.spiffe_id == ident.spiffe_id => {
+            listeners
+                .attach(fd_channel)
+                .map_err(|e| format!("fd channel: {e}"))?;
+            Ok((conn, init))
+        }
+        CompanionResponse::Init(init) => Err(format!(
+            "nhid offered identity {} but this companion serves {}",
+            init.spiffe_id, ident.spiffe_id
+        )),
+        CompanionResponse::Error { message } | CompanionResponse::Denied { message } => {
+            Err(format!("nhid refused: {message}"))
+        }
+        _ => Err("unexpected answer to reattach".into()),
+    }
+}
+
+/// Reads the one byte a re-adopting `nhid` sends first (`nhi_core::wire::FD_CHANNEL_BYTE`) and the fd channel it
+/// carries (`SCM_RIGHTS`), before anything is read as lines: ancillary data read by a plain
+/// `read` would be lost.
+async fn receive_fd_channel(stream: &UnixStream) -> Result<OwnedFd, String> {
+    use std::os::fd::AsRawFd;
+    loop {
+        stream
+            .readable()
+            .await
+            .map_err(|e| format!("reading the fd channel: {e}"))?;
+        match stream.try_io(tokio::io::Interest::READABLE, || {
+            receive_one_fd(stream.as_raw_fd())
+        }) {
+            Ok(fd) => return fd,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(format!("reading the fd channel: {e}")),
+        }
+    }
+}
+
+fn receive_one_fd(fd: std::os::fd::RawFd) -> std::io::Result<Result<OwnedFd, String>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut byte = [0u8; 1];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let msg = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these fds in this process for us; nothing else
+            // refers to them.
+            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+        }
+    }
+    let n = msg.bytes;
+    Ok(match (n, byte[0], fds.len()) {
+        (0, _, _) => Err("nhid closed the connection".into()),
+        (1, nhi_core::wire::FD_CHANNEL_BYTE, 1) => Ok(fds.pop().expect("one fd")),
+        _ => Err("nhid's first message is not the fd channel".into()),
+    })
+}
+
+/// Test helpers: a channel whose `nhid` end is a plain socket the test drives.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A minimal identity for tests.
+    pub fn init(spiffe_id: &str, adopt_key: Option<&str>) -> Init {
+        Init {
+            spiffe_id: spiffe_id.into(),
+            trust_domain: "td".into(),
+            rule: "r".into(),
+            workload: Default::default(),
+            bundle_pem: String::new(),
+            jwks: serde_json::json!({"keys": []}),
+            bundle_spiffe: serde_json::Value::Null,
+            revoked: false,
+            policy: None,
+            egress: Default::default(),
+            aws: None,
+            limits: Default::default(),
+            adopt_key: adopt_key.map(|k| Redacted(k.into())),
+        }
+    }
+
+    pub type NhidEnd = FramedRead<tokio::net::UnixStream, LinesCodec>;
+
+    /// Answers the hello on `nhid`'s end of a socketpair.
+    pub async fn answer_hello(nhid: tokio::net::UnixStream, init: Init) -> NhidEnd {
+        let mut lines = FramedRead::new(nhid, LinesCodec::new());
+        let hello: ChannelRequest =
+            serde_json::from_str(&lines.next().await.unwrap().unwrap()).unwrap();
+        assert!(matches!(hello.body, CompanionRequest::Hello));
+        let mut out = serde_json::to_vec(&ChannelResponse {
+            id: hello.id,
+            body: CompanionResponse::Init(Box::new(init)),
+        })
+        .unwrap();
+        out.push(b'\n');
+        lines.get_mut().write_all(&out).await.unwrap();
+        lines
+    }
+
+    /// A connected channel (no re-adoption) and the test's end as `nhid`.
+    pub async fn pair() -> (Channel, Events, NhidEnd) {
+        let (ours, nhid) = std::os::unix::net::UnixStream::pair().unwrap();
+        nhid.set_nonblocking(true).unwrap();
+        let nhid = tokio::net::UnixStream::from_std(nhid).unwrap();
+        let serve = tokio::spawn(answer_hello(nhid, init("spiffe://td/a", None)));
+        let (c, _, events) = Channel::open(ours.into(), None, || {}).await.unwrap();
+        (c, events, serve.await.unwrap())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "these tests play nhid, which runs as root (the companion refuses other peers)"
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    async fn reply(end: &mut NhidEnd, id: u64, body: CompanionResponse) {
+        let mut out = serde_json::to_vec(&ChannelResponse { id, body }).unwrap();
+        out.push(b'\n');
+        end.get_mut().write_all(&out).await.unwrap();
+    }
+
+    async fn next_req(end: &mut NhidEnd) -> ChannelRequest {
+        serde_json::from_str(&end.next().await.unwrap().unwrap()).unwrap()
+    }
+
+    /// Connects to the companion's re-adoption socket as a restarted nhid would (the test runs
+    /// as root, like nhid) and answers its reattach with `answer(key)`.
+    /// What nhid sends first on a re-adoption: the byte carrying a new fd channel.
+    fn send_fd_channel(s: &tokio::net::UnixStream) {
+        use nix::sys::socket::{
+            sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
+        };
+        use std::os::fd::AsRawFd;
+        let (_ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let fds = [theirs.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(&[nhi_core::wire::FD_CHANNEL_BYTE])];
+        sendmsg::<()>(
+            s.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+    }
+
+    async fn adopt(
+        path: &std::path::Path,
+        answer: impl FnOnce(&str) -> CompanionResponse,
+    ) -> NhidEnd {
+        let s = tokio::net::UnixStream::connect(path).await.unwrap();
+        send_fd_channel(&s);
+        let mut end = FramedRead::new(s, LinesCodec::new());
+        let req = next_req(&mut end).await;
+        let CompanionRequest::Reattach { key } = req.body else {
+            panic!("expected reattach, got {:?}", req.body)
+        };
+        reply(&mut end, req.id, answer(&key.0)).await;
+        end
+    }
+
+    #[test]
+    fn answers_are_matched_by_id_and_requests_fail_fast_while_nhid_is_away() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("adopt.sock");
+            let listener = UnixListener::bind(&path).unwrap();
+            let (ours, nhid) = std::os::unix::net::UnixStream::pair().unwrap();
+            nhid.set_nonblocking(true).unwrap();
+            let nhid = tokio::net::UnixStream::from_std(nhid).unwrap();
+            let serve = tokio::spawn(answer_hello(nhid, init("spiffe://td/a", Some("the-key"))));
+            let (exit_tx, mut exit_rx) = oneshot::channel();
+            let adoption = Adoption {
+                listener,
+                orphan_timeout: Duration::from_secs(30),
+                listeners: crate::listeners::Listeners::new().0,
+            };
+            let (c, init0, mut events) = Channel::open(ours.into(), Some(adoption), move || {
+                let _ = exit_tx.send(());
+            })
+            .await
+            .unwrap();
+            assert_eq!(init0.spiffe_id, "spiffe://td/a");
+            let mut end = serve.await.unwrap();
+
+            // Two requests in flight, answered out of order.
+            let (c1, c2) = (c.clone(), c.clone());
+            let a = tokio::spawn(async move { c1.call(CompanionRequest::X509).await });
+            let r1 = next_req(&mut end).await;
+            let b = tokio::spawn(async move {
+                c2.call(CompanionRequest::Secret { name: "s".into() }).await
+            });
+            let r2 = next_req(&mut end).await;
+            reply(
+                &mut end,
+                r2.id,
+                CompanionResponse::NotFound {
+                    message: "no".into(),
+                },
+            )
+            .await;
+            reply(
+                &mut end,
+                r1.id,
+                CompanionResponse::Busy {
+                    message: "busy".into(),
+                },
+            )
+            .await;
+            assert!(matches!(
+                b.await.unwrap(),
+                Ok(CompanionResponse::NotFound { .. })
+            ));
+            assert!(matches!(
+                a.await.unwrap(),
+                Ok(CompanionResponse::Busy { .. })
+            ));
+
+            // nhid dies with a request in flight: that request fails, the next fails at once.
+            let c1 = c.clone();
+            let pending = tokio::spawn(async move { c1.call(CompanionRequest::X509).await });
+            next_req(&mut end).await;
+            drop(end);
+            let e = pending.await.unwrap().unwrap_err();
+            assert!(e.contains("lost before it answered"), "{e}");
+            tokio::time::timeout(Duration::from_secs(5), c.up.clone().wait_for(|u| !*u))
+                .await
+                .unwrap()
+                .unwrap();
+            let t = tokio::time::Instant::now();
+            let e = c.call(CompanionRequest::X509).await.unwrap_err();
+            assert_eq!(e, DOWN);
+            assert!(t.elapsed() < Duration::from_millis(100));
+
+            // An nhid offering another identity is refused; the companion keeps waiting.
+            let refused = adopt(&path, |_| {
+                CompanionResponse::Init(Box::new(init("spiffe://td/other", None)))
+            })
+            .await;
+            drop(refused);
+            assert!(!c.is_up());
+            // The right one re-adopts it: same key, same identity; its Init arrives as an event.
+            let mut end = adopt(&path, |key| {
+                assert_eq!(key, "the-key");
+                let mut i = init("spiffe://td/a", None);
+                i.revoked = true;
+                CompanionResponse::Init(Box::new(i))
+            })
+            .await;
+            tokio::time::timeout(Duration::from_secs(5), c.wait_up())
+                .await
+                .unwrap();
+            match events.recv().await.unwrap() {
+                CompanionResponse::Init(i) => assert!(i.revoked),
+                other => panic!("{other:?}"),
+            }
+            let c1 = c.clone();
+            let again = tokio::spawn(async move { c1.call(CompanionRequest::X509).await });
+            let r = next_req(&mut end).await;
+            assert!(r.id > r2.id, "ids stay unique across connections");
+            reply(
+                &mut end,
+                r.id,
+                CompanionResponse::Error {
+                    message: "x".into(),
+                },
+            )
+            .await;
+            assert!(matches!(
+                again.await.unwrap(),
+                Ok(CompanionResponse::Error { .. })
+            ));
+            assert!(exit_rx.try_recv().is_err(), "still running");
+        });
+    }
+
+    #[test]
+    fn without_nhid_the_companion_exits_after_orphan_timeout() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let listener = UnixListener::bind(dir.path().join("a.sock")).unwrap();
+            let (ours, nhid) = std::os::unix::net::UnixStream::pair().unwrap();
+            nhid.set_nonblocking(true).unwrap();
+            let nhid = tokio::net::UnixStream::from_std(nhid).unwrap();
+            let serve = tokio::spawn(answer_hello(nhid, init("spiffe://td/a", Some("k"))));
+            let (exit_tx, exit_rx) = oneshot::channel();
+            let adoption = Adoption {
+                listener,
+                orphan_timeout: Duration::from_millis(300),
+                listeners: crate::listeners::Listeners::new().0,
+            };
+            let (_c, _, _events) = Channel::open(ours.into(), Some(adoption), move || {
+                let _ = exit_tx.send(());
+            })
+            .await
+            .unwrap();
+            let t = tokio::time::Instant::now();
+            drop(serve.await.unwrap());
+            tokio::time::timeout(Duration::from_secs(5), exit_rx)
+                .await
+                .expect("exits after orphan_timeout")
+                .unwrap();
+            assert!(t.elapsed() >= Duration::from_millis(300));
+        });
     }
 }

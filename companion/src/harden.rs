@@ -411,7 +411,7 @@ mod tests {
                 let code = match sandbox(Enforcement::Required, Enforcement::Required) {
                     Ok(_) => f(),
                     Err(e) => {
-                        eprintln!("sandbox: {e}");
+                        crate::log!("sandbox: {e}");
                         100
                     }
                 };

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use nhi_core::config::CompanionLimits;
 use nhi_core::wire::Init;
@@ -172,9 +172,10 @@ impl Api {
                     detail: Some(why.clone()),
                     ..Default::default()
                 });
-                eprintln!(
+                crate::log!(
                     "nhi-companion: refused AWS credentials from secret {:?} version {}: {why}",
-                    p.secret, s.version
+                    p.secret,
+                    s.version
                 );
                 error(status, code, &why)
             };
@@ -340,6 +341,12 @@ fn cred_error(e: CredError) -> Resp {
         CredError::Unavailable(m) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "issuer_unavailable", &m)
         }
+        CredError::Busy(m) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "busy", &m);
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
     }
 }
 
@@ -480,7 +487,7 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, limits: CompanionLimits
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("nhi-companion: accept: {e}");
+                crate::log!("nhi-companion: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }

@@ -10,15 +10,16 @@ pub mod harden;
 pub mod http;
 pub mod limits;
 pub mod listeners;
+pub mod log;
 pub mod proxy;
 pub mod workload;
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use nhi_core::config::CompanionLimits;
-use nhi_core::wire::{CompanionRequest, CompanionResponse};
+use nhi_core::wire::CompanionResponse;
 
 pub struct Options {
     /// The HTTP API's address; `None`: no HTTP API (`companion.http_api = false`).
@@ -31,6 +32,11 @@ pub struct Options {
     pub workload_api_listen: SocketAddr,
     pub seccomp: nhi_core::config::Enforcement,
     pub landlock: nhi_core::config::Enforcement,
+    /// The re-adoption socket nhid bound (unlistened) in its root-only state directory,
+    /// inherited at spawn: a restarted nhid connects to it (see [`channel`]).
+    pub adopt_fd: Option<RawFd>,
+    /// How long to keep serving without nhid, waiting to be re-adopted, before exiting.
+    pub orphan_timeout: std::time::Duration,
 }
 
 /// Takes an fd nhid left open across exec.
@@ -43,18 +49,19 @@ fn inherited(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Hardens and sandboxes the process, binds, says hello to nhid and serves until nhid closes
-/// the channel.
+/// Hardens and sandboxes the process, binds, says hello to nhid and serves until nhid stops it,
+/// or until nhid went away and none re-adopted it within `orphan_timeout`.
 pub fn run(opts: Options) -> Result<(), String> {
     let channel_fd = inherited(opts.channel_fd, "channel-fd")?;
     let fd_channel = inherited(opts.fd_channel_fd, "fd-channel-fd")?;
+    let adopt_listener = opts.adopt_fd.map(adoption_listener).transpose()?;
     harden::harden()?;
     // Before the sandbox, which allows no prlimit64.
     let nofile = limits::raise_fd_limit();
     // Before any thread and before anything the workload or nhid sends is read.
     let applied = harden::sandbox(opts.landlock, opts.seccomp)?;
     for w in &applied.warnings {
-        eprintln!("nhi-companion: warning: {w}");
+        crate::log!("nhi-companion: warning: {w}");
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -72,22 +79,30 @@ pub fn run(opts: Options) -> Result<(), String> {
         let wapi_listener = tokio::net::TcpListener::bind(opts.workload_api_listen)
             .await
             .map_err(|e| format!("listening on {}: {e}", opts.workload_api_listen))?;
-        let unix_incoming = listeners::start(fd_channel).map_err(|e| format!("fd channel: {e}"))?;
+        let (listeners, unix_incoming) = listeners::Listeners::new();
+        listeners
+            .attach(fd_channel)
+            .map_err(|e| format!("fd channel: {e}"))?;
+        let adoption = adopt_listener
+            .map(|l| {
+                tokio::net::UnixListener::from_std(l).map(|listener| channel::Adoption {
+                    listener,
+                    orphan_timeout: opts.orphan_timeout,
+                    listeners: listeners.clone(),
+                })
+            })
+            .transpose()
+            .map_err(|e| format!("re-adoption socket: {e}"))?;
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
-        let (channel, events) = channel::Channel::start(channel_fd, move || {
+        let (channel, init, events) = channel::Channel::open(channel_fd, adoption, move || {
             let _ = closed_tx.send(());
         })
-        .map_err(|e| format!("channel: {e}"))?;
-        let init = match channel.call(CompanionRequest::Hello).await? {
-            CompanionResponse::Init(i) => i,
-            CompanionResponse::Error { message } => return Err(format!("nhid refused: {message}")),
-            other => return Err(format!("unexpected hello answer: {other:?}")),
-        };
+        .await?;
         match &opts.listen {
-            Some(addr) => eprintln!("serving {} on http://{addr}", init.spiffe_id),
-            None => eprintln!("serving {} (HTTP API off)", init.spiffe_id),
+            Some(addr) => crate::log!("serving {} on http://{addr}", init.spiffe_id),
+            None => crate::log!("serving {} (HTTP API off)", init.spiffe_id),
         }
-        eprintln!(
+        crate::log!(
             "sandbox: seccomp {}, {}",
             if applied.seccomp { "on" } else { "OFF" },
             applied.landlock.as_deref().unwrap_or("Landlock OFF")
@@ -135,10 +150,8 @@ pub fn run(opts: Options) -> Result<(), String> {
         };
         tokio::select! {
             _ = http => Ok(()),
-            _ = closed_rx => {
-                eprintln!("nhid closed the channel; exiting");
-                Ok(())
-            }
+            // The channel logged why.
+            _ = closed_rx => Ok(()),
         }
     })
 }
@@ -157,6 +170,7 @@ fn split_events(mut events: channel::Events) -> (channel::Events, EdgeEvents) {
                 CompanionResponse::Policy { .. }
                     | CompanionResponse::SecretChanged { .. }
                     | CompanionResponse::Revoked { .. }
+                    | CompanionResponse::Init(_)
             ) {
                 let _ = edge_tx.send(e.clone());
             }
@@ -205,7 +219,7 @@ async fn listen(
         Ok(l) => {
             tokio::spawn(proxy::serve_outbound(l, edge.clone(), limits));
         }
-        Err(e) => eprintln!("edge proxy disabled: listening on {out}: {e}"),
+        Err(e) => crate::log!("edge proxy disabled: listening on {out}: {e}"),
     }
     // The DNS relay, where the workload's UDP queries to the policy's resolvers are
     // redirected (IPv4 and, where the namespace has it, IPv6 loopback).
@@ -218,8 +232,8 @@ async fn listen(
             Ok(s) => {
                 tokio::spawn(proxy::dns::serve_udp(s, edge.clone()));
             }
-            Err(e) if ip.is_ipv6() => eprintln!("dns relay: no IPv6 ({at}: {e})"),
-            Err(e) => eprintln!("dns relay disabled: listening on {at}: {e}"),
+            Err(e) if ip.is_ipv6() => crate::log!("dns relay: no IPv6 ({at}: {e})"),
+            Err(e) => crate::log!("dns relay disabled: listening on {at}: {e}"),
         }
     }
     let inb: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, ports.inbound_port).into();
@@ -227,7 +241,7 @@ async fn listen(
         Ok(l) => {
             tokio::spawn(proxy::inbound::serve(l, edge.clone(), limits));
         }
-        Err(e) => eprintln!("inbound policy disabled: listening on {inb}: {e}"),
+        Err(e) => crate::log!("inbound policy disabled: listening on {inb}: {e}"),
     }
 }
 
@@ -246,9 +260,31 @@ fn fit_limits(limits: CompanionLimits, have: u64) -> CompanionLimits {
         proxy_connections: scale(limits.proxy_connections),
         ..limits
     };
-    eprintln!(
+    crate::log!(
         "nhi-companion: RLIMIT_NOFILE is {have}, the connection limits need {need}: serving at most {} API, {} Workload API and {} proxy connections",
         fitted.api_connections, fitted.workload_api_connections, fitted.proxy_connections
     );
     fitted
+}
+
+fn adoption_listener(fd: RawFd) -> Result<std::os::unix::net::UnixListener, String> {
+    if fd < 3 {
+        return Err(format!("--adopt-fd {fd} is not an inherited socket"));
+    }
+    // SAFETY: nhid passes the fd number of the socket it left open for us across exec; nothing
+    // else in this process owns or closes it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: listen(2) on an fd we own; it only changes the socket's state.
+    if unsafe { libc::listen(owned.as_raw_fd(), 16) } != 0 {
+        return Err(format!(
+            "--adopt-fd {fd}: listen: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let l = std::os::unix::net::UnixListener::from(owned);
+    l.local_addr()
+        .map_err(|e| format!("--adopt-fd {fd}: not a unix socket: {e}"))?;
+    l.set_nonblocking(true)
+        .map_err(|e| format!("--adopt-fd {fd}: {e}"))?;
+    Ok(l)
 }

@@ -315,7 +315,7 @@ impl Governor {
                 self.stats.shed.load(Ordering::Relaxed),
             );
             if now != logged && last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                eprintln!(
+                crate::log!(
                     "nhi-companion: {}: at its limit of {} connections: {} evicted (quietest first), {} refused, {} requests shed so far",
                     self.name, b.max_connections, now.0, now.1, now.2
                 );

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::{UnixListener, UnixStream};
@@ -30,52 +31,87 @@ struct Message {
     remove: Option<String>,
 }
 
+/// The Workload API unix sockets the companion serves, by key, and where their connections go.
+/// Cheap to clone. An fd channel from a re-adopting `nhid` is attached like the first one:
+/// its `add` of a key replaces the socket the previous `nhid` handed over.
+#[derive(Clone)]
+pub struct Listeners {
+    tx: mpsc::Sender<io::Result<UnixStream>>,
+    serving: Arc<Mutex<HashMap<String, AbortHandle>>>,
+}
+
+impl Listeners {
+    /// No socket yet; accepted connections will arrive on the returned receiver.
+    pub fn new() -> (Self, Incoming) {
+        let (tx, rx) = mpsc::channel(64);
+        (
+            Listeners {
+                tx,
+                serving: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Starts reading the fd channel `fd`. When `nhid` closes its end, the sockets it handed
+    /// over keep being served.
+    pub fn attach(&self, fd: OwnedFd) -> io::Result<()> {
+        set_nonblocking(&fd)?;
+        // SAFETY: the OwnedFd moves into the AsyncFd, which alone owns it from here on:
+        // nothing closes or replaces the fd while it is registered.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| io::Error::other(e.to_string()))?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let got = match fd.readable().await {
+                    Ok(mut guard) => match guard.try_io(|fd| receive(fd.get_ref().as_raw_fd())) {
+                        Ok(r) => r,
+                        Err(_would_block) => continue,
+                    },
+                    Err(e) => Err(e),
+                };
+                let (msg, listener) = match got {
+                    Ok(Some(m)) => m,
+                    // nhid closed its end: the main channel says what happens next.
+                    Ok(None) => break,
+                    Err(e) => {
+                        crate::log!("nhi-companion: fd channel: {e}");
+                        break;
+                    }
+                };
+                this.apply(msg, listener);
+            }
+        });
+        Ok(())
+    }
+
+    fn apply(&self, msg: Message, listener: Option<OwnedFd>) {
+        let mut serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        match (msg.add, msg.remove, listener) {
+            (Some(key), None, Some(l)) => match listen(l) {
+                Ok(l) => {
+                    let task = tokio::spawn(accept(l, self.tx.clone()));
+                    if let Some(old) = serving.insert(key, task.abort_handle()) {
+                        old.abort();
+                    }
+                }
+                Err(e) => crate::log!("nhi-companion: Workload API socket for {key}: {e}"),
+            },
+            (None, Some(key), None) => {
+                if let Some(t) = serving.remove(&key) {
+                    t.abort();
+                }
+            }
+            _ => crate::log!("nhi-companion: fd channel: malformed message"),
+        }
+    }
+}
+
 /// Starts reading the fd channel `fd`; accepted connections arrive on the returned receiver.
 pub fn start(fd: OwnedFd) -> io::Result<Incoming> {
-    set_nonblocking(&fd)?;
-    // SAFETY: the OwnedFd moves into the AsyncFd, which alone owns it from here on: nothing
-    // closes or replaces the fd while it is registered.
-    let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| io::Error::other(e.to_string()))?;
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        let mut serving: HashMap<String, AbortHandle> = HashMap::new();
-        loop {
-            let got = match fd.readable().await {
-                Ok(mut guard) => match guard.try_io(|fd| receive(fd.get_ref().as_raw_fd())) {
-                    Ok(r) => r,
-                    Err(_would_block) => continue,
-                },
-                Err(e) => Err(e),
-            };
-            let (msg, listener) = match got {
-                Ok(Some(m)) => m,
-                // nhid closed its end: the main channel's close ends the companion.
-                Ok(None) => break,
-                Err(e) => {
-                    eprintln!("nhi-companion: fd channel: {e}");
-                    break;
-                }
-            };
-            match (msg.add, msg.remove, listener) {
-                (Some(key), None, Some(l)) => match listen(l) {
-                    Ok(l) => {
-                        let task = tokio::spawn(accept(l, tx.clone()));
-                        if let Some(old) = serving.insert(key, task.abort_handle()) {
-                            old.abort();
-                        }
-                    }
-                    Err(e) => eprintln!("nhi-companion: Workload API socket for {key}: {e}"),
-                },
-                (None, Some(key), None) => {
-                    if let Some(t) = serving.remove(&key) {
-                        t.abort();
-                    }
-                }
-                _ => eprintln!("nhi-companion: fd channel: malformed message"),
-            }
-        }
-    });
-    Ok(rx)
+    let (l, incoming) = Listeners::new();
+    l.attach(fd)?;
+    Ok(incoming)
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
@@ -157,7 +193,7 @@ async fn accept(l: UnixListener, tx: mpsc::Sender<io::Result<UnixStream>>) {
     loop {
         let c = l.accept().await.map(|(s, _)| s);
         if let Err(e) = &c {
-            eprintln!("nhi-companion: Workload API socket: accept: {e}");
+            crate::log!("nhi-companion: Workload API socket: accept: {e}");
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             continue;
         }

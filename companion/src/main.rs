@@ -30,6 +30,12 @@ struct Args {
     /// SPIFFE Workload API (gRPC) address inside the workload's network namespace.
     #[arg(long, default_value = nhi_core::config::DEFAULT_WORKLOAD_API_LISTEN)]
     workload_api_listen: SocketAddr,
+    /// File descriptor of the re-adoption socket nhid bound, inherited at spawn.
+    #[arg(long)]
+    adopt_fd: Option<i32>,
+    /// Seconds to keep serving without nhid, waiting to be re-adopted, before exiting.
+    #[arg(long, default_value_t = 600)]
+    orphan_timeout_secs: u64,
 }
 
 fn main() {
@@ -42,9 +48,11 @@ fn main() {
         workload_api_listen: a.workload_api_listen,
         seccomp: a.seccomp,
         landlock: a.landlock,
+        adopt_fd: a.adopt_fd,
+        orphan_timeout: std::time::Duration::from_secs(a.orphan_timeout_secs),
     };
     if let Err(e) = nhi_companion::run(opts) {
-        eprintln!("nhi-companion: {e}");
+        nhi_companion::log!("nhi-companion: {e}");
         std::process::exit(1);
     }
 }

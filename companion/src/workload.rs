@@ -107,7 +107,7 @@ fn status(e: CredError) -> Status {
     match e {
         CredError::Denied(m) => Status::permission_denied(m),
         CredError::NotFound(m) => Status::not_found(m),
-        CredError::Unavailable(m) => Status::unavailable(m),
+        CredError::Unavailable(m) | CredError::Busy(m) => Status::unavailable(m),
     }
 }
 
@@ -432,7 +432,7 @@ pub async fn serve(
     let (a, b) = tokio::join!(tcp_srv, unix_srv);
     for r in [a, b] {
         if let Err(e) = r {
-            eprintln!("nhi-companion: workload API: {e}");
+            crate::log!("nhi-companion: workload API: {e}");
         }
     }
 }

@@ -329,6 +329,10 @@ pub struct CompanionConfig {
     /// The cgroup each companion runs in (its bounds, and what exempts its own traffic from
     /// the edge policy's interception).
     pub cgroup: CompanionCgroupConfig,
+    /// How long a companion whose `nhid` went away (crash, restart, upgrade) keeps serving
+    /// what it has cached while it waits to be re-adopted by the next `nhid`; then it exits.
+    #[serde(with = "humantime_serde")]
+    pub orphan_timeout: Duration,
 }
 
 /// Bounds on every companion listener (see `companion/src/limits.rs` and ARCHITECTURE's
@@ -501,6 +505,7 @@ impl Default for CompanionConfig {
             workload_api_listen: DEFAULT_WORKLOAD_API_LISTEN.into(),
             limits: CompanionLimits::default(),
             cgroup: CompanionCgroupConfig::default(),
+            orphan_timeout: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -741,6 +746,11 @@ impl Config {
         if raw.runtime.runtime.is_empty() || raw.runtime.runc_shim.is_empty() {
             return Err(invalid(
                 "runtime.runtime and runtime.runc_shim must not be empty".into(),
+            ));
+        }
+        if raw.companion.orphan_timeout < Duration::from_secs(1) {
+            return Err(invalid(
+                "companion.orphan_timeout must be at least 1s".into(),
             ));
         }
         if raw.companion.max_cached_audiences == 0 {
@@ -989,6 +999,7 @@ mod tests {
         assert_eq!(c.issuer.jwt_ttl, Duration::from_secs(300));
         assert_eq!(c.issuer.x509_ttl, Duration::from_secs(3600));
         assert_eq!(c.companion.listen, "127.0.0.1:15100");
+        assert_eq!(c.companion.orphan_timeout, Duration::from_secs(600));
         assert_eq!(c.key_file(), PathBuf::from("/var/lib/nhi/master.key"));
         assert_eq!(c.audit_dir(), PathBuf::from("/var/lib/nhi/audit"));
         assert_eq!(c.audit.fsync, Fsync::Batch);

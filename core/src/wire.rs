@@ -245,6 +245,18 @@ pub enum CompanionRequest {
     BrokeredSecret {
         rule_id: String,
     },
+    /// The first message on a connection a restarted `nhid` opened to the companion's
+    /// re-adoption socket: proves the companion is the one `nhid` started (the key it got in
+    /// [`Init::adopt_key`]). Answered with [`CompanionResponse::Init`] for the identity of
+    /// `nhid`'s attachment record, never one the companion names.
+    Reattach {
+        key: Redacted,
+    },
+    /// Notification (never answered): a log line of a companion whose stderr is gone (it was
+    /// started by an earlier `nhid`).
+    Log {
+        line: String,
+    },
     /// Notification (sent with `id` [`EVENT_ID`], never answered): audit events the companion
     /// observed, and how many it had to drop since the last batch because this channel fell
     /// behind. `nhid` attributes them to the companion's workload itself.
@@ -281,6 +293,11 @@ pub enum CompanionResponse {
         message: String,
     },
     Error {
+        message: String,
+    },
+    /// `nhid` could not start the request in time (its class's budget of requests in flight
+    /// and queue are full, or no slot freed up within the queue's deadline): HTTP 503, retry.
+    Busy {
         message: String,
     },
     /// Event: a secret has a new version (or was removed); drop the cached value.
@@ -338,6 +355,31 @@ pub struct Init {
     /// Bounds on the companion's listeners (`[companion.limits]`).
     #[serde(default)]
     pub limits: crate::config::CompanionLimits,
+    /// At spawn only: the key the companion proves itself with when a restarted `nhid`
+    /// re-adopts it (`nhid` keeps only its SHA-256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt_key: Option<Redacted>,
+}
+
+/// The one byte a re-adopting `nhid` sends first on a companion's re-adoption connection,
+/// carrying (`SCM_RIGHTS`) the companion's end of a new fd channel.
+pub const FD_CHANNEL_BYTE: u8 = b'F';
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Drop for Redacted {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
 }
 
 /// What the companion needs to serve `GET /v1/aws/credentials`. Debug never shows the token.

@@ -244,6 +244,21 @@ impl BaoDev {
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("bao.log")).unwrap_or_default()
     }
+
+    /// SIGSTOP: the server hangs (the kernel still accepts connections, nothing answers), as
+    /// a partitioned or overloaded OpenBao looks to a client. [`resume`](Self::resume) undoes it.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, s: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), s)
+            .unwrap_or_else(|e| panic!("{s} to bao: {e}"));
+    }
 }
 
 impl Drop for BaoDev {

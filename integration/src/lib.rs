@@ -400,20 +400,44 @@ impl Node {
         Ok(())
     }
 
-    /// Stops nhid with SIGTERM, as systemd would.
+    /// Stops nhid with SIGTERM, as systemd would (SIGKILL after 10 s).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.nhid.take() {
+        if let Some(c) = self.nhid.as_ref() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            self.reap();
+        }
+    }
+
+    /// Waits (up to 10 s) for nhid to exit by itself, e.g. after SIGUSR2.
+    pub fn wait_exit(&mut self) {
+        if !self.reap() {
+            panic!("nhid did not exit within 10 s: {}", self.log());
+        }
+    }
+
+    /// Waits up to 10 s for nhid to exit, then kills it; whether it exited in time.
+    fn reap(&mut self) -> bool {
+        let Some(mut c) = self.nhid.take() else {
+            return true;
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
             }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
+    /// SIGKILLs nhid: a crash, nothing of its shutdown runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.nhid.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -424,14 +448,29 @@ impl Node {
         self.nhid.as_ref().expect("nhid running").id() as i32
     }
 
+    /// Adds `line` (e.g. `orphan_timeout = "2s"`) to the node's `[companion]` table; before
+    /// `start`.
+    pub fn set_companion_option(&self, line: &str) {
+        let cfg = fs::read_to_string(&self.config).unwrap();
+        let table = "\n[companion]\n";
+        assert!(cfg.contains(table), "companion section not found in {cfg}");
+        fs::write(
+            &self.config,
+            cfg.replacen(table, &format!("{table}{line}\n"), 1),
+        )
+        .unwrap();
+    }
+
     /// Sends SIGHUP to nhid (reloads the edge policies).
     pub fn reload(&self) {
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+
+    /// Sends `sig` to nhid.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let c = self.nhid.as_ref().expect("nhid running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .expect("SIGHUP nhid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig)
+            .unwrap_or_else(|e| panic!("{sig} to nhid: {e}"));
     }
 
     /// Every record of this node's audit log (default `[audit] dir`), oldest first.
@@ -521,7 +560,16 @@ impl Drop for Node {
                 let _ = runc(&self.runc_root, &["delete", "-f", id]);
             }
         }
-        self.stop();
+        // For good: SIGUSR2 stops the companions too (SIGTERM would leave them running for a
+        // next nhid that never comes), and whatever is left in the node's cgroups is killed.
+        if let Some(c) = self.nhid.as_ref() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGUSR2,
+            );
+            self.reap();
+        }
+        kill_cgroup_tree(&self.cgroup_parent);
         remove_cgroup_tree(&self.cgroup_parent);
         // The shared parent goes with the last node (fails while others use it).
         for dir in cgroup_dirs("/nhi-it") {
@@ -538,6 +586,40 @@ pub fn cgroup_dirs(path: &str) -> Vec<PathBuf> {
         .flatten()
         .map(|mount| mount.join(path.trim_start_matches('/')))
         .collect()
+}
+
+/// SIGKILLs every process left in cgroup `path` and its children (v2 membership), and waits
+/// (up to 5 s) until they are gone so the cgroups can be removed.
+fn kill_cgroup_tree(path: &str) {
+    let procs = |dir: &Path| -> Vec<i32> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            if let Ok(text) = fs::read_to_string(d.join("cgroup.procs")) {
+                out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+            if let Ok(entries) = fs::read_dir(&d) {
+                stack.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+            }
+        }
+        out
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for dir in cgroup_dirs(path) {
+        loop {
+            let left = procs(&dir);
+            if left.is_empty() || Instant::now() > deadline {
+                break;
+            }
+            for pid in left {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// Removes cgroup `path` and its (empty) children in every hierarchy.
@@ -957,22 +1039,42 @@ pub fn raw_http_in_netns(pid: i32, port: u16, request: &str) -> (u16, String) {
     let req = request.to_string();
     std::thread::spawn(move || {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect companion");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(req.as_bytes()).unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        raw_request(port, &req).unwrap_or_else(|e| panic!("{e}"))
     })
     .join()
     .expect("netns client thread")
+}
+
+/// One plain HTTP/1.1 request (with the proof header) to the companion at `127.0.0.1:15100` of
+/// the network namespace the calling thread is in: its status and body, or why there was no
+/// answer.
+pub fn companion_request(method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{PROOF_HEADER}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    raw_request(15100, &req)
+}
+
+/// Sends `request` as is to `127.0.0.1:<port>` of the network namespace the calling thread is
+/// in: the status and body of the answer, or why there was none.
+pub fn raw_request(port: u16, request: &str) -> Result<(u16, String), String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("read: {e}"))?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no HTTP answer: {resp:?}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }

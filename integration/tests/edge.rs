@@ -444,20 +444,30 @@ ports = [9000]
     let other = echo_server(listen_in(&peer.path(), at(9001)));
     assert!(tcp_echo(&ns, at(9000), "a").is_ok());
 
-    // nhid down: its companions stop, the rules stay, so nothing leaves unchecked.
+    // nhid down: its companion keeps enforcing the policy it has.
+    let companion = node.companion_pid(&c.id).unwrap();
     node.stop();
-    assert!(tcp_echo(&ns, at(9000), "b").is_err());
+    assert!(tcp_echo(&ns, at(9000), "b").is_ok());
     assert!(tcp_echo(&ns, at(9001), "b").is_err());
+    // The companion down too: the rules stay, so nothing leaves unchecked.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(companion),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || !alive(companion)));
+    assert!(tcp_echo(&ns, at(9000), "c").is_err());
+    assert!(tcp_echo(&ns, at(9001), "c").is_err());
     node.start();
     assert!(
-        eventually(Duration::from_secs(10), || tcp_echo(&ns, at(9000), "c")
+        eventually(Duration::from_secs(10), || tcp_echo(&ns, at(9000), "d")
             .is_ok()),
         "{}",
         node.log()
     );
-    assert!(tcp_echo(&ns, at(9001), "d").is_err());
+    assert!(tcp_echo(&ns, at(9001), "e").is_err());
     assert_eq!(other.connections(), 0);
-    assert_eq!(up.connections(), 2);
+    assert_eq!(up.connections(), 3);
     c.delete();
 }
 

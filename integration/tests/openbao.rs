@@ -21,16 +21,21 @@ spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
 
 /// A node whose issuer and store are OpenBao at `addresses`.
 fn bao_node(name: &str, addresses: &[String], setup: &BaoNhiSetup) -> Node {
+    let mut node = Node::with_config(&rules(), &bao_config(name, addresses, setup, "6s"));
+    node.start();
+    node
+}
+
+/// The top of a node's config for OpenBao at `addresses` as issuer and store.
+fn bao_config(name: &str, addresses: &[String], setup: &BaoNhiSetup, secret_ttl: &str) -> String {
     let addrs: Vec<String> = addresses.iter().map(|a| format!("{a:?}")).collect();
-    let mut node = Node::with_config(
-        &rules(),
-        &format!(
-            r#"node_name = "{name}"
+    format!(
+        r#"node_name = "{name}"
 [issuer]
 kind = "openbao"
 [store]
 kind = "openbao"
-secret_ttl = "6s"
+secret_ttl = "{secret_ttl}"
 [openbao]
 addresses = [{}]
 poll_interval = "1s"
@@ -41,13 +46,10 @@ method = "approle"
 role_id = "{}"
 secret_id_file = "{}"
 "#,
-            addrs.join(", "),
-            setup.role_id,
-            setup.secret_id_file.display()
-        ),
-    );
-    node.start();
-    node
+        addrs.join(", "),
+        setup.role_id,
+        setup.secret_id_file.display()
+    )
 }
 
 fn ok(out: &std::process::Output) -> String {
@@ -113,40 +115,12 @@ fn two_nodes_share_one_trust_domain_secrets_and_revocations() {
         .unwrap()
         .to_string();
     assert_eq!(validate(beta.pid(), &token, "svc"), 200);
-    let jwks = node_path_write(&b, "jwks-b.json", &beta.get("/v1/jwks").unwrap());
-    let out = b.nhictl(
-        &[
-            "token",
-            "verify",
-            "--audience",
-            "svc",
-            "--jwks",
-            jwks.to_str().unwrap(),
-        ],
-        token.as_bytes(),
-    );
-    assert!(ok(&out).contains("container/alpha"));
+    assert!(verify_offline(&b, &beta, &token, "svc").contains("container/alpha"));
 
     // An X.509-SVID from node A chains (through A's intermediate) to the bundle B serves.
     let pem = alpha.get("/v1/x509").unwrap();
-    let chain = pem_certs(&pem);
-    assert_eq!(chain.len(), 2, "leaf + node A's intermediate");
-    let bundle = pem_certs(&beta.get("/v1/bundle").unwrap());
-    let root = CertificateDer::from(bundle[0].clone());
-    let anchor = webpki::anchor_from_trusted_cert(&root).unwrap();
-    let leaf = CertificateDer::from(chain[0].clone());
-    let inter = CertificateDer::from(chain[1].clone());
-    webpki::EndEntityCert::try_from(&leaf)
-        .unwrap()
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &[anchor],
-            &[inter],
-            UnixTime::now(),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
+    assert_eq!(pem_certs(&pem).len(), 2, "leaf + node A's intermediate");
+    chains_to(&pem, &beta.get("/v1/bundle").unwrap())
         .expect("node A's X.509-SVID verifies with node B's bundle");
 
     // Secrets are the operators': a node's policy refuses writes, and nhictl says what to do.
@@ -270,6 +244,27 @@ fn put_secret_anywhere(cluster: &BaoCluster, value: &str) -> bool {
     })
 }
 
+/// `nhictl token verify` of `token` for `audience` on `node`, offline, against the JWKS
+/// container `c` serves; its output.
+fn verify_offline(node: &Node, c: &Container, token: &str, audience: &str) -> String {
+    let jwks = node_path_write(
+        node,
+        &format!("jwks-{}.json", c.id),
+        &c.get("/v1/jwks").unwrap(),
+    );
+    ok(&node.nhictl(
+        &[
+            "token",
+            "verify",
+            "--audience",
+            audience,
+            "--jwks",
+            jwks.to_str().unwrap(),
+        ],
+        token.as_bytes(),
+    ))
+}
+
 fn node_path_write(node: &Node, rel: &str, content: &str) -> std::path::PathBuf {
     let p = node.path(rel);
     fs::write(&p, content).unwrap();
@@ -376,4 +371,178 @@ fn raft_leader_loss_and_full_outage_with_workloads_running() {
         .degraded
         .is_empty()));
     alpha.delete();
+}
+
+/// Verifies `leaf_chain_pem` (leaf + intermediates) up to the first certificate of
+/// `bundle_pem`.
+fn chains_to(leaf_chain_pem: &str, bundle_pem: &str) -> Result<(), String> {
+    let chain = pem_certs(leaf_chain_pem);
+    let bundle = pem_certs(bundle_pem);
+    let root = CertificateDer::from(bundle[0].clone());
+    let anchor = webpki::anchor_from_trusted_cert(&root).map_err(|e| e.to_string())?;
+    let leaf = CertificateDer::from(chain[0].clone());
+    let inter: Vec<CertificateDer> = chain[1..]
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    webpki::EndEntityCert::try_from(&leaf)
+        .map_err(|e| e.to_string())?
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &inter,
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Issue 14, items 4 and 5 on a real OpenBao (one raft node, so it comes back with its data):
+/// during an outage, 32 slow secret requests never delay a fresh token (< 100 ms); nhid then
+/// starts, reboot-style (nhid and companions killed), while OpenBao is still down, serving
+/// workloads from its sealed cache, marked degraded; and it recovers by itself.
+#[test]
+fn during_an_openbao_outage_tokens_never_wait_for_secrets_and_nhid_starts_from_its_sealed_cache() {
+    let mut cluster = BaoCluster::start(1);
+    let setup = cluster.setup_nhi(TRUST_DOMAIN, &NhiRoleOptions::default());
+    let mut node = Node::with_config(
+        &format!(
+            r#"{ANNOTATED_RULE}
+[[grant]]
+secrets = ["db-password", "slow-*"]
+spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
+"#
+        ),
+        &bao_config("node-a", &[cluster.address(0)], &setup, "120s"),
+    );
+    node.start();
+    put_secret(&cluster.root(0), "cached-value-1");
+    let alpha = node.named_container("alpha");
+    assert_eq!(
+        alpha.get_json("/v1/secrets/db-password")["value"],
+        "cached-value-1"
+    );
+    let bundle = alpha.get("/v1/bundle").unwrap();
+    assert!(alpha.get("/v1/token?audience=warm").is_ok());
+
+    cluster.stop(0);
+    // 32 requests for secrets nobody cached: each waits for OpenBao (request_timeout).
+    let ns = nhi_integration::edge::container_ns(alpha.pid());
+    let slow: Vec<_> = (0..32)
+        .map(|i| {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                nhi_integration::edge::in_netns(&ns, move || {
+                    let t = Instant::now();
+                    let r = companion_request("GET", &format!("/v1/secrets/slow-{i}"), "");
+                    (r, t.elapsed())
+                })
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile fresh tokens (an audience never asked for: nhid must sign it) come at once.
+    let fresh: Vec<(u16, Duration)> = nhi_integration::edge::in_netns(&ns, || {
+        (0..3)
+            .map(|i| {
+                let t = Instant::now();
+                let (st, _) =
+                    companion_request("GET", &format!("/v1/token?audience=fresh-{i}"), "")
+                        .expect("token");
+                (st, t.elapsed())
+            })
+            .collect()
+    });
+    eprintln!("fresh tokens during 32 slow secret requests: {fresh:?}");
+    for (st, took) in &fresh {
+        assert_eq!(*st, 200);
+        assert!(
+            *took < Duration::from_millis(100),
+            "a fresh token took {took:?} behind the slow secret requests"
+        );
+    }
+    for h in slow {
+        let (r, took) = h.join().unwrap();
+        let (st, body) = r.expect("every slow request is answered");
+        assert_eq!(st, 503, "{body}");
+        assert!(
+            body.contains("unreachable") || body.contains("busy"),
+            "the 503 says why: {body}"
+        );
+        assert!(
+            took < Duration::from_secs(12),
+            "bounded wait, took {took:?}"
+        );
+    }
+
+    // Reboot-style: nhid and the companion die, nhid starts again while OpenBao is still down.
+    let companion = node.companion_pid(&alpha.id).unwrap();
+    node.kill();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(companion),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    node.start();
+    let st = node.status();
+    assert!(
+        st.store.degraded.iter().any(|d| d.contains("sealed cache")),
+        "{:?}",
+        st.store.degraded
+    );
+    let status = ok(&node.nhictl(&["status"], b""));
+    assert!(status.contains("DEGRADED"), "{status}");
+    // The container still runs: it gets a new companion, served from the sealed cache.
+    assert!(node
+        .companion_pid(&alpha.id)
+        .is_some_and(|p| p != companion));
+    assert_eq!(alpha.get("/v1/bundle").unwrap(), bundle);
+    let (code, body) = http_in_netns(alpha.pid(), "GET", "/v1/secrets/db-password");
+    assert_eq!(code, 200, "{body}");
+    let secret: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(secret["value"], "cached-value-1");
+    chains_to(&alpha.get("/v1/x509").unwrap(), &bundle)
+        .expect("X.509-SVID from the cached intermediate");
+    let token = alpha.get_json("/v1/token?audience=after")["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(verify_offline(&node, &alpha, &token, "after").contains("container/alpha"));
+    // A container started during the outage gets its identity too.
+    let beta = node.named_container("beta");
+    assert!(beta.get("/v1/token?audience=x").is_ok());
+    assert_eq!(
+        http_in_netns(beta.pid(), "GET", "/v1/secrets/db-password").0,
+        403,
+        "the cache never widens a grant"
+    );
+
+    // OpenBao back: nhid recovers by itself, and follows changes again.
+    cluster.restart(0);
+    assert!(
+        eventually(Duration::from_secs(30), || node
+            .status()
+            .store
+            .degraded
+            .is_empty()),
+        "still degraded: {:?}\n{}",
+        node.status().store.degraded,
+        node.log()
+    );
+    put_secret(&cluster.root(0), "cached-value-2");
+    assert!(
+        eventually(Duration::from_secs(10), || secret_version(&alpha)
+            == Some(2)),
+        "{}",
+        node.log()
+    );
+    assert!(
+        !node.log().contains("cached-value"),
+        "a secret value in the log"
+    );
+    alpha.delete();
+    beta.delete();
 }

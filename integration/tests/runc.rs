@@ -394,7 +394,8 @@ fn restart_keeps_the_trust_bundle_and_keys_are_sealed_on_disk() {
     assert_eq!(meta.len(), 32);
     let sealed = fs::read(node.state_dir.join("issuer.sealed")).unwrap();
     let p256_oid = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-    // Every file under the state dir (attachment records included) but the master key.
+    // Every file under the state dir (attachment and companion records included) but the
+    // master key (re-adoption sockets hold no data).
     let mut files = vec![];
     let mut dirs = vec![node.state_dir.clone()];
     while let Some(d) = dirs.pop() {
@@ -402,7 +403,7 @@ fn restart_keeps_the_trust_bundle_and_keys_are_sealed_on_disk() {
             let p = e.unwrap().path();
             if p.is_dir() {
                 dirs.push(p)
-            } else {
+            } else if p.is_file() {
                 files.push(p)
             }
         }
@@ -801,20 +802,26 @@ fn credentials_are_refreshed_at_half_life_cycle_after_cycle() {
 }
 
 #[test]
-fn nhid_restart_restores_companions_of_containers_still_running() {
+fn nhid_restart_readopts_companions_of_running_containers_and_stops_the_rest() {
     let mut node = Node::new(ANNOTATED_RULE);
     node.start();
     let a = node.bundle(&unique_id("survivor")).inject().write();
     let b = node.bundle(&unique_id("gone")).inject().write();
     a.start().unwrap();
     b.start().unwrap();
-    let before = node.companion_pid(&a.id).unwrap();
-    node.stop();
-    assert!(
-        eventually(Duration::from_secs(5), || !alive(before)),
-        "companions stop with nhid"
+    let (pa, pb) = (
+        node.companion_pid(&a.id).unwrap(),
+        node.companion_pid(&b.id).unwrap(),
     );
-    assert!(a.get("/healthz").is_err());
+    let token = a.get_json("/v1/token?audience=cached")["token"].clone();
+    // nhid stops (an upgrade, systemctl restart): its companions keep serving their cache.
+    node.stop();
+    assert!(alive(pa) && alive(pb), "companions outlive nhid");
+    assert_eq!(a.get_json("/v1/token?audience=cached")["token"], token);
+    // What needs nhid is refused at once with the reason, never left hanging.
+    let (st, body) = http_in_netns(a.pid(), "GET", "/v1/token?audience=new");
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("no connection to nhid"), "{body}");
     // b ends while nhid is down (its poststop cannot reach nhid).
     b.delete();
 
@@ -825,22 +832,50 @@ fn nhid_restart_restores_companions_of_containers_still_running() {
         1,
         "only the running container is restored: {st:?}"
     );
-    let after = node.companion_pid(&a.id).expect("companion restored");
-    assert_ne!(after, before);
-    assert_eq!(ns_of(after, "net"), ns_of(a.pid(), "net"));
+    assert_eq!(
+        node.companion_pid(&a.id),
+        Some(pa),
+        "the running companion is re-adopted, not restarted: {}",
+        node.log()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(pb)),
+        "the companion of the container that ended meanwhile is stopped"
+    );
+    assert_eq!(ns_of(pa, "net"), ns_of(a.pid(), "net"));
     assert_eq!(a.get_json("/v1/identity")["spiffe_id"], spiffe(&a.id));
+    assert!(
+        a.get("/v1/token?audience=new").is_ok(),
+        "served through the new nhid"
+    );
+    assert!(node.log().contains("companion re-adopted"));
+    // SIGUSR2 (decommission, package removal): nhid stops its companions too; the next start
+    // gives the running container a new one.
+    node.signal(nix::sys::signal::Signal::SIGUSR2);
+    node.wait_exit();
+    assert!(!alive(pa), "SIGUSR2 stops the companions");
+    node.start();
+    let pa = node.companion_pid(&a.id).expect("a new companion");
+    assert!(a.get("/v1/token?audience=new").is_ok());
     let records: Vec<_> = fs::read_dir(node.state_dir.join("attachments"))
         .unwrap()
         .collect();
     assert_eq!(records.len(), 1);
     a.delete();
-    assert!(!alive(after));
+    assert!(!alive(pa));
     assert!(
         fs::read_dir(node.state_dir.join("attachments"))
             .unwrap()
             .next()
             .is_none(),
         "record removed on detach"
+    );
+    assert!(
+        fs::read_dir(node.state_dir.join("companions"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "companion record and re-adoption socket removed with it"
     );
 }
 

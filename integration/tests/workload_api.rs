@@ -85,9 +85,11 @@ fn py_spiffe_gets_svids_through_the_socket_with_only_the_env_pointer() {
     node.start();
     let c = node.named_container("alpha");
     let pid = c.pid();
-    // The container is told where the socket is, and it is there, owned by its uid.
+    // The container is told where the socket is, and it is there, owned by its uid. (`runc
+    // run -d` returns before runc's init has exec'd the process: until then environ is runc's.)
     assert!(
-        environ(pid).contains("SPIFFE_ENDPOINT_SOCKET=unix:///run/nhi/workload.sock"),
+        eventually(Duration::from_secs(5), || environ(pid)
+            .contains("SPIFFE_ENDPOINT_SOCKET=unix:///run/nhi/workload.sock")),
         "{}",
         environ(pid)
     );
@@ -268,11 +270,23 @@ fn the_socket_survives_a_companion_crash_and_an_nhid_restart_and_goes_with_the_c
         node.log()
     );
     assert_eq!(fetch(&sock).unwrap(), id);
-    // nhid restarts: the restored companion's new socket is linked into the container again.
+    // nhid restarts: the companion keeps serving the socket and is re-adopted.
     node.stop();
     node.start();
     assert!(
         eventually(Duration::from_secs(10), || fetch(&sock).is_ok()),
+        "{}",
+        node.log()
+    );
+    assert_eq!(fetch(&sock).unwrap(), id);
+    // The re-adopted companion dies: only it held that listener, so nhid binds a new socket
+    // and moves the container's link over to it.
+    let adopted = node.kill_companion(&c.id);
+    assert!(
+        eventually(Duration::from_secs(10), || node
+            .companion_pid(&c.id)
+            .is_some_and(|p| p != adopted && alive(p))
+            && fetch(&sock).is_ok()),
         "{}",
         node.log()
     );

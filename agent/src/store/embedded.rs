@@ -95,6 +95,8 @@ impl EmbeddedStore {
             version: s.version,
             updated_at: s.updated_at,
             value,
+            fetched_at: crate::issuer::now_unix(),
+            from_cache: false,
         })
     }
 

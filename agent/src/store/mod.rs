@@ -17,6 +17,11 @@ pub struct Stored {
     pub version: u64,
     pub updated_at: u64,
     pub value: Zeroizing<Vec<u8>>,
+    /// When this value was read from the store of record (unix): now, or earlier for a copy
+    /// from the sealed cache. Whoever serves it may do so until `fetched_at + secret_ttl`.
+    pub fetched_at: u64,
+    /// Served from the sealed cache because OpenBao was unreachable.
+    pub from_cache: bool,
 }
 
 impl std::fmt::Debug for Stored {
@@ -25,6 +30,8 @@ impl std::fmt::Debug for Stored {
             .field("version", &self.version)
             .field("updated_at", &self.updated_at)
             .field("value", &"<redacted>")
+            .field("fetched_at", &self.fetched_at)
+            .field("from_cache", &self.from_cache)
             .finish()
     }
 }
@@ -56,11 +63,39 @@ impl Store {
         }
     }
 
+    /// The current version, from the store of record (`nhictl secret get`).
     pub async fn get(&self, name: &str) -> Result<Option<Stored>, StoreError> {
         check_name(name)?;
         match self {
             Store::Embedded(s) => s.get(name),
             Store::OpenBao(s) => s.get(name).await,
+        }
+    }
+
+    /// [`get`](Self::get) for a workload: while OpenBao is unreachable, the copy in the sealed
+    /// cache if it was fetched less than `secret_ttl` ago (`Stored::from_cache`).
+    pub async fn get_for_workload(&self, name: &str) -> Result<Option<Stored>, StoreError> {
+        check_name(name)?;
+        match self {
+            Store::Embedded(s) => s.get(name),
+            Store::OpenBao(s) => s.get_or_cached(name).await,
+        }
+    }
+
+    /// [`list`](Self::list) for delivering secret files: while OpenBao is unreachable, what
+    /// the sealed cache can still serve.
+    pub async fn list_for_workload(&self) -> Result<Vec<SecretInfo>, StoreError> {
+        match self {
+            Store::Embedded(s) => Ok(s.list()),
+            Store::OpenBao(s) => {
+                match s.list().await {
+                    Err(StoreError::Unavailable(e)) => {
+                        tracing::warn!("secret store unavailable ({e}); delivering secrets from the sealed cache");
+                        Ok(s.cache().secrets())
+                    }
+                    other => other,
+                }
+            }
         }
     }
 

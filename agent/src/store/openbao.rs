@@ -12,11 +12,18 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use std::sync::Arc;
+
 use super::{StoreError, Stored};
+use crate::bao_cache::BaoCache;
 use crate::openbao::{Bao, BaoError};
 
 pub struct BaoStore {
     bao: Bao,
+    /// What OpenBao last gave, sealed on disk, for its outages.
+    cache: Arc<BaoCache>,
+    /// The revocation list last written to the cache (rewritten only when it changes).
+    cached_revocations: std::sync::Mutex<Option<Vec<Revocation>>>,
 }
 
 fn unavailable(e: BaoError) -> StoreError {
@@ -53,12 +60,49 @@ fn unix(rfc3339: &str) -> u64 {
 }
 
 impl BaoStore {
-    pub fn new(bao: Bao) -> Self {
-        BaoStore { bao }
+    pub fn new(bao: Bao, cache: Arc<BaoCache>) -> Self {
+        BaoStore {
+            bao,
+            cache,
+            cached_revocations: std::sync::Mutex::new(None),
+        }
     }
 
     pub fn bao(&self) -> &Bao {
         &self.bao
+    }
+
+    pub fn cache(&self) -> &BaoCache {
+        &self.cache
+    }
+
+    /// [`get`](Self::get), keeping what OpenBao answers in the sealed cache and falling back
+    /// to it while OpenBao is unreachable (within `secret_ttl` of the cached fetch).
+    pub async fn get_or_cached(&self, name: &str) -> Result<Option<Stored>, StoreError> {
+        match self.get(name).await {
+            Ok(Some(s)) => {
+                self.cache.save_secret(name, &s);
+                Ok(Some(s))
+            }
+            Ok(None) => {
+                self.cache.remove_secret(name);
+                Ok(None)
+            }
+            Err(StoreError::Unavailable(e)) => match self.cache.secret(name) {
+                Some(s) => {
+                    tracing::warn!(secret = %name, version = s.version, fetched_at = s.fetched_at, "OpenBao unavailable ({e}); serving the sealed cache's copy");
+                    Ok(Some(s))
+                }
+                None => Err(StoreError::Unavailable(e)),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The revocation list as last loaded from OpenBao (sealed cache), for a start during an
+    /// outage.
+    pub fn cached_revocations(&self) -> Option<Vec<Revocation>> {
+        self.cache.revocations()
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<Stored>, StoreError> {
@@ -92,6 +136,8 @@ impl BaoStore {
             version: s.version,
             updated_at: unix(&s.created_time),
             value,
+            fetched_at: crate::issuer::now_unix(),
+            from_cache: false,
         }))
     }
 
@@ -189,6 +235,15 @@ impl BaoStore {
                     tracing::error!(key = %k, "ignoring a malformed revocation in OpenBao: {e}")
                 }
             }
+        }
+        out.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        let mut last = self
+            .cached_revocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() != Some(&out) {
+            self.cache.save_revocations(&out);
+            *last = Some(out.clone());
         }
         Ok(out)
     }

@@ -478,7 +478,7 @@ pub async fn serve_udp(sock: UdpSocket, edge: Arc<Edge>) {
         let (n, peer) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("dns relay: {e}");
+                crate::log!("dns relay: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }

@@ -33,7 +33,7 @@ pub async fn serve(listener: TcpListener, edge: Arc<Edge>, limits: CompanionLimi
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("inbound accept: {e}");
+                crate::log!("inbound accept: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }

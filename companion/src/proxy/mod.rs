@@ -118,15 +118,10 @@ impl Edge {
     pub fn apply(&self, event: &CompanionResponse) {
         match event {
             CompanionResponse::Policy { policy } => {
-                let id = policy.as_ref().map(|p| p.id.clone());
-                *self.policy.write().unwrap_or_else(|p| p.into_inner()) =
-                    policy.clone().map(|p| Arc::new(*p));
-                self.brokered
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear();
-                eprintln!("edge policy now {id:?}");
+                self.set_policy(policy.as_deref().cloned());
             }
+            // Re-adopted by a restarted nhid: its current policy applies from now on.
+            CompanionResponse::Init(init) => self.set_policy(init.policy.clone()),
             CompanionResponse::SecretChanged { .. } | CompanionResponse::Revoked { .. } => {
                 self.brokered
                     .lock()
@@ -135,6 +130,16 @@ impl Edge {
             }
             _ => {}
         }
+    }
+
+    fn set_policy(&self, policy: Option<Policy>) {
+        let id = policy.as_ref().map(|p| p.id.clone());
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.map(Arc::new);
+        self.brokered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        crate::log!("edge policy now {id:?}");
     }
 
     /// The header value a broker injects, and what the audit log says about it.
@@ -179,7 +184,8 @@ impl Edge {
                     CompanionResponse::Secret(s) => Arc::new(s),
                     CompanionResponse::Denied { message }
                     | CompanionResponse::NotFound { message }
-                    | CompanionResponse::Error { message } => return Err(message),
+                    | CompanionResponse::Error { message }
+                    | CompanionResponse::Busy { message } => return Err(message),
                     other => return Err(format!("unexpected answer: {other:?}")),
                 };
                 self.brokered
@@ -252,7 +258,7 @@ pub async fn serve_outbound(listener: TcpListener, edge: Arc<Edge>, limits: Comp
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("proxy accept: {e}");
+                crate::log!("proxy accept: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }

@@ -433,27 +433,8 @@ async fn receive_fd_channel(stream: &UnixStream) -> Result<OwnedFd, String> {
 }
 
 fn receive_one_fd(fd: std::os::fd::RawFd) -> std::io::Result<Result<OwnedFd, String>> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::os::fd::FromRawFd;
     let mut byte = [0u8; 1];
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-    let msg = recvmsg::<()>(
-        fd,
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )
-    .map_err(std::io::Error::from)?;
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            // SAFETY: the kernel just installed these fds in this process for us; nothing else
-            // refers to them.
-            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
-        }
-    }
-    let n = msg.bytes;
+    let (n, mut fds) = crate::listeners::recv_with_fds(fd, &mut byte)?;
     Ok(match (n, byte[0], fds.len()) {
         (0, _, _) => Err("nhid closed the connection".into()),
         (1, nhi_core::wire::FD_CHANNEL_BYTE, 1) => Ok(fds.pop().expect("one fd")),

@@ -127,38 +127,39 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 
 /// One message and the fd it carried, if any; `None` at end of stream.
 fn receive(fd: RawFd) -> io::Result<Option<(Message, Option<OwnedFd>)>> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut buf = [0u8; MAX_MESSAGE];
-    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-    let (len, fds) = {
-        let mut iov = [io::IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            fd,
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)?;
-        let mut fds: Vec<OwnedFd> = Vec::new();
-        for c in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                // SAFETY: the kernel just installed these fds in this process for us; nothing
-                // else refers to them.
-                fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
-            }
-        }
-        (msg.bytes, fds)
-    };
+    let (len, fds) = recv_with_fds(fd, &mut buf)?;
     if len == 0 && fds.is_empty() {
         return Ok(None);
     }
     let msg: Message = serde_json::from_slice(&buf[..len])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut fds = fds.into_iter();
-    let first = fds.next();
-    // Extra fds (never sent by nhid) are closed here.
-    drop(fds);
-    Ok(Some((msg, first)))
+    // Extra fds (never sent by nhid) are closed when the iterator drops.
+    Ok(Some((msg, fds.into_iter().next())))
+}
+
+/// One non-blocking `recvmsg` into `buf`: the bytes read and the fds that came with them
+/// (`SCM_RIGHTS`, close-on-exec). Fds beyond what the caller expects are the caller's to drop.
+pub(crate) fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these fds in this process for us; nothing
+            // else refers to them.
+            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+        }
+    }
+    Ok((msg.bytes, fds))
 }
 
 /// Takes a listening unix stream socket; anything else is refused.

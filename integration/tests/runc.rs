@@ -605,6 +605,7 @@ k8s_namespaces = ["prod"]
 [[rule]]
 name = "nomad-annotated"
 spiffe_id = "nomad/{nomad.namespace}/job/{nomad.job}/task/{nomad.task}"
+selectable = true
 [rule.match]
 annotations = { "nhi.dev/inject" = "true" }
 "#,

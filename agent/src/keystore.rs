@@ -16,6 +16,7 @@ use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
+use nhi_core::atomic_file;
 use zeroize::Zeroizing;
 
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +103,7 @@ impl MasterKey {
             .map_err(io_err(path))?;
         f.write_all(&k[..]).map_err(io_err(path))?;
         f.sync_all().map_err(io_err(path))?;
-        sync_dir(path)?;
+        atomic_file::sync_parent(path).map_err(io_err(path))?;
         Ok(MasterKey(k))
     }
 
@@ -205,33 +206,13 @@ pub fn create_private_dir(dir: &Path) -> Result<(), KeystoreError> {
     }
 }
 
-fn sync_dir(path: &Path) -> Result<(), KeystoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
-}
-
-/// Writes `data` to `path` atomically with `mode`.
+/// Replaces `path` with `data` with `mode`, durably (file and directory synced).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), KeystoreError> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res.map_err(io_err(path))?;
-    sync_dir(path)
+    let opts = atomic_file::Options {
+        mode: atomic_file::Mode::Fixed(mode),
+        ..atomic_file::Options::PRIVATE_DURABLE
+    };
+    atomic_file::replace(path, data, &opts).map_err(io_err(path))
 }
 
 #[cfg(test)]

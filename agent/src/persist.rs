@@ -46,13 +46,16 @@ pub struct Store {
     dir: PathBuf,
 }
 
-/// Writes `value` as JSON to `path` through a temporary file and a rename (readers see the old
-/// or the new record, never a partial one); not fsynced (see the module docs).
+/// Writes `value` as JSON to `path`, mode 0600, atomically for readers (the old or the new
+/// record, never a partial one); not fsynced (see the module docs).
 pub fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
     let data = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-    fs::write(&tmp, data)?;
-    fs::rename(&tmp, path)
+    let opts = nhi_core::atomic_file::Options {
+        mode: nhi_core::atomic_file::Mode::Fixed(0o600),
+        owner: None,
+        durability: nhi_core::atomic_file::Durability::Rename,
+    };
+    nhi_core::atomic_file::replace(path, &data, &opts)
 }
 
 impl Store {

@@ -61,35 +61,18 @@ pub fn write(dir: &Path, name: &str, value: &[u8], owner: HostUser) -> std::io::
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
-    write_owned(
-        &secrets.join(format!(".{name}.tmp")),
-        &secrets.join(name),
-        value,
-        owner,
-    )
+    write_owned(&secrets.join(name), value, owner)
 }
 
-/// Replaces `path` with `value` through `tmp` (same directory) by rename: readers see the old
-/// or the new content, never a partial one. Mode 0400, owned by `owner`, never through a
-/// symlink; the temporary file is removed on failure.
-pub fn write_owned(tmp: &Path, path: &Path, value: &[u8], owner: HostUser) -> std::io::Result<()> {
-    let _ = fs::remove_file(tmp);
-    let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(tmp)?;
-        std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid))?;
-        f.write_all(value)?;
-        f.sync_all()?;
-        fs::rename(tmp, path)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(tmp);
-    }
-    res
+/// Replaces `path` with `value` (readers see the old or the new content): mode 0400, owned by
+/// `owner` from the start, never through a symlink, synced before the rename.
+pub fn write_owned(path: &Path, value: &[u8], owner: HostUser) -> std::io::Result<()> {
+    let opts = nhi_core::atomic_file::Options {
+        mode: nhi_core::atomic_file::Mode::Fixed(0o400),
+        owner: Some((owner.uid, owner.gid)),
+        durability: nhi_core::atomic_file::Durability::Data,
+    };
+    nhi_core::atomic_file::replace(path, value, &opts)
 }
 
 pub fn remove(dir: &Path, name: &str) {

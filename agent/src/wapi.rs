@@ -102,9 +102,7 @@ pub fn write_aws_token(container_dir: &Path, token: Option<&str>, owner: HostUse
     let dst = container_dir.join(AWS_TOKEN_NAME);
     match token {
         Some(t) => {
-            let res =
-                crate::secrets::write_owned(&dst.with_extension("tmp"), &dst, t.as_bytes(), owner);
-            if let Err(e) = res {
+            if let Err(e) = crate::secrets::write_owned(&dst, t.as_bytes(), owner) {
                 tracing::error!(dir = %container_dir.display(), "AWS token file: {e}");
             }
         }

@@ -1153,26 +1153,21 @@ impl Storage for FaultyDisk {
     }
 }
 
-/// Replaces `dir/name` whole: a temp file, then rename.
+/// Replaces `dir/name` whole (mode 0600). No directory fsync: a crash may bring back the
+/// previous head, and records after the head are resumed (they chain on from it), never a break.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    if sync {
-        f.sync_data()?;
-    }
-    // No directory fsync: a crash may bring back the previous head, and records after the
-    // head are resumed (they chain on from it), never a break.
-    fs::rename(&tmp, dir.join(name))?;
-    Ok(())
+    use crate::atomic_file::{replace, Durability, Mode, Options};
+    let durability = if sync {
+        Durability::Data
+    } else {
+        Durability::Rename
+    };
+    let opts = Options {
+        mode: Mode::Fixed(0o600),
+        owner: None,
+        durability,
+    };
+    replace(&dir.join(name), bytes, &opts)
 }
 
 /// The last complete record on disk, cutting an incomplete last line off the newest segment.

@@ -3,6 +3,7 @@
 //! beyond the one blocking client call the hook and nhictl make.
 
 pub mod audit;
+pub mod atomic_file;
 pub mod audit_log;
 pub mod cgroupfs;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod openbao;
 pub mod policy;
 pub mod select;
 pub mod spiffe;
+pub mod subjects;
 pub mod template;
 pub mod untrusted_fs;
 pub mod wire;

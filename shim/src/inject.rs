@@ -115,16 +115,15 @@ impl Injection<'_> {
                 message,
             })?;
         if changed {
-            let meta = std::fs::metadata(&path).map_err(io)?;
-            let tmp = bundle.join(format!(".config.json.nhi.{}", std::process::id()));
+            use nhi_core::atomic_file::{replace, Durability, Mode, Options};
             let out = serde_json::to_vec(&spec).expect("JSON value serializes");
-            let res = std::fs::write(&tmp, out)
-                .and_then(|_| std::fs::set_permissions(&tmp, meta.permissions()))
-                .and_then(|_| std::fs::rename(&tmp, &path));
-            if res.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            res.map_err(io)?;
+            // The runtime reads the spec right after: no need for it to survive a crash.
+            let opts = Options {
+                mode: Mode::KeepOr(0o644),
+                owner: None,
+                durability: Durability::Rename,
+            };
+            replace(&path, &out, &opts).map_err(io)?;
         }
         Ok(changed)
     }

@@ -11,7 +11,6 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use nhi_core::Config;
@@ -25,10 +24,7 @@ pub fn ensure_runc_link(dir: &Path, target: &Path) -> io::Result<()> {
     if std::fs::read_link(&link).is_ok_and(|t| t == target) {
         return Ok(());
     }
-    let tmp = dir.join(format!(".runc.{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    symlink(target, &tmp)?;
-    std::fs::rename(&tmp, &link)
+    nhi_core::atomic_file::replace_symlink(&link, target)
 }
 
 /// `PATH` with `dir` first.

@@ -90,28 +90,19 @@ impl Plan {
     }
 }
 
+/// Replaces a runtime's config file; an existing file keeps its mode (new ones get 0644), and
+/// the content is synced before the rename, so a crash leaves the old or the new config.
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode())
-        .unwrap_or(0o644);
-    let tmp = dir.join(format!(
-        ".{}.nhictl.{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("config"),
-        std::process::id()
-    ));
-    let res = std::fs::write(&tmp, data)
-        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
-        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, path));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    use nhi_core::atomic_file::{replace, Durability, Mode, Options};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
     }
-    res
+    let opts = Options {
+        mode: Mode::KeepOr(0o644),
+        owner: None,
+        durability: Durability::Data,
+    };
+    replace(path, data, &opts)
 }
 
 /// Reads a config file; a missing file is empty.

@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use crate::select::glob_match;
+use crate::subjects::Subjects;
 
 /// Longest secret name accepted.
 pub const MAX_SECRET_NAME: usize = 128;
@@ -50,29 +51,22 @@ impl Grant {
                 ));
             }
         }
-        if self.spiffe_ids.is_empty() && self.rules.is_empty() {
-            return Err("a grant needs `spiffe_ids` or `rules`: whom does it cover?".into());
-        }
-        let prefix = format!("spiffe://{trust_domain}/");
-        for p in &self.spiffe_ids {
-            if !p.starts_with(&prefix) {
-                return Err(format!(
-                    "spiffe_ids pattern {p:?} must start with {prefix:?} (this node's trust domain)"
-                ));
-            }
-        }
-        for r in &self.rules {
-            if !rule_exists(r) {
-                return Err(format!("grant names rule {r:?}, which is not defined"));
-            }
-        }
+        self.subjects()
+            .validate(trust_domain, rule_exists)
+            .map_err(|e| format!("a grant {e}"))?;
         Ok(())
     }
 
     /// Whether this grant covers the identity `spiffe_id` selected by rule `rule`.
     pub fn covers(&self, spiffe_id: &str, rule: &str) -> bool {
-        self.rules.iter().any(|r| r == rule)
-            || self.spiffe_ids.iter().any(|p| glob_match(p, spiffe_id))
+        self.subjects().covers(spiffe_id, rule)
+    }
+
+    pub fn subjects(&self) -> Subjects<'_> {
+        Subjects {
+            spiffe_ids: &self.spiffe_ids,
+            rules: &self.rules,
+        }
     }
 
     pub fn includes(&self, secret: &str) -> bool {

@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::http_path::EscapedSlashes;
-use crate::select::glob_match;
+use crate::subjects::Subjects;
 
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
@@ -385,8 +385,15 @@ impl EgressRule {
 impl Policy {
     /// Whether this policy covers the identity `spiffe_id` selected by rule `rule`.
     pub fn covers(&self, spiffe_id: &str, rule: &str) -> bool {
-        self.rules.iter().any(|r| r == rule)
-            || self.spiffe_ids.iter().any(|p| glob_match(p, spiffe_id))
+        self.subjects().covers(spiffe_id, rule)
+    }
+
+    /// Whom the policy covers.
+    pub fn subjects(&self) -> Subjects<'_> {
+        Subjects {
+            spiffe_ids: &self.spiffe_ids,
+            rules: &self.rules,
+        }
     }
 
     /// The first egress rule that matches decides; otherwise the default. A verdict with
@@ -492,24 +499,9 @@ impl Policy {
             ));
         }
         let ctx = |m: String| format!("policy {:?}: {m}", self.id);
-        if self.spiffe_ids.is_empty() && self.rules.is_empty() {
-            return Err(ctx(
-                "needs `spiffe_ids` or `rules`: whom does it cover?".into()
-            ));
-        }
-        let prefix = format!("spiffe://{trust_domain}/");
-        for p in &self.spiffe_ids {
-            if !p.starts_with(&prefix) {
-                return Err(ctx(format!(
-                    "spiffe_ids pattern {p:?} must start with {prefix:?}"
-                )));
-            }
-        }
-        for r in &self.rules {
-            if !rule_exists(r) {
-                return Err(ctx(format!("names rule {r:?}, which is not defined")));
-            }
-        }
+        self.subjects()
+            .validate(trust_domain, rule_exists)
+            .map_err(ctx)?;
         let mut seen = std::collections::BTreeSet::new();
         for d in &self.dns {
             if d.is_loopback() || d.is_unspecified() || d.is_multicast() {

@@ -15,8 +15,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use serde::{Deserialize, Serialize};
 use nhi_core::atomic_file;
+use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 #[derive(Debug, thiserror::Error)]

@@ -6,9 +6,8 @@
 //! reader sees the old or the new value, never a partial one. `/run` is a tmpfs: nothing
 //! reaches a disk.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nhi_core::workload::HostUser;

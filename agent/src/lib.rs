@@ -6,7 +6,6 @@ pub mod agent;
 pub mod api;
 pub mod audit;
 pub mod bao_cache;
-pub mod bao_issuer;
 pub mod cgroup;
 pub mod control;
 pub mod denials;
@@ -32,6 +31,7 @@ pub mod wapi;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nhi_core::config::Backend;
 use nhi_core::Config;
 
 /// The account the packages reserve the companion uid range for in /etc/subuid and /etc/subgid.
@@ -41,6 +41,10 @@ pub const COMPANION_RANGE_OWNER: &str = "nhi-companion";
 const GC_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Checks and loads everything, then serves until SIGTERM/SIGINT.
+/// Config validation refuses an `openbao` kind without an `[openbao]` section; should one get
+/// here anyway, nhid refuses to start rather than quietly falling back to the embedded backend.
+const NEEDS_OPENBAO: &str = "kind = \"openbao\" needs an [openbao] section (addresses, auth)";
+
 pub async fn run(config: Config) -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("nhid must run as root: it enters network namespaces and switches companions to their own uid".into());
@@ -55,7 +59,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     keystore::create_private_dir(&config.state_dir).map_err(|e| e.to_string())?;
     // One nhid per state dir: a second one would restore (and fight over) the same companions.
     let _single = lock_state_dir(&config.state_dir)?;
-    let uses_bao = config.issuer.kind == "openbao" || config.store.kind == "openbao";
+    let uses_bao = config.issuer.kind == Backend::OpenBao || config.store.kind == Backend::OpenBao;
     // What is degraded from the start (OpenBao unreachable: serving from the sealed cache).
     let mut degraded = Vec::new();
     let bao = match (&config.openbao, uses_bao) {
@@ -76,20 +80,24 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
         _ => None,
     };
-    let issuer: Arc<dyn issuer::Issuer> = match (&bao, config.issuer.kind.as_str()) {
-        (Some((bao, cache)), "openbao") => {
+    let issuer: Arc<dyn issuer::Issuer> = match (&bao, config.issuer.kind) {
+        (Some((bao, cache)), Backend::OpenBao) => {
             let (issuer, why) =
-                bao_issuer::BaoIssuer::start(&config, bao.clone(), cache.clone()).await?;
+                issuer::BaoIssuer::start(&config, bao.clone(), cache.clone()).await?;
             degraded.extend(why);
             Arc::new(issuer)
         }
-        _ => Arc::new(issuer::EmbeddedIssuer::load_or_create(&config).map_err(|e| e.to_string())?),
+        (None, Backend::OpenBao) => return Err(NEEDS_OPENBAO.into()),
+        (_, Backend::Embedded) => {
+            Arc::new(issuer::EmbeddedIssuer::load_or_create(&config).map_err(|e| e.to_string())?)
+        }
     };
-    let store = match (&bao, config.store.kind.as_str()) {
-        (Some((bao, cache)), "openbao") => {
+    let store = match (&bao, config.store.kind) {
+        (Some((bao, cache)), Backend::OpenBao) => {
             store::Store::OpenBao(store::BaoStore::new(bao.clone(), cache.clone()))
         }
-        _ => store::Store::Embedded(
+        (None, Backend::OpenBao) => return Err(NEEDS_OPENBAO.into()),
+        (_, Backend::Embedded) => store::Store::Embedded(
             store::EmbeddedStore::open(&config.state_dir, &config.key_file())
                 .map_err(|e| e.to_string())?,
         ),

@@ -27,14 +27,13 @@ pub async fn run(agent: Arc<Agent>, interval: Duration) {
         if let Err(e) = poll_once(&agent, &mut seen).await {
             degraded.push(e);
         }
-        if let Some(m) = agent.ctx.issuer.maintainer() {
-            match m.maintain().await {
-                Ok(true) => agent.push_trust().await,
-                Ok(false) => {}
-                Err(e) => degraded.push(format!("issuer: {e}")),
-            }
-            degraded.extend(m.degraded());
+        let issuer = &agent.ctx.issuer;
+        match issuer.maintain().await {
+            Ok(true) => agent.push_trust().await,
+            Ok(false) => {}
+            Err(e) => degraded.push(format!("issuer: {e}")),
         }
+        degraded.extend(issuer.degraded());
         if let Store::OpenBao(s) = &*agent.ctx.store {
             let h = s.bao().health();
             if !h.logged_in {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::grant::Grant;
 use crate::openbao::OpenBaoConfig;
@@ -90,12 +90,39 @@ fn default_socket() -> PathBuf {
     DEFAULT_SOCKET.into()
 }
 
-/// The embedded issuer's settings.
+/// Which backend an issuer or a store uses (`kind = "embedded"` or `"openbao"`); any other
+/// word is a config error that names it and the supported ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// On this node: sealed files in the state dir.
+    #[default]
+    Embedded,
+    /// OpenBao (or Vault) through the `[openbao]` section.
+    OpenBao,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Embedded => "embedded",
+            Backend::OpenBao => "openbao",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The issuer's settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IssuerConfig {
-    /// Only `embedded` today; `openbao` arrives with the central store.
-    pub kind: String,
+    /// `embedded` (a root CA on this node) or `openbao` (an intermediate from OpenBao's PKI).
+    pub kind: Backend,
     /// File holding the 32-byte key that seals the issuer keys at rest. Default `<state_dir>/master.key`.
     pub key_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
@@ -109,7 +136,7 @@ pub struct IssuerConfig {
 impl Default for IssuerConfig {
     fn default() -> Self {
         IssuerConfig {
-            kind: "embedded".into(),
+            kind: Backend::Embedded,
             key_file: None,
             jwt_ttl: Duration::from_secs(5 * 60),
             x509_ttl: Duration::from_secs(60 * 60),
@@ -123,7 +150,7 @@ impl Default for IssuerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `embedded` (sealed files in the state dir) or `openbao` (KV v2 on OpenBao/Vault).
-    pub kind: String,
+    pub kind: Backend,
     /// How long a companion may serve a secret it fetched without hearing from `nhid` again:
     /// the bound on serving a stale value while the store is unreachable.
     #[serde(with = "humantime_serde")]
@@ -136,7 +163,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            kind: "embedded".into(),
+            kind: Backend::Embedded,
             secret_ttl: Duration::from_secs(10 * 60),
             containers_dir: DEFAULT_CONTAINERS_DIR.into(),
         }
@@ -687,22 +714,13 @@ impl Config {
         };
         validate_trust_domain(&raw.trust_domain).map_err(|e| invalid(e.to_string()))?;
         for (what, kind) in [
-            ("issuer.kind", &raw.issuer.kind),
-            ("store.kind", &raw.store.kind),
+            ("issuer.kind", raw.issuer.kind),
+            ("store.kind", raw.store.kind),
         ] {
-            match kind.as_str() {
-                "embedded" => {}
-                "openbao" if raw.openbao.is_none() => {
-                    return Err(invalid(format!(
-                        "{what} = \"openbao\" needs an [openbao] section (addresses, auth)"
-                    )))
-                }
-                "openbao" => {}
-                other => {
-                    return Err(invalid(format!(
-                        "{what} {other:?} is not supported (supported: \"embedded\", \"openbao\")"
-                    )))
-                }
+            if kind == Backend::OpenBao && raw.openbao.is_none() {
+                return Err(invalid(format!(
+                    "{what} = \"openbao\" needs an [openbao] section (addresses, auth)"
+                )));
             }
         }
         if let Some(ob) = &raw.openbao {
@@ -1056,6 +1074,29 @@ annotations = { "nhi.dev/inject" = "true" }
         let annotated = c.rule("annotated").unwrap();
         assert!(!annotated.selectable);
         assert_eq!(annotated.sources, vec![crate::workload::Source::Container]);
+    }
+
+    #[test]
+    fn backends_are_named_words_and_an_unknown_one_is_named_back() {
+        let c = parse("trust_domain = \"td\"\n").unwrap();
+        assert_eq!(
+            (c.issuer.kind, c.store.kind),
+            (Backend::Embedded, Backend::Embedded)
+        );
+        let e = parse("trust_domain = \"td\"\n[store]\nkind = \"vault\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vault") && e.contains("embedded") && e.contains("openbao"),
+            "{e}"
+        );
+        let e = parse("trust_domain = \"td\"\n[issuer]\nkind = \"openbao\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("issuer.kind = \"openbao\" needs an [openbao] section"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -21,8 +21,8 @@ use rcgen::{
 use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
+use super::{now_unix, IssueError, Issuer, Signer, Upkeep};
 use crate::bao_cache::{BaoCache, IssuerState};
-use crate::issuer::{now_unix, IssueError, Issuer, Signer};
 use crate::keystore::{self, MasterKey};
 use crate::openbao::{Bao, BaoError};
 
@@ -414,7 +414,7 @@ impl BaoIssuer {
     /// Renews the intermediate at half-life and refreshes the bundle and JWKS (after a start
     /// from the sealed cache, publishes this node's JWT key first). Returns whether what
     /// verifiers need (bundle, JWKS) changed.
-    pub async fn maintain(&self) -> Result<bool, String> {
+    async fn renew_and_refresh(&self) -> Result<bool, String> {
         let recovering = self.from_cache.load(Ordering::SeqCst);
         if recovering {
             Self::publish(&self.bao, &self.node, &self.own_jwk)
@@ -482,7 +482,7 @@ impl BaoIssuer {
     }
 
     /// Why the issuer is degraded while it still runs on the sealed cache.
-    pub fn degraded(&self) -> Option<String> {
+    fn on_cache(&self) -> Option<String> {
         self.from_cache.load(Ordering::SeqCst).then(|| {
             let until = self
                 .current
@@ -546,7 +546,11 @@ impl Issuer for BaoIssuer {
         self.signer().issue_x509(id)
     }
 
-    fn maintainer(&self) -> Option<&BaoIssuer> {
-        Some(self)
+    fn maintain(&self) -> Upkeep<'_> {
+        Box::pin(self.renew_and_refresh())
+    }
+
+    fn degraded(&self) -> Option<String> {
+        self.on_cache()
     }
 }

@@ -1,0 +1,280 @@
+//! Issuing SVIDs. The [`Issuer`] trait is what `nhid` asks of a backend; [`Signer`] is the
+//! signing both backends share (one CA key and one JWT key, SPIFFE X509-SVID and JWT-SVID
+//! standards). The backends, one per file:
+//!
+//! - [`embedded`]: a trust-domain root CA and JWT key created on first start, sealed at rest.
+//! - [`openbao`]: an intermediate CA from OpenBao's PKI engine under the cluster's root, and a
+//!   per-node JWT key whose public half every node trusts through OpenBao.
+
+pub mod embedded;
+pub mod openbao;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use nhi_core::wire::{JwtSvid, X509Svid};
+use nhi_core::SpiffeId;
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer as CaIssuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+pub use embedded::{EmbeddedIssuer, IssuerInitError};
+pub use openbao::BaoIssuer;
+
+/// What upkeep returns: `Ok(true)` when the trust material (bundle, JWKS) changed and must be
+/// pushed to companions.
+pub type Upkeep<'a> = Pin<Box<dyn Future<Output = Result<bool, String>> + Send + 'a>>;
+
+/// What every issuer backend offers `nhid`.
+pub trait Issuer: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn trust_domain(&self) -> &str;
+    /// PEM of the trust anchors X.509-SVIDs chain to (may change: CA renewal, new nodes).
+    fn bundle_pem(&self) -> String;
+    /// JWKS of the keys JWT-SVIDs of this trust domain are signed with (every node's).
+    fn jwks(&self) -> serde_json::Value;
+    /// Both, as one SPIFFE bundle (JWK Set with `x509-svid` and `jwt-svid` keys,
+    /// `spiffe_sequence`, `spiffe_refresh_hint`): see [`crate::spiffe_bundle`].
+    fn spiffe_bundle(&self) -> serde_json::Value;
+    fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError>;
+    fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError>;
+    /// Periodic upkeep (the OpenBao backend renews its intermediate and refreshes the shared
+    /// JWKS); called by the sync loop. Nothing to do by default.
+    fn maintain(&self) -> Upkeep<'_> {
+        Box::pin(async { Ok(false) })
+    }
+    /// What is degraded right now (e.g. running on a sealed cache), for `nhictl status`.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("SPIFFE ID {0} is not in this issuer's trust domain")]
+    ForeignTrustDomain(String),
+    #[error("JWT-SVID needs at least one audience")]
+    NoAudience,
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// Signs SVIDs with one CA key (a root, or an intermediate under a shared root) and one JWT
+/// key. Immutable: a renewed CA is a new `Signer`.
+pub struct Signer {
+    trust_domain: String,
+    ca: CaIssuer<'static, KeyPair>,
+    /// PEM of the certificates between leaves and the bundle (the intermediate); empty when the
+    /// CA is itself the root.
+    chain_pem: String,
+    bundle_pem: String,
+    jwt_key: EncodingKey,
+    kid: String,
+    jwk: serde_json::Value,
+    jwt_ttl: Duration,
+    x509_ttl: Duration,
+    /// Unix time the CA certificate expires; leaves never outlive it.
+    ca_not_after: u64,
+}
+
+/// The public JWK (and its RFC 7638 thumbprint as `kid`) of a P-256 key, as a JWT-SVID
+/// authority: `use` = `jwt-svid`, and no parameter the SPIFFE standards do not define (no
+/// `alg`: the algorithm is in each token's header, ES256).
+pub fn jwk_of(pair: &KeyPair) -> Result<(String, serde_json::Value), String> {
+    let raw = pair.public_key_raw(); // 0x04 || X || Y
+    if raw.len() != 65 || raw[0] != 4 {
+        return Err("JWT key is not an uncompressed P-256 point".into());
+    }
+    let (x, y) = (B64URL.encode(&raw[1..33]), B64URL.encode(&raw[33..65]));
+    let thumb = Sha256::digest(format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#
+    ));
+    let kid = B64URL.encode(thumb);
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "x": x, "y": y,
+        "kid": kid, "use": "jwt-svid",
+    });
+    Ok((kid, jwk))
+}
+
+/// Unix time a DER certificate expires.
+pub fn not_after(der: &[u8]) -> Result<u64, String> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("certificate: {e}"))?;
+    Ok(u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0))
+}
+
+impl Signer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        trust_domain: &str,
+        ca_der: &[u8],
+        ca_key: KeyPair,
+        chain_pem: String,
+        bundle_pem: String,
+        jwt_pkcs8: &[u8],
+        jwt_ttl: Duration,
+        x509_ttl: Duration,
+    ) -> Result<Self, String> {
+        let ca_not_after = not_after(ca_der)?;
+        let ca_cert_der = rustls_pki_types::CertificateDer::from(ca_der.to_vec());
+        let ca = CaIssuer::from_ca_cert_der(&ca_cert_der, ca_key)
+            .map_err(|e| format!("CA certificate: {e}"))?;
+        let jwt_pair = KeyPair::try_from(jwt_pkcs8).map_err(|e| format!("JWT key: {e}"))?;
+        let (kid, jwk) = jwk_of(&jwt_pair)?;
+        Ok(Signer {
+            trust_domain: trust_domain.into(),
+            ca,
+            chain_pem,
+            bundle_pem,
+            jwt_key: EncodingKey::from_ec_der(jwt_pkcs8),
+            kid,
+            jwk,
+            jwt_ttl,
+            x509_ttl,
+            ca_not_after,
+        })
+    }
+
+    pub fn ca_not_after(&self) -> u64 {
+        self.ca_not_after
+    }
+
+    /// This signer's public JWK.
+    pub fn jwk(&self) -> &serde_json::Value {
+        &self.jwk
+    }
+
+    fn check_domain(&self, id: &SpiffeId) -> Result<(), IssueError> {
+        if id.trust_domain() != self.trust_domain {
+            return Err(IssueError::ForeignTrustDomain(id.to_string()));
+        }
+        Ok(())
+    }
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("the OS random source failed");
+    b
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b = random_bytes::<16>();
+    b[0] &= 0x7f; // positive
+    b[0] |= 0x01; // and no leading zero byte to strip
+    SerialNumber::from_slice(&b)
+}
+
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b = B64.encode(der);
+    let mut s = format!("-----BEGIN {label}-----\n");
+    for chunk in b.as_bytes().chunks(64) {
+        s.push_str(std::str::from_utf8(chunk).expect("base64 is ascii"));
+        s.push('\n');
+    }
+    s.push_str(&format!("-----END {label}-----\n"));
+    s
+}
+
+/// Private key material in transit is wiped when dropped.
+fn zeroizing(v: Vec<u8>) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(v)
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    aud: &'a [String],
+    exp: u64,
+    iat: u64,
+    jti: String,
+}
+
+impl Signer {
+    pub fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
+        self.check_domain(id)?;
+        if audience.is_empty() {
+            return Err(IssueError::NoAudience);
+        }
+        let iat = now_unix();
+        let exp = iat + self.jwt_ttl.as_secs();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("JWT".into());
+        let jti = B64URL.encode(random_bytes::<16>());
+        let claims = Claims {
+            sub: id.as_str(),
+            aud: audience,
+            exp,
+            iat,
+            jti: jti.clone(),
+        };
+        let token = jsonwebtoken::encode(&header, &claims, &self.jwt_key)
+            .map_err(|e| IssueError::Sign(e.to_string()))?;
+        Ok(JwtSvid {
+            token,
+            jti,
+            spiffe_id: id.to_string(),
+            audience: audience.to_vec(),
+            issued_at: iat,
+            expires_at: exp,
+        })
+    }
+
+    pub fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError> {
+        self.check_domain(id)?;
+        let s = |e: rcgen::Error| IssueError::Sign(e.to_string());
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(s)?;
+        let iat = now_unix();
+        let now = time::OffsetDateTime::now_utc();
+        let mut p = CertificateParams::default();
+        // Tolerate small clock skew between this node and verifiers.
+        p.not_before = now - time::Duration::seconds(30);
+        // Never past the CA: a leaf outliving its issuer fails verification anyway.
+        let expires_at = (iat + self.x509_ttl.as_secs()).min(self.ca_not_after);
+        if expires_at <= iat {
+            return Err(IssueError::Sign("the trust domain's CA has expired".into()));
+        }
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(expires_at as i64)
+            .map_err(|e| IssueError::Sign(e.to_string()))?;
+        let serial = random_serial();
+        p.serial_number = Some(serial.clone());
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "SPIFFE");
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(s)?)];
+        let cert = p.signed_by(&key, &self.ca).map_err(s)?;
+        Ok(X509Svid {
+            spiffe_id: id.to_string(),
+            cert_chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
+            key_pem: key.serialize_pem(),
+            bundle_pem: self.bundle_pem.clone(),
+            serial: serial.to_string(),
+            issued_at: iat,
+            expires_at,
+        })
+    }
+}

@@ -2,8 +2,8 @@
 //! SPIFFE IDs and identity templates, selection rules and the wire types. No daemons, no sockets
 //! beyond the one blocking client call the hook and nhictl make.
 
-pub mod audit;
 pub mod atomic_file;
+pub mod audit;
 pub mod audit_log;
 pub mod cgroupfs;
 pub mod config;
@@ -11,6 +11,7 @@ pub mod grant;
 pub mod http_path;
 pub mod jwt;
 pub mod k8s;
+pub mod nhid_client;
 pub mod nomad;
 pub mod openbao;
 pub mod policy;

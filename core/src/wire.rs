@@ -446,7 +446,7 @@ pub fn read_line_json<T: serde::de::DeserializeOwned>(
 
 /// A request longer than nhid reads ([`MAX_LINE`]): refused before it is sent, so the caller
 /// can say so instead of reporting the broken pipe nhid's refusal would cause.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("the request is {size} bytes, more than the {max} bytes nhid accepts")]
 pub struct RequestTooLarge {
     pub size: usize,

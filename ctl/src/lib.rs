@@ -1,27 +1,30 @@
 //! nhictl: the operator CLI. Talks to `nhid` over its root-only socket; verifies tokens offline;
 //! wires nhi into container runtimes (`configure`).
 
+pub mod audit;
 pub mod configure;
+pub mod secret;
+pub mod token;
 
 use std::path::Path;
 use std::time::Duration;
 
-use nhi_core::wire::{call_agent, AgentRequest, AgentResponse, Status};
+use nhi_core::nhid_client::NhidClient;
+use nhi_core::wire::Status;
 
-/// One request to nhid; its `Error` answer becomes `Err`.
-pub fn agent(socket: &Path, req: &AgentRequest) -> Result<AgentResponse, String> {
-    match call_agent(socket, req, Duration::from_secs(30)) {
-        Ok(AgentResponse::Error { message }) => Err(message),
-        Ok(r) => Ok(r),
-        Err(e) => Err(format!("cannot reach nhid at {}: {e}", socket.display())),
-    }
+/// How long nhictl waits on each read and write to `nhid`.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The client of the `nhid` that the config at `config` names.
+pub fn client(config: &Path) -> Result<NhidClient, String> {
+    let socket = nhi_core::Config::load(config)
+        .map_err(|e| e.to_string())?
+        .socket;
+    Ok(NhidClient::new(&socket, TIMEOUT))
 }
 
-pub fn status(socket: &Path) -> Result<Status, String> {
-    match agent(socket, &AgentRequest::Status)? {
-        AgentResponse::Status(s) => Ok(s),
-        other => Err(format!("unexpected answer: {other:?}")),
-    }
+pub fn status(nhid: &NhidClient) -> Result<Status, String> {
+    nhid.status().map_err(|e| e.to_string())
 }
 
 /// Human-readable status.

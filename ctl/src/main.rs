@@ -1,11 +1,12 @@
-use std::io::Read;
+//! nhictl's command line: parsing and printing only; what each command does is in the
+//! `nhi_ctl` library (`token`, `secret`, `audit`, `configure`).
+
+use std::io::Write;
 use std::path::PathBuf;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
 use clap::{Parser, Subcommand};
-use nhi_core::wire::{AgentRequest, AgentResponse, RevokeTarget};
-use zeroize::Zeroizing;
+use nhi_core::wire::RevokeTarget;
+use nhi_ctl::{audit, secret, token};
 
 /// nhictl: operate nhi on this node.
 #[derive(Parser)]
@@ -228,36 +229,24 @@ fn main() {
     }
 }
 
-fn socket(config: &std::path::Path) -> Result<PathBuf, String> {
-    Ok(nhi_core::Config::load(config)
-        .map_err(|e| e.to_string())?
-        .socket)
-}
-
 fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
-        Cmd::Status { json } => {
-            let s = nhi_ctl::status(&socket(&cli.config)?)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
-                );
+        Cmd::Status { json: as_json } => {
+            let s = nhi_ctl::status(&nhi_ctl::client(&cli.config)?)?;
+            if as_json {
+                println!("{}", json(&s)?);
             } else {
                 print!("{}", nhi_ctl::render_status(&s));
             }
         }
         Cmd::Bundle { format } => {
-            let s = nhi_ctl::status(&socket(&cli.config)?)?;
+            let s = nhi_ctl::status(&nhi_ctl::client(&cli.config)?)?;
             match format {
                 BundleFormat::Pem => print!("{}", s.bundle_pem),
                 BundleFormat::Spiffe if !s.bundle_spiffe.is_object() => {
                     return Err("nhid sent no SPIFFE bundle (is it older than nhictl?)".into())
                 }
-                BundleFormat::Spiffe => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&s.bundle_spiffe).map_err(|e| e.to_string())?
-                ),
+                BundleFormat::Spiffe => println!("{}", json(&s.bundle_spiffe)?),
             }
         }
         Cmd::Token {
@@ -269,43 +258,65 @@ fn run(cli: Cli) -> Result<(), String> {
                     trust_domain,
                 },
         } => {
-            let token = read_limited(std::io::stdin(), 64 * 1024, "stdin")?;
-            let token = String::from_utf8(token.to_vec()).map_err(|_| "token is not UTF-8")?;
-            let token = token.trim();
-            // Accept the companion's /v1/token JSON as well as a bare token.
-            let token = serde_json::from_str::<serde_json::Value>(token)
-                .ok()
-                .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_string))
-                .unwrap_or_else(|| token.to_string());
-            let mut claims = None;
-            if let Some(jwks) = jwks {
-                let jwks = std::fs::read_to_string(&jwks)
-                    .map_err(|e| format!("{}: {e}", jwks.display()))?;
-                claims = Some(serde_json::Value::Object(nhi_ctl::verify_token(
-                    &token,
-                    &jwks,
-                    &audience,
-                    trust_domain.as_deref(),
-                )?));
-            }
-            if !offline {
-                let req = AgentRequest::Validate {
-                    token: token.clone(),
-                    audience: audience.clone(),
-                };
-                match nhi_ctl::agent(&socket(&cli.config)?, &req) {
-                    Ok(AgentResponse::Validated(v)) => claims = Some(v.claims),
-                    Ok(other) => return Err(format!("unexpected answer: {other:?}")),
-                    Err(e) => return Err(format!("token rejected by nhid: {e}")),
+            let input = secret::read_limited(std::io::stdin(), token::MAX_INPUT, "stdin")?;
+            let token = token::from_input(&input)?;
+            let jwks = match jwks {
+                Some(p) => {
+                    Some(std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?)
                 }
-            }
-            let claims = claims.ok_or("nothing verified")?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&claims).map_err(|e| e.to_string())?
-            );
+                None => None,
+            };
+            let nhid = if offline {
+                None
+            } else {
+                Some(nhi_ctl::client(&cli.config)?)
+            };
+            let claims = token::verify(
+                &token,
+                &audience,
+                jwks.as_deref(),
+                trust_domain.as_deref(),
+                nhid.as_ref(),
+            )?;
+            println!("{}", json(&claims)?);
         }
-        Cmd::Secret { cmd } => secret(&socket(&cli.config)?, cmd)?,
+        Cmd::Secret { cmd } => {
+            let nhid = nhi_ctl::client(&cli.config)?;
+            let stdin = &mut std::io::stdin();
+            let line = match cmd {
+                SecretCmd::Put { name, source } => {
+                    let value = secret::read_value(
+                        source.from_file.as_deref(),
+                        source.from_stdin.then_some(stdin as &mut dyn std::io::Read),
+                    )?
+                    .ok_or("no value given")?;
+                    secret::put(&nhid, &name, Some(value), false)?
+                }
+                SecretCmd::Rotate {
+                    name,
+                    from_file,
+                    from_stdin,
+                } => {
+                    let value = secret::read_value(
+                        from_file.as_deref(),
+                        from_stdin.then_some(stdin as &mut dyn std::io::Read),
+                    )?;
+                    secret::put(&nhid, &name, value, true)?
+                }
+                SecretCmd::Get { name } => {
+                    let value = secret::get(&nhid, &name)?;
+                    return std::io::stdout()
+                        .write_all(&value)
+                        .map_err(|e| e.to_string());
+                }
+                SecretCmd::List { json } => {
+                    print!("{}", secret::list(&nhid, json)?);
+                    return Ok(());
+                }
+                SecretCmd::Rm { name } => secret::remove(&nhid, &name)?,
+            };
+            println!("{line}");
+        }
         Cmd::Revoke {
             spiffe_id,
             workload,
@@ -316,25 +327,16 @@ fn run(cli: Cli) -> Result<(), String> {
                 (None, Some(w)) => RevokeTarget::Workload(w),
                 (None, None) => unreachable!("clap requires one"),
             };
-            match nhi_ctl::agent(
-                &socket(&cli.config)?,
-                &AgentRequest::Revoke { target, undo },
-            )? {
-                AgentResponse::Revoked {
-                    spiffe_id,
-                    jtis,
-                    serials,
-                    undone,
-                } => {
-                    if undone {
-                        println!("{spiffe_id}: revocation lifted");
-                    } else {
-                        println!(
-                            "{spiffe_id}: revoked ({jtis} tokens and {serials} certificates on the deny list)"
-                        );
-                    }
-                }
-                other => return Err(format!("unexpected answer: {other:?}")),
+            let r = nhi_ctl::client(&cli.config)?
+                .revoke(target, undo)
+                .map_err(|e| e.to_string())?;
+            if r.undone {
+                println!("{}: revocation lifted", r.spiffe_id);
+            } else {
+                println!(
+                    "{}: revoked ({} tokens and {} certificates on the deny list)",
+                    r.spiffe_id, r.jtis, r.serials
+                );
             }
         }
         Cmd::Audit { dir, cmd } => {
@@ -344,7 +346,25 @@ fn run(cli: Cli) -> Result<(), String> {
                     .map_err(|e| e.to_string())?
                     .audit_dir(),
             };
-            audit(&dir, cmd)?
+            match cmd {
+                AuditCmd::Verify => {
+                    let r = audit::verify(&dir)?;
+                    r.problems.iter().for_each(|p| eprintln!("{p}"));
+                    r.losses.iter().for_each(|l| println!("{l}"));
+                    println!("{}", r.outcome?);
+                }
+                AuditCmd::Tail {
+                    lines,
+                    identity,
+                    follow,
+                } => audit::tail(
+                    &dir,
+                    lines,
+                    identity.as_deref(),
+                    follow,
+                    &mut std::io::stdout().lock(),
+                )?,
+            }
         }
         Cmd::Configure {
             runtime,
@@ -356,154 +376,9 @@ fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
-fn audit(dir: &std::path::Path, cmd: AuditCmd) -> Result<(), String> {
-    use nhi_core::audit_log;
-    use std::io::Write;
-    let err = |e: std::io::Error| format!("audit log {}: {e}", dir.display());
-    match cmd {
-        AuditCmd::Verify => {
-            let v = audit_log::verify(dir).map_err(err)?;
-            for p in &v.problems {
-                eprintln!("{p}");
-            }
-            // Counted loss is not tampering: the chain is intact and says what it lacks.
-            for l in &v.losses {
-                println!("loss: {l}");
-            }
-            if !v.ok() {
-                return Err(format!(
-                    "audit log {} FAILED verification: {} problem(s)",
-                    dir.display(),
-                    v.problems.len()
-                ));
-            }
-            println!(
-                "audit log {} verified: {} records (seq {}..={}) in {} file(s){}{}",
-                dir.display(),
-                v.records,
-                v.first_seq,
-                v.last_seq,
-                v.files,
-                if v.unanchored > 0 {
-                    format!(", {} written after the head", v.unanchored)
-                } else {
-                    String::new()
-                },
-                if v.losses.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "; intact, with {} events lost and counted in {} dropped record(s)",
-                        v.lost,
-                        v.losses.len()
-                    )
-                }
-            );
-        }
-        AuditCmd::Tail {
-            lines,
-            identity,
-            follow,
-        } => {
-            let (first, mut follower) =
-                audit_log::tail_and_follow(dir, lines, identity.as_deref()).map_err(err)?;
-            let mut out = std::io::stdout().lock();
-            for l in first {
-                writeln!(out, "{l}").map_err(|e| e.to_string())?;
-            }
-            out.flush().map_err(|e| e.to_string())?;
-            if follow {
-                loop {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                    for l in follower.poll().map_err(err)? {
-                        writeln!(out, "{l}").map_err(|e| e.to_string())?;
-                    }
-                    out.flush().map_err(|e| e.to_string())?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Largest secret value accepted.
-const MAX_SECRET: u64 = 1 << 20;
-
-fn read_limited(r: impl Read, limit: u64, what: &str) -> Result<Zeroizing<Vec<u8>>, String> {
-    let mut buf = Zeroizing::new(Vec::new());
-    r.take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("reading {what}: {e}"))?;
-    if buf.len() as u64 > limit {
-        return Err(format!("{what} is larger than {limit} bytes"));
-    }
-    Ok(buf)
-}
-
-fn read_value(from_file: Option<PathBuf>, from_stdin: bool) -> Result<Option<String>, String> {
-    let raw = match (from_file, from_stdin) {
-        (Some(f), _) => {
-            let file = std::fs::File::open(&f).map_err(|e| format!("{}: {e}", f.display()))?;
-            read_limited(file, MAX_SECRET, &f.display().to_string())?
-        }
-        (None, true) => read_limited(std::io::stdin(), MAX_SECRET, "stdin")?,
-        (None, false) => return Ok(None),
-    };
-    Ok(Some(B64.encode(&raw[..])))
-}
-
-fn secret(socket: &std::path::Path, cmd: SecretCmd) -> Result<(), String> {
-    let req = match cmd {
-        SecretCmd::Put { name, source } => AgentRequest::SecretPut {
-            name,
-            value_b64: Some(
-                read_value(source.from_file, source.from_stdin)?.ok_or("no value given")?,
-            ),
-            must_exist: false,
-        },
-        SecretCmd::Rotate {
-            name,
-            from_file,
-            from_stdin,
-        } => AgentRequest::SecretPut {
-            name,
-            value_b64: read_value(from_file, from_stdin)?,
-            must_exist: true,
-        },
-        SecretCmd::Get { name } => AgentRequest::SecretGet { name },
-        SecretCmd::List { json } => {
-            let AgentResponse::Secrets { secrets } =
-                nhi_ctl::agent(socket, &AgentRequest::SecretList)?
-            else {
-                return Err("unexpected answer".into());
-            };
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&secrets).map_err(|e| e.to_string())?
-                );
-            } else {
-                for s in secrets {
-                    println!(
-                        "{}\tversion={}\tupdated_at={}",
-                        s.name, s.version, s.updated_at
-                    );
-                }
-            }
-            return Ok(());
-        }
-        SecretCmd::Rm { name } => AgentRequest::SecretRm { name },
-    };
-    match nhi_ctl::agent(socket, &req)? {
-        AgentResponse::SecretStored { name, version } => println!("{name}: version {version}"),
-        AgentResponse::SecretRemoved { name } => println!("{name}: removed"),
-        AgentResponse::Secret(s) => {
-            let value = Zeroizing::new(B64.decode(&s.value_b64).map_err(|e| e.to_string())?);
-            std::io::Write::write_all(&mut std::io::stdout(), &value).map_err(|e| e.to_string())?;
-        }
-        other => return Err(format!("unexpected answer: {other:?}")),
-    }
-    Ok(())
+/// JSON output, pretty-printed.
+fn json(v: &impl serde::Serialize) -> Result<String, String> {
+    serde_json::to_string_pretty(v).map_err(|e| e.to_string())
 }
 
 /// `name` next to this executable, else /usr/bin/name.

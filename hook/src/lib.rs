@@ -11,9 +11,9 @@ use std::path::Path;
 
 pub mod satoken;
 
+use nhi_core::nhid_client::{Attached, ClientError, NhidClient};
 use nhi_core::select::select;
 use nhi_core::untrusted_fs::UntrustedReadError;
-use nhi_core::wire::{call_agent, AgentRequest, AgentResponse, RequestTooLarge};
 use nhi_core::workload::{netns_of, NetNs};
 use nhi_core::{Config, Workload};
 use oci_spec::runtime::{Spec, State};
@@ -175,29 +175,16 @@ fn create_runtime(config: &Config, state: &State) -> Result<Outcome, HookError> 
             return fail(format!("service account for rule {:?}: {why}", rule.name));
         }
     }
-    let req = AgentRequest::Attach {
-        pid: state.pid().unwrap_or(0),
-        rule: rule.name.clone(),
-        workload: Box::new(workload),
-    };
-    match call_agent(&config.socket, &req, config.hook.timeout) {
-        Ok(AgentResponse::Attached { spiffe_id, .. }) => Ok(Outcome::Attached { spiffe_id }),
-        Ok(AgentResponse::Reserved { .. }) => Ok(Outcome::Reserved),
-        Ok(AgentResponse::NotSelected) => Ok(Outcome::NotSelected),
-        Ok(AgentResponse::Error { message }) => fail(format!("nhid refused the attach: {message}")),
-        Ok(other) => fail(format!("unexpected answer from nhid: {other:?}")),
-        Err(e) => match e
-            .get_ref()
-            .and_then(|i| i.downcast_ref::<RequestTooLarge>())
-        {
-            Some(big) => fail(format!(
-                "attach request not sent: {big} (the container's nhi.dev/* annotations are too large)"
-            )),
-            None => fail(format!(
-                "cannot reach nhid at {} ({e}); is nhid running?",
-                config.socket.display()
-            )),
-        },
+    let nhid = NhidClient::new(&config.socket, config.hook.timeout);
+    match nhid.attach(workload, state.pid().unwrap_or(0), &rule.name) {
+        Ok(Attached::Companion { spiffe_id, .. }) => Ok(Outcome::Attached { spiffe_id }),
+        Ok(Attached::Reserved { .. }) => Ok(Outcome::Reserved),
+        Ok(Attached::NotSelected) => Ok(Outcome::NotSelected),
+        Err(ClientError::Refused(message)) => fail(format!("nhid refused the attach: {message}")),
+        Err(ClientError::TooLarge(big)) => fail(format!(
+            "attach request not sent: {big} (the container's nhi.dev/* annotations are too large)"
+        )),
+        Err(e) => fail(e.to_string()),
     }
 }
 
@@ -233,12 +220,9 @@ fn attach_service_account(config: &Config, spec: &Spec, w: &mut Workload) -> Res
 }
 
 fn poststop(config: &Config, container_id: &str) {
-    let req = AgentRequest::Detach {
-        container_id: container_id.to_string(),
-    };
     // A container nhid never attached is a no-op there; nhid's garbage collection covers a
     // poststop that can't reach it.
-    let _ = call_agent(&config.socket, &req, config.hook.timeout);
+    let _ = NhidClient::new(&config.socket, config.hook.timeout).detach(container_id);
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 use base64::Engine;
 use nhi_core::grant::granted;
-use nhi_core::wire::{AgentResponse, CompanionResponse, RevokeTarget, SecretValue, StoreStatus};
+use nhi_core::wire::{AgentResponse, Event, RevokeTarget, SecretValue, StoreStatus};
 use nhi_core::SpiffeId;
 use zeroize::Zeroizing;
 
@@ -138,7 +138,7 @@ impl Agent {
                         && !self.ctx.revocations.is_revoked(i.spiffe_id.as_str())
                 },
                 |c| {
-                    c.notify(CompanionResponse::SecretChanged { name: name.into() });
+                    c.notify(Event::SecretChanged { name: name.into() });
                 },
             )
             .await;
@@ -268,11 +268,11 @@ impl Agent {
                 |i| i.spiffe_id.as_str() == spiffe_id,
                 |c| {
                     c.notify(if revoked {
-                        CompanionResponse::Revoked {
+                        Event::Revoked {
                             message: format!("{spiffe_id} is revoked"),
                         }
                     } else {
-                        CompanionResponse::Restored
+                        Event::Restored
                     })
                 },
             )
@@ -300,7 +300,7 @@ impl Agent {
         self.targets(
             |_| true,
             |c| {
-                c.notify(CompanionResponse::Trust {
+                c.notify(Event::Trust {
                     bundle_pem: bundle_pem.clone(),
                     jwks: jwks.clone(),
                     bundle_spiffe: bundle_spiffe.clone(),

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use nhi_core::wire::CompanionResponse;
+use nhi_core::wire::Event;
 
 use crate::agent::Agent;
 use crate::netns::NetNs;
@@ -129,7 +129,7 @@ impl Agent {
                 continue;
             };
             let policy = self.ctx.policy_for(&r.identity);
-            r.companion.notify(CompanionResponse::Policy {
+            r.companion.notify(Event::Policy {
                 policy: policy.clone().map(Box::new),
             });
             let previous = r.edge.take();

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nhi_core::wire::CompanionRequest;
+use nhi_core::wire::Call;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The two classes of companion requests.
@@ -26,12 +26,10 @@ pub enum Lane {
 }
 
 impl Lane {
-    pub fn of(req: &CompanionRequest) -> Lane {
+    pub fn of(req: &Call) -> Lane {
         match req {
-            CompanionRequest::Secret { .. } | CompanionRequest::BrokeredSecret { .. } => {
-                Lane::Store
-            }
-            _ => Lane::Issue,
+            Call::Secret { .. } | Call::BrokeredSecret { .. } => Lane::Store,
+            Call::Jwt { .. } | Call::X509 | Call::Validate { .. } => Lane::Issue,
         }
     }
 
@@ -246,18 +244,18 @@ mod tests {
 
     #[test]
     fn requests_are_classified_by_what_they_need() {
-        let secret = CompanionRequest::Secret { name: "a".into() };
-        let brokered = CompanionRequest::BrokeredSecret {
+        let secret = Call::Secret { name: "a".into() };
+        let brokered = Call::BrokeredSecret {
             rule_id: "r".into(),
         };
         assert_eq!(Lane::of(&secret), Lane::Store);
         assert_eq!(Lane::of(&brokered), Lane::Store);
         for r in [
-            CompanionRequest::Jwt {
+            Call::Jwt {
                 audience: vec!["a".into()],
             },
-            CompanionRequest::X509,
-            CompanionRequest::Validate {
+            Call::X509,
+            Call::Validate {
                 token: "t".into(),
                 audience: "a".into(),
             },

@@ -15,8 +15,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use futures_util::StreamExt;
 use nhi_core::wire::{
-    ChannelRequest, ChannelResponse, CompanionRequest, CompanionResponse, Init, SecretValue,
-    Validated, EVENT_ID, MAX_LINE,
+    Call, ChannelRequest, ChannelResponse, Event, FromCompanion, Init, Notice, Reply, SecretValue,
+    ToCompanion, Validated, EVENT_ID, MAX_LINE,
 };
 use nhi_core::{SpiffeId, Workload};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -156,7 +156,7 @@ pub struct CompanionHandle {
     pid: Arc<AtomicI32>,
     uid: u32,
     ctl: Option<oneshot::Sender<Control>>,
-    events: mpsc::UnboundedSender<CompanionResponse>,
+    events: mpsc::UnboundedSender<Event>,
     handover: Arc<Mutex<Handover>>,
     /// The AWS container-credential token of its workload, when its rule names an AWS source.
     aws_token: Option<Arc<zeroize::Zeroizing<String>>>,
@@ -199,7 +199,7 @@ impl CompanionHandle {
 
     /// Pushes an event (secret changed, revoked, restored) to the companion; delivered to its
     /// next incarnation too if it is restarting.
-    pub fn notify(&self, event: CompanionResponse) {
+    pub fn notify(&self, event: Event) {
         let _ = self.events.send(event);
     }
 
@@ -570,7 +570,7 @@ async fn run(
     pid: Arc<AtomicI32>,
     ready_tx: oneshot::Sender<()>,
     mut ctl_rx: oneshot::Receiver<Control>,
-    mut events_rx: mpsc::UnboundedReceiver<CompanionResponse>,
+    mut events_rx: mpsc::UnboundedReceiver<Event>,
     last_stderr: Arc<Mutex<String>>,
     shared: Shared,
 ) {
@@ -702,7 +702,7 @@ async fn serve(
     inc: &mut Incarnation,
     ready_tx: &mut Option<oneshot::Sender<()>>,
     ctl_rx: &mut oneshot::Receiver<Control>,
-    events_rx: &mut mpsc::UnboundedReceiver<CompanionResponse>,
+    events_rx: &mut mpsc::UnboundedReceiver<Event>,
 ) -> Ended {
     let (rd, mut wr) = inc.channel.split();
     let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
@@ -724,7 +724,8 @@ async fn serve(
             status = inc.proc.wait() => {
                 return Ended::Exited(status);
             }
-            Some(body) = events_rx.recv(), if greeted => {
+            Some(event) = events_rx.recv(), if greeted => {
+                let body = ToCompanion::Event(event);
                 write_line(&mut wr, &ChannelResponse { id: EVENT_ID, body }).await
             }
             Some(resp) = out_rx.recv() => write_line(&mut wr, &resp).await,
@@ -737,8 +738,8 @@ async fn serve(
                 let req = match serde_json::from_str::<ChannelRequest>(&line) {
                     Ok(req) => req,
                     Err(e) => {
-                        let body = CompanionResponse::Error { message: format!("bad request: {e}") };
-                        if let Err(ended) = write_line(&mut wr, &ChannelResponse { id: 0, body }).await {
+                        let body = ToCompanion::Reply(Reply::Error { message: format!("bad request: {e}") });
+                        if let Err(ended) = write_line(&mut wr, &ChannelResponse { id: EVENT_ID, body }).await {
                             return ended;
                         }
                         continue;
@@ -749,16 +750,16 @@ async fn serve(
                     // started, `reattach` with the right key from one it re-adopts. Nothing
                     // else is answered before.
                     let key = match (&inc.greeting, &req.body) {
-                        (Greeting::Hello(key), CompanionRequest::Hello) => {
+                        (Greeting::Hello(key), FromCompanion::Hello) => {
                             key.as_ref().map(|k| k.as_str().to_string())
                         }
-                        (Greeting::Reattach(digest), CompanionRequest::Reattach { key })
+                        (Greeting::Reattach(digest), FromCompanion::Reattach { key })
                             if crate::adopt::key_matches(digest, &key.0) =>
                         {
                             tracing::info!(spiffe_id = %identity.spiffe_id, pid = inc.proc.pid(), "companion re-adopted");
                             None
                         }
-                        (Greeting::Reattach(_), CompanionRequest::Reattach { .. }) => {
+                        (Greeting::Reattach(_), FromCompanion::Reattach { .. }) => {
                             return Ended::Exited("re-adoption refused: wrong key".into());
                         }
                         _ => {
@@ -773,17 +774,17 @@ async fn serve(
                     write_line(&mut wr, &ChannelResponse { id: req.id, body }).await
                 } else {
                     match req.body {
-                        CompanionRequest::Hello | CompanionRequest::Reattach { .. } => {
-                            let body = CompanionResponse::Error {
+                        FromCompanion::Hello | FromCompanion::Reattach { .. } => {
+                            let body = ToCompanion::Reply(Reply::Error {
                                 message: "the channel is already open".into(),
-                            };
+                            });
                             write_line(&mut wr, &ChannelResponse { id: req.id, body }).await
                         }
-                        CompanionRequest::Audit { events, dropped } => {
+                        FromCompanion::Notice(Notice::Audit { events, dropped }) => {
                             crate::audit::ingest(ctx, identity, events, dropped);
                             Ok(())
                         }
-                        CompanionRequest::Log { line } => {
+                        FromCompanion::Notice(Notice::Log { line }) => {
                             let mut line = line;
                             if line.len() > MAX_LOG_LINE as usize {
                                 let mut end = MAX_LOG_LINE as usize;
@@ -795,7 +796,7 @@ async fn serve(
                             tracing::info!(spiffe_id = %identity.spiffe_id, "companion: {line}");
                             Ok(())
                         }
-                        body => dispatch(ctx, identity, &lanes, &out_tx, &mut wr, req.id, body).await,
+                        FromCompanion::Call(call) => dispatch(ctx, identity, &lanes, &out_tx, &mut wr, req.id, call).await,
                     }
                 }
             }
@@ -814,26 +815,27 @@ async fn dispatch(
     out: &mpsc::Sender<ChannelResponse>,
     wr: &mut (impl AsyncWriteExt + Unpin),
     id: u64,
-    body: CompanionRequest,
+    call: Call,
 ) -> Result<(), Ended> {
     let started = std::time::Instant::now();
-    let ticket = match lanes.admit(Lane::of(&body)) {
+    let ticket = match lanes.admit(Lane::of(&call)) {
         Ok(t) => t,
         Err(refused) => {
-            let body = busy(ctx, identity, &body, &refused, started);
+            let body = ToCompanion::Reply(busy(ctx, identity, &call, &refused, started));
             return write_line(wr, &ChannelResponse { id, body }).await;
         }
     };
     let (ctx, identity, out) = (ctx.clone(), identity.clone(), out.clone());
     tokio::spawn(async move {
-        let body = match ticket.start().await {
+        let reply = match ticket.start().await {
             Ok(permit) => {
-                let answer = answer(&ctx, &identity, body).await;
+                let answer = answer(&ctx, &identity, call).await;
                 drop(permit);
                 answer
             }
-            Err(refused) => busy(&ctx, &identity, &body, &refused, started),
+            Err(refused) => busy(&ctx, &identity, &call, &refused, started),
         };
+        let body = ToCompanion::Reply(reply);
         let _ = out.send(ChannelResponse { id, body }).await;
     });
     Ok(())
@@ -843,22 +845,22 @@ async fn dispatch(
 fn busy(
     ctx: &Ctx,
     identity: &Identity,
-    req: &CompanionRequest,
+    call: &Call,
     refused: &Refused,
     started: std::time::Instant,
-) -> CompanionResponse {
+) -> Reply {
     let message = refused.to_string();
     tracing::debug!(spiffe_id = %identity.spiffe_id, "{message}");
     crate::audit::credential(
         ctx,
         identity,
-        crate::audit::requested(req),
+        crate::audit::requested(call),
         None,
         nhi_core::audit::Decision::Error,
         Some(message.clone()),
         started,
     );
-    CompanionResponse::Busy { message }
+    Reply::Busy { message }
 }
 
 /// The companion's identity and everything it serves from, answering its `hello` (with its
@@ -869,11 +871,11 @@ fn hello(
     ready_tx: &mut Option<oneshot::Sender<()>>,
     aws_token: Option<&zeroize::Zeroizing<String>>,
     adopt_key: Option<String>,
-) -> CompanionResponse {
+) -> ToCompanion {
     if let Some(tx) = ready_tx.take() {
         let _ = tx.send(());
     }
-    CompanionResponse::Init(Box::new(Init {
+    ToCompanion::Init(Box::new(Init {
         spiffe_id: identity.spiffe_id.to_string(),
         trust_domain: ctx.issuer.trust_domain().to_string(),
         rule: identity.rule.clone(),
@@ -905,16 +907,18 @@ fn aws_provider(
     })
 }
 
-async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> CompanionResponse {
+/// Answers one call of the companion serving `identity`: authorization (revocation, grants,
+/// the brokering policy), issuance or the store read, and one audit record per outcome.
+pub(crate) async fn answer(ctx: &Ctx, identity: &Identity, call: Call) -> Reply {
     let id = identity.spiffe_id.as_str();
-    let err = |e: crate::issuer::IssueError| CompanionResponse::Error {
+    let err = |e: crate::issuer::IssueError| Reply::Error {
         message: e.to_string(),
     };
-    let revoked = || CompanionResponse::Denied {
+    let revoked = || Reply::Denied {
         message: format!("{id} is revoked"),
     };
     // One audit record (and metric) per issuance outcome.
-    let (started, requested) = (std::time::Instant::now(), crate::audit::requested(&req));
+    let (started, requested) = (std::time::Instant::now(), crate::audit::requested(&call));
     let audit = |version: Option<String>, decision, detail: Option<String>| {
         crate::audit::credential(
             ctx,
@@ -927,62 +931,52 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
         )
     };
     use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
-    match req {
-        CompanionRequest::Hello | CompanionRequest::Reattach { .. } => CompanionResponse::Error {
-            message: "the channel is already open".into(),
-        },
-        CompanionRequest::Audit { .. } | CompanionRequest::Log { .. } => CompanionResponse::Error {
-            message: "audit events and log lines are notifications".into(),
-        },
-        CompanionRequest::Validate { token, audience } => match ctx.validate(&token, &audience) {
-            Ok(v) => CompanionResponse::Validated(v),
-            Err(message) => CompanionResponse::Denied { message },
+    match call {
+        Call::Validate { token, audience } => match ctx.validate(&token, &audience) {
+            Ok(v) => Reply::Validated(v),
+            Err(message) => Reply::Denied { message },
         },
         _ if ctx.revocations.is_revoked(id) => {
             tracing::warn!(spiffe_id = %id, "refused: identity is revoked");
             audit(None, Deny, Some("identity is revoked".into()));
             revoked()
         }
-        CompanionRequest::Jwt { audience } => {
-            match ctx.issuer.issue_jwt(&identity.spiffe_id, &audience) {
-                Ok(j) => {
-                    ctx.revocations.record_jwt(id, &j.jti, j.expires_at);
-                    identity.issued.record_jwt(&j.jti, j.expires_at);
-                    tracing::info!(spiffe_id = %id, audience = ?audience, jti = %j.jti, expires_at = j.expires_at, "issued JWT-SVID");
-                    audit(
-                        Some(j.jti.clone()),
-                        Allow,
-                        Some(format!("audience={}", audience.join(","))),
-                    );
-                    CompanionResponse::Jwt(j)
-                }
-                Err(e) => {
-                    audit(None, Failed, Some(e.to_string()));
-                    err(e)
-                }
-            }
-        }
-        CompanionRequest::X509 => match ctx.issuer.issue_x509(&identity.spiffe_id) {
-            Ok(x) => {
-                ctx.revocations.record_x509(id, &x.serial, x.expires_at);
-                identity.issued.record_x509(&x.serial, x.expires_at);
-                tracing::info!(spiffe_id = %id, serial = %x.serial, expires_at = x.expires_at, "issued X.509-SVID");
-                audit(Some(x.serial.clone()), Allow, None);
-                CompanionResponse::X509(Box::new(x))
+        Call::Jwt { audience } => match ctx.issuer.issue_jwt(&identity.spiffe_id, &audience) {
+            Ok(j) => {
+                ctx.revocations.record_jwt(id, &j.jti, j.expires_at);
+                identity.issued.record_jwt(&j.jti, j.expires_at);
+                tracing::info!(spiffe_id = %id, audience = ?audience, jti = %j.jti, expires_at = j.expires_at, "issued JWT-SVID");
+                audit(
+                    Some(j.jti.clone()),
+                    Allow,
+                    Some(format!("audience={}", audience.join(","))),
+                );
+                Reply::Jwt(j)
             }
             Err(e) => {
                 audit(None, Failed, Some(e.to_string()));
                 err(e)
             }
         },
-        CompanionRequest::BrokeredSecret { rule_id } => {
-            brokered_secret(ctx, identity, &rule_id).await
-        }
-        CompanionRequest::Secret { name } => {
+        Call::X509 => match ctx.issuer.issue_x509(&identity.spiffe_id) {
+            Ok(x) => {
+                ctx.revocations.record_x509(id, &x.serial, x.expires_at);
+                identity.issued.record_x509(&x.serial, x.expires_at);
+                tracing::info!(spiffe_id = %id, serial = %x.serial, expires_at = x.expires_at, "issued X.509-SVID");
+                audit(Some(x.serial.clone()), Allow, None);
+                Reply::X509(Box::new(x))
+            }
+            Err(e) => {
+                audit(None, Failed, Some(e.to_string()));
+                err(e)
+            }
+        },
+        Call::BrokeredSecret { rule_id } => brokered_secret(ctx, identity, &rule_id).await,
+        Call::Secret { name } => {
             if !nhi_core::grant::granted(&ctx.config.grants, id, &identity.rule, &name) {
                 tracing::warn!(spiffe_id = %id, secret = %name, "refused: secret not granted");
                 audit(None, Deny, Some("not granted".into()));
-                return CompanionResponse::Denied {
+                return Reply::Denied {
                     message: format!("secret {name:?} is not granted to {id}"),
                 };
             }
@@ -996,7 +990,7 @@ async fn answer(ctx: &Ctx, identity: &Identity, req: CompanionRequest) -> Compan
 
 /// A secret for the companion to inject upstream: only the one egress rule `rule_id` of the
 /// identity's current policy names. Never a grant: the workload's `/v1/secrets` still refuses it.
-async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> CompanionResponse {
+async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> Reply {
     use nhi_core::audit::Decision::Deny;
     let id = identity.spiffe_id.as_str();
     let started = std::time::Instant::now();
@@ -1024,7 +1018,7 @@ async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> Compa
     let Some(name) = name else {
         tracing::warn!(spiffe_id = %id, rule = %rule_id, "refused: no brokered secret in that rule");
         audit("?", None, Deny, Some("the rule brokers no secret"));
-        return CompanionResponse::Denied {
+        return Reply::Denied {
             message: format!("no egress rule {rule_id:?} brokering a secret for {id}"),
         };
     };
@@ -1044,7 +1038,7 @@ async fn read_secret(
     name: String,
     what: &str,
     audit: impl Fn(Option<String>, nhi_core::audit::Decision, Option<&str>),
-) -> CompanionResponse {
+) -> Reply {
     use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
     match ctx.store.get_for_workload(&name).await {
         Ok(Some(s)) => {
@@ -1053,7 +1047,7 @@ async fn read_secret(
                 .then_some("from the sealed cache: OpenBao unreachable");
             tracing::info!(spiffe_id = %spiffe_id, secret = %name, version = s.version, from_cache = s.from_cache, "{what}");
             audit(Some(s.version.to_string()), Allow, cached);
-            CompanionResponse::Secret(SecretValue {
+            Reply::Secret(SecretValue {
                 name,
                 version: s.version,
                 value_b64: B64.encode(&s.value[..]),
@@ -1063,13 +1057,13 @@ async fn read_secret(
         }
         Ok(None) => {
             audit(None, Deny, Some("not found"));
-            CompanionResponse::NotFound {
+            Reply::NotFound {
                 message: format!("no secret named {name:?}"),
             }
         }
         Err(e) => {
             audit(None, Failed, Some(&e.to_string()));
-            CompanionResponse::Error {
+            Reply::Error {
                 message: e.to_string(),
             }
         }

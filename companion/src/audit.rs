@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nhi_core::audit::{AuditEvent, MAX_BATCH};
-use nhi_core::wire::CompanionRequest;
+use nhi_core::wire::Notice;
 use tokio::sync::mpsc;
 
 use crate::channel::Channel;
@@ -66,7 +66,7 @@ async fn flush(channel: Channel, mut rx: mpsc::Receiver<AuditEvent>, dropped: Ar
         if !batch.is_empty() || lost > 0 {
             let events = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
             if channel
-                .notify(CompanionRequest::Audit {
+                .notify(Notice::Audit {
                     events,
                     dropped: lost,
                 })
@@ -86,7 +86,7 @@ async fn flush(channel: Channel, mut rx: mpsc::Receiver<AuditEvent>, dropped: Ar
 mod tests {
     use super::*;
     use futures_util::StreamExt;
-    use nhi_core::wire::{ChannelRequest, EVENT_ID};
+    use nhi_core::wire::{ChannelRequest, FromCompanion, EVENT_ID};
 
     /// Through a real channel: a flood far larger than the queue, recorded without ever
     /// yielding to the flush task, arrives at nhid's end as events plus reported drops that add
@@ -117,7 +117,7 @@ mod tests {
                 let req: ChannelRequest = serde_json::from_str(&line).unwrap();
                 assert_eq!(req.id, EVENT_ID, "audit batches are notifications");
                 match req.body {
-                    CompanionRequest::Audit { events, dropped: d } => {
+                    FromCompanion::Notice(Notice::Audit { events, dropped: d }) => {
                         assert!(events.len() <= MAX_BATCH);
                         delivered += events.len() as u64;
                         dropped += d;

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nhi_core::wire::{CompanionRequest, CompanionResponse, JwtSvid, SecretValue, X509Svid};
+use nhi_core::wire::{Event, JwtSvid, Refusal, SecretValue, X509Svid};
 use tokio::sync::Notify;
 
-use crate::channel::{Channel, Events};
+use crate::channel::{CallError, Channel, Events, Pushed};
 
 /// Most secrets cached at once.
 const MAX_SECRETS: usize = 256;
@@ -43,13 +43,19 @@ impl std::fmt::Display for CredError {
     }
 }
 
-fn unexpected(other: CompanionResponse) -> CredError {
-    match other {
-        CompanionResponse::Denied { message } => CredError::Denied(message),
-        CompanionResponse::NotFound { message } => CredError::NotFound(message),
-        CompanionResponse::Error { message } => CredError::Unavailable(message),
-        CompanionResponse::Busy { message } => CredError::Busy(message),
-        _ => CredError::Unavailable("unexpected answer from nhid".into()),
+impl From<CallError> for CredError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Refused(Refusal::Denied(m)) => CredError::Denied(m),
+            CallError::Refused(Refusal::NotFound(m)) => CredError::NotFound(m),
+            CallError::Refused(Refusal::Busy(m)) => CredError::Busy(m),
+            CallError::Refused(Refusal::Error(m)) | CallError::Unavailable(m) => {
+                CredError::Unavailable(m)
+            }
+            unexpected @ CallError::Unexpected { .. } => {
+                CredError::Unavailable(unexpected.to_string())
+            }
+        }
     }
 }
 
@@ -206,9 +212,9 @@ impl Creds {
     }
 
     /// Applies an event pushed by nhid.
-    pub fn apply(&self, event: CompanionResponse) {
-        match event {
-            CompanionResponse::Revoked { message } => {
+    pub fn apply(&self, pushed: Pushed) {
+        match pushed {
+            Pushed::Event(Event::Revoked { message }) => {
                 self.revoked.store(true, Ordering::SeqCst);
                 let mut inner = self.lock();
                 inner.x509 = None;
@@ -216,29 +222,29 @@ impl Creds {
                 inner.secrets.clear();
                 crate::log!("nhi-companion: {message}; cached credentials dropped");
             }
-            CompanionResponse::Restored => {
+            Pushed::Event(Event::Restored) => {
                 self.revoked.store(false, Ordering::SeqCst);
                 crate::log!("nhi-companion: revocation lifted");
             }
-            CompanionResponse::SecretChanged { name } => {
+            Pushed::Event(Event::SecretChanged { name }) => {
                 self.lock().secrets.remove(&name);
             }
-            CompanionResponse::Trust {
+            Pushed::Event(Event::Trust {
                 bundle_pem,
                 jwks,
                 bundle_spiffe,
-            } => {
+            }) => {
                 *self.trust.write().unwrap_or_else(|p| p.into_inner()) =
                     Arc::new(Trust::new(&bundle_pem, &jwks, &bundle_spiffe));
             }
             // Re-adopted by a restarted nhid: its view of revocation and trust wins, and the
             // secrets fetched from its predecessor are checked with it before they are served.
-            CompanionResponse::Init(init) => {
+            Pushed::Readopted(init) => {
                 let revoked = init.revoked;
                 if revoked {
-                    self.apply(CompanionResponse::Revoked {
+                    self.apply(Pushed::Event(Event::Revoked {
                         message: format!("{} was revoked while nhid was away", init.spiffe_id),
-                    });
+                    }));
                 } else if self.revoked.swap(false, Ordering::SeqCst) {
                     crate::log!("nhi-companion: revocation lifted while nhid was away");
                 }
@@ -251,7 +257,8 @@ impl Creds {
                     s.revalidate = true;
                 }
             }
-            _ => return,
+            // The edge's business only.
+            Pushed::Event(Event::Policy { .. }) => return,
         }
         self.bump();
     }
@@ -269,24 +276,21 @@ impl Creds {
             Some((v, true)) => Some(v),
             None => None,
         };
-        let answer = self
-            .channel
-            .call(CompanionRequest::Secret { name: name.into() })
-            .await;
-        let s = match answer {
-            Ok(CompanionResponse::Secret(s)) => Arc::new(s),
+        let s = match self.channel.secret(name).await {
+            Ok(s) => Arc::new(s),
             // nhid cannot answer now: the copy from its predecessor, still within its lease.
-            Err(_) | Ok(CompanionResponse::Error { .. } | CompanionResponse::Busy { .. })
-                if stale.is_some() =>
-            {
+            Err(
+                CallError::Unavailable(_)
+                | CallError::Refused(Refusal::Error(_) | Refusal::Busy(_)),
+            ) if stale.is_some() => {
                 self.check_revoked()?;
                 return Ok(stale.expect("checked"));
             }
-            Ok(other) => {
+            Err(CallError::Unavailable(e)) => return Err(CredError::Unavailable(e)),
+            Err(e) => {
                 self.lock().secrets.remove(name);
-                return Err(unexpected(other));
+                return Err(e.into());
             }
-            Err(e) => return Err(CredError::Unavailable(e)),
         };
         // A revocation that arrived meanwhile wins.
         self.check_revoked()?;
@@ -317,18 +321,7 @@ impl Creds {
         token: &str,
         audience: &str,
     ) -> Result<nhi_core::wire::Validated, CredError> {
-        match self
-            .channel
-            .call(CompanionRequest::Validate {
-                token: token.into(),
-                audience: audience.into(),
-            })
-            .await
-            .map_err(CredError::Unavailable)?
-        {
-            CompanionResponse::Validated(v) => Ok(v),
-            other => Err(unexpected(other)),
-        }
+        Ok(self.channel.validate(token, audience).await?)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -377,33 +370,15 @@ impl Creds {
     }
 
     async fn fetch_jwt(&self, audience: Vec<String>) -> Result<Entry<JwtSvid>, CredError> {
-        match self
-            .channel
-            .call(CompanionRequest::Jwt { audience })
-            .await
-            .map_err(CredError::Unavailable)?
-        {
-            CompanionResponse::Jwt(j) => {
-                let (i, e) = (j.issued_at, j.expires_at);
-                Ok(Entry::new(j, i, e))
-            }
-            other => Err(unexpected(other)),
-        }
+        let j = self.channel.jwt(audience).await?;
+        let (i, e) = (j.issued_at, j.expires_at);
+        Ok(Entry::new(j, i, e))
     }
 
     async fn fetch_x509(&self) -> Result<Entry<X509Svid>, CredError> {
-        match self
-            .channel
-            .call(CompanionRequest::X509)
-            .await
-            .map_err(CredError::Unavailable)?
-        {
-            CompanionResponse::X509(x) => {
-                let (i, e) = (x.issued_at, x.expires_at);
-                Ok(Entry::new(*x, i, e))
-            }
-            other => Err(unexpected(other)),
-        }
+        let x = self.channel.x509().await?;
+        let (i, e) = (x.issued_at, x.expires_at);
+        Ok(Entry::new(x, i, e))
     }
 }
 

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use nhi_core::wire::{
-    ChannelRequest, ChannelResponse, CompanionRequest, CompanionResponse, Init, Redacted, EVENT_ID,
-    MAX_LINE,
+    Call, ChannelRequest, ChannelResponse, Event, FromCompanion, Init, JwtSvid, Notice, Redacted,
+    Refusal, Reply, SecretValue, ToCompanion, Validated, X509Svid, EVENT_ID, MAX_LINE,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -31,8 +31,45 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
-type Reply = oneshot::Sender<Result<CompanionResponse, String>>;
-pub type Events = mpsc::UnboundedReceiver<CompanionResponse>;
+/// Where the reply to one call goes.
+type Waiter = oneshot::Sender<Result<Reply, String>>;
+pub type Events = mpsc::UnboundedReceiver<Pushed>;
+
+/// What reaches the companion from `nhid` without being asked for.
+#[derive(Debug, Clone)]
+pub enum Pushed {
+    /// An event `nhid` pushed (rotation, revocation, policy, trust).
+    Event(Event),
+    /// A restarted `nhid` re-adopted the companion: its view of revocation, trust and policy
+    /// as it is now.
+    Readopted(Box<Init>),
+}
+
+/// Why a call got no credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// No answer: `nhid` is away, the link broke, or the answer took too long.
+    Unavailable(String),
+    /// `nhid` answered with a refusal.
+    Refused(Refusal),
+    /// `nhid` answered with a reply of another kind than the call's (a protocol mismatch).
+    Unexpected {
+        call: &'static str,
+        reply: &'static str,
+    },
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unavailable(m) => f.write_str(m),
+            CallError::Refused(r) => write!(f, "{r}"),
+            CallError::Unexpected { call, reply } => {
+                write!(f, "unexpected answer from nhid: {reply} to a {call} call")
+            }
+        }
+    }
+}
 
 /// Longest a request waits for `nhid`'s answer (`nhid` bounds its own waits well below).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,8 +87,8 @@ pub const DOWN: &str =
 /// A handle on the link; cheap to clone.
 #[derive(Clone)]
 pub struct Channel {
-    calls: mpsc::Sender<(CompanionRequest, Reply)>,
-    notes: mpsc::Sender<CompanionRequest>,
+    calls: mpsc::Sender<(Call, Waiter)>,
+    notes: mpsc::Sender<Notice>,
     up: watch::Receiver<bool>,
 }
 
@@ -85,7 +122,7 @@ impl Conn {
         }
     }
 
-    async fn send(&mut self, id: u64, body: CompanionRequest) -> std::io::Result<()> {
+    async fn send(&mut self, id: u64, body: FromCompanion) -> std::io::Result<()> {
         let mut line =
             serde_json::to_vec(&ChannelRequest { id, body }).expect("request serializes");
         line.push(b'\n');
@@ -95,12 +132,13 @@ impl Conn {
         res
     }
 
-    /// Reads until the answer to `id`; events that come first go to `events`.
-    async fn answer(
+    /// Reads until the answer to the opening message `id`; events that come first go to
+    /// `events`.
+    async fn opened(
         &mut self,
         id: u64,
-        events: &mpsc::UnboundedSender<CompanionResponse>,
-    ) -> Result<CompanionResponse, String> {
+        events: &mpsc::UnboundedSender<Pushed>,
+    ) -> Result<Box<Init>, String> {
         loop {
             let line = match self.lines.next().await {
                 Some(Ok(l)) => l,
@@ -108,11 +146,26 @@ impl Conn {
                 None => return Err("nhid closed the connection".into()),
             };
             match serde_json::from_str::<ChannelResponse>(&line) {
-                Ok(r) if r.id == id => return Ok(r.body),
-                Ok(r) if r.id == EVENT_ID => {
-                    let _ = events.send(r.body);
+                Ok(ChannelResponse {
+                    body: ToCompanion::Event(e),
+                    ..
+                }) => {
+                    let _ = events.send(Pushed::Event(e));
                 }
-                Ok(_) => {}
+                Ok(r) if r.id != id => {}
+                Ok(ChannelResponse {
+                    body: ToCompanion::Init(init),
+                    ..
+                }) => return Ok(init),
+                Ok(ChannelResponse {
+                    body: ToCompanion::Reply(r),
+                    ..
+                }) => {
+                    return Err(match r.refused() {
+                        Err(refusal) => format!("nhid refused: {refusal}"),
+                        Ok(other) => format!("unexpected answer: {}", other.kind()),
+                    })
+                }
                 Err(e) => return Err(format!("bad message from nhid: {e}")),
             }
         }
@@ -121,8 +174,8 @@ impl Conn {
 
 impl Channel {
     /// Says hello on the channel `nhid` handed over at spawn (`fd`) and starts the link.
-    /// Returns the companion's identity; events `nhid` pushes (rotation, revocation, and an
-    /// [`CompanionResponse::Init`] after each re-adoption) arrive on the receiver. `on_exit` runs
+    /// Returns the companion's identity; what `nhid` pushes (events, and the identity anew after
+    /// each re-adoption: [`Pushed`]) arrives on the receiver. `on_exit` runs
     /// when the link ends for good (no `nhid` within `orphan_timeout`, or no re-adoption
     /// listener): the companion then exits.
     pub async fn open(
@@ -137,15 +190,11 @@ impl Channel {
         let stream = UnixStream::from_std(std_stream).map_err(|e| format!("channel: {e}"))?;
         let mut conn = Conn::new(stream);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        conn.send(1, CompanionRequest::Hello)
+        conn.send(1, FromCompanion::Hello)
             .await
             .map_err(|e| format!("channel: {e}"))?;
-        let init = match tokio::time::timeout(CALL_TIMEOUT, conn.answer(1, &events_tx)).await {
-            Ok(Ok(CompanionResponse::Init(i))) => i,
-            Ok(Ok(CompanionResponse::Error { message })) => {
-                return Err(format!("nhid refused: {message}"))
-            }
-            Ok(Ok(other)) => return Err(format!("unexpected hello answer: {other:?}")),
+        let init = match tokio::time::timeout(CALL_TIMEOUT, conn.opened(1, &events_tx)).await {
+            Ok(Ok(i)) => i,
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(format!("nhid did not answer hello within {CALL_TIMEOUT:?}")),
         };
@@ -192,14 +241,14 @@ impl Channel {
         let _ = up.wait_for(|u| *u).await;
     }
 
-    /// A request to `nhid`: fails at once while it is away, and after [`CALL_TIMEOUT`].
-    pub async fn call(&self, req: CompanionRequest) -> Result<CompanionResponse, String> {
+    /// A call to `nhid`: fails at once while it is away, and after [`CALL_TIMEOUT`].
+    async fn call(&self, call: Call) -> Result<Reply, String> {
         if !self.is_up() {
             return Err(DOWN.into());
         }
-        let (reply, rx) = oneshot::channel();
+        let (waiter, rx) = oneshot::channel();
         self.calls
-            .send((req, reply))
+            .send((call, waiter))
             .await
             .map_err(|_| "the companion is shutting down".to_string())?;
         match tokio::time::timeout(CALL_TIMEOUT, rx).await {
@@ -209,12 +258,78 @@ impl Channel {
         }
     }
 
-    /// Sends a notification `nhid` does not answer (audit events). Waits for room in the
-    /// queue, which only drains while `nhid` is connected: the caller's own bounded queue
-    /// (and its drop count) absorbs an absence.
-    pub async fn notify(&self, req: CompanionRequest) -> Result<(), String> {
+    /// A call whose one good reply `pick` takes; every other reply is an error.
+    async fn ask<T>(
+        &self,
+        call: Call,
+        what: &'static str,
+        pick: impl FnOnce(Reply) -> Result<T, Reply>,
+    ) -> Result<T, CallError> {
+        let reply = self.call(call).await.map_err(CallError::Unavailable)?;
+        let reply = reply.refused().map_err(CallError::Refused)?;
+        pick(reply).map_err(|other| CallError::Unexpected {
+            call: what,
+            reply: other.kind(),
+        })
+    }
+
+    pub async fn jwt(&self, audience: Vec<String>) -> Result<JwtSvid, CallError> {
+        self.ask(Call::Jwt { audience }, "jwt", |r| match r {
+            Reply::Jwt(j) => Ok(j),
+            other => Err(other),
+        })
+        .await
+    }
+
+    pub async fn x509(&self) -> Result<X509Svid, CallError> {
+        self.ask(Call::X509, "x509", |r| match r {
+            Reply::X509(x) => Ok(*x),
+            other => Err(other),
+        })
+        .await
+    }
+
+    /// A secret granted to this identity.
+    pub async fn secret(&self, name: &str) -> Result<SecretValue, CallError> {
+        let call = Call::Secret { name: name.into() };
+        self.ask(call, "secret", |r| match r {
+            Reply::Secret(s) => Ok(s),
+            other => Err(other),
+        })
+        .await
+    }
+
+    /// The secret the identity's edge policy brokers in egress rule `rule_id`.
+    pub async fn brokered_secret(&self, rule_id: &str) -> Result<SecretValue, CallError> {
+        let call = Call::BrokeredSecret {
+            rule_id: rule_id.into(),
+        };
+        self.ask(call, "brokered_secret", |r| match r {
+            Reply::Secret(s) => Ok(s),
+            other => Err(other),
+        })
+        .await
+    }
+
+    /// A token checked by `nhid` (signature, audience, expiry, deny list).
+    pub async fn validate(&self, token: &str, audience: &str) -> Result<Validated, CallError> {
+        let call = Call::Validate {
+            token: token.into(),
+            audience: audience.into(),
+        };
+        self.ask(call, "validate", |r| match r {
+            Reply::Validated(v) => Ok(v),
+            other => Err(other),
+        })
+        .await
+    }
+
+    /// Sends a notice `nhid` does not answer (audit events). Waits for room in the queue,
+    /// which only drains while `nhid` is connected: the caller's own bounded queue (and its
+    /// drop count) absorbs an absence.
+    pub async fn notify(&self, notice: Notice) -> Result<(), String> {
         self.notes
-            .send(req)
+            .send(notice)
             .await
             .map_err(|_| "the companion is shutting down".to_string())
     }
@@ -222,10 +337,10 @@ impl Channel {
 
 /// The link task's state.
 struct Link {
-    calls: mpsc::Receiver<(CompanionRequest, Reply)>,
-    notes: mpsc::Receiver<CompanionRequest>,
+    calls: mpsc::Receiver<(Call, Waiter)>,
+    notes: mpsc::Receiver<Notice>,
     logs: Option<mpsc::Receiver<String>>,
-    events: mpsc::UnboundedSender<CompanionResponse>,
+    events: mpsc::UnboundedSender<Pushed>,
     up: watch::Sender<bool>,
     /// Request ids stay unique across connections.
     next_id: u64,
@@ -250,7 +365,7 @@ impl Link {
                     conn = c;
                     crate::log!("nhi-companion: re-adopted by nhid");
                     // Revocation, trust and policy as they are now, before serving through nhid.
-                    let _ = self.events.send(CompanionResponse::Init(init));
+                    let _ = self.events.send(Pushed::Readopted(init));
                 }
                 None => {
                     crate::log!(
@@ -273,37 +388,38 @@ impl Link {
             next_id,
             ..
         } = self;
-        let mut pending: HashMap<u64, Reply> = HashMap::new();
+        let mut pending: HashMap<u64, Waiter> = HashMap::new();
         loop {
             let has_logs = logs.is_some();
             tokio::select! {
                 c = calls.recv() => {
-                    let Some((body, reply)) = c else { return "the companion is shutting down".into() };
+                    let Some((call, waiter)) = c else { return "the companion is shutting down".into() };
                     if pending.len() >= MAX_PENDING {
-                        pending.retain(|_, r| !r.is_closed());
+                        pending.retain(|_, w| !w.is_closed());
                     }
                     if pending.len() >= MAX_PENDING {
-                        let _ = reply.send(Err(format!("{MAX_PENDING} requests already wait for nhid")));
+                        let _ = waiter.send(Err(format!("{MAX_PENDING} requests already wait for nhid")));
                         continue;
                     }
                     let id = *next_id;
                     *next_id += 1;
-                    if let Err(e) = conn.send(id, body).await {
-                        let _ = reply.send(Err(format!("writing to nhid: {e}")));
+                    if let Err(e) = conn.send(id, FromCompanion::Call(call)).await {
+                        let _ = waiter.send(Err(format!("writing to nhid: {e}")));
                         return format!("writing: {e}");
                     }
-                    pending.insert(id, reply);
+                    pending.insert(id, waiter);
                 }
                 n = notes.recv() => {
-                    let Some(body) = n else { return "the companion is shutting down".into() };
-                    if let Err(e) = conn.send(EVENT_ID, body).await {
+                    let Some(notice) = n else { return "the companion is shutting down".into() };
+                    if let Err(e) = conn.send(EVENT_ID, FromCompanion::Notice(notice)).await {
                         return format!("writing: {e}");
                     }
                 }
                 l = async { logs.as_mut().expect("checked").recv().await }, if has_logs => {
                     match l {
                         Some(line) => {
-                            if let Err(e) = conn.send(EVENT_ID, CompanionRequest::Log { line }).await {
+                            let notice = FromCompanion::Notice(Notice::Log { line });
+                            if let Err(e) = conn.send(EVENT_ID, notice).await {
                                 return format!("writing: {e}");
                             }
                         }
@@ -317,13 +433,24 @@ impl Link {
                         None => return "nhid closed it".into(),
                     };
                     match serde_json::from_str::<ChannelResponse>(&line) {
-                        Ok(resp) if resp.id == EVENT_ID => {
-                            let _ = events.send(resp.body);
+                        Ok(ChannelResponse { body: ToCompanion::Event(e), .. }) => {
+                            let _ = events.send(Pushed::Event(e));
                         }
-                        Ok(resp) => {
-                            if let Some(reply) = pending.remove(&resp.id) {
-                                let _ = reply.send(Ok(resp.body));
+                        Ok(ChannelResponse { id, body: ToCompanion::Reply(r) }) => {
+                            match pending.remove(&id) {
+                                Some(waiter) => {
+                                    let _ = waiter.send(Ok(r));
+                                }
+                                // nhid could not read a line of ours (it answers with id 0).
+                                None if id == EVENT_ID => match r.refused() {
+                                    Err(refusal) => crate::log!("nhi-companion: nhid: {refusal}"),
+                                    Ok(r) => crate::log!("nhi-companion: nhid sent an unasked {} reply", r.kind()),
+                                },
+                                None => {}
                             }
+                        }
+                        Ok(ChannelResponse { body: ToCompanion::Init(_), .. }) => {
+                            crate::log!("nhi-companion: nhid sent an identity on an open channel; ignored");
                         }
                         Err(e) => crate::log!("nhi-companion: bad message from nhid: {e}"),
                     }
@@ -338,8 +465,8 @@ impl Link {
         loop {
             tokio::select! {
                 c = self.calls.recv() => match c {
-                    Some((_, reply)) => {
-                        let _ = reply.send(Err(DOWN.into()));
+                    Some((_, waiter)) => {
+                        let _ = waiter.send(Err(DOWN.into()));
                     }
                     None => return None,
                 },
@@ -371,7 +498,7 @@ async fn reattach(
     stream: UnixStream,
     ident: &Ident,
     id: u64,
-    events: &mpsc::UnboundedSender<CompanionResponse>,
+    events: &mpsc::UnboundedSender<Pushed>,
     listeners: &crate::listeners::Listeners,
 ) -> Result<(Conn, Box<Init>), String> {
     let cred = stream
@@ -388,28 +515,23 @@ async fn reattach(
     let mut conn = Conn::new(stream);
     conn.send(
         id,
-        CompanionRequest::Reattach {
+        FromCompanion::Reattach {
             key: ident.key.clone(),
         },
     )
     .await
     .map_err(|e| format!("writing: {e}"))?;
-    match conn.answer(id, events).await? {
-        CompanionResponse::Init(init) if init.spiffe_id == ident.spiffe_id => {
-            listeners
-                .attach(fd_channel)
-                .map_err(|e| format!("fd channel: {e}"))?;
-            Ok((conn, init))
-        }
-        CompanionResponse::Init(init) => Err(format!(
+    let init = conn.opened(id, events).await?;
+    if init.spiffe_id != ident.spiffe_id {
+        return Err(format!(
             "nhid offered identity {} but this companion serves {}",
             init.spiffe_id, ident.spiffe_id
-        )),
-        CompanionResponse::Error { message } | CompanionResponse::Denied { message } => {
-            Err(format!("nhid refused: {message}"))
-        }
-        _ => Err("unexpected answer to reattach".into()),
+        ));
     }
+    listeners
+        .attach(fd_channel)
+        .map_err(|e| format!("fd channel: {e}"))?;
+    Ok((conn, init))
 }
 
 /// Reads the one byte a re-adopting `nhid` sends first (`nhi_core::wire::FD_CHANNEL_BYTE`) and the fd channel it
@@ -473,10 +595,10 @@ pub(crate) mod testing {
         let mut lines = FramedRead::new(nhid, LinesCodec::new());
         let hello: ChannelRequest =
             serde_json::from_str(&lines.next().await.unwrap().unwrap()).unwrap();
-        assert!(matches!(hello.body, CompanionRequest::Hello));
+        assert!(matches!(hello.body, FromCompanion::Hello));
         let mut out = serde_json::to_vec(&ChannelResponse {
             id: hello.id,
-            body: CompanionResponse::Init(Box::new(init)),
+            body: ToCompanion::Init(Box::new(init)),
         })
         .unwrap();
         out.push(b'\n');
@@ -513,7 +635,8 @@ mod tests {
             .unwrap()
     }
 
-    async fn reply(end: &mut NhidEnd, id: u64, body: CompanionResponse) {
+    async fn reply(end: &mut NhidEnd, id: u64, body: impl Into<ToCompanion>) {
+        let body = body.into();
         let mut out = serde_json::to_vec(&ChannelResponse { id, body }).unwrap();
         out.push(b'\n');
         end.get_mut().write_all(&out).await.unwrap();
@@ -550,15 +673,12 @@ mod tests {
         .unwrap();
     }
 
-    async fn adopt(
-        path: &std::path::Path,
-        answer: impl FnOnce(&str) -> CompanionResponse,
-    ) -> NhidEnd {
+    async fn adopt(path: &std::path::Path, answer: impl FnOnce(&str) -> ToCompanion) -> NhidEnd {
         let s = tokio::net::UnixStream::connect(path).await.unwrap();
         send_fd_channel(&s);
         let mut end = FramedRead::new(s, LinesCodec::new());
         let req = next_req(&mut end).await;
-        let CompanionRequest::Reattach { key } = req.body else {
+        let FromCompanion::Reattach { key } = req.body else {
             panic!("expected reattach, got {:?}", req.body)
         };
         reply(&mut end, req.id, answer(&key.0)).await;
@@ -591,16 +711,14 @@ mod tests {
 
             // Two requests in flight, answered out of order.
             let (c1, c2) = (c.clone(), c.clone());
-            let a = tokio::spawn(async move { c1.call(CompanionRequest::X509).await });
+            let a = tokio::spawn(async move { c1.call(Call::X509).await });
             let r1 = next_req(&mut end).await;
-            let b = tokio::spawn(async move {
-                c2.call(CompanionRequest::Secret { name: "s".into() }).await
-            });
+            let b = tokio::spawn(async move { c2.call(Call::Secret { name: "s".into() }).await });
             let r2 = next_req(&mut end).await;
             reply(
                 &mut end,
                 r2.id,
-                CompanionResponse::NotFound {
+                Reply::NotFound {
                     message: "no".into(),
                 },
             )
@@ -608,23 +726,17 @@ mod tests {
             reply(
                 &mut end,
                 r1.id,
-                CompanionResponse::Busy {
+                Reply::Busy {
                     message: "busy".into(),
                 },
             )
             .await;
-            assert!(matches!(
-                b.await.unwrap(),
-                Ok(CompanionResponse::NotFound { .. })
-            ));
-            assert!(matches!(
-                a.await.unwrap(),
-                Ok(CompanionResponse::Busy { .. })
-            ));
+            assert!(matches!(b.await.unwrap(), Ok(Reply::NotFound { .. })));
+            assert!(matches!(a.await.unwrap(), Ok(Reply::Busy { .. })));
 
             // nhid dies with a request in flight: that request fails, the next fails at once.
             let c1 = c.clone();
-            let pending = tokio::spawn(async move { c1.call(CompanionRequest::X509).await });
+            let pending = tokio::spawn(async move { c1.call(Call::X509).await });
             next_req(&mut end).await;
             drop(end);
             let e = pending.await.unwrap().unwrap_err();
@@ -634,13 +746,13 @@ mod tests {
                 .unwrap()
                 .unwrap();
             let t = tokio::time::Instant::now();
-            let e = c.call(CompanionRequest::X509).await.unwrap_err();
+            let e = c.call(Call::X509).await.unwrap_err();
             assert_eq!(e, DOWN);
             assert!(t.elapsed() < Duration::from_millis(100));
 
             // An nhid offering another identity is refused; the companion keeps waiting.
             let refused = adopt(&path, |_| {
-                CompanionResponse::Init(Box::new(init("spiffe://td/other", None)))
+                ToCompanion::Init(Box::new(init("spiffe://td/other", None)))
             })
             .await;
             drop(refused);
@@ -650,32 +762,29 @@ mod tests {
                 assert_eq!(key, "the-key");
                 let mut i = init("spiffe://td/a", None);
                 i.revoked = true;
-                CompanionResponse::Init(Box::new(i))
+                ToCompanion::Init(Box::new(i))
             })
             .await;
             tokio::time::timeout(Duration::from_secs(5), c.wait_up())
                 .await
                 .unwrap();
             match events.recv().await.unwrap() {
-                CompanionResponse::Init(i) => assert!(i.revoked),
+                Pushed::Readopted(i) => assert!(i.revoked),
                 other => panic!("{other:?}"),
             }
             let c1 = c.clone();
-            let again = tokio::spawn(async move { c1.call(CompanionRequest::X509).await });
+            let again = tokio::spawn(async move { c1.call(Call::X509).await });
             let r = next_req(&mut end).await;
             assert!(r.id > r2.id, "ids stay unique across connections");
             reply(
                 &mut end,
                 r.id,
-                CompanionResponse::Error {
+                Reply::Error {
                     message: "x".into(),
                 },
             )
             .await;
-            assert!(matches!(
-                again.await.unwrap(),
-                Ok(CompanionResponse::Error { .. })
-            ));
+            assert!(matches!(again.await.unwrap(), Ok(Reply::Error { .. })));
             assert!(exit_rx.try_recv().is_err(), "still running");
         });
     }

@@ -19,7 +19,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use nhi_core::config::CompanionLimits;
-use nhi_core::wire::CompanionResponse;
 
 pub struct Options {
     /// The HTTP API's address; `None`: no HTTP API (`companion.http_api = false`).
@@ -156,7 +155,7 @@ pub fn run(opts: Options) -> Result<(), String> {
     })
 }
 
-type EdgeEvents = tokio::sync::mpsc::UnboundedReceiver<CompanionResponse>;
+type EdgeEvents = tokio::sync::mpsc::UnboundedReceiver<channel::Pushed>;
 
 /// Copies nhid's events to the credential cache and to the edge proxy (policy reloads,
 /// secret changes and revocations concern both).
@@ -165,16 +164,18 @@ fn split_events(mut events: channel::Events) -> (channel::Events, EdgeEvents) {
     let (edge_tx, edge_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(e) = events.recv().await {
-            if matches!(
-                e,
-                CompanionResponse::Policy { .. }
-                    | CompanionResponse::SecretChanged { .. }
-                    | CompanionResponse::Revoked { .. }
-                    | CompanionResponse::Init(_)
-            ) {
+            use channel::Pushed;
+            use nhi_core::wire::Event;
+            let (edge, creds) = match &e {
+                Pushed::Event(Event::Policy { .. }) => (true, false),
+                Pushed::Event(Event::SecretChanged { .. } | Event::Revoked { .. })
+                | Pushed::Readopted(_) => (true, true),
+                Pushed::Event(Event::Restored | Event::Trust { .. }) => (false, true),
+            };
+            if edge {
                 let _ = edge_tx.send(e.clone());
             }
-            if !matches!(e, CompanionResponse::Policy { .. }) {
+            if creds {
                 let _ = creds_tx.send(e);
             }
         }

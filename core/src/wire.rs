@@ -216,19 +216,39 @@ pub struct WorkloadStatus {
     pub workload: Workload,
 }
 
-/// Companion → nhid.
+/// Companion → nhid: one line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChannelRequest {
+    /// A [`Call`]'s id, echoed by its [`Reply`]; [`EVENT_ID`] on notices.
     pub id: u64,
     #[serde(flatten)]
-    pub body: CompanionRequest,
+    pub body: FromCompanion,
 }
 
+/// What a companion sends: the opening of the channel, calls `nhid` answers, notices it
+/// does not. One JSON shape for all (`kind` names the message); the Rust types keep apart
+/// what is answered and what is not.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum CompanionRequest {
-    /// Sent once the HTTP listener is bound: the companion is ready to serve.
+pub enum FromCompanion {
+    /// The opening of a channel `nhid` created at spawn, sent once the HTTP listener is bound:
+    /// the companion is ready to serve. Answered with [`ToCompanion::Init`].
     Hello,
+    /// The opening of a connection a restarted `nhid` made to the companion's re-adoption
+    /// socket: proves the companion is the one `nhid` started (the key it got in
+    /// [`Init::adopt_key`]). Answered with [`ToCompanion::Init`] for the identity of `nhid`'s
+    /// attachment record, never one the companion names.
+    Reattach { key: Redacted },
+    #[serde(untagged)]
+    Call(Call),
+    #[serde(untagged)]
+    Notice(Notice),
+}
+
+/// A request for a credential or a check, answered by one [`Reply`] with the call's id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Call {
     Jwt {
         audience: Vec<String>,
     },
@@ -245,21 +265,17 @@ pub enum CompanionRequest {
     BrokeredSecret {
         rule_id: String,
     },
-    /// The first message on a connection a restarted `nhid` opened to the companion's
-    /// re-adoption socket: proves the companion is the one `nhid` started (the key it got in
-    /// [`Init::adopt_key`]). Answered with [`CompanionResponse::Init`] for the identity of
-    /// `nhid`'s attachment record, never one the companion names.
-    Reattach {
-        key: Redacted,
-    },
-    /// Notification (never answered): a log line of a companion whose stderr is gone (it was
-    /// started by an earlier `nhid`).
-    Log {
-        line: String,
-    },
-    /// Notification (sent with `id` [`EVENT_ID`], never answered): audit events the companion
-    /// observed, and how many it had to drop since the last batch because this channel fell
-    /// behind. `nhid` attributes them to the companion's workload itself.
+}
+
+/// A notice (sent with id [`EVENT_ID`], never answered).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Notice {
+    /// A log line of a companion whose stderr is gone (it was started by an earlier `nhid`).
+    Log { line: String },
+    /// Audit events the companion observed, and how many it had to drop since the last batch
+    /// because this channel fell behind. `nhid` attributes them to the companion's workload
+    /// itself.
     Audit {
         events: Vec<crate::audit::AuditEvent>,
         #[serde(default)]
@@ -267,19 +283,42 @@ pub enum CompanionRequest {
     },
 }
 
-/// nhid → companion. Responses carry the request's `id`; events nhid pushes on its own
-/// (rotation, revocation) carry `id` 0.
+/// nhid → companion: one line. Replies carry their call's `id`; events carry [`EVENT_ID`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChannelResponse {
     pub id: u64,
     #[serde(flatten)]
-    pub body: CompanionResponse,
+    pub body: ToCompanion,
 }
 
+/// What `nhid` sends: the identity opening the channel, replies to calls, events it pushes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum CompanionResponse {
+pub enum ToCompanion {
+    /// The answer to `hello` or `reattach`.
     Init(Box<Init>),
+    #[serde(untagged)]
+    Reply(Reply),
+    #[serde(untagged)]
+    Event(Event),
+}
+
+impl From<Reply> for ToCompanion {
+    fn from(r: Reply) -> Self {
+        ToCompanion::Reply(r)
+    }
+}
+
+impl From<Event> for ToCompanion {
+    fn from(e: Event) -> Self {
+        ToCompanion::Event(e)
+    }
+}
+
+/// The answer to one [`Call`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
     Jwt(JwtSvid),
     X509(Box<X509Svid>),
     Secret(SecretValue),
@@ -300,22 +339,74 @@ pub enum CompanionResponse {
     Busy {
         message: String,
     },
-    /// Event: a secret has a new version (or was removed); drop the cached value.
-    SecretChanged {
-        name: String,
-    },
-    /// Event: the identity was revoked; drop every cached credential and refuse until restored.
-    Revoked {
-        message: String,
-    },
-    /// Event: the revocation was undone.
+}
+
+/// A [`Reply`] that refuses: what the companion tells the workload instead of a credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    Denied(String),
+    NotFound(String),
+    Error(String),
+    Busy(String),
+}
+
+impl Reply {
+    /// `Err` when the reply is a refusal, else the reply itself.
+    pub fn refused(self) -> Result<Reply, Refusal> {
+        match self {
+            Reply::Denied { message } => Err(Refusal::Denied(message)),
+            Reply::NotFound { message } => Err(Refusal::NotFound(message)),
+            Reply::Error { message } => Err(Refusal::Error(message)),
+            Reply::Busy { message } => Err(Refusal::Busy(message)),
+            answer => Ok(answer),
+        }
+    }
+
+    /// What kind of reply this is, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reply::Jwt(_) => "jwt",
+            Reply::X509(_) => "x509",
+            Reply::Secret(_) => "secret",
+            Reply::Validated(_) => "validated",
+            Reply::Denied { .. } => "denied",
+            Reply::NotFound { .. } => "not_found",
+            Reply::Error { .. } => "error",
+            Reply::Busy { .. } => "busy",
+        }
+    }
+}
+
+impl Refusal {
+    pub fn message(&self) -> &str {
+        match self {
+            Refusal::Denied(m) | Refusal::NotFound(m) | Refusal::Error(m) | Refusal::Busy(m) => m,
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+/// What `nhid` pushes to a companion on its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// A secret has a new version (or was removed); drop the cached value.
+    SecretChanged { name: String },
+    /// The identity was revoked; drop every cached credential and refuse until restored.
+    Revoked { message: String },
+    /// The revocation was undone.
     Restored,
-    /// Event: the edge policy changed (`nhid` reloaded its config); applies to new connections.
+    /// The edge policy changed (`nhid` reloaded its config); applies to new connections.
     Policy {
         #[serde(default)]
         policy: Option<Box<crate::policy::Policy>>,
     },
-    /// Event: the trust bundle or the JWKS changed (CA renewal, a node joined or left).
+    /// The trust bundle or the JWKS changed (CA renewal, a node joined or left).
     Trust {
         bundle_pem: String,
         jwks: serde_json::Value,
@@ -484,27 +575,103 @@ pub fn call_agent(
 mod tests {
     use super::*;
 
+    /// The JSON is what it was before the types were split (one `kind` per message), so a
+    /// companion and an `nhid` of either side of the split still understand each other across
+    /// a re-adoption.
     #[test]
-    fn channel_messages_round_trip() {
-        let req = ChannelRequest {
-            id: 7,
-            body: CompanionRequest::Jwt {
-                audience: vec!["a".into()],
-            },
-        };
-        let s = serde_json::to_string(&req).unwrap();
-        assert_eq!(s, r#"{"id":7,"kind":"jwt","audience":["a"]}"#);
-        let back: ChannelRequest = serde_json::from_str(&s).unwrap();
-        assert!(matches!(back.body, CompanionRequest::Jwt { .. }));
-        let resp = ChannelResponse {
-            id: 7,
-            body: CompanionResponse::Error {
-                message: "no".into(),
-            },
-        };
-        let s = serde_json::to_string(&resp).unwrap();
-        let back: ChannelResponse = serde_json::from_str(&s).unwrap();
-        assert!(matches!(back.body, CompanionResponse::Error { .. }));
+    fn channel_messages_keep_their_wire_shape() {
+        let cases: Vec<(ChannelRequest, &str)> = vec![
+            (
+                ChannelRequest {
+                    id: 7,
+                    body: FromCompanion::Call(Call::Jwt {
+                        audience: vec!["a".into()],
+                    }),
+                },
+                r#"{"id":7,"kind":"jwt","audience":["a"]}"#,
+            ),
+            (
+                ChannelRequest {
+                    id: 1,
+                    body: FromCompanion::Hello,
+                },
+                r#"{"id":1,"kind":"hello"}"#,
+            ),
+            (
+                ChannelRequest {
+                    id: 0,
+                    body: FromCompanion::Notice(Notice::Log { line: "l".into() }),
+                },
+                r#"{"id":0,"kind":"log","line":"l"}"#,
+            ),
+            (
+                ChannelRequest {
+                    id: 3,
+                    body: FromCompanion::Call(Call::X509),
+                },
+                r#"{"id":3,"kind":"x509"}"#,
+            ),
+        ];
+        for (msg, json) in cases {
+            assert_eq!(serde_json::to_string(&msg).unwrap(), json);
+            let back: ChannelRequest = serde_json::from_str(json).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+        let back: ChannelRequest =
+            serde_json::from_str(r#"{"id":0,"kind":"audit","events":[]}"#).unwrap();
+        assert!(matches!(
+            back.body,
+            FromCompanion::Notice(Notice::Audit { dropped: 0, .. })
+        ));
+        let back: ChannelRequest =
+            serde_json::from_str(r#"{"id":2,"kind":"reattach","key":"k"}"#).unwrap();
+        assert!(matches!(back.body, FromCompanion::Reattach { .. }));
+        assert!(serde_json::from_str::<ChannelRequest>(r#"{"id":2,"kind":"nope"}"#).is_err());
+
+        let cases: Vec<(ChannelResponse, &str)> = vec![
+            (
+                ChannelResponse {
+                    id: 7,
+                    body: ToCompanion::Reply(Reply::Error {
+                        message: "no".into(),
+                    }),
+                },
+                r#"{"id":7,"kind":"error","message":"no"}"#,
+            ),
+            (
+                ChannelResponse {
+                    id: 0,
+                    body: ToCompanion::Event(Event::Revoked {
+                        message: "r".into(),
+                    }),
+                },
+                r#"{"id":0,"kind":"revoked","message":"r"}"#,
+            ),
+            (
+                ChannelResponse {
+                    id: 0,
+                    body: ToCompanion::Event(Event::Restored),
+                },
+                r#"{"id":0,"kind":"restored"}"#,
+            ),
+        ];
+        for (msg, json) in cases {
+            assert_eq!(serde_json::to_string(&msg).unwrap(), json);
+            let back: ChannelResponse = serde_json::from_str(json).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+        let back: ChannelResponse =
+            serde_json::from_str(r#"{"id":0,"kind":"policy","policy":null}"#).unwrap();
+        assert!(matches!(
+            back.body,
+            ToCompanion::Event(Event::Policy { policy: None })
+        ));
+        let refusal = Reply::Busy {
+            message: "full".into(),
+        }
+        .refused()
+        .unwrap_err();
+        assert_eq!(refusal, Refusal::Busy("full".into()));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use nhi_core::audit::{now_ms, AuditEvent, AuditKind, CredentialRef, Decision};
 use nhi_core::audit_log::{Record, WorkloadRef};
-use nhi_core::wire::CompanionRequest;
+use nhi_core::wire::Call;
 
 pub use sink::AuditSink;
 
@@ -72,16 +72,16 @@ fn ingest_into(
     }
 }
 
-/// What credential a companion request asks for (`None`: not an issuance).
-pub fn requested(req: &CompanionRequest) -> Option<CredentialRef> {
+/// What credential a companion call asks for (`None`: a token check, not an issuance).
+pub fn requested(req: &Call) -> Option<CredentialRef> {
     let name = match req {
-        CompanionRequest::Jwt { .. } => "jwt-svid".to_string(),
-        CompanionRequest::X509 => "x509-svid".to_string(),
-        CompanionRequest::Secret { name } => format!("secret:{name}"),
+        Call::Jwt { .. } => "jwt-svid".to_string(),
+        Call::X509 => "x509-svid".to_string(),
+        Call::Secret { name } => format!("secret:{name}"),
         // Which secret depends on the current policy; `brokered_secret` audits the outcome with
         // the name. This one only shows up when the request is refused before (revoked).
-        CompanionRequest::BrokeredSecret { rule_id } => format!("brokered:{rule_id}"),
-        _ => return None,
+        Call::BrokeredSecret { rule_id } => format!("brokered:{rule_id}"),
+        Call::Validate { .. } => return None,
     };
     Some(CredentialRef {
         name,

@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use nhi_core::audit::{now_ms, AuditEvent, AuditKind, CredentialRef, Decision, Destination};
 use nhi_core::policy::{Action, Broker, EgressConfig, Facts, Policy};
-use nhi_core::wire::{CompanionRequest, CompanionResponse, SecretValue};
+use nhi_core::wire::{Event, SecretValue};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::audit::Recorder;
 use crate::cache::{now_unix, Creds};
-use crate::channel::Channel;
+use crate::channel::{Channel, Pushed};
 use crate::limits::{Bounds, Conn, Governor};
 use nhi_core::config::CompanionLimits;
 use sniff::{sniff, Sniffed, MAX_HELLO};
@@ -115,14 +115,14 @@ impl Edge {
 
     /// Takes the events that concern the edge (a new policy; a secret changed, a revocation:
     /// drop brokered values). Returns the event for the credential cache to apply too.
-    pub fn apply(&self, event: &CompanionResponse) {
-        match event {
-            CompanionResponse::Policy { policy } => {
+    pub fn apply(&self, pushed: &Pushed) {
+        match pushed {
+            Pushed::Event(Event::Policy { policy }) => {
                 self.set_policy(policy.as_deref().cloned());
             }
             // Re-adopted by a restarted nhid: its current policy applies from now on.
-            CompanionResponse::Init(init) => self.set_policy(init.policy.clone()),
-            CompanionResponse::SecretChanged { .. } | CompanionResponse::Revoked { .. } => {
+            Pushed::Readopted(init) => self.set_policy(init.policy.clone()),
+            Pushed::Event(Event::SecretChanged { .. } | Event::Revoked { .. }) => {
                 self.brokered
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -174,20 +174,12 @@ impl Edge {
         let s = match cached {
             Some(s) => s,
             None => {
-                let resp = self
-                    .channel
-                    .call(CompanionRequest::BrokeredSecret {
-                        rule_id: rule_id.into(),
-                    })
-                    .await?;
-                let s = match resp {
-                    CompanionResponse::Secret(s) => Arc::new(s),
-                    CompanionResponse::Denied { message }
-                    | CompanionResponse::NotFound { message }
-                    | CompanionResponse::Error { message }
-                    | CompanionResponse::Busy { message } => return Err(message),
-                    other => return Err(format!("unexpected answer: {other:?}")),
-                };
+                let s = Arc::new(
+                    self.channel
+                        .brokered_secret(rule_id)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
                 self.brokered
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

@@ -12,8 +12,8 @@ use nhi_core::SpiffeId;
 use zeroize::Zeroizing;
 
 use crate::agent::Agent;
+use crate::identity::Identity;
 use crate::secrets;
-use crate::supervisor::Identity;
 
 /// A container of an attached workload, where its secret files go.
 struct Target {

@@ -25,7 +25,8 @@ use netlink_sys::{constants::NETLINK_NETFILTER, Socket};
 use nhi_core::audit::{now_ms, AuditEvent, AuditKind, Decision, Destination};
 use tokio::io::unix::AsyncFd;
 
-use crate::supervisor::{Ctx, Identity};
+use crate::identity::Identity;
+use crate::supervisor::Ctx;
 
 /// What a logged packet says.
 #[derive(Debug, Clone, PartialEq, Eq)]

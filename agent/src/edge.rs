@@ -9,8 +9,9 @@ use std::sync::Arc;
 use nhi_core::wire::Event;
 
 use crate::agent::Agent;
+use crate::identity::Identity;
 use crate::netns::NetNs;
-use crate::supervisor::{Ctx, Identity};
+use crate::supervisor::Ctx;
 
 /// Rules installed in a namespace: the handle that keeps it reachable, and the reader of its
 /// logged denials.

@@ -10,6 +10,8 @@ pub mod cgroup;
 pub mod control;
 pub mod denials;
 pub mod edge;
+pub mod handler;
+pub mod identity;
 pub mod issuer;
 pub mod keystore;
 pub mod lanes;
@@ -20,6 +22,7 @@ pub mod openbao;
 pub mod persist;
 pub mod revoke;
 pub mod secrets;
+pub mod services;
 pub mod spawn;
 pub mod spiffe_bundle;
 pub mod store;
@@ -136,17 +139,19 @@ pub async fn run(config: Config) -> Result<(), String> {
         config.audit.queue,
         metrics.clone(),
     )?);
+    let companions = adopt::Records::open(&config.state_dir)?;
     let ctx = Arc::new(supervisor::Ctx {
-        audit,
-        metrics,
-        issuer,
+        services: services::Services::new(
+            config,
+            audit,
+            metrics,
+            issuer,
+            Arc::new(store),
+            Arc::new(revoke::Revocations::new(revocations)),
+        ),
         uids,
-        store: Arc::new(store),
-        revocations: Arc::new(revoke::Revocations::new(revocations)),
         cgroups,
-        policies: std::sync::RwLock::new(Arc::new(config.policies.clone())),
-        companions: adopt::Records::open(&config.state_dir)?,
-        config,
+        companions,
     });
     let agent = Arc::new(
         agent::Agent::new(ctx.clone())

@@ -11,93 +11,40 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
 use futures_util::StreamExt;
 use nhi_core::wire::{
-    Call, ChannelRequest, ChannelResponse, Event, FromCompanion, Init, Notice, Reply, SecretValue,
-    ToCompanion, Validated, EVENT_ID, MAX_LINE,
+    Call, ChannelRequest, ChannelResponse, Event, FromCompanion, Init, Notice, Reply, ToCompanion,
+    EVENT_ID, MAX_LINE,
 };
-use nhi_core::{SpiffeId, Workload};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
 use crate::adopt::{AdoptKey, CompanionRecord, Pidfd, Records};
-use crate::issuer::Issuer;
+pub use crate::identity::Identity;
 use crate::lanes::{Lane, Lanes, Refused};
 use crate::netns::{NetNs, ProcRef};
-use crate::revoke::Revocations;
-use crate::store::Store;
+pub use crate::services::Services;
 
-/// What every companion task needs from the daemon.
+/// What every companion task needs from the daemon: the shared services, and what manages
+/// companion processes (uids, cgroups, re-adoption records). Derefs to [`Services`], so code
+/// that needs only the services takes `&Services` and is handed a `Ctx` as is.
 pub struct Ctx {
-    pub config: nhi_core::Config,
-    pub audit: Arc<crate::audit::AuditSink>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    pub issuer: Arc<dyn Issuer>,
+    pub services: Services,
     /// One uid per companion, from `companion.uid_range`.
     pub uids: Arc<crate::uids::UidAllocator>,
-    pub store: Arc<Store>,
-    pub revocations: Arc<Revocations>,
     /// Companions' cgroups (bounds, and the edge policy's exemption).
     pub cgroups: Arc<crate::cgroup::Cgroups>,
-    /// Edge policies: from the config at start, replaced on SIGHUP.
-    pub policies: std::sync::RwLock<Arc<Vec<nhi_core::policy::Policy>>>,
     /// Companion records and re-adoption sockets (`<state_dir>/companions`).
     pub companions: Records,
 }
 
-impl Ctx {
-    /// The edge policy of an identity now (the first `[[policy]]` that covers it).
-    pub fn policy_for(&self, identity: &Identity) -> Option<nhi_core::policy::Policy> {
-        let all = self
-            .policies
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        nhi_core::policy::policy_for(&all, identity.spiffe_id.as_str(), &identity.rule).cloned()
-    }
+impl std::ops::Deref for Ctx {
+    type Target = Services;
 
-    /// A JWT-SVID of this trust domain: signature by one of its keys, audience, expiry, and not
-    /// on the deny list.
-    pub fn validate(&self, token: &str, audience: &str) -> Result<Validated, String> {
-        let jwks = serde_json::to_string(&self.issuer.jwks()).expect("jwks serializes");
-        let claims =
-            nhi_core::jwt::verify_token(token, &jwks, audience, Some(self.issuer.trust_domain()))?;
-        let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("");
-        let jti = claims.get("jti").and_then(|v| v.as_str());
-        let iat = claims.get("iat").and_then(|v| v.as_u64());
-        if let Some(why) = self.revocations.denies_jwt(sub, jti, iat) {
-            return Err(format!("token revoked: {why}"));
-        }
-        Ok(Validated {
-            spiffe_id: sub.to_string(),
-            claims: serde_json::Value::Object(claims),
-        })
-    }
-}
-
-/// The identity a companion serves, fixed for its life, and what it was issued.
-#[derive(Debug)]
-pub struct Identity {
-    pub spiffe_id: SpiffeId,
-    pub rule: String,
-    pub workload: Workload,
-    /// Every JWT-SVID `jti` and X.509-SVID serial issued over this companion's channel: denied
-    /// when the workload ends.
-    pub issued: crate::revoke::WorkloadLedger,
-}
-
-impl Identity {
-    pub fn new(spiffe_id: SpiffeId, rule: String, workload: Workload) -> Self {
-        Identity {
-            spiffe_id,
-            rule,
-            workload,
-            issued: Default::default(),
-        }
+    fn deref(&self) -> &Services {
+        &self.services
     }
 }
 
@@ -829,7 +776,7 @@ async fn dispatch(
     tokio::spawn(async move {
         let reply = match ticket.start().await {
             Ok(permit) => {
-                let answer = answer(&ctx, &identity, call).await;
+                let answer = crate::handler::answer(&ctx, &identity, call).await;
                 drop(permit);
                 answer
             }
@@ -905,167 +852,4 @@ fn aws_provider(
         secret: source.secret.clone(),
         token: token.to_string(),
     })
-}
-
-/// Answers one call of the companion serving `identity`: authorization (revocation, grants,
-/// the brokering policy), issuance or the store read, and one audit record per outcome.
-pub(crate) async fn answer(ctx: &Ctx, identity: &Identity, call: Call) -> Reply {
-    let id = identity.spiffe_id.as_str();
-    let err = |e: crate::issuer::IssueError| Reply::Error {
-        message: e.to_string(),
-    };
-    let revoked = || Reply::Denied {
-        message: format!("{id} is revoked"),
-    };
-    // One audit record (and metric) per issuance outcome.
-    let (started, requested) = (std::time::Instant::now(), crate::audit::requested(&call));
-    let audit = |version: Option<String>, decision, detail: Option<String>| {
-        crate::audit::credential(
-            ctx,
-            identity,
-            requested.clone(),
-            version,
-            decision,
-            detail,
-            started,
-        )
-    };
-    use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
-    match call {
-        Call::Validate { token, audience } => match ctx.validate(&token, &audience) {
-            Ok(v) => Reply::Validated(v),
-            Err(message) => Reply::Denied { message },
-        },
-        _ if ctx.revocations.is_revoked(id) => {
-            tracing::warn!(spiffe_id = %id, "refused: identity is revoked");
-            audit(None, Deny, Some("identity is revoked".into()));
-            revoked()
-        }
-        Call::Jwt { audience } => match ctx.issuer.issue_jwt(&identity.spiffe_id, &audience) {
-            Ok(j) => {
-                ctx.revocations.record_jwt(id, &j.jti, j.expires_at);
-                identity.issued.record_jwt(&j.jti, j.expires_at);
-                tracing::info!(spiffe_id = %id, audience = ?audience, jti = %j.jti, expires_at = j.expires_at, "issued JWT-SVID");
-                audit(
-                    Some(j.jti.clone()),
-                    Allow,
-                    Some(format!("audience={}", audience.join(","))),
-                );
-                Reply::Jwt(j)
-            }
-            Err(e) => {
-                audit(None, Failed, Some(e.to_string()));
-                err(e)
-            }
-        },
-        Call::X509 => match ctx.issuer.issue_x509(&identity.spiffe_id) {
-            Ok(x) => {
-                ctx.revocations.record_x509(id, &x.serial, x.expires_at);
-                identity.issued.record_x509(&x.serial, x.expires_at);
-                tracing::info!(spiffe_id = %id, serial = %x.serial, expires_at = x.expires_at, "issued X.509-SVID");
-                audit(Some(x.serial.clone()), Allow, None);
-                Reply::X509(Box::new(x))
-            }
-            Err(e) => {
-                audit(None, Failed, Some(e.to_string()));
-                err(e)
-            }
-        },
-        Call::BrokeredSecret { rule_id } => brokered_secret(ctx, identity, &rule_id).await,
-        Call::Secret { name } => {
-            if !nhi_core::grant::granted(&ctx.config.grants, id, &identity.rule, &name) {
-                tracing::warn!(spiffe_id = %id, secret = %name, "refused: secret not granted");
-                audit(None, Deny, Some("not granted".into()));
-                return Reply::Denied {
-                    message: format!("secret {name:?} is not granted to {id}"),
-                };
-            }
-            read_secret(ctx, id, name, "delivered secret", |v, d, why| {
-                audit(v, d, why.map(str::to_string))
-            })
-            .await
-        }
-    }
-}
-
-/// A secret for the companion to inject upstream: only the one egress rule `rule_id` of the
-/// identity's current policy names. Never a grant: the workload's `/v1/secrets` still refuses it.
-async fn brokered_secret(ctx: &Ctx, identity: &Identity, rule_id: &str) -> Reply {
-    use nhi_core::audit::Decision::Deny;
-    let id = identity.spiffe_id.as_str();
-    let started = std::time::Instant::now();
-    let name = ctx
-        .policy_for(identity)
-        .and_then(|p| p.brokered_secret(rule_id).map(str::to_string));
-    // One audit record per outcome, like every other issuance; the detail names the rule.
-    let audit = |name: &str, version: Option<String>, decision, why: Option<&str>| {
-        crate::audit::credential(
-            ctx,
-            identity,
-            Some(nhi_core::audit::CredentialRef {
-                name: format!("secret:{name}"),
-                version: None,
-            }),
-            version,
-            decision,
-            Some(match why {
-                Some(why) => format!("brokered by rule {rule_id}: {why}"),
-                None => format!("brokered by rule {rule_id}"),
-            }),
-            started,
-        )
-    };
-    let Some(name) = name else {
-        tracing::warn!(spiffe_id = %id, rule = %rule_id, "refused: no brokered secret in that rule");
-        audit("?", None, Deny, Some("the rule brokers no secret"));
-        return Reply::Denied {
-            message: format!("no egress rule {rule_id:?} brokering a secret for {id}"),
-        };
-    };
-    let (n, what) = (
-        name.clone(),
-        format!("delivered brokered secret (rule {rule_id})"),
-    );
-    read_secret(ctx, id, name, &what, |v, d, why| audit(&n, v, d, why)).await
-}
-
-/// Reads secret `name` from the store for a companion that may have it (granted, or brokered
-/// by its policy) and audits the outcome through `audit(version, decision, why)`: the version
-/// when delivered, never the value.
-async fn read_secret(
-    ctx: &Ctx,
-    spiffe_id: &str,
-    name: String,
-    what: &str,
-    audit: impl Fn(Option<String>, nhi_core::audit::Decision, Option<&str>),
-) -> Reply {
-    use nhi_core::audit::Decision::{Allow, Deny, Error as Failed};
-    match ctx.store.get_for_workload(&name).await {
-        Ok(Some(s)) => {
-            let cached = s
-                .from_cache
-                .then_some("from the sealed cache: OpenBao unreachable");
-            tracing::info!(spiffe_id = %spiffe_id, secret = %name, version = s.version, from_cache = s.from_cache, "{what}");
-            audit(Some(s.version.to_string()), Allow, cached);
-            Reply::Secret(SecretValue {
-                name,
-                version: s.version,
-                value_b64: B64.encode(&s.value[..]),
-                // Never served longer than secret_ttl after it was read from the store.
-                expires_at: s.fetched_at + ctx.config.store.secret_ttl.as_secs(),
-            })
-        }
-        Ok(None) => {
-            audit(None, Deny, Some("not found"));
-            Reply::NotFound {
-                message: format!("no secret named {name:?}"),
-            }
-        }
-        Err(e) => {
-            audit(None, Failed, Some(&e.to_string()));
-            Reply::Error {
-                message: e.to_string(),
-            }
-        }
-    }
 }

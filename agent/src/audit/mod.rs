@@ -17,8 +17,9 @@ use nhi_core::wire::Call;
 
 pub use sink::AuditSink;
 
+use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::supervisor::{Ctx, Identity};
+use crate::services::Services;
 
 /// The record skeleton for `identity`: its SPIFFE ID and runtime metadata.
 fn about(identity: &Identity, event: AuditEvent) -> Record {
@@ -31,7 +32,7 @@ fn about(identity: &Identity, event: AuditEvent) -> Record {
 }
 
 /// Takes a batch a companion sent. Never blocks the companion's channel.
-pub fn ingest(ctx: &Ctx, identity: &Identity, events: Vec<AuditEvent>, dropped: u64) {
+pub fn ingest(ctx: &Services, identity: &Identity, events: Vec<AuditEvent>, dropped: u64) {
     ingest_into(&ctx.audit, &ctx.metrics, identity, events, dropped)
 }
 
@@ -92,7 +93,7 @@ pub fn requested(req: &Call) -> Option<CredentialRef> {
 /// Audits one issuance outcome of `nhid` for `identity` and counts it: `version` is the JWT's
 /// `jti`, the certificate's serial or the secret's version, never a value.
 pub fn credential(
-    ctx: &Ctx,
+    ctx: &Services,
     identity: &Identity,
     cred: Option<CredentialRef>,
     version: Option<String>,
@@ -123,7 +124,7 @@ pub fn credential(
 
 /// Audits the end of a workload (its last container is gone) with what happened to the
 /// credentials it was issued (`detail`).
-pub fn workload_ended(ctx: &Ctx, identity: &Identity, decision: Decision, detail: String) {
+pub fn workload_ended(ctx: &Services, identity: &Identity, decision: Decision, detail: String) {
     ctx.metrics.event(
         identity.spiffe_id.as_str(),
         AuditKind::WorkloadEnded,

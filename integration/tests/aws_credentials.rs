@@ -273,8 +273,14 @@ fn botocore_refreshes_before_expiry_and_gets_the_rotated_credentials() {
     stdout.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready", "{line}");
     put_creds(&node, "AKIANEW", 3600);
-    // Rotation reaches the companion within a moment (nhid pushes secret_changed).
-    std::thread::sleep(Duration::from_millis(300));
+    // Rotation reaches the companion within a moment (nhid pushes secret_changed): wait for it
+    // rather than guess how long a loaded machine takes.
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert!(eventually(Duration::from_secs(5), || {
+        get_with_auth(c.pid(), "/v1/aws/credentials", Some(&token))
+            .1
+            .contains("\"AKIANEW\"")
+    }));
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
@@ -308,8 +314,14 @@ fn every_sdk_reads_each_expiration_spelling_and_bad_secrets_are_refused_and_audi
                 "Expiration": exp,
             }),
         );
-        // What the companion serves: Expiration in UTC with a Z, whole seconds.
-        let (status, body) = get_with_auth(pid, "/v1/aws/credentials", Some(&token));
+        // What the companion serves once the rotation reached it (pushed asynchronously, within
+        // 0.25 s: ARCHITECTURE, Rotation): Expiration in UTC with a Z, whole seconds.
+        let (mut status, mut body) = (0, String::new());
+        let rotated = eventually(Duration::from_secs(5), || {
+            (status, body) = get_with_auth(pid, "/v1/aws/credentials", Some(&token));
+            body.contains(&format!("\"{key}\""))
+        });
+        assert!(rotated, "{what}: the new value never arrived: {body}");
         assert_eq!(status, 200, "{what}: {body}");
         let served: serde_json::Value = serde_json::from_str(&body).unwrap();
         let z = served["Expiration"].as_str().unwrap().to_string();
@@ -356,7 +368,12 @@ fn every_sdk_reads_each_expiration_spelling_and_bad_secrets_are_refused_and_audi
         ),
     ] {
         put_value(&node, value);
-        let (status, body) = get_with_auth(pid, "/v1/aws/credentials", Some(&token));
+        // Once the rotation reached the companion (pushed asynchronously).
+        let (mut status, mut body) = (0, String::new());
+        eventually(Duration::from_secs(5), || {
+            (status, body) = get_with_auth(pid, "/v1/aws/credentials", Some(&token));
+            status != 200
+        });
         assert_eq!(status, 502, "{body}");
         let e: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(e["error"], "bad_secret", "{body}");

@@ -18,7 +18,6 @@ pub mod lanes;
 pub mod metrics;
 pub mod netns;
 pub mod nft;
-pub mod openbao;
 pub mod persist;
 pub mod revoke;
 pub mod secrets;
@@ -67,7 +66,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let mut degraded = Vec::new();
     let bao = match (&config.openbao, uses_bao) {
         (Some(ob), true) => {
-            let (bao, outage) = openbao::Bao::connect_deferred(ob)
+            let (bao, outage) = nhi_openbao::Bao::connect_deferred(ob)
                 .await
                 .map_err(|e| format!("OpenBao: {e}"))?;
             if let Some(e) = &outage {

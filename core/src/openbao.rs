@@ -1,6 +1,6 @@
 //! `[openbao]` in `nhi.toml`: where nhid finds the central OpenBao (or Vault) cluster, how it
 //! logs in and which mounts it uses. Only settings live here; the client is
-//! `nhi_agent::openbao`. No secret is ever part of the config itself: AppRole's secret_id and a
+//! `nhi_openbao`. No secret is ever part of the config itself: AppRole's secret_id and a
 //! static token are read from files named here.
 
 use std::path::PathBuf;

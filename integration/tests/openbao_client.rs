@@ -1,13 +1,13 @@
-//! nhid's OpenBao client (`nhi_agent::openbao`) against a real OpenBao: AppRole login, KV v2,
+//! nhid's OpenBao client (`nhi_openbao`) against a real OpenBao: AppRole login, KV v2,
 //! token renewal and re-login, PKI sign-intermediate, TLS with a private CA, and failover in a
 //! 3-node raft cluster whose leader is killed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nhi_agent::openbao::{Bao, BaoError};
 use nhi_core::openbao::{OpenBaoAuth, OpenBaoConfig};
 use nhi_integration::bao::{BaoApi, BaoCluster, BaoDev, BaoNhiSetup, NhiRoleOptions};
+use nhi_openbao::{Bao, BaoError};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::{json, Map, Value};
 use x509_parser::pem::Pem;

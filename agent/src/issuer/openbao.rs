@@ -24,7 +24,7 @@ use zeroize::Zeroizing;
 use super::{now_unix, IssueError, Issuer, Signer, Upkeep};
 use crate::bao_cache::{BaoCache, IssuerState};
 use crate::keystore::{self, MasterKey};
-use crate::openbao::{Bao, BaoError};
+use nhi_openbao::{Bao, BaoError};
 
 const JWT_KEY_FILE: &str = "node-jwt.sealed";
 const JWT_KEY_LABEL: &str = "nhi/node-jwt-key/v1";

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use super::{StoreError, Stored};
 use crate::bao_cache::BaoCache;
-use crate::openbao::{Bao, BaoError};
+use nhi_openbao::{Bao, BaoError};
 
 pub struct BaoStore {
     bao: Bao,

@@ -358,8 +358,8 @@ impl Agent {
         };
         let Some(r) = &a.running else { return };
         let res = a.owner_of(container_id, pid).and_then(|owner| {
-            crate::wapi::write_aws_token(&dir, r.companion.aws_token(), owner);
-            crate::wapi::ContainerSocket::bind(&dir, owner)
+            crate::workload_socket::write_aws_token(&dir, r.companion.aws_token(), owner);
+            crate::workload_socket::ContainerSocket::bind(&dir, owner)
         });
         match res {
             Ok(socket) => r.companion.add_socket(container_id, socket),
@@ -457,7 +457,7 @@ impl Agent {
         for (c, pid) in sockets {
             self.give_workload_socket(&c, pid).await;
         }
-        crate::wapi::clear_stale(&self.ctx.config.store.containers_dir);
+        crate::workload_socket::clear_stale(&self.ctx.config.store.containers_dir);
         // Companions left running for namespaces that are not restored: their containers are
         // gone (or the config changed their identity). Only the recorded process is stopped.
         let mut stopped = 0;
@@ -666,8 +666,8 @@ impl Agent {
         let dir = &self.ctx.config.store.containers_dir;
         let token = containers
             .filter_map(|c| crate::secrets::container_dir(dir, c))
-            .find_map(|d| crate::wapi::read_aws_token(&d))
-            .unwrap_or_else(crate::wapi::new_token);
+            .find_map(|d| crate::workload_socket::read_aws_token(&d))
+            .unwrap_or_else(crate::workload_socket::new_token);
         Some(token)
     }
 
@@ -794,17 +794,6 @@ impl Agent {
             store: self.store_status().await,
             revocations: self.ctx.revocations.snapshot(),
         })
-    }
-
-    /// Sets the gauges read at scrape time.
-    pub async fn refresh_metrics(&self) {
-        let reg = self.registry.lock().await;
-        let running = reg
-            .by_netns
-            .values()
-            .filter(|a| a.running.is_some())
-            .count();
-        self.ctx.metrics.attached.set(running as i64);
     }
 
     /// Stops the companion of a workload whose last container (`containers`) is gone, removes
@@ -975,4 +964,17 @@ fn take_container_in(
         return Some(None);
     }
     Some(reg.by_netns.remove(&inode).and_then(|a| a.running))
+}
+
+impl crate::metrics::Refresh for Agent {
+    /// The attached-workloads gauge, counted off the registry.
+    async fn refresh(&self, metrics: &crate::metrics::Metrics) {
+        let reg = self.registry.lock().await;
+        let running = reg
+            .by_netns
+            .values()
+            .filter(|a| a.running.is_some())
+            .count();
+        metrics.attached.set(running as i64);
+    }
 }

@@ -28,7 +28,7 @@ pub mod store;
 pub mod supervisor;
 pub mod sync;
 pub mod uids;
-pub mod wapi;
+pub mod workload_socket;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -184,7 +184,11 @@ pub async fn run(config: Config) -> Result<(), String> {
     let metrics_server = match metrics::bind(&ctx.config.metrics.listen).await {
         Ok(Some(l)) => {
             tracing::info!(listen = %ctx.config.metrics.listen, "metrics endpoint ready");
-            Some(tokio::spawn(metrics::serve(l, agent.clone())))
+            Some(tokio::spawn(metrics::serve(
+                l,
+                ctx.metrics.clone(),
+                agent.clone(),
+            )))
         }
         Ok(None) => None,
         Err(e) => {

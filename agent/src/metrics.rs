@@ -15,7 +15,12 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::agent::Agent;
+/// Gauges that are read off the daemon's state rather than counted as events happen (the
+/// number of attached workloads): refreshed right before each scrape by whoever holds that
+/// state. Keeps this module free of the registry's types.
+pub trait Refresh: Send + Sync + 'static {
+    fn refresh(&self, metrics: &Metrics) -> impl std::future::Future<Output = ()> + Send;
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
@@ -189,16 +194,17 @@ pub async fn bind(listen: &str) -> Result<Option<TcpListener>, String> {
         .map_err(|e| format!("metrics endpoint {listen}: {e}"))
 }
 
-/// Serves `GET /metrics` until aborted.
-pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
+/// Serves `GET /metrics` until aborted; `state` refreshes its gauges before each scrape.
+pub async fn serve<R: Refresh>(listener: TcpListener, metrics: Arc<Metrics>, state: Arc<R>) {
     loop {
         let Ok((conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let agent = agent.clone();
+        let (metrics, state) = (metrics.clone(), state.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, &agent)).await;
+            let scrape = answer(conn, &metrics, &*state);
+            let _ = tokio::time::timeout(Duration::from_secs(10), scrape).await;
         });
     }
 }
@@ -206,7 +212,11 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
 /// Longest request head read.
 const MAX_HEAD: usize = 8192;
 
-async fn answer(mut conn: TcpStream, agent: &Agent) -> std::io::Result<()> {
+async fn answer(
+    mut conn: TcpStream,
+    metrics: &Metrics,
+    state: &impl Refresh,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_HEAD {
@@ -221,11 +231,11 @@ async fn answer(mut conn: TcpStream, agent: &Agent) -> std::io::Result<()> {
     let (method, path) = (parts.next().unwrap_or(&[]), parts.next().unwrap_or(&[]));
     let (status, ctype, body) = match (method, path) {
         (b"GET", b"/metrics") => {
-            agent.refresh_metrics().await;
+            state.refresh(metrics).await;
             (
                 "200 OK",
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                agent.ctx.metrics.render(),
+                metrics.render(),
             )
         }
         (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),

@@ -54,12 +54,12 @@ impl std::ops::Deref for Ctx {
 /// new fd channel with its re-adoption (`crate::adopt::send_fd_channel`).
 #[derive(Default)]
 struct Handover {
-    sockets: std::collections::BTreeMap<String, Arc<crate::wapi::ContainerSocket>>,
+    sockets: std::collections::BTreeMap<String, Arc<crate::workload_socket::ContainerSocket>>,
     channel: Option<std::os::fd::OwnedFd>,
 }
 
 impl Handover {
-    fn send(&self, key: &str, socket: Option<&crate::wapi::ContainerSocket>) {
+    fn send(&self, key: &str, socket: Option<&crate::workload_socket::ContainerSocket>) {
         use std::os::fd::AsRawFd;
         let Some(ch) = &self.channel else { return };
         let fd = socket.map(|s| s.listener.as_raw_fd());
@@ -129,7 +129,7 @@ impl CompanionHandle {
 
     /// Serves the Workload API on `socket` too (container `key`'s `/run/nhi/workload.sock`),
     /// now and in every later incarnation; replaces the container's previous socket.
-    pub fn add_socket(&self, key: &str, socket: crate::wapi::ContainerSocket) {
+    pub fn add_socket(&self, key: &str, socket: crate::workload_socket::ContainerSocket) {
         let mut h = self.handover.lock().unwrap_or_else(|p| p.into_inner());
         let socket = Arc::new(socket);
         h.send(key, Some(&socket));
@@ -276,7 +276,7 @@ pub async fn start(
         .config
         .rule(&identity.rule)
         .is_some_and(|r| r.aws_credentials.is_some())
-        .then(|| Arc::new(crate::wapi::new_token()));
+        .then(|| Arc::new(crate::workload_socket::new_token()));
     let shared = Shared {
         uid,
         cgroup,

@@ -5,14 +5,14 @@ pub mod audit;
 pub mod aws;
 pub mod cache;
 pub mod channel;
+pub mod edge;
 pub mod h2fix;
 pub mod harden;
 pub mod http;
 pub mod limits;
 pub mod listeners;
 pub mod log;
-pub mod proxy;
-pub mod workload;
+pub mod workload_api;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -121,7 +121,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         );
         start_edge(
             &init,
-            proxy::Edge::new(
+            edge::Edge::new(
                 init.policy.clone(),
                 init.egress,
                 recorder,
@@ -132,8 +132,14 @@ pub fn run(opts: Options) -> Result<(), String> {
             limits,
         )
         .await;
-        let wapi = workload::WorkloadApi::new(creds.clone(), &init.spiffe_id, &init.trust_domain);
-        tokio::spawn(workload::serve(wapi_listener, unix_incoming, wapi, limits));
+        let wapi =
+            workload_api::WorkloadApi::new(creds.clone(), &init.spiffe_id, &init.trust_domain);
+        tokio::spawn(workload_api::serve(
+            wapi_listener,
+            unix_incoming,
+            wapi,
+            limits,
+        ));
         let http = async move {
             match listener {
                 Some(l) => {
@@ -189,7 +195,7 @@ fn split_events(mut events: channel::Events) -> (channel::Events, EdgeEvents) {
 /// nothing is bound. A port already taken only disables that side, with a log line.
 async fn start_edge(
     init: &nhi_core::wire::Init,
-    edge: Arc<proxy::Edge>,
+    edge: Arc<edge::Edge>,
     mut events: EdgeEvents,
     limits: CompanionLimits,
 ) {
@@ -211,14 +217,14 @@ async fn start_edge(
 }
 
 async fn listen(
-    edge: &Arc<proxy::Edge>,
+    edge: &Arc<edge::Edge>,
     ports: nhi_core::policy::EgressConfig,
     limits: CompanionLimits,
 ) {
     let out: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, ports.proxy_port).into();
     match tokio::net::TcpListener::bind(out).await {
         Ok(l) => {
-            tokio::spawn(proxy::serve_outbound(l, edge.clone(), limits));
+            tokio::spawn(edge::serve_outbound(l, edge.clone(), limits));
         }
         Err(e) => crate::log!("edge proxy disabled: listening on {out}: {e}"),
     }
@@ -231,7 +237,7 @@ async fn listen(
         let at = SocketAddr::new(ip, ports.dns_port);
         match tokio::net::UdpSocket::bind(at).await {
             Ok(s) => {
-                tokio::spawn(proxy::dns::serve_udp(s, edge.clone()));
+                tokio::spawn(edge::dns::serve_udp(s, edge.clone()));
             }
             Err(e) if ip.is_ipv6() => crate::log!("dns relay: no IPv6 ({at}: {e})"),
             Err(e) => crate::log!("dns relay disabled: listening on {at}: {e}"),
@@ -240,7 +246,7 @@ async fn listen(
     let inb: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, ports.inbound_port).into();
     match tokio::net::TcpListener::bind(inb).await {
         Ok(l) => {
-            tokio::spawn(proxy::inbound::serve(l, edge.clone(), limits));
+            tokio::spawn(edge::inbound::serve(l, edge.clone(), limits));
         }
         Err(e) => crate::log!("inbound policy disabled: listening on {inb}: {e}"),
     }

@@ -397,11 +397,9 @@ impl Bao {
     /// is deleted or destroyed.
     pub async fn kv_read(&self, path: &str) -> Result<Option<KvSecret>, BaoError> {
         let api = self.inner.kv_path("data", path, false)?;
-        let ans = self.inner.authed(Method::GET, &api, None).await?;
-        if ans.status == StatusCode::NOT_FOUND {
+        let Some(ans) = self.inner.found(Method::GET, &api, "").await? else {
             return Ok(None);
-        }
-        let ans = check(ans, &api)?;
+        };
         #[derive(Deserialize)]
         struct Data {
             data: Option<Map<String, Value>>,
@@ -432,11 +430,9 @@ impl Bao {
     /// Version bookkeeping of a secret without reading its value; `None` if it does not exist.
     pub async fn kv_metadata(&self, path: &str) -> Result<Option<KvMeta>, BaoError> {
         let api = self.inner.kv_path("metadata", path, false)?;
-        let ans = self.inner.authed(Method::GET, &api, None).await?;
-        if ans.status == StatusCode::NOT_FOUND {
+        let Some(ans) = self.inner.found(Method::GET, &api, "").await? else {
             return Ok(None);
-        }
-        let ans = check(ans, &api)?;
+        };
         #[derive(Deserialize)]
         struct Data {
             current_version: u64,
@@ -491,14 +487,9 @@ impl Bao {
     /// Names directly under `dir` (sub-directories end in `/`); empty if there is nothing.
     pub async fn kv_list(&self, dir: &str) -> Result<Vec<String>, BaoError> {
         let api = self.inner.kv_path("metadata", dir, true)?;
-        let ans = self
-            .inner
-            .authed(Method::GET, &format!("{api}?list=true"), None)
-            .await?;
-        if ans.status == StatusCode::NOT_FOUND {
+        let Some(ans) = self.inner.found(Method::GET, &api, "?list=true").await? else {
             return Ok(Vec::new());
-        }
-        let ans = check(ans, &api)?;
+        };
         #[derive(Deserialize)]
         struct Data {
             #[serde(default)]
@@ -510,11 +501,7 @@ impl Bao {
     /// Deletes the secret: its metadata and every version. Deleting a missing secret is fine.
     pub async fn kv_delete(&self, path: &str) -> Result<(), BaoError> {
         let api = self.inner.kv_path("metadata", path, false)?;
-        let ans = self.inner.authed(Method::DELETE, &api, None).await?;
-        if ans.status == StatusCode::NOT_FOUND {
-            return Ok(());
-        }
-        check(ans, &api).map(|_| ())
+        self.inner.found(Method::DELETE, &api, "").await.map(|_| ())
     }
 
     /// The PKI mount's root CA certificate (PEM), the trust anchor of the trust domain.

@@ -4,6 +4,22 @@
 use super::*;
 
 impl Inner {
+    /// An authenticated request without a body whose 404 means "there is none": `None` then,
+    /// the answer when it is a success, the error otherwise. `query` (e.g. `?list=true`) is
+    /// sent after `api`, which alone names the request in errors.
+    pub(crate) async fn found(
+        &self,
+        method: Method,
+        api: &str,
+        query: &str,
+    ) -> Result<Option<Answer>, BaoError> {
+        let ans = self.authed(method, &format!("{api}{query}"), None).await?;
+        if ans.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        check(ans, api).map(Some)
+    }
+
     /// Sends one request, failing over between addresses (see the module docs). `api` is the
     /// path after `/v1/`, already encoded. Returns the first answer that is not a reason to
     /// try elsewhere, whatever its status.

@@ -1,11 +1,7 @@
-//! The daemon's state and its answers to the agent API: which network namespaces have a
-//! companion, which containers use each, and attach / detach / status.
-//!
-//! One network namespace, one identity, one companion. A Kubernetes pod sandbox reserves its
-//! namespace (the pause container has no service account to derive an identity from); the
-//! pod's first app container fixes the identity and starts the companion; later app containers
-//! join it; the companion stops when the last container of the namespace, normally the sandbox
-//! at pod removal, is gone.
+//! The daemon's answers to the agent API (attach / detach / status) and what carries them out:
+//! the registry's transitions are decided by `crate::registry` (pure, unit-tested); this module
+//! holds it under a lock, starts and stops companions, persists attachment records
+//! (`crate::persist`) and brings them back after a restart.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -19,6 +15,7 @@ use tokio::sync::Mutex;
 
 use crate::netns::{NetNs, ProcRef};
 use crate::persist::{ContainerRecord, Record, Store};
+use crate::registry::{Arrival, Left, Serving, Step};
 use crate::supervisor::{self, CompanionHandle, Ctx, Identity};
 
 pub(crate) struct Running {
@@ -28,41 +25,24 @@ pub(crate) struct Running {
     pub(crate) edge: Option<crate::edge::Installed>,
 }
 
-pub(crate) struct Attachment {
-    rule: String,
-    /// The first workload seen in the namespace (the sandbox, for pods).
-    first: Workload,
-    /// Held while the identity is pending, to start the companion in it later.
-    netns: Option<NetNs>,
-    pub(crate) running: Option<Running>,
-    /// Container id → its init process when attached.
-    pub(crate) containers: BTreeMap<String, ProcRef>,
-    /// Container id → who its process runs as (owner of its `/run/nhi` files), when known.
-    pub(crate) users: BTreeMap<String, HostUser>,
+pub(crate) type Attachment = crate::registry::Attachment<NetNs, ProcRef, Running>;
+pub(crate) type Registry = crate::registry::Registry<NetNs, ProcRef, Running>;
+
+impl Serving for Running {
+    fn spiffe_id(&self) -> &nhi_core::SpiffeId {
+        &self.identity.spiffe_id
+    }
+
+    fn companion_pid(&self) -> i32 {
+        self.companion.pid()
+    }
 }
 
 impl Attachment {
-    fn new(rule: &str, first: Workload) -> Self {
-        Attachment {
-            rule: rule.to_string(),
-            first,
-            netns: None,
-            running: None,
-            containers: BTreeMap::new(),
-            users: BTreeMap::new(),
-        }
-    }
-
     /// The owner of container `cid`'s `/run/nhi` files.
     pub(crate) fn owner_of(&self, cid: &str, pid: i32) -> std::io::Result<HostUser> {
         crate::secrets::owner(self.users.get(cid).copied(), pid)
     }
-}
-
-#[derive(Default)]
-pub(crate) struct Registry {
-    pub(crate) by_netns: HashMap<u64, Attachment>,
-    pub(crate) netns_of: HashMap<String, u64>,
 }
 
 pub struct Agent {
@@ -233,58 +213,55 @@ impl Agent {
         pid: i32,
     ) -> Result<AgentResponse, String> {
         let inode = netns.inode;
-        let mut reg = self.registry.lock().await;
-        let attachment = reg
-            .by_netns
-            .entry(inode)
-            .or_insert_with(|| Attachment::new(&rule.name, workload.clone()));
-        if let Some(u) = workload.user {
-            attachment.users.insert(cid.clone(), u);
-        }
-        let Some(spiffe_id) = spiffe_id else {
-            // A sandbox: reserve the namespace, the pod's first app container brings the identity.
-            if attachment.running.is_none() && attachment.netns.is_none() {
-                attachment.netns = Some(netns);
-            }
-            attachment.containers.insert(cid.clone(), proc_ref);
-            reg.netns_of.insert(cid.clone(), inode);
-            self.sync(&reg, inode);
-            tracing::info!(container = %cid, netns = inode, "pod sandbox reserved; identity follows with its first app container");
-            return Ok(AgentResponse::Reserved { netns_inode: inode });
+        let user = workload.user;
+        let arrival = |netns| Arrival {
+            inode,
+            container_id: &cid,
+            process: proc_ref,
+            netns,
+            user,
+            rule: &rule.name,
+            workload: &workload,
+            spiffe_id: spiffe_id.as_ref(),
         };
-        if let Some(r) = &attachment.running {
-            if r.identity.spiffe_id != spiffe_id {
+        let mut reg = self.registry.lock().await;
+        let ns = match reg.attach(arrival(netns)) {
+            Step::Reserved => {
+                self.sync(&reg, inode);
+                tracing::info!(container = %cid, netns = inode, "pod sandbox reserved; identity follows with its first app container");
+                return Ok(AgentResponse::Reserved { netns_inode: inode });
+            }
+            Step::Joined { companion_pid } => {
+                self.sync(&reg, inode);
+                return Ok(AgentResponse::Attached {
+                    spiffe_id: spiffe_id.map(|s| s.to_string()).unwrap_or_default(),
+                    companion_pid,
+                    netns_inode: inode,
+                    joined: true,
+                });
+            }
+            Step::Conflict { serving } => {
+                let id = spiffe_id.map(|s| s.to_string()).unwrap_or_default();
                 return Err(format!(
-                    "container {cid} would be {spiffe_id}, but its network namespace already serves {}; one network namespace has one identity",
-                    r.identity.spiffe_id
+                    "container {cid} would be {id}, but its network namespace already serves {serving}; one network namespace has one identity"
                 ));
             }
-            let companion_pid = r.companion.pid();
-            attachment.containers.insert(cid.clone(), proc_ref);
-            reg.netns_of.insert(cid, inode);
-            self.sync(&reg, inode);
-            return Ok(AgentResponse::Attached {
-                spiffe_id: spiffe_id.to_string(),
-                companion_pid,
-                netns_inode: inode,
-                joined: true,
-            });
-        }
-        let user = workload.user;
+            Step::Start { netns } => netns,
+        };
+        let spiffe_id = spiffe_id.expect("only an identity starts a companion");
         let identity = Arc::new(Identity::new(
             spiffe_id.clone(),
             rule.name.clone(),
-            workload,
+            workload.clone(),
         ));
         let uid = match self.ctx.uids.allocate() {
             Ok(uid) => uid,
             Err(e) => {
-                forget_if_empty(&mut reg, inode);
+                reg.start_failed(inode, || Some(ns));
                 self.sync(&reg, inode);
                 return Err(format!("container {cid}: {e}"));
             }
         };
-        let ns = attachment.netns.take().unwrap_or(netns);
         // Start the companion without holding the registry: other containers keep starting
         // and stopping meanwhile.
         drop(reg);
@@ -303,34 +280,31 @@ impl Agent {
         let (companion, edge) = match started {
             Ok(c) => c,
             Err(e) => {
-                if !forget_if_empty(&mut reg, inode) {
-                    if let Some(a) = reg.by_netns.get_mut(&inode) {
-                        // Keep the reservation usable for the next app container.
-                        a.netns = NetNs::of_pid(pid).ok();
-                    }
-                }
+                // Keep a reservation usable for the next app container.
+                reg.start_failed(inode, || NetNs::of_pid(pid).ok());
                 self.sync(&reg, inode);
                 return Err(format!("container {cid}: {e}"));
             }
         };
-        // The sandbox may have gone while we started: this container still holds the namespace.
-        let attachment = reg
-            .by_netns
-            .entry(inode)
-            .or_insert_with(|| Attachment::new(&rule.name, identity.workload.clone()));
-        if let Some(u) = user {
-            attachment.users.insert(cid.clone(), u);
-        }
         let companion_pid = companion.pid();
         tracing::info!(container = %cid, %spiffe_id, rule = %rule.name, netns = inode, companion_pid, "attached");
-        attachment.rule = rule.name.clone();
-        attachment.running = Some(Running {
-            identity,
-            companion,
-            edge,
-        });
-        attachment.containers.insert(cid.clone(), proc_ref);
-        reg.netns_of.insert(cid, inode);
+        reg.started(
+            Arrival {
+                inode,
+                container_id: &cid,
+                process: proc_ref,
+                netns: (),
+                user,
+                rule: &rule.name,
+                workload: &workload,
+                spiffe_id: Some(&spiffe_id),
+            },
+            Running {
+                identity,
+                companion,
+                edge,
+            },
+        );
         self.sync(&reg, inode);
         Ok(AgentResponse::Attached {
             spiffe_id: spiffe_id.to_string(),
@@ -916,19 +890,6 @@ fn describe(w: &Workload, containers: &[String]) -> String {
     s
 }
 
-/// Removes namespace `inode`'s attachment if no container holds it; whether it did.
-fn forget_if_empty(reg: &mut Registry, inode: u64) -> bool {
-    if reg
-        .by_netns
-        .get(&inode)
-        .is_some_and(|a| a.containers.is_empty())
-    {
-        reg.by_netns.remove(&inode);
-        return true;
-    }
-    false
-}
-
 /// Stops companions concurrently: one slow companion does not hold up the others.
 async fn stop_all(runs: Vec<Running>) {
     let mut set = tokio::task::JoinSet::new();
@@ -941,40 +902,30 @@ async fn stop_all(runs: Vec<Running>) {
     while set.join_next().await.is_some() {}
 }
 
-/// Removes container `container_id` of namespace `inode`. `None`: it was not attached there;
-/// `Some(None)`: others remain (or nothing ran); `Some(Some(r))`: it was the last of its
-/// namespace and `r` must be stopped. A container id reused meanwhile by a container in another
-/// namespace stays attached.
+/// Removes container `container_id` of namespace `inode` (its Workload API socket first).
+/// `None`: it was not attached there; `Some(None)`: others remain (or nothing ran);
+/// `Some(Some(r))`: it was the last of its namespace and `r` must be stopped.
 fn take_container_in(
     reg: &mut Registry,
     inode: u64,
     container_id: &str,
 ) -> Option<Option<Running>> {
-    let a = reg.by_netns.get_mut(&inode)?;
-    a.containers.remove(container_id)?;
-    a.users.remove(container_id);
-    if let Some(r) = &a.running {
-        r.companion.remove_socket(container_id);
+    if let Some(a) = reg.by_netns.get(&inode) {
+        if let (Some(r), true) = (&a.running, a.containers.contains_key(container_id)) {
+            r.companion.remove_socket(container_id);
+        }
     }
-    if reg.netns_of.get(container_id) == Some(&inode) {
-        reg.netns_of.remove(container_id);
+    match reg.detach(inode, container_id) {
+        Left::NotAttached => None,
+        Left::Remaining => Some(None),
+        Left::Last(r) => Some(r),
     }
-    let a = reg.by_netns.get(&inode)?;
-    if !a.containers.is_empty() {
-        return Some(None);
-    }
-    Some(reg.by_netns.remove(&inode).and_then(|a| a.running))
 }
 
 impl crate::metrics::Refresh for Agent {
     /// The attached-workloads gauge, counted off the registry.
     async fn refresh(&self, metrics: &crate::metrics::Metrics) {
         let reg = self.registry.lock().await;
-        let running = reg
-            .by_netns
-            .values()
-            .filter(|a| a.running.is_some())
-            .count();
-        metrics.attached.set(running as i64);
+        metrics.attached.set(reg.running() as i64);
     }
 }

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod netns;
 pub mod nft;
 pub mod persist;
+pub mod registry;
 pub mod revoke;
 pub mod secrets;
 pub mod services;

@@ -274,7 +274,7 @@ pub fn watch(ctx: Arc<Ctx>, identity: Arc<Identity>, netns: &impl AsRawFd) -> io
                 at += (len + 3) & !3;
             }
             if !events.is_empty() {
-                crate::audit::ingest(&ctx, &identity, events, 0);
+                crate::audit::ingest(&ctx.audit, &ctx.metrics, &identity, events, 0);
             }
         }
     });

@@ -1,14 +1,11 @@
 //! Edge policy on `nhid`'s side: installs the kernel rules of an identity that has a policy in
 //! its workload's network namespace (after its companion listens), reads the denials they log
-//! (`crate::denials`), removes them at detach, and on SIGHUP reloads the policies, pushes them
-//! to running companions and brings every namespace's rules in line. Without a policy nothing is
+//! (`crate::denials`), removes them at detach, and replaces them when a reload (SIGHUP,
+//! `crate::agent`) changed the policy. Without a policy nothing is
 //! intercepted and `nft` is never run.
 
 use std::sync::Arc;
 
-use nhi_core::wire::Event;
-
-use crate::agent::Agent;
 use crate::identity::Identity;
 use crate::netns::NetNs;
 use crate::supervisor::Ctx;
@@ -83,7 +80,7 @@ fn summarize(ctx: &Ctx, identity: &Identity, ns: &NetNs) {
     };
     let policy = ctx.policy_for(identity).map(|p| p.id);
     if let Some(ev) = crate::denials::summary(&counters, policy.as_deref()) {
-        crate::audit::ingest(ctx, identity, vec![ev], 0);
+        crate::audit::ingest(&ctx.audit, &ctx.metrics, identity, vec![ev], 0);
     }
 }
 
@@ -103,52 +100,5 @@ pub(crate) async fn remove(ctx: &Arc<Ctx>, identity: &Arc<Identity>, installed: 
         Ok(Ok(())) => tracing::info!(netns = inode, "edge policy rules removed"),
         Ok(Err(e)) => tracing::warn!(netns = inode, "removing edge policy rules: {e}"),
         Err(e) => tracing::warn!(netns = inode, "removing edge policy rules: {e}"),
-    }
-}
-
-impl Agent {
-    /// SIGHUP: re-reads `[[policy]]` from the config file. A config that no longer loads keeps
-    /// the current policies. Running companions get their new policy (for new connections) and
-    /// namespaces their new rules; workloads are never restarted.
-    pub async fn reload_policies(&self) {
-        let cfg = match nhi_core::Config::load(&self.ctx.config.path) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("reload: keeping the current policies: {e}");
-                return;
-            }
-        };
-        if cfg.egress != self.ctx.config.egress {
-            tracing::warn!("reload: [egress] ports only change with an nhid restart");
-        }
-        *self.ctx.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg.policies);
-        let mut reg = self.registry.lock().await;
-        let reg = &mut *reg;
-        for a in reg.by_netns.values_mut() {
-            let pid = a.containers.values().find(|p| p.alive()).map(|p| p.pid);
-            let Some(r) = a.running.as_mut() else {
-                continue;
-            };
-            let policy = self.ctx.policy_for(&r.identity);
-            r.companion.notify(Event::Policy {
-                policy: policy.clone().map(Box::new),
-            });
-            let previous = r.edge.take();
-            match (policy.is_some(), pid, previous) {
-                (true, Some(pid), previous) => {
-                    match install(&self.ctx, &r.identity, pid, previous).await {
-                        Ok(installed) => r.edge = installed,
-                        Err(e) => tracing::error!(spiffe_id = %r.identity.spiffe_id, "reload: {e}"),
-                    }
-                }
-                (true, None, previous) => {
-                    r.edge = previous;
-                    tracing::warn!(spiffe_id = %r.identity.spiffe_id, "reload: no live container to enter")
-                }
-                (false, _, Some(prev)) => remove(&self.ctx, &r.identity, prev).await,
-                (false, _, None) => {}
-            }
-        }
-        tracing::info!("edge policies reloaded");
     }
 }

@@ -24,7 +24,8 @@ pub(crate) async fn answer(svc: &Services, identity: &Identity, call: Call) -> R
     let (started, requested) = (std::time::Instant::now(), crate::audit::requested(&call));
     let audit = |version: Option<String>, decision, detail: Option<String>| {
         crate::audit::credential(
-            svc,
+            &svc.audit,
+            &svc.metrics,
             identity,
             requested.clone(),
             version,
@@ -103,7 +104,8 @@ async fn brokered_secret(svc: &Services, identity: &Identity, rule_id: &str) -> 
     // One audit record per outcome, like every other issuance; the detail names the rule.
     let audit = |name: &str, version: Option<String>, decision, why: Option<&str>| {
         crate::audit::credential(
-            svc,
+            &svc.audit,
+            &svc.metrics,
             identity,
             Some(nhi_core::audit::CredentialRef {
                 name: format!("secret:{name}"),
@@ -331,7 +333,7 @@ cidr = ["10.0.0.0/8"]
             assert_eq!((s.name.as_str(), s.version), ("web-key", 1));
             assert_eq!(B64.decode(&s.value_b64).unwrap(), b"v1");
             let ttl = svc.config.store.secret_ttl.as_secs();
-            assert!(s.expires_at <= crate::issuer::now_unix() + ttl);
+            assert!(s.expires_at <= nhi_core::clock::now_unix() + ttl);
             // Not granted to this rule, though it exists.
             let r = answer(&svc, &web, secret("db-key")).await;
             assert!(

@@ -5,7 +5,6 @@ pub mod adopt;
 pub mod agent;
 pub mod api;
 pub mod audit;
-pub mod bao_cache;
 pub mod cgroup;
 pub mod control;
 pub mod denials;
@@ -74,7 +73,7 @@ pub async fn run(config: Config) -> Result<(), String> {
                 tracing::warn!("OpenBao unreachable at start ({e}); logging in in the background");
                 degraded.push(format!("OpenBao: not logged in ({e})"));
             }
-            let cache = bao_cache::BaoCache::open(
+            let cache = store::sealed_cache::BaoCache::open(
                 &config.state_dir,
                 &config.key_file(),
                 config.store.secret_ttl,

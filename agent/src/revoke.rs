@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use nhi_core::wire::{EndedWorkload, Revocation};
 use serde::{Deserialize, Serialize};
 
-use crate::issuer::now_unix;
+use nhi_core::clock::now_unix;
 
 /// Most credentials remembered per identity or workload; the oldest go first (for an
 /// identity, the cut-off still covers them).

@@ -728,7 +728,7 @@ async fn serve(
                             write_line(&mut wr, &ChannelResponse { id: req.id, body }).await
                         }
                         FromCompanion::Notice(Notice::Audit { events, dropped }) => {
-                            crate::audit::ingest(ctx, identity, events, dropped);
+                            crate::audit::ingest(&ctx.audit, &ctx.metrics, identity, events, dropped);
                             Ok(())
                         }
                         FromCompanion::Notice(Notice::Log { line }) => {
@@ -799,7 +799,8 @@ fn busy(
     let message = refused.to_string();
     tracing::debug!(spiffe_id = %identity.spiffe_id, "{message}");
     crate::audit::credential(
-        ctx,
+        &ctx.audit,
+        &ctx.metrics,
         identity,
         crate::audit::requested(call),
         None,

@@ -59,12 +59,7 @@ impl From<CallError> for CredError {
     }
 }
 
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use nhi_core::clock::now_unix;
 
 /// When to refresh a credential valid from `issued` to `expires`: at half-life, up to 10% early.
 pub fn refresh_at(issued: u64, expires: u64, rand: u64) -> u64 {

@@ -115,12 +115,7 @@ pub struct CredentialRef {
 /// Most events one `audit` message on the companion channel carries.
 pub const MAX_BATCH: usize = 256;
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ pub mod atomic_file;
 pub mod audit;
 pub mod audit_log;
 pub mod cgroupfs;
+pub mod clock;
 pub mod config;
 pub mod grant;
 pub mod http_path;

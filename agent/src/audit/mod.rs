@@ -19,7 +19,6 @@ pub use sink::AuditSink;
 
 use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::services::Services;
 
 /// The record skeleton for `identity`: its SPIFFE ID and runtime metadata.
 fn about(identity: &Identity, event: AuditEvent) -> Record {
@@ -32,8 +31,14 @@ fn about(identity: &Identity, event: AuditEvent) -> Record {
 }
 
 /// Takes a batch a companion sent. Never blocks the companion's channel.
-pub fn ingest(ctx: &Services, identity: &Identity, events: Vec<AuditEvent>, dropped: u64) {
-    ingest_into(&ctx.audit, &ctx.metrics, identity, events, dropped)
+pub fn ingest(
+    sink: &AuditSink,
+    metrics: &Metrics,
+    identity: &Identity,
+    events: Vec<AuditEvent>,
+    dropped: u64,
+) {
+    ingest_into(sink, metrics, identity, events, dropped)
 }
 
 fn ingest_into(
@@ -92,8 +97,10 @@ pub fn requested(req: &Call) -> Option<CredentialRef> {
 
 /// Audits one issuance outcome of `nhid` for `identity` and counts it: `version` is the JWT's
 /// `jti`, the certificate's serial or the secret's version, never a value.
+#[allow(clippy::too_many_arguments)]
 pub fn credential(
-    ctx: &Services,
+    sink: &AuditSink,
+    metrics: &Metrics,
     identity: &Identity,
     cred: Option<CredentialRef>,
     version: Option<String>,
@@ -104,11 +111,10 @@ pub fn credential(
     let Some(mut cred) = cred else { return };
     let elapsed = started.elapsed();
     let kind = cred.name.split(':').next().unwrap_or("").to_string();
-    ctx.metrics.issuance(&kind, decision, elapsed);
-    ctx.metrics
-        .event(identity.spiffe_id.as_str(), AuditKind::Credential, decision);
+    metrics.issuance(&kind, decision, elapsed);
+    metrics.event(identity.spiffe_id.as_str(), AuditKind::Credential, decision);
     cred.version = version;
-    ctx.audit.submit(about(
+    sink.submit(about(
         identity,
         AuditEvent {
             ts_ms: now_ms(),
@@ -124,13 +130,19 @@ pub fn credential(
 
 /// Audits the end of a workload (its last container is gone) with what happened to the
 /// credentials it was issued (`detail`).
-pub fn workload_ended(ctx: &Services, identity: &Identity, decision: Decision, detail: String) {
-    ctx.metrics.event(
+pub fn workload_ended(
+    sink: &AuditSink,
+    metrics: &Metrics,
+    identity: &Identity,
+    decision: Decision,
+    detail: String,
+) {
+    metrics.event(
         identity.spiffe_id.as_str(),
         AuditKind::WorkloadEnded,
         decision,
     );
-    ctx.audit.submit(about(
+    sink.submit(about(
         identity,
         AuditEvent {
             ts_ms: now_ms(),

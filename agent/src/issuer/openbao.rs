@@ -5,7 +5,7 @@
 //! (sealed in its state dir) and publishes the public half at `<kv_prefix>/nodes/<node>/jwks`;
 //! the JWKS every node serves is the union, so a JWT-SVID from node A verifies on node B.
 //! What it last had (intermediate and key, bundle, JWKS) is kept in the sealed cache
-//! (`crate::bao_cache`), so it starts while OpenBao is unreachable.
+//! (`crate::store::sealed_cache`), so it starts while OpenBao is unreachable.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -22,8 +22,8 @@ use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
 use super::{now_unix, IssueError, Issuer, Signer, Upkeep};
-use crate::bao_cache::{BaoCache, IssuerState};
 use crate::keystore::{self, MasterKey};
+use crate::store::sealed_cache::{BaoCache, IssuerState};
 use nhi_openbao::{Bao, BaoError};
 
 const JWT_KEY_FILE: &str = "node-jwt.sealed";

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{StoreError, Stored};
-use crate::issuer::now_unix;
 use crate::keystore::{self, MasterKey};
+use nhi_core::clock::now_unix;
 
 const SECRETS_DIR: &str = "secrets";
 const REVOCATIONS_FILE: &str = "revocations.json";
@@ -95,7 +95,7 @@ impl EmbeddedStore {
             version: s.version,
             updated_at: s.updated_at,
             value,
-            fetched_at: crate::issuer::now_unix(),
+            fetched_at: nhi_core::clock::now_unix(),
             from_cache: false,
         })
     }

@@ -4,6 +4,7 @@
 
 pub mod embedded;
 pub mod openbao;
+pub mod sealed_cache;
 
 use nhi_core::wire::{Revocation, SecretInfo};
 use zeroize::Zeroizing;

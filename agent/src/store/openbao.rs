@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 use std::sync::Arc;
 
 use super::{StoreError, Stored};
-use crate::bao_cache::BaoCache;
+use crate::store::sealed_cache::BaoCache;
 use nhi_openbao::{Bao, BaoError};
 
 pub struct BaoStore {
@@ -136,7 +136,7 @@ impl BaoStore {
             version: s.version,
             updated_at: unix(&s.created_time),
             value,
-            fetched_at: crate::issuer::now_unix(),
+            fetched_at: nhi_core::clock::now_unix(),
             from_cache: false,
         }))
     }

@@ -25,9 +25,9 @@ use nhi_core::wire::{Revocation, SecretInfo};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::issuer::now_unix;
 use crate::keystore::{self, MasterKey};
 use crate::store::Stored;
+use nhi_core::clock::now_unix;
 
 const DIR: &str = "openbao-cache";
 const LABEL: &str = "nhi/openbao-cache/v1";

@@ -15,6 +15,8 @@
 //! For a sandbox (seccomp, Landlock): re-adoption needs `listen(2)` once at start (lib.rs),
 //! then `accept4(2)` and `getsockopt(SO_PEERCRED)` on that inherited fd; no `socket(2)`, no
 //! `connect(2)`, no path.
+//!
+//! Size: about 570 lines of code; the rest are tests that play `nhid` on a real socket.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;

@@ -15,6 +15,10 @@
 //! head together (a partial edit, a lost file, a truncation, a reorder). It is not a signature:
 //! whoever can write every file can rebuild a consistent log, so ship the head's hash off the
 //! node when that matters.
+//!
+//! Size: one file on purpose: the writer, the readers (`verify`, `tail`, the follower) and the
+//! on-disk format they share change together, and the fault-injection tests beside them
+//! (about a third of the file) exercise all three at once.
 
 use std::fmt;
 use std::fs;

@@ -1,6 +1,9 @@
 //! `nhi.toml`: one file read by `nhid`, `nhi-hook` and `nhictl`. Validated as a whole at load so
 //! a typo or an identity template that can't produce a valid SPIFFE ID stops startup with a
 //! message that names it, instead of failing later on a container start.
+//!
+//! Size: one file on purpose, the whole schema and its validation in one place (the reference
+//! to read beside `config/nhi.toml`); about a quarter of it is unit tests.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -14,7 +14,7 @@ use nhi_core::Workload;
 use tokio::sync::Mutex;
 
 use crate::netns::{NetNs, ProcRef};
-use crate::persist::{ContainerRecord, Record, Store};
+use crate::persist::{Attachments, ContainerRecord, Record};
 use crate::registry::{Arrival, Left, Serving, Step};
 use crate::supervisor::{self, CompanionHandle, Ctx, Identity};
 
@@ -56,7 +56,7 @@ pub struct Agent {
     /// without making other containers' starts and stops wait for it.
     starting: std::sync::Mutex<HashMap<u64, Arc<Mutex<()>>>>,
     /// Attachments on disk, restored by [`Agent::recover`] after a restart.
-    store: Store,
+    attachments: Attachments,
     /// What is degraded (central store unreachable, ...), for `nhictl status`.
     pub(crate) degraded: std::sync::Mutex<Vec<String>>,
     /// Serializes revocation changes with the store poll, so a poll that read the list just
@@ -66,9 +66,9 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(ctx: Arc<Ctx>) -> std::io::Result<Self> {
-        let store = Store::new(&ctx.config.state_dir)?;
+        let attachments = Attachments::new(&ctx.config.state_dir)?;
         Ok(Agent {
-            store,
+            attachments,
             ctx,
             host_netns: NetNs::own()?.inode,
             registry: Mutex::new(Registry::default()),
@@ -379,8 +379,10 @@ impl Agent {
     /// Writes (or removes) the on-disk record of namespace `inode` from the registry.
     fn sync(&self, reg: &Registry, inode: u64) {
         match reg.by_netns.get(&inode) {
-            Some(a) if !a.containers.is_empty() => self.store.save(&Self::record(inode, a, false)),
-            _ => self.store.remove(inode),
+            Some(a) if !a.containers.is_empty() => {
+                self.attachments.save(&Self::record(inode, a, false))
+            }
+            _ => self.attachments.remove(inode),
         }
     }
 
@@ -575,7 +577,7 @@ impl Agent {
         // others were issued.
         for (inode, a) in &reg.by_netns {
             if !a.containers.is_empty() {
-                self.store.save(&Self::record(*inode, a, true));
+                self.attachments.save(&Self::record(*inode, a, true));
             }
         }
         reg.netns_of.clear();

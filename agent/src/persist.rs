@@ -42,7 +42,7 @@ pub struct Record {
     pub issued: Option<crate::revoke::Ledger>,
 }
 
-pub struct Store {
+pub struct Attachments {
     dir: PathBuf,
 }
 
@@ -58,11 +58,11 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     nhi_core::atomic_file::replace(path, &data, &opts)
 }
 
-impl Store {
+impl Attachments {
     pub fn new(state_dir: &Path) -> std::io::Result<Self> {
         let dir = state_dir.join("attachments");
         fs::create_dir_all(&dir)?;
-        Ok(Store { dir })
+        Ok(Attachments { dir })
     }
 
     fn path(&self, inode: u64) -> PathBuf {
@@ -117,7 +117,7 @@ mod tests {
     #[test]
     fn save_load_remove() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::new(d.path()).unwrap();
+        let s = Attachments::new(d.path()).unwrap();
         let r = Record {
             netns_inode: 42,
             rule: "r".into(),

@@ -132,7 +132,7 @@ pub const TEMPLATE_VARS: &[&str] = &[
 
 /// How the container relates to the network namespaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetNs {
+pub enum NetnsMode {
     /// `config.json` asks for no network namespace: the container shares the host's.
     Host,
     /// A fresh network namespace created for this container.
@@ -265,17 +265,17 @@ fn host_user_of(spec: &Spec) -> Option<HostUser> {
 }
 
 /// Reads the network namespace the spec asks for.
-pub fn netns_of(spec: &Spec) -> NetNs {
+pub fn netns_of(spec: &Spec) -> NetnsMode {
     let ns = spec
         .linux()
         .as_ref()
         .and_then(|l| l.namespaces().as_ref())
         .and_then(|nss| nss.iter().find(|n| n.typ() == LinuxNamespaceType::Network));
     match ns {
-        None => NetNs::Host,
+        None => NetnsMode::Host,
         Some(n) => match n.path() {
-            Some(p) if !p.as_os_str().is_empty() => NetNs::Join(p.display().to_string()),
-            _ => NetNs::New,
+            Some(p) if !p.as_os_str().is_empty() => NetnsMode::Join(p.display().to_string()),
+            _ => NetnsMode::New,
         },
     }
 }
@@ -315,7 +315,7 @@ mod tests {
         );
         // The rest of the environment never enters the workload record.
         assert!(!serde_json::to_string(&w).unwrap().contains("hunter2"));
-        assert_eq!(netns_of(&spec), NetNs::New);
+        assert_eq!(netns_of(&spec), NetnsMode::New);
         assert_eq!(w.user, Some(HostUser { uid: 0, gid: 0 }));
         assert_eq!(w.source(), Source::Kubernetes);
     }
@@ -366,11 +366,11 @@ mod tests {
         let w = Workload::from_oci(&state, &spec);
         assert_eq!(w.name(), "plain");
         assert!(w.k8s.is_none() && w.nomad.is_none());
-        assert_eq!(netns_of(&spec), NetNs::Host);
+        assert_eq!(netns_of(&spec), NetnsMode::Host);
         let spec: Spec = serde_json::from_str(
             r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"network","path":"/proc/7/ns/net"}]}}"#,
         )
         .unwrap();
-        assert_eq!(netns_of(&spec), NetNs::Join("/proc/7/ns/net".into()));
+        assert_eq!(netns_of(&spec), NetnsMode::Join("/proc/7/ns/net".into()));
     }
 }

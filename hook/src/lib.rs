@@ -14,7 +14,7 @@ pub mod satoken;
 use nhi_core::nhid_client::{Attached, ClientError, NhidClient};
 use nhi_core::select::select;
 use nhi_core::untrusted_fs::UntrustedReadError;
-use nhi_core::workload::{netns_of, NetNs};
+use nhi_core::workload::{netns_of, NetnsMode};
 use nhi_core::{Config, Workload};
 use oci_spec::runtime::{Spec, State};
 
@@ -163,7 +163,7 @@ fn create_runtime(config: &Config, state: &State) -> Result<Outcome, HookError> 
             return fail(format!("Nomad identity for rule {:?}: {why}", rule.name));
         }
     }
-    if netns_of(&spec) == NetNs::Host {
+    if netns_of(&spec) == NetnsMode::Host {
         return fail(format!(
             "selected by nhi rule {:?} but shares the host network namespace; nhi never attaches there",
             rule.name

@@ -11,7 +11,7 @@ impl Agent {
     /// of workloads that ended meanwhile were issued goes on the deny list.
     pub async fn recover(&self) {
         use futures_util::StreamExt;
-        let records = self.store.load_all();
+        let records = self.attachments.load_all();
         let total = records.len();
         let (range, binary) = self.companion_process();
         // Companions running now, whatever the records say.
@@ -136,7 +136,7 @@ impl Agent {
             .find_map(|p| NetNs::of_pid(p.pid).ok().filter(|n| n.inode == inode));
         let (Some(ns), false) = (ns, alive.is_empty()) else {
             self.ended_while_away(&rec).await;
-            self.store.remove(inode);
+            self.attachments.remove(inode);
             return None;
         };
         let cfg = &self.ctx.config;
@@ -145,7 +145,7 @@ impl Agent {
                 netns = inode,
                 "not restoring an attachment the config no longer selects"
             );
-            self.store.remove(inode);
+            self.attachments.remove(inode);
             return None;
         };
         let mut attachment = Attachment::new(&rule.name, rec.workload.clone());
@@ -163,7 +163,7 @@ impl Agent {
         let rendered = rule.spiffe_id.render(&cfg.trust_domain, &rec.workload);
         let Some(spiffe_id) = rendered.ok().filter(|r| r.as_str() == id) else {
             tracing::warn!(netns = inode, spiffe_id = %id, "the config now gives another identity; not restoring its companion");
-            self.store.remove(inode);
+            self.attachments.remove(inode);
             return None;
         };
         let mut identity = Identity::new(spiffe_id, rule.name.clone(), rec.workload.clone());
@@ -224,7 +224,7 @@ impl Agent {
                     }
                     Err(e) => {
                         tracing::error!(netns = inode, spiffe_id = %id, "restoring companion: {e}");
-                        self.store.remove(inode);
+                        self.attachments.remove(inode);
                         return None;
                     }
                 }

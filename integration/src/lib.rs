@@ -4,6 +4,9 @@
 //!
 //! Needs root and `runc` + `busybox` (installed by `scripts/install-deps`). It does not skip
 //! itself when they are missing: it fails and says what to install.
+//!
+//! Size: one harness on purpose (a node, its containers and the clients of its APIs share
+//! state and helpers); the kits for other runtimes live beside it (`kube.rs`, `edge.rs`, ...).
 
 use std::fs;
 use std::io::{Read, Write};

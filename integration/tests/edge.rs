@@ -4,6 +4,9 @@
 //! in a peer namespace (over a veth pair) count what reaches them. Brokered credentials reach
 //! the upstream and never the workload; inbound rules demand a valid, unrevoked JWT-SVID from
 //! an allowed identity; SIGHUP reloads policies for new connections without restarting anything.
+//!
+//! Size: one test binary per capability; each test here is one attack or one rule shape, with
+//! its own node and upstreams.
 
 use std::net::SocketAddr;
 use std::process::Command;

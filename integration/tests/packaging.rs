@@ -8,6 +8,8 @@
 //!
 //! One package build (the dev profile, which reuses the workspace's build; `scripts/package`'s
 //! default for users is release) is shared by every test here.
+//!
+//! Size: one test binary per capability (the packages), sharing one built .deb/.rpm pair.
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -1,6 +1,8 @@
 //! The walking skeleton against real runc: a container started with the nhi hooks gets a
 //! companion in its network namespace and a SPIFFE identity that verifies against the node's
 //! trust bundle. Every test has its own nhid, state dir, socket and runc root.
+//!
+//! Size: one test binary per capability; each test here is one scenario on its own node.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

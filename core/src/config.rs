@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::grant::Grant;
-use crate::openbao::OpenBaoConfig;
+use crate::openbao_config::OpenBaoConfig;
 use crate::select::Match;
 use crate::spiffe::validate_trust_domain;
 use crate::template::Template;

@@ -14,7 +14,7 @@ pub mod jwt;
 pub mod k8s;
 pub mod nhid_client;
 pub mod nomad;
-pub mod openbao;
+pub mod openbao_config;
 pub mod policy;
 pub mod select;
 pub mod spiffe;

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nhi_core::openbao::{OpenBaoAuth, OpenBaoConfig};
+use nhi_core::openbao_config::{OpenBaoAuth, OpenBaoConfig};
 use nhi_integration::bao::{BaoApi, BaoCluster, BaoDev, BaoNhiSetup, NhiRoleOptions};
 use nhi_openbao::{Bao, BaoError};
 use rustls_pki_types::{CertificateDer, UnixTime};

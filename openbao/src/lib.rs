@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nhi_core::openbao::{OpenBaoAuth, OpenBaoConfig};
+use nhi_core::openbao_config::{OpenBaoAuth, OpenBaoConfig};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value};

@@ -700,3 +700,118 @@ pub fn setup_nhi_with(
         secret_id_file,
     }
 }
+
+/// The policy of a workload's short-lived OpenBao token (JWT login with its service-account
+/// token): it may only have a CSR signed under the `nhi-workload` PKI role, whose URI SAN
+/// template admits exactly the identity its token proves.
+pub const NHI_WORKLOAD_POLICY: &str = r#"# A workload's token, from a JWT login with its service-account token: one SVID for the
+# identity that token proves, nothing else.
+path "pki/sign/nhi-workload" {
+  capabilities = ["update"]
+}
+"#;
+
+/// Where [`setup_workload_issuance`] put things.
+pub struct WorkloadIssuance {
+    /// Mount of the JWT auth method that verifies service-account tokens.
+    pub jwt_mount: String,
+    /// Its role, and the PKI role of the same name.
+    pub role: String,
+    /// The JWT mount's accessor, which the URI SAN template names.
+    pub accessor: String,
+}
+
+/// Issue 17's one-time OpenBao setup (docs/OPENBAO.md, "Workload identities proven to
+/// OpenBao"): a JWT auth method at `nhi-k8s/` that verifies the cluster's service-account
+/// tokens (`sa_public_key_pem`, issuer `sa_issuer`, audience `audience`) and maps their
+/// namespace and service-account name to entity-alias metadata; a PKI role `nhi-workload`
+/// whose only allowed URI SAN is the template
+/// `spiffe://<td>/ns/{{...metadata.ns}}/sa/{{...metadata.sa}}`; the `nhi-workload` policy,
+/// which allows nothing but signing under that role. Needs [`setup_nhi_with`] first (the PKI
+/// mount and its root).
+pub fn setup_workload_issuance(
+    root: &BaoApi,
+    trust_domain: &str,
+    sa_issuer: &str,
+    sa_public_key_pem: &str,
+    audience: &str,
+) -> WorkloadIssuance {
+    let (mount, role) = ("nhi-k8s", "nhi-workload");
+    let auths = root.must("GET", "sys/auth", None);
+    let key = format!("{mount}/");
+    if auths["data"][&key].is_null() && auths[&key].is_null() {
+        root.must(
+            "POST",
+            &format!("sys/auth/{mount}"),
+            Some(json!({"type": "jwt"})),
+        );
+    }
+    let auths = root.must("GET", "sys/auth", None);
+    let accessor = auths["data"][&key]["accessor"]
+        .as_str()
+        .or_else(|| auths[&key]["accessor"].as_str())
+        .expect("the JWT mount has an accessor")
+        .to_string();
+    root.must(
+        "POST",
+        &format!("auth/{mount}/config"),
+        Some(json!({
+            "jwt_validation_pubkeys": [sa_public_key_pem],
+            "bound_issuer": sa_issuer,
+        })),
+    );
+    root.must(
+        "POST",
+        &format!("auth/{mount}/role/{role}"),
+        Some(json!({
+            "role_type": "jwt",
+            "bound_audiences": [audience],
+            "user_claim": "sub",
+            "claim_mappings": {
+                "/kubernetes.io/namespace": "ns",
+                "/kubernetes.io/serviceaccount/name": "sa",
+            },
+            "token_policies": ["nhi-workload"],
+            "token_ttl": "5m",
+            "token_max_ttl": "5m",
+            "token_type": "service",
+        })),
+    );
+    let meta = |k: &str| format!("{{{{identity.entity.aliases.{accessor}.metadata.{k}}}}}");
+    root.must(
+        "POST",
+        &format!("pki/roles/{role}"),
+        Some(json!({
+            "allowed_uri_sans": [format!("spiffe://{trust_domain}/ns/{}/sa/{}", meta("ns"), meta("sa"))],
+            "allowed_uri_sans_template": true,
+            "allow_any_name": false,
+            "allowed_domains": [],
+            "allow_bare_domains": false,
+            "allow_subdomains": false,
+            "allow_localhost": false,
+            "allow_ip_sans": false,
+            "enforce_hostnames": false,
+            "require_cn": false,
+            "use_csr_common_name": false,
+            "use_csr_sans": false,
+            "server_flag": true,
+            "client_flag": true,
+            "key_type": "ec",
+            "key_bits": 256,
+            "key_usage": ["DigitalSignature"],
+            "ttl": "1h",
+            "max_ttl": "1h",
+            "no_store": true,
+        })),
+    );
+    root.must(
+        "PUT",
+        "sys/policies/acl/nhi-workload",
+        Some(json!({"policy": NHI_WORKLOAD_POLICY})),
+    );
+    WorkloadIssuance {
+        jwt_mount: mount.into(),
+        role: role.into(),
+        accessor,
+    }
+}

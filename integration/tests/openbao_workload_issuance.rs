@@ -1,0 +1,207 @@
+//! Issue 17's foundation, against a real OpenBao: with the one-time setup of
+//! `nhi_integration::bao::setup_workload_issuance`, OpenBao itself (not nhid) decides which
+//! SPIFFE ID a workload may get. A workload's short-lived token comes from a JWT login with its
+//! service-account token, and can have a CSR signed only for the URI SAN that token proves;
+//! forged, other-cluster and wrong-audience tokens get no token; a node's own AppRole token
+//! cannot sign under that role at all. The private key never leaves the caller (CSR).
+
+use nhi_integration::bao::{
+    setup_workload_issuance, BaoApi, BaoDev, NhiRoleOptions, WorkloadIssuance,
+};
+use rcgen::{CertificateParams, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
+use serde_json::{json, Value};
+use x509_parser::prelude::*;
+
+const TD: &str = "example.org";
+const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const AUDIENCE: &str = "nhi";
+
+/// A cluster's service-account signing key (ES256, as kube-apiserver can be configured).
+struct Cluster {
+    key: KeyPair,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        Cluster {
+            key: KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap(),
+        }
+    }
+
+    /// A projected service-account token as kubelet gets it from the API server.
+    fn token(&self, ns: &str, sa: &str, audience: &str, issuer: &str) -> String {
+        let now = nhi_core::clock::now_unix();
+        let claims = json!({
+            "iss": issuer,
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "aud": [audience],
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+            "kubernetes.io": {
+                "namespace": ns,
+                "serviceaccount": {"name": sa, "uid": "7c1f0c1e-0000-4000-8000-000000000001"},
+                "pod": {"name": format!("{sa}-0"), "uid": "7c1f0c1e-0000-4000-8000-000000000002"},
+            },
+        });
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("sa-key-1".into());
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&self.key.serialize_der());
+        jsonwebtoken::encode(&h, &claims, &key).unwrap()
+    }
+}
+
+/// A CSR for `uri` with a key that stays here.
+fn csr(uri: &str) -> String {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+    p.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+/// JWT login: the workload's OpenBao token, or OpenBao's refusal.
+fn login(bao: &BaoDev, w: &WorkloadIssuance, jwt: &str) -> Result<String, (u16, Value)> {
+    let anon = BaoApi::new(&bao.addr, None, None);
+    match anon
+        .call(
+            "POST",
+            &format!("auth/{}/login", w.jwt_mount),
+            Some(json!({"role": w.role, "jwt": jwt})),
+        )
+        .unwrap()
+    {
+        (200, v) => Ok(v["auth"]["client_token"].as_str().unwrap().to_string()),
+        other => Err(other),
+    }
+}
+
+/// Asks OpenBao to sign a CSR for `uri` under the workload role with `token`.
+fn sign(bao: &BaoDev, w: &WorkloadIssuance, token: &str, uri: &str) -> (u16, Value) {
+    BaoApi::new(&bao.addr, Some(token), None)
+        .call(
+            "POST",
+            &format!("pki/sign/{}", w.role),
+            Some(json!({"csr": csr(uri), "uri_sans": uri, "ttl": "10m"})),
+        )
+        .unwrap()
+}
+
+fn errors(v: &Value) -> String {
+    v["errors"].to_string()
+}
+
+#[test]
+fn openbao_signs_only_the_identity_a_service_account_token_proves() {
+    let bao = BaoDev::start();
+    let root = bao.root();
+    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
+    let cluster = Cluster::new();
+    let w = setup_workload_issuance(
+        &root,
+        TD,
+        SA_ISSUER,
+        &cluster.key.public_key_pem(),
+        AUDIENCE,
+    );
+
+    // prod/web proves spiffe://example.org/ns/prod/sa/web, and gets exactly that.
+    let web = login(&bao, &w, &cluster.token("prod", "web", AUDIENCE, SA_ISSUER))
+        .unwrap_or_else(|e| panic!("login refused: {e:?}"));
+    let own = format!("spiffe://{TD}/ns/prod/sa/web");
+    let (status, v) = sign(&bao, &w, &web, &own);
+    assert_eq!(status, 200, "{v}");
+    let pem = v["data"]["certificate"].as_str().unwrap();
+    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let (_, cert) = X509Certificate::from_der(&der.contents).unwrap();
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::URI(u) => u.to_string(),
+            other => format!("not a URI: {other:?}"),
+        })
+        .collect();
+    assert_eq!(sans, vec![own.clone()]);
+    assert!(v["data"]["private_key"].is_null(), "the key never left us");
+
+    // The same token for any other identity: refused by OpenBao, naming the URI SAN.
+    for other in [
+        format!("spiffe://{TD}/ns/prod/sa/admin"),
+        format!("spiffe://{TD}/ns/kube-system/sa/web"),
+        format!("spiffe://{TD}/ns/prod/sa/web/extra"),
+        "spiffe://other.org/ns/prod/sa/web".to_string(),
+    ] {
+        let (status, v) = sign(&bao, &w, &web, &other);
+        assert_eq!(status, 400, "{other}: {v}");
+        assert!(
+            errors(&v).contains("URI Subject Alternative Name"),
+            "{other}: OpenBao's reason: {}",
+            errors(&v)
+        );
+    }
+
+    // Tokens that prove nothing get no OpenBao token at all.
+    let forger = Cluster::new();
+    for (what, jwt) in [
+        (
+            "signed by another cluster's key",
+            forger.token("prod", "web", AUDIENCE, SA_ISSUER),
+        ),
+        (
+            "for another audience",
+            cluster.token("prod", "web", "vault", SA_ISSUER),
+        ),
+        (
+            "from another issuer",
+            cluster.token("prod", "web", AUDIENCE, "https://evil.example"),
+        ),
+        ("unsigned", {
+            let t = cluster.token("prod", "web", AUDIENCE, SA_ISSUER);
+            let mut parts: Vec<&str> = t.split('.').collect();
+            parts[2] = "";
+            parts.join(".")
+        }),
+    ] {
+        let e = login(&bao, &w, &jwt).expect_err(what);
+        assert_eq!(e.0, 400, "{what}: {:?}", e.1);
+        eprintln!("{what}: OpenBao says {}", errors(&e.1));
+    }
+
+    // The node's own identity (AppRole, the nhi-node policy) cannot sign under the workload
+    // role, for any URI SAN.
+    let node_token = BaoApi::new(&bao.addr, None, None).must(
+        "POST",
+        "auth/approle/login",
+        Some(json!({
+            "role_id": setup.role_id,
+            "secret_id": std::fs::read_to_string(&setup.secret_id_file).unwrap(),
+        })),
+    )["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, v) = sign(&bao, &w, &node_token, &own);
+    assert_eq!(status, 403, "{v}");
+    // And the workload's token can do nothing else: no KV, no intermediate CA.
+    let api = BaoApi::new(&bao.addr, Some(&web), None);
+    assert_eq!(
+        api.call("GET", "secret/data/nhi/secrets/db", None)
+            .unwrap()
+            .0,
+        403
+    );
+    assert_eq!(
+        api.call(
+            "POST",
+            "pki/root/sign-intermediate",
+            Some(json!({"csr": csr(&own)}))
+        )
+        .unwrap()
+        .0,
+        403
+    );
+}

@@ -205,3 +205,82 @@ fn openbao_signs_only_the_identity_a_service_account_token_proves() {
         403
     );
 }
+
+/// The same through nhid's OpenBao client (`nhi_openbao`): the node's client logs a workload
+/// in with its proof and has its CSR signed with the workload's token, never its own.
+#[test]
+fn the_nhi_client_gets_a_workload_its_own_svid_and_openbaos_refusal_otherwise() {
+    use nhi_core::openbao_config::{OpenBaoAuth, OpenBaoConfig};
+    use std::time::Duration;
+    let bao = BaoDev::start();
+    let root = bao.root();
+    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
+    let cluster = Cluster::new();
+    let w = setup_workload_issuance(
+        &root,
+        TD,
+        SA_ISSUER,
+        &cluster.key.public_key_pem(),
+        AUDIENCE,
+    );
+    let cfg = OpenBaoConfig {
+        addresses: vec![bao.addr.clone()],
+        ca_file: None,
+        namespace: None,
+        auth: OpenBaoAuth::AppRole {
+            role_id: setup.role_id.clone(),
+            secret_id_file: setup.secret_id_file.clone(),
+            mount: "approle".into(),
+        },
+        kv_mount: "secret".into(),
+        kv_prefix: "nhi".into(),
+        pki_mount: "pki".into(),
+        intermediate_ttl: Duration::from_secs(3600),
+        poll_interval: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(2),
+    };
+    let jwt = cluster.token("prod", "web", AUDIENCE, SA_ISSUER);
+    let forged = Cluster::new().token("prod", "web", AUDIENCE, SA_ISSUER);
+    let own = format!("spiffe://{TD}/ns/prod/sa/web");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = nhi_openbao::Bao::connect(&cfg).await.unwrap();
+        let token = client.login_jwt(&w.jwt_mount, &w.role, &jwt).await.unwrap();
+        assert!(!format!("{token:?}").contains("s."), "{token:?}");
+        let leaf = client
+            .pki_sign(&token, &w.role, &csr(&own), &own, Duration::from_secs(600))
+            .await
+            .unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(leaf.certificate_pem.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der.contents).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert!(
+            matches!(san.value.general_names.as_slice(), [GeneralName::URI(u)] if *u == own),
+            "{:?}",
+            san.value.general_names
+        );
+        assert!(!leaf.serial_number.is_empty() && !leaf.issuing_ca_pem.is_empty());
+        let admin = format!("spiffe://{TD}/ns/prod/sa/admin");
+        let e = client
+            .pki_sign(
+                &token,
+                &w.role,
+                &csr(&admin),
+                &admin,
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("URI Subject Alternative Name"), "{e}");
+        let e = client
+            .login_jwt(&w.jwt_mount, &w.role, &forged)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("error validating token"), "{e}");
+    });
+}

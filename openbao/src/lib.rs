@@ -26,6 +26,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 mod transport;
+mod workload;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,7 @@ use zeroize::Zeroizing;
 use kv::*;
 use session::*;
 use transport::*;
+pub use workload::{SignedLeaf, WorkloadToken};
 
 /// Largest response body accepted (PKI chains and KV secrets are far smaller).
 const MAX_BODY: usize = 8 << 20;

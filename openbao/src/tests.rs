@@ -419,3 +419,102 @@ async fn a_stalled_node_costs_at_most_request_timeout() {
     );
     assert_eq!(bao.health().address, active);
 }
+
+#[tokio::test]
+async fn a_workload_logs_in_with_its_own_proof_and_its_token_stays_out_of_debug() {
+    let (addr, hits) = fake(
+        200,
+        r#"{"auth":{"client_token":"s.WORKLOADTOKEN0123456789ab","lease_duration":300,"renewable":true}}"#,
+    )
+    .await;
+    let bao = Bao {
+        inner: Arc::new(inner_for(vec![addr], Duration::from_secs(2))),
+    };
+    let t = bao
+        .login_jwt("nhi-k8s", "nhi-workload", "a.b.c")
+        .await
+        .unwrap();
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let shown = format!("{t:?}");
+    assert!(
+        !shown.contains("WORKLOADTOKEN") && shown.contains("redacted"),
+        "{shown}"
+    );
+    let now = nhi_core::clock::now_unix();
+    assert!(t
+        .expires_at
+        .is_some_and(|e| e >= now + 290 && e <= now + 310));
+
+    // OpenBao's refusal of a proof comes back with its reason, never the token sent.
+    let (addr, _) = fake(
+        400,
+        r#"{"errors":["error validating token: invalid audience (aud) claim"]}"#,
+    )
+    .await;
+    let bao = Bao {
+        inner: Arc::new(inner_for(vec![addr], Duration::from_secs(2))),
+    };
+    let e = bao
+        .login_jwt("nhi-k8s", "nhi-workload", "eyJ.secret-jwt.sig")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("invalid audience") && e.contains("auth/nhi-k8s/login"),
+        "{e}"
+    );
+    assert!(!e.contains("secret-jwt"), "{e}");
+}
+
+#[tokio::test]
+async fn a_signed_leaf_is_decoded_and_a_refused_uri_san_names_the_reason() {
+    let (addr, _) = fake(
+        200,
+        r#"{"data":{"certificate":"-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n","issuing_ca":"CA","ca_chain":["CA"],"serial_number":"3a:01","expiration":1900000000}}"#,
+    )
+    .await;
+    let bao = Bao {
+        inner: Arc::new(inner_for(vec![addr], Duration::from_secs(2))),
+    };
+    let token = WorkloadToken {
+        token: Zeroizing::new("s.T".into()),
+        expires_at: None,
+    };
+    let leaf = bao
+        .pki_sign(
+            &token,
+            "nhi-workload",
+            "CSR",
+            "spiffe://td/ns/a/sa/b",
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (leaf.serial_number.as_str(), leaf.expiration),
+        ("3a:01", 1900000000)
+    );
+    let (addr, _) = fake(
+        400,
+        r#"{"errors":["URI Subject Alternative Name spiffe://td/ns/a/sa/admin not allowed by this role"]}"#,
+    )
+    .await;
+    let bao = Bao {
+        inner: Arc::new(inner_for(vec![addr], Duration::from_secs(2))),
+    };
+    let e = bao
+        .pki_sign(
+            &token,
+            "nhi-workload",
+            "CSR",
+            "spiffe://td/ns/a/sa/admin",
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("not allowed by this role") && e.contains("pki/sign/nhi-workload"),
+        "{e}"
+    );
+}

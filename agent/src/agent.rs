@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 
 use crate::netns::{NetNs, ProcRef};
 use crate::persist::{Attachments, ContainerRecord, Record};
-use crate::registry::{Arrival, Left, Serving, Step};
+use crate::registry::{Arrival, Left, Member, Serving, Step};
 use crate::supervisor::{self, CompanionHandle, Ctx, Identity};
 
 mod recover;
@@ -218,10 +218,12 @@ impl Agent {
         let user = workload.user;
         let arrival = |netns| Arrival {
             inode,
-            container_id: &cid,
-            process: proc_ref,
+            member: Member {
+                container_id: &cid,
+                process: proc_ref,
+                user,
+            },
             netns,
-            user,
             rule: &rule.name,
             workload: &workload,
             spiffe_id: spiffe_id.as_ref(),
@@ -293,10 +295,12 @@ impl Agent {
         reg.started(
             Arrival {
                 inode,
-                container_id: &cid,
-                process: proc_ref,
+                member: Member {
+                    container_id: &cid,
+                    process: proc_ref,
+                    user,
+                },
                 netns: (),
-                user,
                 rule: &rule.name,
                 workload: &workload,
                 spiffe_id: Some(&spiffe_id),

@@ -62,14 +62,20 @@ impl<N, P, R> Default for Registry<N, P, R> {
     }
 }
 
+/// A container as the registry keeps it.
+pub struct Member<'a, P> {
+    pub container_id: &'a str,
+    pub process: P,
+    /// Who its process runs as, when known.
+    pub user: Option<HostUser>,
+}
+
 /// A container arriving in namespace `inode` (an attach whose rule nhid selected).
 pub struct Arrival<'a, N, P> {
     pub inode: u64,
-    pub container_id: &'a str,
-    pub process: P,
+    pub member: Member<'a, P>,
     /// The namespace, opened through the container's process.
     pub netns: N,
-    pub user: Option<HostUser>,
     pub rule: &'a str,
     pub workload: &'a Workload,
     /// `None` for a pod sandbox, which has no identity of its own.
@@ -112,14 +118,7 @@ impl<N, P, R: Serving> Registry<N, P, R> {
             if attachment.running.is_none() && attachment.netns.is_none() {
                 attachment.netns = Some(a.netns);
             }
-            Self::add(
-                &mut self.netns_of,
-                attachment,
-                a.inode,
-                a.container_id,
-                a.process,
-                a.user,
-            );
+            Self::add(&mut self.netns_of, attachment, a.inode, a.member);
             return Step::Reserved;
         };
         match &attachment.running {
@@ -131,14 +130,7 @@ impl<N, P, R: Serving> Registry<N, P, R> {
             }
             Some(r) => {
                 let companion_pid = r.companion_pid();
-                Self::add(
-                    &mut self.netns_of,
-                    attachment,
-                    a.inode,
-                    a.container_id,
-                    a.process,
-                    a.user,
-                );
+                Self::add(&mut self.netns_of, attachment, a.inode, a.member);
                 Step::Joined { companion_pid }
             }
             None => Step::Start {
@@ -157,14 +149,7 @@ impl<N, P, R: Serving> Registry<N, P, R> {
             .or_insert_with(|| Attachment::new(a.rule, a.workload.clone()));
         attachment.rule = a.rule.to_string();
         attachment.running = Some(running);
-        Self::add(
-            &mut self.netns_of,
-            attachment,
-            a.inode,
-            a.container_id,
-            a.process,
-            a.user,
-        );
+        Self::add(&mut self.netns_of, attachment, a.inode, a.member);
     }
 
     /// The companion [`Step::Start`] asked for did not start: the namespace's attachment goes
@@ -229,17 +214,14 @@ impl<N, P, R: Serving> Registry<N, P, R> {
         netns_of: &mut HashMap<String, u64>,
         attachment: &mut Attachment<N, P, R>,
         inode: u64,
-        container_id: &str,
-        process: P,
-        user: Option<HostUser>,
+        m: Member<'_, P>,
     ) {
-        if let Some(u) = user {
-            attachment.users.insert(container_id.to_string(), u);
+        let id = m.container_id.to_string();
+        if let Some(u) = m.user {
+            attachment.users.insert(id.clone(), u);
         }
-        attachment
-            .containers
-            .insert(container_id.to_string(), process);
-        netns_of.insert(container_id.to_string(), inode);
+        attachment.containers.insert(id.clone(), m.process);
+        netns_of.insert(id, inode);
     }
 }
 
@@ -276,13 +258,15 @@ mod tests {
     ) -> Arrival<'a, N, i32> {
         Arrival {
             inode,
-            container_id: cid,
-            process: 100,
+            member: Member {
+                container_id: cid,
+                process: 100,
+                user: Some(HostUser {
+                    uid: 1000,
+                    gid: 1000,
+                }),
+            },
             netns,
-            user: Some(HostUser {
-                uid: 1000,
-                gid: 1000,
-            }),
             rule: "r",
             workload: w,
             spiffe_id,

@@ -711,6 +711,31 @@ path "pki/sign/nhi-workload" {
 }
 "#;
 
+/// nhid's `[openbao]` section for a node logging in with `setup`'s AppRole, default mounts.
+pub fn node_config(
+    addresses: Vec<String>,
+    setup: &BaoNhiSetup,
+    ca_file: Option<&Path>,
+) -> nhi_core::openbao_config::OpenBaoConfig {
+    use nhi_core::openbao_config::{OpenBaoAuth, OpenBaoConfig};
+    OpenBaoConfig {
+        addresses,
+        ca_file: ca_file.map(Path::to_path_buf),
+        namespace: None,
+        auth: OpenBaoAuth::AppRole {
+            role_id: setup.role_id.clone(),
+            secret_id_file: setup.secret_id_file.clone(),
+            mount: "approle".into(),
+        },
+        kv_mount: "secret".into(),
+        kv_prefix: "nhi".into(),
+        pki_mount: "pki".into(),
+        intermediate_ttl: Duration::from_secs(3600),
+        poll_interval: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(2),
+    }
+}
+
 /// Where [`setup_workload_issuance`] put things.
 pub struct WorkloadIssuance {
     /// Mount of the JWT auth method that verifies service-account tokens.

@@ -2,11 +2,10 @@
 //! token renewal and re-login, PKI sign-intermediate, TLS with a private CA, and failover in a
 //! 3-node raft cluster whose leader is killed.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nhi_core::openbao_config::{OpenBaoAuth, OpenBaoConfig};
-use nhi_integration::bao::{BaoApi, BaoCluster, BaoDev, BaoNhiSetup, NhiRoleOptions};
+use nhi_core::openbao_config::OpenBaoAuth;
+use nhi_integration::bao::{node_config, BaoApi, BaoCluster, BaoDev, NhiRoleOptions};
 use nhi_openbao::{Bao, BaoError};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::{json, Map, Value};
@@ -20,25 +19,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn config(addresses: Vec<String>, setup: &BaoNhiSetup, ca_file: Option<&Path>) -> OpenBaoConfig {
-    OpenBaoConfig {
-        addresses,
-        ca_file: ca_file.map(Path::to_path_buf),
-        namespace: None,
-        auth: OpenBaoAuth::AppRole {
-            role_id: setup.role_id.clone(),
-            secret_id_file: setup.secret_id_file.clone(),
-            mount: "approle".into(),
-        },
-        kv_mount: "secret".into(),
-        kv_prefix: "nhi".into(),
-        pki_mount: "pki".into(),
-        intermediate_ttl: Duration::from_secs(3600),
-        poll_interval: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(2),
-    }
 }
 
 /// OpenBao service tokens look like `s.` followed by 24 base62 characters.
@@ -83,7 +63,7 @@ fn approle_login_and_kv_versions_and_secrets_stay_out_of_debug() {
 
     let root = bao.root();
     rt().block_on(async {
-        let client = Bao::connect(&config(vec![bao.addr.clone()], &setup, None))
+        let client = Bao::connect(&node_config(vec![bao.addr.clone()], &setup, None))
             .await
             .unwrap();
         let h = client.health();
@@ -192,7 +172,7 @@ fn token_is_renewed_past_its_ttl_and_replaced_after_max_ttl_and_revocation() {
     );
     let root = bao.root();
     rt().block_on(async {
-        let client = Bao::connect(&config(vec![bao.addr.clone()], &setup, None))
+        let client = Bao::connect(&node_config(vec![bao.addr.clone()], &setup, None))
             .await
             .unwrap();
         let first_expiry = client.health().token_expires_at.unwrap();
@@ -342,7 +322,7 @@ fn sign_intermediate_chains_to_the_root_over_tls_and_token_login() {
     let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
     let ca = bao.ca_file.clone().unwrap();
     rt().block_on(async {
-        let client = Bao::connect(&config(vec![bao.addr.clone()], &setup, Some(&ca)))
+        let client = Bao::connect(&node_config(vec![bao.addr.clone()], &setup, Some(&ca)))
             .await
             .unwrap();
         assert!(bao.addr.starts_with("https://"));
@@ -363,7 +343,7 @@ fn sign_intermediate_chains_to_the_root_over_tls_and_token_login() {
         // which never expires, so there is nothing to renew.
         let token_file = bao.dir.path().join("token");
         std::fs::write(&token_file, format!("{}\n", bao.root_token)).unwrap();
-        let mut cfg = config(vec![bao.addr.clone()], &setup, Some(&ca));
+        let mut cfg = node_config(vec![bao.addr.clone()], &setup, Some(&ca));
         cfg.auth = OpenBaoAuth::Token { token_file };
         let by_token = Bao::connect(&cfg).await.unwrap();
         let h = by_token.health();
@@ -384,7 +364,7 @@ fn sign_intermediate_chains_to_the_root_over_tls_and_token_login() {
         assert!(!format!("{by_token:?}").contains(&bao.root_token));
 
         // Without the CA the server's certificate is not trusted: no silent fallback.
-        let e = Bao::connect(&config(vec![bao.addr.clone()], &setup, None))
+        let e = Bao::connect(&node_config(vec![bao.addr.clone()], &setup, None))
             .await
             .unwrap_err();
         assert!(matches!(e, BaoError::Unreachable { .. }), "{e}");
@@ -401,7 +381,7 @@ fn raft_cluster_survives_the_leader_being_killed() {
     addresses.rotate_left(leader);
     let runtime = rt();
     let client = runtime.block_on(async {
-        let client = Bao::connect(&config(addresses, &setup, None))
+        let client = Bao::connect(&node_config(addresses, &setup, None))
             .await
             .unwrap();
         assert_eq!(client.health().address, cluster.address(leader));

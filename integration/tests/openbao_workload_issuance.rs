@@ -6,7 +6,8 @@
 //! cannot sign under that role at all. The private key never leaves the caller (CSR).
 
 use nhi_integration::bao::{
-    setup_workload_issuance, BaoApi, BaoDev, NhiRoleOptions, WorkloadIssuance,
+    node_config, setup_workload_issuance, BaoApi, BaoDev, BaoNhiSetup, NhiRoleOptions,
+    WorkloadIssuance,
 };
 use rcgen::{CertificateParams, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
 use serde_json::{json, Value};
@@ -86,23 +87,29 @@ fn sign(bao: &BaoDev, w: &WorkloadIssuance, token: &str, uri: &str) -> (u16, Val
         .unwrap()
 }
 
+/// A dev OpenBao set up for nhi and for workload issuance, with the cluster whose
+/// service-account tokens it trusts.
+fn setup() -> (BaoDev, BaoNhiSetup, Cluster, WorkloadIssuance) {
+    let bao = BaoDev::start();
+    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
+    let cluster = Cluster::new();
+    let w = setup_workload_issuance(
+        &bao.root(),
+        TD,
+        SA_ISSUER,
+        &cluster.key.public_key_pem(),
+        AUDIENCE,
+    );
+    (bao, setup, cluster, w)
+}
+
 fn errors(v: &Value) -> String {
     v["errors"].to_string()
 }
 
 #[test]
 fn openbao_signs_only_the_identity_a_service_account_token_proves() {
-    let bao = BaoDev::start();
-    let root = bao.root();
-    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
-    let cluster = Cluster::new();
-    let w = setup_workload_issuance(
-        &root,
-        TD,
-        SA_ISSUER,
-        &cluster.key.public_key_pem(),
-        AUDIENCE,
-    );
+    let (bao, setup, cluster, w) = setup();
 
     // prod/web proves spiffe://example.org/ns/prod/sa/web, and gets exactly that.
     let web = login(&bao, &w, &cluster.token("prod", "web", AUDIENCE, SA_ISSUER))
@@ -210,35 +217,9 @@ fn openbao_signs_only_the_identity_a_service_account_token_proves() {
 /// in with its proof and has its CSR signed with the workload's token, never its own.
 #[test]
 fn the_nhi_client_gets_a_workload_its_own_svid_and_openbaos_refusal_otherwise() {
-    use nhi_core::openbao_config::{OpenBaoAuth, OpenBaoConfig};
     use std::time::Duration;
-    let bao = BaoDev::start();
-    let root = bao.root();
-    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
-    let cluster = Cluster::new();
-    let w = setup_workload_issuance(
-        &root,
-        TD,
-        SA_ISSUER,
-        &cluster.key.public_key_pem(),
-        AUDIENCE,
-    );
-    let cfg = OpenBaoConfig {
-        addresses: vec![bao.addr.clone()],
-        ca_file: None,
-        namespace: None,
-        auth: OpenBaoAuth::AppRole {
-            role_id: setup.role_id.clone(),
-            secret_id_file: setup.secret_id_file.clone(),
-            mount: "approle".into(),
-        },
-        kv_mount: "secret".into(),
-        kv_prefix: "nhi".into(),
-        pki_mount: "pki".into(),
-        intermediate_ttl: Duration::from_secs(3600),
-        poll_interval: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(2),
-    };
+    let (bao, setup, cluster, w) = setup();
+    let cfg = node_config(vec![bao.addr.clone()], &setup, None);
     let jwt = cluster.token("prod", "web", AUDIENCE, SA_ISSUER);
     let forged = Cluster::new().token("prod", "web", AUDIENCE, SA_ISSUER);
     let own = format!("spiffe://{TD}/ns/prod/sa/web");

@@ -166,6 +166,18 @@ pub struct SignedIntermediate {
     pub expiration: u64,
 }
 
+/// What the PKI mount answers to a signing request (an intermediate or a leaf).
+#[derive(Deserialize)]
+struct Signed {
+    certificate: String,
+    issuing_ca: String,
+    #[serde(default)]
+    ca_chain: Vec<String>,
+    #[serde(default)]
+    serial_number: String,
+    expiration: u64,
+}
+
 /// The client's state for `nhictl status`. Holds no secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaoHealth {
@@ -551,15 +563,7 @@ impl Bao {
             self.inner.authed(Method::POST, &api, Some(&bytes)).await?,
             &api,
         )?;
-        #[derive(Deserialize)]
-        struct Data {
-            certificate: String,
-            issuing_ca: String,
-            #[serde(default)]
-            ca_chain: Vec<String>,
-            expiration: u64,
-        }
-        let d: Data = decode_data(&ans, &api)?;
+        let d: Signed = decode_data(&ans, &api)?;
         Ok(SignedIntermediate {
             certificate_pem: d.certificate,
             issuing_ca_pem: d.issuing_ca,

@@ -87,16 +87,7 @@ impl Bao {
                 .await?,
             &api,
         )?;
-        #[derive(Deserialize)]
-        struct Data {
-            certificate: String,
-            issuing_ca: String,
-            #[serde(default)]
-            ca_chain: Vec<String>,
-            serial_number: String,
-            expiration: u64,
-        }
-        let d: Data = decode_data(&ans, &api)?;
+        let d: Signed = decode_data(&ans, &api)?;
         Ok(SignedLeaf {
             certificate_pem: d.certificate,
             issuing_ca_pem: d.issuing_ca,

@@ -48,6 +48,17 @@ const GC_INTERVAL: Duration = Duration::from_secs(5);
 const NEEDS_OPENBAO: &str = "kind = \"openbao\" needs an [openbao] section (addresses, auth)";
 
 pub async fn run(config: Config) -> Result<(), String> {
+    // A few descriptors per companion and per container: the default soft limit would cap the
+    // node at a few hundred workloads.
+    let nofile = nhi_core::fd_limit::raise_to_hard();
+    if nofile < 65536 {
+        tracing::warn!(
+            nofile,
+            "open-file limit is low for many workloads; raise LimitNOFILE= in nhid's unit"
+        );
+    } else {
+        tracing::debug!(nofile, "open-file limit");
+    }
     if !nix::unistd::geteuid().is_root() {
         return Err("nhid must run as root: it enters network namespaces and switches companions to their own uid".into());
     }

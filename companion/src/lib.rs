@@ -55,8 +55,9 @@ pub fn run(opts: Options) -> Result<(), String> {
     let fd_channel = inherited(opts.fd_channel_fd, "fd-channel-fd")?;
     let adopt_listener = opts.adopt_fd.map(adoption_listener).transpose()?;
     harden::harden()?;
-    // Before the sandbox, which allows no prlimit64.
-    let nofile = limits::raise_fd_limit();
+    // Before the sandbox, which allows no prlimit64; the listeners' caps (`fd_budget`) then
+    // fit under what this returns.
+    let nofile = nhi_core::fd_limit::raise_to_hard();
     // Before any thread and before anything the workload or nhid sends is read.
     let applied = harden::sandbox(opts.landlock, opts.seccomp)?;
     for w in &applied.warnings {

@@ -20,7 +20,7 @@
 //!   maximum age once idle.
 //! - **A hard ceiling** on open sockets (connections evicted but not yet closed by their task
 //!   count too), so the file descriptors a listener can hold are bounded (see
-//!   `CompanionLimits::fd_budget`; the soft `RLIMIT_NOFILE` is raised to the hard limit before the sandbox, [`raise_fd_limit`], and
+//!   `CompanionLimits::fd_budget`; the soft `RLIMIT_NOFILE` is raised to the hard limit before the sandbox, `nhi_core::fd_limit::raise_to_hard`, and
 //!   the caps are scaled down if the budget does not fit under it).
 //!
 //! Per-peer fairness beyond this is not possible on loopback TCP: every process of the pod is
@@ -652,32 +652,6 @@ impl<B: http_body::Body + Unpin> http_body::Body for StreamBody<B> {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (no privilege needed) and
-/// returns the soft limit in force. Called before the seccomp filter is installed, which allows
-/// no `prlimit64`; the listeners' caps (`fd_budget`) then fit under what this returns.
-pub fn raise_fd_limit() -> u64 {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
-        return 0;
-    }
-    if rl.rlim_cur < rl.rlim_max {
-        let new = libc::rlimit {
-            rlim_cur: rl.rlim_max,
-            rlim_max: rl.rlim_max,
-        };
-        // SAFETY: setrlimit reads the struct we own; raising the soft limit up to the hard one
-        // needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
-            return rl.rlim_max;
-        }
-    }
-    rl.rlim_cur
 }
 
 #[cfg(test)]

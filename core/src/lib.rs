@@ -8,6 +8,7 @@ pub mod audit_log;
 pub mod cgroupfs;
 pub mod clock;
 pub mod config;
+pub mod fd_limit;
 pub mod grant;
 pub mod http_path;
 pub mod jwt;

@@ -238,14 +238,14 @@ impl Agent {
             Step::Joined { companion_pid } => {
                 self.sync(&reg, inode);
                 return Ok(AgentResponse::Attached {
-                    spiffe_id: spiffe_id.map(|s| s.to_string()).unwrap_or_default(),
+                    spiffe_id: spiffe_id.expect("joined by identity").to_string(),
                     companion_pid,
                     netns_inode: inode,
                     joined: true,
                 });
             }
             Step::Conflict { serving } => {
-                let id = spiffe_id.map(|s| s.to_string()).unwrap_or_default();
+                let id = spiffe_id.expect("refused by identity");
                 return Err(format!(
                     "container {cid} would be {id}, but its network namespace already serves {serving}; one network namespace has one identity"
                 ));
@@ -292,25 +292,17 @@ impl Agent {
         };
         let companion_pid = companion.pid();
         tracing::info!(container = %cid, %spiffe_id, rule = %rule.name, netns = inode, companion_pid, "attached");
-        reg.started(
-            Arrival {
-                inode,
-                member: Member {
-                    container_id: &cid,
-                    process: proc_ref,
-                    user,
-                },
-                netns: (),
-                rule: &rule.name,
-                workload: &workload,
-                spiffe_id: Some(&spiffe_id),
-            },
-            Running {
-                identity,
-                companion,
-                edge,
-            },
-        );
+        let member = Member {
+            container_id: &cid,
+            process: proc_ref,
+            user,
+        };
+        let running = Running {
+            identity,
+            companion,
+            edge,
+        };
+        reg.started(inode, member, &rule.name, &workload, running);
         self.sync(&reg, inode);
         Ok(AgentResponse::Attached {
             spiffe_id: spiffe_id.to_string(),
@@ -329,11 +321,7 @@ impl Agent {
             return;
         };
         let reg = self.registry.lock().await;
-        let Some(a) = reg
-            .netns_of
-            .get(container_id)
-            .and_then(|i| reg.by_netns.get(i))
-        else {
+        let Some(a) = reg.attachment_of(container_id) else {
             return;
         };
         let Some(r) = &a.running else { return };

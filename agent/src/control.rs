@@ -69,13 +69,10 @@ impl Agent {
         };
         let found = {
             let reg = self.registry.lock().await;
-            reg.netns_of
-                .get(container_id)
-                .and_then(|i| reg.by_netns.get(i))
-                .and_then(|a| {
-                    let r = a.running.as_ref()?;
-                    Some((r.identity.clone(), a.users.get(container_id).copied()))
-                })
+            reg.attachment_of(container_id).and_then(|a| {
+                let r = a.running.as_ref()?;
+                Some((r.identity.clone(), a.users.get(container_id).copied()))
+            })
         };
         let Some((identity, user)) = found else {
             return;
@@ -219,10 +216,7 @@ impl Agent {
             RevokeTarget::SpiffeId(s) => SpiffeId::parse(&s).map_err(|e| e.to_string())?,
             RevokeTarget::Workload(cid) => {
                 let reg = self.registry.lock().await;
-                reg.netns_of
-                    .get(&cid)
-                    .and_then(|i| reg.by_netns.get(i))
-                    .and_then(|a| a.running.as_ref())
+                reg.serving(&cid)
                     .map(|r| r.identity.spiffe_id.clone())
                     .ok_or_else(|| {
                         format!("container {cid} is not attached or has no identity yet")

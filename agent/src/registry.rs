@@ -142,14 +142,21 @@ impl<N, P, R: Serving> Registry<N, P, R> {
     /// The companion [`Step::Start`] asked for runs: the container is attached to it. The
     /// attachment is made anew if it went meanwhile (a sandbox removed while its first app
     /// container started).
-    pub fn started(&mut self, a: Arrival<'_, (), P>, running: R) {
+    pub fn started(
+        &mut self,
+        inode: u64,
+        member: Member<'_, P>,
+        rule: &str,
+        workload: &Workload,
+        running: R,
+    ) {
         let attachment = self
             .by_netns
-            .entry(a.inode)
-            .or_insert_with(|| Attachment::new(a.rule, a.workload.clone()));
-        attachment.rule = a.rule.to_string();
+            .entry(inode)
+            .or_insert_with(|| Attachment::new(rule, workload.clone()));
+        attachment.rule = rule.to_string();
         attachment.running = Some(running);
-        Self::add(&mut self.netns_of, attachment, a.inode, a.member);
+        Self::add(&mut self.netns_of, attachment, inode, member);
     }
 
     /// The companion [`Step::Start`] asked for did not start: the namespace's attachment goes
@@ -196,10 +203,14 @@ impl<N, P, R: Serving> Registry<N, P, R> {
         Left::Last(self.by_netns.remove(&inode).and_then(|a| a.running))
     }
 
+    /// The attachment of the namespace container `container_id` is attached in.
+    pub fn attachment_of(&self, container_id: &str) -> Option<&Attachment<N, P, R>> {
+        self.by_netns.get(self.netns_of.get(container_id)?)
+    }
+
     /// The running companion of the namespace container `container_id` is attached in.
     pub fn serving(&self, container_id: &str) -> Option<&R> {
-        let inode = self.netns_of.get(container_id)?;
-        self.by_netns.get(inode)?.running.as_ref()
+        self.attachment_of(container_id)?.running.as_ref()
     }
 
     /// How many namespaces have a running companion.
@@ -249,6 +260,17 @@ mod tests {
         SpiffeId::parse(s).unwrap()
     }
 
+    fn member(cid: &str) -> Member<'_, i32> {
+        Member {
+            container_id: cid,
+            process: 100,
+            user: Some(HostUser {
+                uid: 1000,
+                gid: 1000,
+            }),
+        }
+    }
+
     fn arrival<'a, N>(
         inode: u64,
         cid: &'a str,
@@ -258,14 +280,7 @@ mod tests {
     ) -> Arrival<'a, N, i32> {
         Arrival {
             inode,
-            member: Member {
-                container_id: cid,
-                process: 100,
-                user: Some(HostUser {
-                    uid: 1000,
-                    gid: 1000,
-                }),
-            },
+            member: member(cid),
             netns,
             rule: "r",
             workload: w,
@@ -293,10 +308,7 @@ mod tests {
                 netns: "ns-of-pause"
             }
         );
-        reg.started(
-            arrival(7, "app", (), Some(&a), &w),
-            Companion(a.clone(), 42),
-        );
+        reg.started(7, member("app"), "r", &w, Companion(a.clone(), 42));
         assert_eq!(reg.serving("app").map(|c| c.1), Some(42));
         assert_eq!(reg.serving("pause").map(|c| c.1), Some(42));
         // A sidecar with the same identity joins; one with another is refused.
@@ -362,7 +374,7 @@ mod tests {
         ));
         // The sandbox goes while the companion starts (no companion to stop yet).
         assert_eq!(reg.detach(3, "pause"), Left::Last(None));
-        reg.started(arrival(3, "app", (), Some(&a), &w), Companion(a.clone(), 9));
+        reg.started(3, member("app"), "r", &w, Companion(a.clone(), 9));
         assert_eq!(reg.serving("app").map(|c| c.1), Some(9));
         // The same container id, reused in another namespace, is not detached from there.
         reg.attach(arrival(4, "pause", "ns4", None, &w));

@@ -90,10 +90,6 @@ impl NhidClient {
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     /// One request, one answer; an `Error` answer is [`ClientError::Refused`].
     fn call(&self, req: &AgentRequest) -> Result<AgentResponse, ClientError> {
         match call_agent(&self.socket, req, self.timeout) {

@@ -309,12 +309,6 @@ impl From<Reply> for ToCompanion {
     }
 }
 
-impl From<Event> for ToCompanion {
-    fn from(e: Event) -> Self {
-        ToCompanion::Event(e)
-    }
-}
-
 /// The answer to one [`Call`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -742,8 +742,6 @@ pub struct WorkloadIssuance {
     pub jwt_mount: String,
     /// Its role, and the PKI role of the same name.
     pub role: String,
-    /// The JWT mount's accessor, which the URI SAN template names.
-    pub accessor: String,
 }
 
 /// Issue 17's one-time OpenBao setup (docs/OPENBAO.md, "Workload identities proven to
@@ -837,6 +835,5 @@ pub fn setup_workload_issuance(
     WorkloadIssuance {
         jwt_mount: mount.into(),
         role: role.into(),
-        accessor,
     }
 }

@@ -237,11 +237,11 @@ pub(crate) fn parse_auth(
     now: Instant,
 ) -> Result<(Zeroizing<String>, LeaseTimes, Option<u64>), BaoError> {
     #[derive(Deserialize)]
-    pub(crate) struct Envelope {
+    struct Envelope {
         auth: Option<Auth>,
     }
     #[derive(Deserialize)]
-    pub(crate) struct Auth {
+    struct Auth {
         client_token: String,
         lease_duration: u64,
         #[serde(default)]
@@ -274,7 +274,7 @@ pub(crate) fn parse_lookup(
     now: Instant,
 ) -> Result<(LeaseTimes, Option<u64>), BaoError> {
     #[derive(Deserialize)]
-    pub(crate) struct Data {
+    struct Data {
         #[serde(default)]
         ttl: u64,
         #[serde(default)]

@@ -309,7 +309,7 @@ pub(crate) async fn read_body(mut resp: reqwest::Response) -> Result<Zeroizing<V
 /// The `errors` array of an OpenBao error answer (empty if there is none).
 pub(crate) fn openbao_errors(body: &[u8]) -> Vec<String> {
     #[derive(Deserialize)]
-    pub(crate) struct E {
+    struct E {
         #[serde(default)]
         errors: Vec<String>,
     }
@@ -370,7 +370,7 @@ pub(crate) fn decode_data<T: serde::de::DeserializeOwned>(
     api: &str,
 ) -> Result<T, BaoError> {
     #[derive(Deserialize)]
-    pub(crate) struct Envelope<T> {
+    struct Envelope<T> {
         data: Option<T>,
     }
     decode::<Envelope<T>>(ans, api)?

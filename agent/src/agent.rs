@@ -123,11 +123,13 @@ impl Agent {
 
     async fn attach(
         &self,
-        workload: Workload,
+        mut workload: Workload,
         pid: i32,
         hook_rule: &str,
     ) -> Result<AgentResponse, String> {
         let cfg = &self.ctx.config;
+        // `{node.name}` is nhid's to say, whatever the request carried.
+        workload.node = Some(cfg.node_name.clone());
         let cid = workload.container_id.clone();
         let Some(rule) = select(cfg, &workload).map_err(|e| format!("container {cid}: {e}"))?
         else {

@@ -62,13 +62,28 @@ pub(crate) async fn answer(svc: &Services, identity: &Identity, call: Call) -> R
                 err(e)
             }
         },
-        Call::X509 => match svc.issuer.issue_x509(&identity.spiffe_id) {
+        Call::X509 => match svc
+            .issuer
+            .issue_x509(
+                &identity.spiffe_id,
+                crate::issuer::Proof::of(&identity.workload),
+            )
+            .await
+        {
             Ok(x) => {
                 svc.revocations.record_x509(id, &x.serial, x.expires_at);
                 identity.issued.record_x509(&x.serial, x.expires_at);
                 tracing::info!(spiffe_id = %id, serial = %x.serial, expires_at = x.expires_at, "issued X.509-SVID");
                 audit(Some(x.serial.clone()), Allow, None);
                 Reply::X509(Box::new(x))
+            }
+            // The authority that checks proofs said no: a denial, with its reason.
+            Err(e @ crate::issuer::IssueError::Refused(_)) => {
+                tracing::warn!(spiffe_id = %id, "X.509-SVID refused: {e}");
+                audit(None, Deny, Some(e.to_string()));
+                Reply::Denied {
+                    message: e.to_string(),
+                }
             }
             Err(e) => {
                 audit(None, Failed, Some(e.to_string()));

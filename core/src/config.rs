@@ -72,8 +72,8 @@ struct RawConfig {
     audit: AuditConfig,
     #[serde(default)]
     metrics: MetricsConfig,
-    /// This node's name in the cluster store (its JWT key, its intermediate CA). Default: the
-    /// host name.
+    /// This node's name in the cluster store (its JWT key) and in node-scoped identities
+    /// (`{node.name}`); with OpenBao, also its AppRole role's name. Default: the host name.
     #[serde(default)]
     node_name: Option<String>,
     #[serde(default, rename = "rule")]
@@ -124,7 +124,8 @@ impl std::fmt::Display for Backend {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IssuerConfig {
-    /// `embedded` (a root CA on this node) or `openbao` (an intermediate from OpenBao's PKI).
+    /// `embedded` (a root CA on this node) or `openbao` (OpenBao's PKI signs every X.509-SVID
+    /// against the workload's proof).
     pub kind: Backend,
     /// File holding the 32-byte key that seals the issuer keys at rest. Default `<state_dir>/master.key`.
     pub key_file: Option<PathBuf>,

@@ -32,9 +32,25 @@ pub struct OpenBaoConfig {
     /// Mount of the PKI engine holding the trust domain's root CA.
     #[serde(default = "default_pki_mount")]
     pub pki_mount: String,
-    /// Lifetime of the intermediate CA each node gets signed.
-    #[serde(default = "default_intermediate_ttl", with = "humantime_serde")]
-    pub intermediate_ttl: Duration,
+    /// No longer used: nodes hold no intermediate CA since OpenBao signs every X.509-SVID
+    /// (issue 17). Still accepted so older configs load; nhid warns when it is set.
+    #[serde(default, with = "humantime_serde")]
+    pub intermediate_ttl: Option<Duration>,
+    /// Mount of the JWT auth method that checks Kubernetes service-account tokens: a pod's
+    /// token logs it in, and only that login may have its X.509-SVID signed.
+    #[serde(default = "default_workload_auth_mount")]
+    pub workload_auth_mount: String,
+    /// Role of that auth method nhid logs workloads in with.
+    #[serde(default = "default_workload_role")]
+    pub workload_auth_role: String,
+    /// PKI role that signs for a workload's own token; its URI SAN template derives the SPIFFE
+    /// ID from the token's claims.
+    #[serde(default = "default_workload_role")]
+    pub workload_pki_role: String,
+    /// PKI role the node's own token signs with, for workloads that proved nothing to OpenBao
+    /// (plain containers, Nomad): its template admits only the node's path.
+    #[serde(default = "default_node_pki_role")]
+    pub node_pki_role: String,
     /// How often shared state (revocations, secrets' versions) is polled.
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -76,8 +92,18 @@ fn default_pki_mount() -> String {
 fn default_approle_mount() -> String {
     DEFAULT_APPROLE_MOUNT.into()
 }
-fn default_intermediate_ttl() -> Duration {
-    Duration::from_secs(24 * 60 * 60)
+pub const DEFAULT_WORKLOAD_AUTH_MOUNT: &str = "nhi-k8s";
+pub const DEFAULT_WORKLOAD_ROLE: &str = "nhi-workload";
+pub const DEFAULT_NODE_PKI_ROLE: &str = "nhi-node";
+
+fn default_workload_auth_mount() -> String {
+    DEFAULT_WORKLOAD_AUTH_MOUNT.into()
+}
+fn default_workload_role() -> String {
+    DEFAULT_WORKLOAD_ROLE.into()
+}
+fn default_node_pki_role() -> String {
+    DEFAULT_NODE_PKI_ROLE.into()
 }
 fn default_poll_interval() -> Duration {
     Duration::from_secs(2)
@@ -106,6 +132,16 @@ impl OpenBaoConfig {
         check_path("openbao.kv_mount", &self.kv_mount)?;
         check_path("openbao.kv_prefix", &self.kv_prefix)?;
         check_path("openbao.pki_mount", &self.pki_mount)?;
+        check_path("openbao.workload_auth_mount", &self.workload_auth_mount)?;
+        for (name, role) in [
+            ("workload_auth_role", &self.workload_auth_role),
+            ("workload_pki_role", &self.workload_pki_role),
+            ("node_pki_role", &self.node_pki_role),
+        ] {
+            if role.is_empty() || role.contains('/') {
+                return Err(format!("openbao.{name} {role:?}: a role name, without '/'"));
+            }
+        }
         if let Some(ns) = &self.namespace {
             check_path("openbao.namespace", ns)?;
         }
@@ -130,7 +166,6 @@ impl OpenBaoConfig {
             }
         }
         for (name, d) in [
-            ("intermediate_ttl", self.intermediate_ttl),
             ("poll_interval", self.poll_interval),
             ("request_timeout", self.request_timeout),
         ] {
@@ -247,7 +282,11 @@ secret_id_file = "/etc/nhi/bao-secret-id"
         assert_eq!(c.kv_mount, "secret");
         assert_eq!(c.kv_prefix, "nhi");
         assert_eq!(c.pki_mount, "pki");
-        assert_eq!(c.intermediate_ttl, Duration::from_secs(86400));
+        assert_eq!(c.intermediate_ttl, None);
+        assert_eq!(c.workload_auth_mount, "nhi-k8s");
+        assert_eq!(c.workload_auth_role, "nhi-workload");
+        assert_eq!(c.workload_pki_role, "nhi-workload");
+        assert_eq!(c.node_pki_role, "nhi-node");
         assert_eq!(c.poll_interval, Duration::from_secs(2));
         assert_eq!(c.request_timeout, Duration::from_secs(5));
         assert!(c.ca_file.is_none() && c.namespace.is_none());
@@ -277,6 +316,10 @@ kv_mount = "kv"
 kv_prefix = "infra/nhi"
 pki_mount = "pki_nhi"
 intermediate_ttl = "12h"
+workload_auth_mount = "k8s-prod"
+workload_auth_role = "pods"
+workload_pki_role = "pods"
+node_pki_role = "nodes"
 poll_interval = "500ms"
 request_timeout = "3s"
 auth = { method = "token", token_file = "/run/nhi/bao-token" }
@@ -287,7 +330,16 @@ auth = { method = "token", token_file = "/run/nhi/bao-token" }
         assert_eq!(c.ca_file.as_deref(), Some("/etc/nhi/bao-ca.pem".as_ref()));
         assert_eq!(c.namespace.as_deref(), Some("team-a"));
         assert_eq!(c.kv_prefix, "infra/nhi");
-        assert_eq!(c.intermediate_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(c.intermediate_ttl, Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(
+            (
+                c.workload_auth_mount.as_str(),
+                c.workload_auth_role.as_str(),
+                c.workload_pki_role.as_str(),
+                c.node_pki_role.as_str()
+            ),
+            ("k8s-prod", "pods", "pods", "nodes")
+        );
         assert_eq!(c.poll_interval, Duration::from_millis(500));
         assert_eq!(c.request_timeout, Duration::from_secs(3));
         assert!(

@@ -48,6 +48,11 @@ pub struct K8s {
     pub container_type: Option<String>,
     pub sandbox_id: Option<String>,
     pub service_account: Option<String>,
+    /// Host path of the kubelet-projected service-account token the hook read (only for a rule
+    /// whose identity names the service account). In cluster mode nhid re-reads it, beneath
+    /// kubelet's root, whenever OpenBao must see the pod's proof (issue 17).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_path: Option<std::path::PathBuf>,
 }
 
 /// Nomad metadata, from the task's signed workload identity (`crate::nomad`).
@@ -112,6 +117,10 @@ pub struct Workload {
     /// or its uid/gid has no mapping in the container's user namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<HostUser>,
+    /// The node nhid runs on (`node_name`), set by nhid itself: never taken from the hook or
+    /// the container. For node-scoped identities (`node/{node.name}/...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Variables an identity template may use.
@@ -128,6 +137,7 @@ pub const TEMPLATE_VARS: &[&str] = &[
     "nomad.group",
     "nomad.task",
     "nomad.alloc_id",
+    "node.name",
 ];
 
 /// How the container relates to the network namespaces.
@@ -165,6 +175,7 @@ impl Workload {
                     container_type: get(cri::CONTAINER_TYPE),
                     sandbox_id: get(cri::SANDBOX_ID),
                     service_account: None,
+                    token_path: None,
                 })
             } else {
                 None
@@ -184,6 +195,7 @@ impl Workload {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             user: host_user_of(spec),
+            node: None,
         }
     }
 
@@ -215,6 +227,7 @@ impl Workload {
             "nomad.group" => n.and_then(|n| n.group.as_ref()),
             "nomad.task" => n.and_then(|n| n.task.as_ref()),
             "nomad.alloc_id" => n.and_then(|n| n.alloc_id.as_ref()),
+            "node.name" => self.node.as_ref(),
             _ => None,
         };
         v.map(String::as_str)

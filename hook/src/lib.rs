@@ -216,6 +216,8 @@ fn attach_service_account(config: &Config, spec: &Spec, w: &mut Workload) -> Res
         pod_uid,
     )?;
     k.service_account = Some(sa);
+    // In cluster mode nhid shows OpenBao this token (re-read, beneath kubelet's root).
+    k.token_path = Some(path);
     Ok(())
 }
 

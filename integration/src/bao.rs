@@ -46,6 +46,7 @@ fn free_port(pair: bool) -> u16 {
 }
 
 /// Blocking calls to OpenBao's HTTP API with one token, for test setup and inspection.
+#[derive(Clone)]
 pub struct BaoApi {
     http: reqwest::blocking::Client,
     pub addr: String,
@@ -111,7 +112,11 @@ impl BaoApi {
 
     /// Revokes every token issued by AppRole logins (as an operator would after a leak).
     pub fn revoke_approle_tokens(&self) {
-        self.must("POST", "sys/leases/revoke-prefix/auth/approle/login", None);
+        self.must(
+            "POST",
+            &format!("sys/leases/revoke-prefix/auth/{NODES_APPROLE_MOUNT}/login"),
+            None,
+        );
     }
 }
 
@@ -540,15 +545,85 @@ impl Drop for BaoCluster {
     }
 }
 
-/// What [`setup_nhi`] leaves for a node's `[openbao]` config.
-#[derive(Debug, Clone)]
+/// The AppRole mount nodes log in at: one role per node, named after it (`node_name`), so
+/// OpenBao knows which node is asking (`role_name` in the login's alias metadata).
+pub const NODES_APPROLE_MOUNT: &str = "nhi-nodes";
+/// The PKI role a node's own token signs with: only `spiffe://<td>/node/<node>/...`.
+pub const NODE_PKI_ROLE: &str = "nhi-node";
+
+/// What [`setup_nhi_with`] leaves: the cluster's side, and a way to enrol nodes.
+#[derive(Clone)]
 pub struct BaoNhiSetup {
+    root: BaoApi,
+    dir: PathBuf,
+    opts: NhiRoleOptions,
+}
+
+/// What one node logs in with (its `[openbao.auth]`).
+#[derive(Debug, Clone)]
+pub struct NodeLogin {
+    pub node: String,
     pub role_id: String,
     /// 0600 file holding the AppRole secret_id.
     pub secret_id_file: PathBuf,
 }
 
-/// Token lifetimes of the `nhi-node` AppRole role.
+impl NodeLogin {
+    /// The `[openbao.auth]` table for this node, as TOML.
+    pub fn auth_toml(&self) -> String {
+        format!(
+            "[openbao.auth]\nmethod = \"approle\"\nmount = \"{NODES_APPROLE_MOUNT}\"\nrole_id = \"{}\"\nsecret_id_file = \"{}\"\n",
+            self.role_id,
+            self.secret_id_file.display()
+        )
+    }
+}
+
+impl BaoNhiSetup {
+    /// Enrols node `name` (docs/OPENBAO.md, "AppRole for nodes"): its own AppRole role named
+    /// after it with the `nhi-node` policy, and a secret_id in `<dir>/<name>.secret-id` (0600).
+    pub fn node(&self, name: &str) -> NodeLogin {
+        let role = format!("auth/{NODES_APPROLE_MOUNT}/role/{name}");
+        self.root.must(
+            "POST",
+            &role,
+            Some(json!({
+                "token_policies": ["nhi-node"],
+                "token_ttl": format!("{}s", self.opts.token_ttl.as_secs()),
+                "token_max_ttl": format!("{}s", self.opts.token_max_ttl.as_secs()),
+                "token_type": "service",
+                "secret_id_num_uses": 0,
+            })),
+        );
+        let role_id = self.root.must("GET", &format!("{role}/role-id"), None)["data"]["role_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let secret = self.root.must("POST", &format!("{role}/secret-id"), None);
+        let secret_id_file = self.dir.join(format!("{name}.secret-id"));
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&secret_id_file)
+            .unwrap();
+        f.write_all(secret["data"]["secret_id"].as_str().unwrap().as_bytes())
+            .unwrap();
+        NodeLogin {
+            node: name.into(),
+            role_id,
+            secret_id_file,
+        }
+    }
+
+    /// The API as root, for the tests' own setup and inspection.
+    pub fn root(&self) -> &BaoApi {
+        &self.root
+    }
+}
+
+/// Token lifetimes of the nodes' AppRole roles.
 #[derive(Debug, Clone)]
 pub struct NhiRoleOptions {
     pub token_ttl: Duration,
@@ -564,10 +639,12 @@ impl Default for NhiRoleOptions {
     }
 }
 
-/// The `nhi-node` policy for the default mounts (`secret`, `pki`) and prefix (`nhi`); the
-/// same text is in docs/OPENBAO.md.
-pub const NHI_NODE_POLICY: &str = r#"# nhid on every node: read what the cluster shares, publish its own state, get its
-# intermediate CA signed, keep its token alive.
+/// The `nhi-node` policy for the default mounts (`secret`, `pki`) and prefix (`nhi`), with
+/// `ACCESSOR` standing for the accessor of the nodes' AppRole mount; the same text is in
+/// docs/OPENBAO.md. A node reads what the cluster shares, writes only its own entry under
+/// `nodes/` (its JWT key), signs SVIDs only under the node-scoped role, and keeps its token
+/// alive. It cannot sign an intermediate CA or any other identity.
+pub const NHI_NODE_POLICY: &str = r#"# nhid on every node. ACCESSOR: the accessor of the nodes' AppRole mount (nhi-nodes/).
 path "secret/data/nhi/*" {
   capabilities = ["read"]
 }
@@ -577,10 +654,10 @@ path "secret/metadata/nhi" {
 path "secret/metadata/nhi/*" {
   capabilities = ["read", "list"]
 }
-path "secret/data/nhi/nodes/*" {
+path "secret/data/nhi/nodes/{{identity.entity.aliases.ACCESSOR.metadata.role_name}}/*" {
   capabilities = ["create", "read", "update"]
 }
-path "secret/metadata/nhi/nodes/*" {
+path "secret/metadata/nhi/nodes/{{identity.entity.aliases.ACCESSOR.metadata.role_name}}/*" {
   capabilities = ["read", "list", "delete"]
 }
 path "secret/data/nhi/revocations/*" {
@@ -589,7 +666,7 @@ path "secret/data/nhi/revocations/*" {
 path "secret/metadata/nhi/revocations/*" {
   capabilities = ["read", "list", "delete"]
 }
-path "pki/root/sign-intermediate" {
+path "pki/sign/nhi-node" {
   capabilities = ["update"]
 }
 path "pki/ca/pem" {
@@ -613,9 +690,67 @@ pub fn setup_nhi(addr: &str, root_token: &str, trust_domain: &str, dir: &Path) -
     )
 }
 
+/// The accessor of auth mount `mount` (e.g. for identity templates).
+pub fn auth_accessor(root: &BaoApi, mount: &str) -> String {
+    let auths = root.must("GET", "sys/auth", None);
+    let key = format!("{mount}/");
+    auths["data"][&key]["accessor"]
+        .as_str()
+        .or_else(|| auths[&key]["accessor"].as_str())
+        .unwrap_or_else(|| panic!("auth mount {mount}/ has no accessor: {auths}"))
+        .to_string()
+}
+
+/// Enables auth method `kind` at `mount` unless something is mounted there; returns its
+/// accessor.
+fn enable_auth(root: &BaoApi, mount: &str, kind: &str) -> String {
+    let auths = root.must("GET", "sys/auth", None);
+    let key = format!("{mount}/");
+    if auths["data"][&key].is_null() && auths[&key].is_null() {
+        root.must(
+            "POST",
+            &format!("sys/auth/{mount}"),
+            Some(json!({ "type": kind })),
+        );
+    }
+    auth_accessor(root, mount)
+}
+
+/// A PKI role for SPIFFE leaves (URI SAN only, EC P-256, client and server auth, not stored)
+/// whose allowed URI SANs are `uri_template` (an identity template).
+fn spiffe_pki_role(root: &BaoApi, role: &str, uri_template: &str) {
+    root.must(
+        "POST",
+        &format!("pki/roles/{role}"),
+        Some(json!({
+            "allowed_uri_sans": [uri_template],
+            "allowed_uri_sans_template": true,
+            "allow_any_name": false,
+            "allowed_domains": [],
+            "allow_bare_domains": false,
+            "allow_subdomains": false,
+            "allow_localhost": false,
+            "allow_ip_sans": false,
+            "enforce_hostnames": false,
+            "require_cn": false,
+            "use_csr_common_name": false,
+            "use_csr_sans": false,
+            "server_flag": true,
+            "client_flag": true,
+            "key_type": "ec",
+            "key_bits": 256,
+            "key_usage": ["DigitalSignature"],
+            "ttl": "1h",
+            "max_ttl": "1h",
+            "no_store": true,
+        })),
+    );
+}
+
 /// What an operator does once for nhi (docs/OPENBAO.md): KV v2 at `secret/`, PKI at `pki/`
-/// with a root CA for the trust domain, the `nhi-node` policy, AppRole with the `nhi-node`
-/// role, and a secret_id written to `<dir>/nhi-secret-id` (0600). Idempotent for the mounts.
+/// with a root CA for the trust domain, AppRole at `nhi-nodes/` (nodes are enrolled with
+/// [`BaoNhiSetup::node`]), the `nhi-node` policy and the `nhi-node` PKI role, which signs only
+/// `spiffe://<td>/node/<the node's role name>/...`. Idempotent for the mounts.
 pub fn setup_nhi_with(
     root: &BaoApi,
     trust_domain: &str,
@@ -660,44 +795,23 @@ pub fn setup_nhi_with(
             })),
         );
     }
+    let accessor = enable_auth(root, NODES_APPROLE_MOUNT, "approle");
     root.must(
         "PUT",
         "sys/policies/acl/nhi-node",
-        Some(json!({"policy": NHI_NODE_POLICY})),
+        Some(json!({"policy": NHI_NODE_POLICY.replace("ACCESSOR", &accessor)})),
     );
-    let auths = root.must("GET", "sys/auth", None);
-    if auths["data"]["approle/"].is_null() && auths["approle/"].is_null() {
-        root.must("POST", "sys/auth/approle", Some(json!({"type": "approle"})));
-    }
-    root.must(
-        "POST",
-        "auth/approle/role/nhi-node",
-        Some(json!({
-            "token_policies": ["nhi-node"],
-            "token_ttl": format!("{}s", opts.token_ttl.as_secs()),
-            "token_max_ttl": format!("{}s", opts.token_max_ttl.as_secs()),
-            "token_type": "service",
-            "secret_id_num_uses": 0,
-        })),
+    spiffe_pki_role(
+        root,
+        NODE_PKI_ROLE,
+        &format!(
+            "spiffe://{trust_domain}/node/{{{{identity.entity.aliases.{accessor}.metadata.role_name}}}}/*"
+        ),
     );
-    let role_id = root.must("GET", "auth/approle/role/nhi-node/role-id", None)["data"]["role_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let secret = root.must("POST", "auth/approle/role/nhi-node/secret-id", None);
-    let secret_id_file = dir.join("nhi-secret-id");
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&secret_id_file)
-        .unwrap();
-    f.write_all(secret["data"]["secret_id"].as_str().unwrap().as_bytes())
-        .unwrap();
     BaoNhiSetup {
-        role_id,
-        secret_id_file,
+        root: root.clone(),
+        dir: dir.to_path_buf(),
+        opts: opts.clone(),
     }
 }
 
@@ -711,10 +825,10 @@ path "pki/sign/nhi-workload" {
 }
 "#;
 
-/// nhid's `[openbao]` section for a node logging in with `setup`'s AppRole, default mounts.
+/// nhid's `[openbao]` section for a node logging in with `login`, default mounts and roles.
 pub fn node_config(
     addresses: Vec<String>,
-    setup: &BaoNhiSetup,
+    login: &NodeLogin,
     ca_file: Option<&Path>,
 ) -> nhi_core::openbao_config::OpenBaoConfig {
     use nhi_core::openbao_config::{OpenBaoAuth, OpenBaoConfig};
@@ -723,14 +837,18 @@ pub fn node_config(
         ca_file: ca_file.map(Path::to_path_buf),
         namespace: None,
         auth: OpenBaoAuth::AppRole {
-            role_id: setup.role_id.clone(),
-            secret_id_file: setup.secret_id_file.clone(),
-            mount: "approle".into(),
+            role_id: login.role_id.clone(),
+            secret_id_file: login.secret_id_file.clone(),
+            mount: NODES_APPROLE_MOUNT.into(),
         },
         kv_mount: "secret".into(),
         kv_prefix: "nhi".into(),
         pki_mount: "pki".into(),
-        intermediate_ttl: Duration::from_secs(3600),
+        intermediate_ttl: None,
+        workload_auth_mount: "nhi-k8s".into(),
+        workload_auth_role: "nhi-workload".into(),
+        workload_pki_role: "nhi-workload".into(),
+        node_pki_role: NODE_PKI_ROLE.into(),
         poll_interval: Duration::from_secs(2),
         request_timeout: Duration::from_secs(2),
     }
@@ -760,21 +878,7 @@ pub fn setup_workload_issuance(
     audience: &str,
 ) -> WorkloadIssuance {
     let (mount, role) = ("nhi-k8s", "nhi-workload");
-    let auths = root.must("GET", "sys/auth", None);
-    let key = format!("{mount}/");
-    if auths["data"][&key].is_null() && auths[&key].is_null() {
-        root.must(
-            "POST",
-            &format!("sys/auth/{mount}"),
-            Some(json!({"type": "jwt"})),
-        );
-    }
-    let auths = root.must("GET", "sys/auth", None);
-    let accessor = auths["data"][&key]["accessor"]
-        .as_str()
-        .or_else(|| auths[&key]["accessor"].as_str())
-        .expect("the JWT mount has an accessor")
-        .to_string();
+    let accessor = enable_auth(root, mount, "jwt");
     root.must(
         "POST",
         &format!("auth/{mount}/config"),
@@ -801,31 +905,14 @@ pub fn setup_workload_issuance(
         })),
     );
     let meta = |k: &str| format!("{{{{identity.entity.aliases.{accessor}.metadata.{k}}}}}");
-    root.must(
-        "POST",
-        &format!("pki/roles/{role}"),
-        Some(json!({
-            "allowed_uri_sans": [format!("spiffe://{trust_domain}/ns/{}/sa/{}", meta("ns"), meta("sa"))],
-            "allowed_uri_sans_template": true,
-            "allow_any_name": false,
-            "allowed_domains": [],
-            "allow_bare_domains": false,
-            "allow_subdomains": false,
-            "allow_localhost": false,
-            "allow_ip_sans": false,
-            "enforce_hostnames": false,
-            "require_cn": false,
-            "use_csr_common_name": false,
-            "use_csr_sans": false,
-            "server_flag": true,
-            "client_flag": true,
-            "key_type": "ec",
-            "key_bits": 256,
-            "key_usage": ["DigitalSignature"],
-            "ttl": "1h",
-            "max_ttl": "1h",
-            "no_store": true,
-        })),
+    spiffe_pki_role(
+        root,
+        role,
+        &format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            meta("ns"),
+            meta("sa")
+        ),
     );
     root.must(
         "PUT",

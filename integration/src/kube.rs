@@ -23,26 +23,87 @@ pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.6";
 /// Writes the token kubelet projects for a pod (under the node's kubelet root, see
 /// [`Node::with_kubelet_root`]) in kubelet's atomic-writer layout (`token -> ..data/token`,
 /// `..data -> ..<timestamp>`), and returns its directory, the host side of the
-/// service-account mount. `volume_kind` is `kubernetes.io~projected` for a genuine one.
+/// service-account mount. `volume_kind` is `kubernetes.io~projected` for a genuine one. The
+/// token carries the claims of pod `pod_uid` in `ns` as `sa` and no valid signature (for
+/// nodes that check only claims; see [`kubelet_token_of`] for a signed one).
 pub fn kubelet_token(node: &Node, pod_uid: &str, volume_kind: &str, ns: &str, sa: &str) -> PathBuf {
-    let dir = node.path(&format!(
-        "kubelet/pods/{pod_uid}/volumes/{volume_kind}/kube-api-access-1"
-    ));
-    let data = dir.join("..2026_01_01_00_00_00.000000001");
-    fs::create_dir_all(&data).unwrap();
     let claims = serde_json::json!({
         "iss": "https://kubernetes.default.svc", "sub": format!("system:serviceaccount:{ns}:{sa}"),
         "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "sa-uid"}, "pod": {"name": "p", "uid": pod_uid}},
     });
     let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
-    fs::write(
-        data.join("token"),
-        format!("eyJhbGciOiJSUzI1NiIsImtpZCI6IngifQ.{payload}.sig"),
+    kubelet_token_of(
+        node,
+        pod_uid,
+        volume_kind,
+        &format!("eyJhbGciOiJSUzI1NiIsImtpZCI6IngifQ.{payload}.sig"),
     )
-    .unwrap();
+}
+
+/// [`kubelet_token`] with the token itself given (e.g. signed by a test cluster's key).
+pub fn kubelet_token_of(node: &Node, pod_uid: &str, volume_kind: &str, token: &str) -> PathBuf {
+    let dir = node.path(&format!(
+        "kubelet/pods/{pod_uid}/volumes/{volume_kind}/kube-api-access-1"
+    ));
+    let data = dir.join("..2026_01_01_00_00_00.000000001");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("token"), token).unwrap();
     std::os::unix::fs::symlink(data.file_name().unwrap(), dir.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/token", dir.join("token")).unwrap();
     dir
+}
+
+/// A pod as CRI shapes it on real runc: a sandbox (pause) container owning the network
+/// namespace, app containers joining it with the service-account token mounted.
+pub struct Pod {
+    pub ns: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl Pod {
+    pub fn new(ns: &str, name: &str) -> Self {
+        Pod {
+            ns: ns.into(),
+            name: name.into(),
+            uid: crate::unique_id("uid"),
+        }
+    }
+
+    /// `b` with the CRI annotations of a `kind` (`sandbox`, `container`) container `container` of this pod.
+    pub fn annotate<'n>(
+        &self,
+        b: crate::BundleBuilder<'n>,
+        kind: &str,
+        container: &str,
+    ) -> crate::BundleBuilder<'n> {
+        b.annotation("io.kubernetes.cri.container-type", kind)
+            .annotation("io.kubernetes.cri.sandbox-namespace", &self.ns)
+            .annotation("io.kubernetes.cri.sandbox-name", &self.name)
+            .annotation("io.kubernetes.cri.sandbox-uid", &self.uid)
+            .annotation("io.kubernetes.cri.container-name", container)
+    }
+
+    /// The pod's sandbox container (written, not started).
+    pub fn sandbox(&self, node: &Node) -> crate::Container {
+        self.annotate(node.bundle(&crate::unique_id("sandbox")), "sandbox", "POD")
+            .write()
+    }
+
+    /// App container `name` in `sandbox`'s network namespace with `token` (a directory, the
+    /// host side of the service-account mount) mounted (written, not started).
+    pub fn app(
+        &self,
+        node: &Node,
+        sandbox: &crate::Container,
+        name: &str,
+        token: &Path,
+    ) -> crate::Container {
+        self.annotate(node.bundle(&crate::unique_id(name)), "container", name)
+            .join_netns(sandbox.pid())
+            .mount("/var/run/secrets/kubernetes.io/serviceaccount", token)
+            .write()
+    }
 }
 
 pub const PROJECTED: &str = "kubernetes.io~projected";

@@ -1,21 +1,38 @@
 //! nhid on a real OpenBao: two "nodes" (separate nhid, state dir, socket) share one trust
-//! domain, secrets and revocations through it; a 3-node raft cluster loses its leader and
-//! then its quorum while workloads keep running.
+//! domain, secrets and revocations through it; OpenBao signs every X.509-SVID (a plain
+//! container's only under its node's path); a 3-node raft cluster loses its leader and then
+//! its quorum while workloads keep running.
 
 use std::fs;
 use std::time::{Duration, Instant};
 
 use nhi_integration::bao::{BaoCluster, BaoDev, BaoNhiSetup, NhiRoleOptions};
+
+/// Plain containers have no proof OpenBao could check: in cluster mode their identity lives
+/// under their node's path, the only one the node's own OpenBao token may have signed.
+const NODE_RULE: &str = r#"
+[[rule]]
+name = "annotated"
+spiffe_id = "node/{node.name}/container/{container.name}"
+[rule.match]
+annotations = { "nhi.dev/inject" = "true" }
+"#;
+
+/// The identity of container `name` on node `node`.
+fn id_of(node: &str, name: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/node/{node}/container/{name}")
+}
 use nhi_integration::*;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 fn rules() -> String {
     format!(
-        r#"{ANNOTATED_RULE}
+        r#"{NODE_RULE}
 [[grant]]
 secrets = ["db-password"]
-spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
-"#
+spiffe_ids = ["{}"]
+"#,
+        id_of("node-a", "alpha")
     )
 }
 
@@ -26,7 +43,8 @@ fn bao_node(name: &str, addresses: &[String], setup: &BaoNhiSetup) -> Node {
     node
 }
 
-/// The top of a node's config for OpenBao at `addresses` as issuer and store.
+/// The top of a node's config for OpenBao at `addresses` as issuer and store; enrols the node
+/// (its own AppRole role).
 fn bao_config(name: &str, addresses: &[String], setup: &BaoNhiSetup, secret_ttl: &str) -> String {
     let addrs: Vec<String> = addresses.iter().map(|a| format!("{a:?}")).collect();
     format!(
@@ -40,15 +58,9 @@ secret_ttl = "{secret_ttl}"
 addresses = [{}]
 poll_interval = "1s"
 request_timeout = "2s"
-intermediate_ttl = "1h"
-[openbao.auth]
-method = "approle"
-role_id = "{}"
-secret_id_file = "{}"
-"#,
+{}"#,
         addrs.join(", "),
-        setup.role_id,
-        setup.secret_id_file.display()
+        setup.node(name).auth_toml()
     )
 }
 
@@ -115,13 +127,25 @@ fn two_nodes_share_one_trust_domain_secrets_and_revocations() {
         .unwrap()
         .to_string();
     assert_eq!(validate(beta.pid(), &token, "svc"), 200);
-    assert!(verify_offline(&b, &beta, &token, "svc").contains("container/alpha"));
+    assert!(verify_offline(&b, &beta, &token, "svc").contains(&id_of("node-a", "alpha")));
 
-    // An X.509-SVID from node A chains (through A's intermediate) to the bundle B serves.
+    // OpenBao signed node A's X.509-SVID (no intermediate on the node: the leaf alone) for
+    // exactly node A's path, and it verifies with the bundle node B serves.
     let pem = alpha.get("/v1/x509").unwrap();
-    assert_eq!(pem_certs(&pem).len(), 2, "leaf + node A's intermediate");
+    assert_eq!(
+        pem_certs(&pem).len(),
+        1,
+        "a leaf signed by OpenBao's root, no node CA"
+    );
     chains_to(&pem, &beta.get("/v1/bundle").unwrap())
         .expect("node A's X.509-SVID verifies with node B's bundle");
+    let ders = pem_certs(&pem);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&ders[0]).unwrap();
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        format!("[URI({:?})]", id_of("node-a", "alpha"))
+    );
 
     // Secrets are the operators': a node's policy refuses writes, and nhictl says what to do.
     let out = b.nhictl(&["secret", "put", "db-password", "--from-stdin"], b"nope");
@@ -163,7 +187,7 @@ fn two_nodes_share_one_trust_domain_secrets_and_revocations() {
     );
 
     // Revocation on node B reaches node A within 2 s.
-    let id = format!("spiffe://{TRUST_DOMAIN}/container/alpha");
+    let id = id_of("node-a", "alpha");
     let t = Instant::now();
     ok(&b.nhictl(&["revoke", "--spiffe-id", &id], b""));
     assert_eq!(
@@ -410,11 +434,12 @@ fn during_an_openbao_outage_tokens_never_wait_for_secrets_and_nhid_starts_from_i
     let setup = cluster.setup_nhi(TRUST_DOMAIN, &NhiRoleOptions::default());
     let mut node = Node::with_config(
         &format!(
-            r#"{ANNOTATED_RULE}
+            r#"{NODE_RULE}
 [[grant]]
 secrets = ["db-password", "slow-*"]
-spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
-"#
+spiffe_ids = ["{}"]
+"#,
+            id_of("node-a", "alpha")
         ),
         &bao_config("node-a", &[cluster.address(0)], &setup, "120s"),
     );
@@ -427,8 +452,11 @@ spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
     );
     let bundle = alpha.get("/v1/bundle").unwrap();
     assert!(alpha.get("/v1/token?audience=warm").is_ok());
+    let held = alpha.get("/v1/x509").unwrap();
 
     cluster.stop(0);
+    // The X.509-SVID the companion holds is served while OpenBao is down (until it expires).
+    assert_eq!(alpha.get("/v1/x509").unwrap(), held);
     // 32 requests for secrets nobody cached: each waits for OpenBao (request_timeout).
     let ns = nhi_integration::edge::container_ns(alpha.pid());
     let slow: Vec<_> = (0..32)
@@ -504,13 +532,16 @@ spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
     assert_eq!(code, 200, "{body}");
     let secret: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(secret["value"], "cached-value-1");
-    chains_to(&alpha.get("/v1/x509").unwrap(), &bundle)
-        .expect("X.509-SVID from the cached intermediate");
+    // A new companion holds no X.509-SVID, and only OpenBao signs them: refused with the
+    // reason until OpenBao answers (JWT-SVIDs are signed with the node's own key).
+    let (code, body) = http_in_netns(alpha.pid(), "GET", "/v1/x509");
+    assert_ne!(code, 200, "{body}");
+    assert!(body.contains("unavailable"), "{code}: {body}");
     let token = alpha.get_json("/v1/token?audience=after")["token"]
         .as_str()
         .unwrap()
         .to_string();
-    assert!(verify_offline(&node, &alpha, &token, "after").contains("container/alpha"));
+    assert!(verify_offline(&node, &alpha, &token, "after").contains(&id_of("node-a", "alpha")));
     // A container started during the outage gets its identity too.
     let beta = node.named_container("beta");
     assert!(beta.get("/v1/token?audience=x").is_ok());
@@ -530,6 +561,13 @@ spiffe_ids = ["spiffe://{TRUST_DOMAIN}/container/alpha"]
             .is_empty()),
         "still degraded: {:?}\n{}",
         node.status().store.degraded,
+        node.log()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || alpha
+            .get("/v1/x509")
+            .is_ok_and(|pem| chains_to(&pem, &bundle).is_ok())),
+        "no X.509-SVID after OpenBao came back: {}",
         node.log()
     );
     put_secret(&cluster.root(0), "cached-value-2");

@@ -1,6 +1,6 @@
 //! nhid's OpenBao client (`nhi_openbao`) against a real OpenBao: AppRole login, KV v2,
-//! token renewal and re-login, PKI sign-intermediate, TLS with a private CA, and failover in a
-//! 3-node raft cluster whose leader is killed.
+//! token renewal and re-login, node-scoped PKI signing, TLS with a private CA, and failover in
+//! a 3-node raft cluster whose leader is killed.
 
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ fn map(v: Value) -> Map<String, Value> {
 #[test]
 fn approle_login_and_kv_versions_and_secrets_stay_out_of_debug() {
     let bao = BaoDev::start();
-    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
+    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default()).node("node-a");
     let secret_id = std::fs::read_to_string(&setup.secret_id_file).unwrap();
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&setup.secret_id_file)
@@ -107,11 +107,23 @@ fn approle_login_and_kv_versions_and_secrets_stay_out_of_debug() {
         assert_eq!(m.current_version, 3);
         assert!(!m.updated_time.is_empty());
 
-        // Listing: a missing directory is empty, sub-directories end in '/'.
-        client
-            .kv_write("nodes/node-b/jwks", map(json!({"keys": []})), None)
+        // A node publishes under its own name only: node-a cannot put a key in node-b's entry
+        // (the policy's path is templated with the AppRole role's name).
+        let e = client
+            .kv_write("nodes/node-b/jwks", map(json!({"keys": ["forged"]})), None)
             .await
-            .unwrap();
+            .unwrap_err();
+        assert!(matches!(e, BaoError::Denied { .. }), "{e}");
+        // Listing: a missing directory is empty, sub-directories end in '/'.
+        let root2 = root.clone();
+        blocking(root2, |root| {
+            root.must(
+                "POST",
+                "secret/data/nhi/nodes/node-b/jwks",
+                Some(json!({"data": {"keys": []}})),
+            );
+        })
+        .await;
         let mut nodes = client.kv_list("nodes").await.unwrap();
         nodes.sort();
         assert_eq!(nodes, ["node-a/", "node-b/"]);
@@ -163,13 +175,15 @@ fn approle_login_and_kv_versions_and_secrets_stay_out_of_debug() {
 #[test]
 fn token_is_renewed_past_its_ttl_and_replaced_after_max_ttl_and_revocation() {
     let bao = BaoDev::start();
-    let setup = bao.setup_nhi(
-        TD,
-        &NhiRoleOptions {
-            token_ttl: Duration::from_secs(4),
-            token_max_ttl: Duration::from_secs(9),
-        },
-    );
+    let setup = bao
+        .setup_nhi(
+            TD,
+            &NhiRoleOptions {
+                token_ttl: Duration::from_secs(4),
+                token_max_ttl: Duration::from_secs(9),
+            },
+        )
+        .node("node-a");
     let root = bao.root();
     rt().block_on(async {
         let client = Bao::connect(&node_config(vec![bao.addr.clone()], &setup, None))
@@ -212,58 +226,43 @@ fn pem_ders(pem: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Signs an intermediate for a fresh key, checks it as a CA under pki/ca/pem with the requested
-/// URI SAN, then issues a leaf SVID with it and verifies leaf → intermediate → root.
-async fn sign_and_verify(client: &Bao, node: &str) {
+/// A CSR for `uri` and its key.
+fn csr(uri: &str) -> (rcgen::KeyPair, String) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
-    let uri = format!("spiffe://{TD}/nhi/node/{node}");
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    let pem = p.serialize_request(&key).unwrap().pem().unwrap();
+    (key, pem)
+}
+
+/// With its own token, node `node` has OpenBao sign a leaf under its own path only: the leaf
+/// has exactly the requested URI SAN, is an X509-SVID leaf (digitalSignature, not a CA) and
+/// chains to pki/ca/pem; an identity outside `spiffe://<td>/node/<node>/` is refused by
+/// OpenBao, naming the URI SAN.
+async fn sign_and_verify(client: &Bao, node: &str) {
+    let uri = format!("spiffe://{TD}/node/{node}/web");
+    let (_key, pem) = csr(&uri);
     let signed = client
-        .pki_sign_intermediate(
-            &csr,
-            &format!("nhi {node} intermediate"),
-            Duration::from_secs(3600),
-            std::slice::from_ref(&uri),
-        )
+        .pki_sign_as_node("nhi-node", &pem, &uri, Duration::from_secs(600))
         .await
         .unwrap();
     let root_pem = client.pki_root_ca_pem().await.unwrap();
     let root_der = pem_ders(&root_pem).remove(0);
     assert_eq!(pem_ders(&signed.issuing_ca_pem).remove(0), root_der);
-    assert_eq!(signed.ca_chain_pem.len(), 2, "intermediate, root");
-
-    let int_der = pem_ders(&signed.certificate_pem).remove(0);
-    let (_, int) = X509Certificate::from_der(&int_der).unwrap();
+    let leaf_der = pem_ders(&signed.certificate_pem).remove(0);
+    let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
     let (_, root) = X509Certificate::from_der(&root_der).unwrap();
-    assert!(int.is_ca());
-    assert_eq!(int.issuer(), root.subject());
-    assert_eq!(
-        int.subject()
-            .iter_common_name()
-            .next()
-            .unwrap()
-            .as_str()
-            .unwrap(),
-        format!("nhi {node} intermediate")
+    assert!(!leaf.is_ca());
+    assert_eq!(leaf.issuer(), root.subject());
+    // X509-SVID standard, appendix A: digitalSignature on leaves, keyCertSign only on CAs.
+    let ku = leaf.key_usage().unwrap().expect("key usage").value;
+    assert!(ku.digital_signature() && !ku.key_cert_sign(), "{ku:?}");
+    let ku = root.key_usage().unwrap().expect("key usage").value;
+    assert!(
+        ku.key_cert_sign() && ku.crl_sign() && !ku.digital_signature(),
+        "root key usage: {ku:?}"
     );
-    let bc = int.basic_constraints().unwrap().unwrap().value;
-    assert_eq!(bc.path_len_constraint, Some(0));
-    // X509-SVID standard, appendix A: keyCertSign "must be set if and only if the SVID is a
-    // signing certificate", digitalSignature "must be set if and only if the SVID is a leaf".
-    // What OpenBao's sign-intermediate (and root/generate, as docs/OPENBAO.md sets it up) put.
-    for (what, ca) in [("intermediate", &int), ("root", &root)] {
-        let ku = ca.key_usage().unwrap().expect("key usage").value;
-        assert!(
-            ku.key_cert_sign() && ku.crl_sign() && !ku.digital_signature(),
-            "{what} key usage: {ku:?}"
-        );
-    }
-    let sans: Vec<String> = int
+    let sans: Vec<String> = leaf
         .subject_alternative_name()
         .unwrap()
         .unwrap()
@@ -274,39 +273,39 @@ async fn sign_and_verify(client: &Bao, node: &str) {
         .collect();
     assert_eq!(sans, [format!("URI({uri})")], "exactly the requested SAN");
     let ttl = signed.expiration as i64 - time_now();
-    assert!((3500..=3700).contains(&ttl), "1 h TTL: {ttl}");
-    assert_eq!(
-        int.validity().not_after.timestamp() as u64,
-        signed.expiration
-    );
-
-    // The intermediate works as nhid will use it: it issues an X.509-SVID that chains to the
-    // root OpenBao publishes.
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&signed.certificate_pem, key).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    leaf.subject_alt_names = vec![rcgen::SanType::URI(
-        format!("spiffe://{TD}/ns/default/sa/web")
-            .try_into()
-            .unwrap(),
-    )];
-    leaf.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    assert!((500..=700).contains(&ttl), "10 min TTL: {ttl}");
     let root_cd = CertificateDer::from(root_der);
     let anchor = webpki::anchor_from_trusted_cert(&root_cd).unwrap();
-    let leaf_cd = CertificateDer::from(leaf.der().to_vec());
+    let leaf_cd = CertificateDer::from(leaf_der);
     let ee = webpki::EndEntityCert::try_from(&leaf_cd).unwrap();
     ee.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
         &[anchor],
-        &[CertificateDer::from(int_der)],
+        &[],
         UnixTime::now(),
         webpki::KeyUsage::client_auth(),
         None,
         None,
     )
-    .expect("leaf → OpenBao-signed intermediate → pki/ca/pem");
+    .expect("leaf → pki/ca/pem");
+
+    for other in [
+        format!("spiffe://{TD}/ns/default/sa/web"),
+        format!("spiffe://{TD}/node/{node}-evil/web"),
+        format!("spiffe://{TD}/node/other/web"),
+    ] {
+        let (_k, pem) = csr(&other);
+        let e = client
+            .pki_sign_as_node("nhi-node", &pem, &other, Duration::from_secs(600))
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, BaoError::Status { code: 400, .. })
+                && msg.contains("URI Subject Alternative Name"),
+            "{other}: {msg}"
+        );
+    }
 }
 
 fn time_now() -> i64 {
@@ -317,9 +316,9 @@ fn time_now() -> i64 {
 }
 
 #[test]
-fn sign_intermediate_chains_to_the_root_over_tls_and_token_login() {
+fn node_scoped_signing_chains_to_the_root_over_tls_and_token_login() {
     let bao = BaoDev::start_tls();
-    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
+    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default()).node("node-a");
     let ca = bao.ca_file.clone().unwrap();
     rt().block_on(async {
         let client = Bao::connect(&node_config(vec![bao.addr.clone()], &setup, Some(&ca)))
@@ -374,7 +373,9 @@ fn sign_intermediate_chains_to_the_root_over_tls_and_token_login() {
 #[test]
 fn raft_cluster_survives_the_leader_being_killed() {
     let mut cluster = BaoCluster::start(3);
-    let setup = cluster.setup_nhi(TD, &NhiRoleOptions::default());
+    let setup = cluster
+        .setup_nhi(TD, &NhiRoleOptions::default())
+        .node("node-a");
     let leader = cluster.leader_index();
     // The leader first, so the client's remembered address is the one that dies.
     let mut addresses = cluster.addresses();
@@ -403,12 +404,12 @@ fn raft_cluster_survives_the_leader_being_killed() {
         assert_eq!(v, 2);
         let s = client.kv_read("nodes/node-a/jwks").await.unwrap().unwrap();
         assert_eq!(s.data["keys"], json!(["k2"]));
-        sign_and_verify(&client, "node-b").await;
+        sign_and_verify(&client, "node-a").await;
     });
     let took = t.elapsed();
     assert!(took < Duration::from_secs(10), "failover took {took:?}");
     assert_ne!(client.health().address, cluster.address(leader));
-    eprintln!("kv write + read + sign-intermediate after killing the leader: {took:?}");
+    eprintln!("kv write + read + signing after killing the leader: {took:?}");
 
     // The old leader comes back as a follower with its data and the cluster keeps serving.
     cluster.restart(leader);

@@ -3,11 +3,14 @@
 //! SPIFFE ID a workload may get. A workload's short-lived token comes from a JWT login with its
 //! service-account token, and can have a CSR signed only for the URI SAN that token proves;
 //! forged, other-cluster and wrong-audience tokens get no token; a node's own AppRole token
-//! cannot sign under that role at all. The private key never leaves the caller (CSR).
+//! cannot sign under that role at all, and under its own role only its own path. The private
+//! key never leaves the caller (CSR). Last, the whole path through nhid: pods on real runc get
+//! their X.509-SVID from OpenBao on the strength of their projected token, and a pod whose token
+//! another cluster signed gets none, with OpenBao's refusal.
 
 use nhi_integration::bao::{
-    node_config, setup_workload_issuance, BaoApi, BaoDev, BaoNhiSetup, NhiRoleOptions,
-    WorkloadIssuance,
+    node_config, setup_workload_issuance, BaoApi, BaoDev, NhiRoleOptions, NodeLogin,
+    WorkloadIssuance, NODES_APPROLE_MOUNT,
 };
 use rcgen::{CertificateParams, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
 use serde_json::{json, Value};
@@ -31,6 +34,17 @@ impl Cluster {
 
     /// A projected service-account token as kubelet gets it from the API server.
     fn token(&self, ns: &str, sa: &str, audience: &str, issuer: &str) -> String {
+        self.pod_token(
+            ns,
+            sa,
+            "7c1f0c1e-0000-4000-8000-000000000002",
+            audience,
+            issuer,
+        )
+    }
+
+    /// [`Cluster::token`] bound to pod `pod_uid`.
+    fn pod_token(&self, ns: &str, sa: &str, pod_uid: &str, audience: &str, issuer: &str) -> String {
         let now = nhi_core::clock::now_unix();
         let claims = json!({
             "iss": issuer,
@@ -42,7 +56,7 @@ impl Cluster {
             "kubernetes.io": {
                 "namespace": ns,
                 "serviceaccount": {"name": sa, "uid": "7c1f0c1e-0000-4000-8000-000000000001"},
-                "pod": {"name": format!("{sa}-0"), "uid": "7c1f0c1e-0000-4000-8000-000000000002"},
+                "pod": {"name": format!("{sa}-0"), "uid": pod_uid},
             },
         });
         let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
@@ -89,9 +103,9 @@ fn sign(bao: &BaoDev, w: &WorkloadIssuance, token: &str, uri: &str) -> (u16, Val
 
 /// A dev OpenBao set up for nhi and for workload issuance, with the cluster whose
 /// service-account tokens it trusts.
-fn setup() -> (BaoDev, BaoNhiSetup, Cluster, WorkloadIssuance) {
+fn setup() -> (BaoDev, NodeLogin, Cluster, WorkloadIssuance) {
     let bao = BaoDev::start();
-    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default());
+    let setup = bao.setup_nhi(TD, &NhiRoleOptions::default()).node("node-a");
     let cluster = Cluster::new();
     let w = setup_workload_issuance(
         &bao.root(),
@@ -182,10 +196,10 @@ fn openbao_signs_only_the_identity_a_service_account_token_proves() {
     }
 
     // The node's own identity (AppRole, the nhi-node policy) cannot sign under the workload
-    // role, for any URI SAN.
+    // role, for any URI SAN; under its own role only its own path; and no intermediate CA.
     let node_token = BaoApi::new(&bao.addr, None, None).must(
         "POST",
-        "auth/approle/login",
+        &format!("auth/{NODES_APPROLE_MOUNT}/login"),
         Some(json!({
             "role_id": setup.role_id,
             "secret_id": std::fs::read_to_string(&setup.secret_id_file).unwrap(),
@@ -196,6 +210,43 @@ fn openbao_signs_only_the_identity_a_service_account_token_proves() {
         .to_string();
     let (status, v) = sign(&bao, &w, &node_token, &own);
     assert_eq!(status, 403, "{v}");
+    let node_api = BaoApi::new(&bao.addr, Some(&node_token), None);
+    let node_sign = |uri: &str| {
+        node_api
+            .call(
+                "POST",
+                "pki/sign/nhi-node",
+                Some(json!({"csr": csr(uri), "uri_sans": uri, "ttl": "10m"})),
+            )
+            .unwrap()
+    };
+    let mine = format!("spiffe://{TD}/node/node-a/container/db");
+    let (status, v) = node_sign(&mine);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        uri_sans(v["data"]["certificate"].as_str().unwrap()),
+        vec![mine]
+    );
+    for other in [
+        own.clone(),
+        format!("spiffe://{TD}/node/node-b/container/db"),
+        format!("spiffe://{TD}/container/db"),
+    ] {
+        let (status, v) = node_sign(&other);
+        assert_eq!(status, 400, "{other}: {v}");
+        eprintln!("node token for {other}: OpenBao says {}", errors(&v));
+    }
+    let (status, v) = node_api
+        .call(
+            "POST",
+            "pki/root/sign-intermediate",
+            Some(json!({"csr": csr(&own), "common_name": "evil"})),
+        )
+        .unwrap();
+    assert_eq!(
+        status, 403,
+        "the nhi-node policy signs no intermediate: {v}"
+    );
     // And the workload's token can do nothing else: no KV, no intermediate CA.
     let api = BaoApi::new(&bao.addr, Some(&web), None);
     assert_eq!(
@@ -264,4 +315,91 @@ fn the_nhi_client_gets_a_workload_its_own_svid_and_openbaos_refusal_otherwise() 
             .to_string();
         assert!(e.contains("error validating token"), "{e}");
     });
+}
+
+/// The whole path: nhid in cluster mode, pods on real runc shaped as CRI shapes them. A pod's
+/// X.509-SVID is signed by OpenBao after a JWT login with the pod's projected token, for the
+/// identity OpenBao derives from it; a pod whose token another cluster's key signed gets no
+/// SVID, refused by OpenBao (its reason reaches the workload), not by nhid. JWT-SVIDs and the
+/// bundle are unaffected.
+#[test]
+fn pods_get_x509_svids_from_openbao_only_with_a_token_it_accepts() {
+    use nhi_integration::kube::{kubelet_token_of, Pod, PROJECTED, SA_RULE};
+    use nhi_integration::*;
+    let (bao, _node_a, cluster, _w) = setup();
+    let setup_again = bao.setup_nhi(TD, &NhiRoleOptions::default());
+    let login = setup_again.node("k8s-node");
+    // The hook checks claims and where the token lies; the signature is OpenBao's to check.
+    let mut node = Node::with_config(
+        SA_RULE,
+        &format!(
+            r#"node_name = "k8s-node"
+[issuer]
+kind = "openbao"
+[openbao]
+addresses = ["{}"]
+request_timeout = "2s"
+{}"#,
+            bao.addr,
+            login.auth_toml()
+        ),
+    );
+    node.with_kubelet_root();
+    node.start();
+
+    let pod = Pod::new("team-a", "web-0");
+    let sandbox = pod.sandbox(&node);
+    sandbox.start().unwrap();
+    let token = cluster.pod_token("team-a", "web", &pod.uid, AUDIENCE, SA_ISSUER);
+    let app = pod.app(
+        &node,
+        &sandbox,
+        "app",
+        &kubelet_token_of(&node, &pod.uid, PROJECTED, &token),
+    );
+    app.start().unwrap();
+    let want = format!("spiffe://{TD}/ns/team-a/sa/web");
+    let pem = app.get("/v1/x509").unwrap();
+    assert_eq!(uri_sans(&pem), vec![want.clone()]);
+    let bundle = app.get("/v1/bundle").unwrap();
+    let root = bao.root().must("GET", "pki/cert/ca", None)["data"]["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        bundle.trim(),
+        root.trim(),
+        "the bundle is OpenBao's root, nothing of the node's"
+    );
+    assert!(
+        !node.log().contains(token.trim()),
+        "the pod's token in nhid's log"
+    );
+
+    // Another cluster's key signed this pod's token: the hook's claim checks pass, OpenBao's
+    // signature check does not. The workload learns why; it has no X.509-SVID.
+    let forger = Cluster::new();
+    let pod2 = Pod::new("team-b", "api-0");
+    let sandbox2 = pod2.sandbox(&node);
+    sandbox2.start().unwrap();
+    let forged = forger.pod_token("team-b", "api", &pod2.uid, AUDIENCE, SA_ISSUER);
+    let app2 = pod2.app(
+        &node,
+        &sandbox2,
+        "app",
+        &kubelet_token_of(&node, &pod2.uid, PROJECTED, &forged),
+    );
+    app2.start().unwrap();
+    let (code, body) = http_in_netns(app2.pid(), "GET", "/v1/x509");
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("refused") && body.contains("error validating token"),
+        "OpenBao's refusal reaches the workload: {code} {body}"
+    );
+    eprintln!("forged service-account token: {code} {body}");
+    // The first pod is unaffected.
+    assert_eq!(uri_sans(&app.get("/v1/x509").unwrap()), vec![want]);
+    for c in [app, app2, sandbox, sandbox2] {
+        c.delete();
+    }
 }

@@ -3,9 +3,7 @@
 //! from the kubelet-projected token on the host. One companion per pod; identity fixed by the
 //! first app container; the pod's removal stops the companion.
 
-use std::path::Path;
-
-use nhi_integration::kube::{kubelet_token as token_dir, PROJECTED};
+use nhi_integration::kube::{kubelet_token as token_dir, Pod, PROJECTED};
 use nhi_integration::*;
 
 const RULES: &str = r#"
@@ -20,42 +18,6 @@ fn node() -> Node {
     let n = Node::new(RULES);
     n.with_kubelet_root();
     n
-}
-
-struct Pod {
-    ns: String,
-    name: String,
-    uid: String,
-}
-
-impl Pod {
-    fn new(ns: &str, name: &str) -> Self {
-        Pod {
-            ns: ns.into(),
-            name: name.into(),
-            uid: unique_id("uid"),
-        }
-    }
-
-    fn annotate<'n>(&self, b: BundleBuilder<'n>, kind: &str, container: &str) -> BundleBuilder<'n> {
-        b.annotation("io.kubernetes.cri.container-type", kind)
-            .annotation("io.kubernetes.cri.sandbox-namespace", &self.ns)
-            .annotation("io.kubernetes.cri.sandbox-name", &self.name)
-            .annotation("io.kubernetes.cri.sandbox-uid", &self.uid)
-            .annotation("io.kubernetes.cri.container-name", container)
-    }
-
-    fn sandbox(&self, node: &Node) -> Container {
-        self.annotate(node.bundle(&unique_id("sandbox")), "sandbox", "POD")
-            .write()
-    }
-
-    fn app(&self, node: &Node, sandbox: &Container, name: &str, token: &Path) -> Container {
-        self.annotate(node.bundle(&unique_id(name)), "container", name)
-            .join_netns(sandbox.pid())
-            .mount("/var/run/secrets/kubernetes.io/serviceaccount", token)
-            .write()
-    }
 }
 
 #[test]

@@ -154,19 +154,7 @@ pub struct KvMeta {
     pub updated_time: String,
 }
 
-/// An intermediate CA certificate signed by the PKI mount's root.
-#[derive(Debug, Clone)]
-pub struct SignedIntermediate {
-    pub certificate_pem: String,
-    /// The certificate that signed it (the root).
-    pub issuing_ca_pem: String,
-    /// As OpenBao returns it: the new intermediate first, then its issuers up to the root.
-    pub ca_chain_pem: Vec<String>,
-    /// `notAfter`, Unix seconds.
-    pub expiration: u64,
-}
-
-/// What the PKI mount answers to a signing request (an intermediate or a leaf).
+/// What the PKI mount answers to a signing request.
 #[derive(Deserialize)]
 struct Signed {
     certificate: String,
@@ -535,41 +523,6 @@ impl Bao {
             });
         }
         Ok(pem)
-    }
-
-    /// Has the root sign an intermediate CA for `csr_pem`. Only the key comes from the CSR
-    /// (`use_csr_values=false`): subject CN `common_name`, exactly the given URI SANs, no SAN
-    /// from the CN, and a path length of 0 (the intermediate signs leaf SVIDs only).
-    pub async fn pki_sign_intermediate(
-        &self,
-        csr_pem: &str,
-        common_name: &str,
-        ttl: Duration,
-        uri_sans: &[String],
-    ) -> Result<SignedIntermediate, BaoError> {
-        let api = format!("{}/root/sign-intermediate", self.inner.pki_mount);
-        let body = serde_json::json!({
-            "csr": csr_pem,
-            "common_name": common_name,
-            "ttl": format!("{}s", ttl.as_secs().max(1)),
-            "format": "pem",
-            "use_csr_values": false,
-            "exclude_cn_from_sans": true,
-            "uri_sans": uri_sans,
-            "max_path_length": 0,
-        });
-        let bytes = serde_json::to_vec(&body).expect("JSON value serializes");
-        let ans = check(
-            self.inner.authed(Method::POST, &api, Some(&bytes)).await?,
-            &api,
-        )?;
-        let d: Signed = decode_data(&ans, &api)?;
-        Ok(SignedIntermediate {
-            certificate_pem: d.certificate,
-            issuing_ca_pem: d.issuing_ca,
-            ca_chain_pem: d.ca_chain,
-            expiration: d.expiration,
-        })
     }
 
     pub fn health(&self) -> BaoHealth {

@@ -1,8 +1,10 @@
 //! Issuance for one workload on OpenBao's side of the trust boundary: the workload's own proof
 //! (its service-account token) logs it in through a JWT auth method, and the short-lived token
 //! that login returns can have a CSR signed only for the identity that proof names (the PKI
-//! role's templated URI SAN, see docs/OPENBAO.md). The private key never leaves the caller, and
-//! the node's own token is not used for either step.
+//! role's templated URI SAN, see docs/OPENBAO.md); the node's own token is not used for either
+//! step. A workload without such a proof is signed with the node's token under a role that
+//! admits only the node's own path (`.../node/<node>/...`). The private key never leaves the
+//! caller.
 
 use super::*;
 
@@ -72,6 +74,32 @@ impl Bao {
         uri: &str,
         ttl: Duration,
     ) -> Result<SignedLeaf, BaoError> {
+        self.sign_leaf(Some(&token.token), role, csr_pem, uri, ttl)
+            .await
+    }
+
+    /// [`Bao::pki_sign`] with the node's own session token: for workloads that proved nothing
+    /// to OpenBao, under a role whose template admits only this node's path.
+    pub async fn pki_sign_as_node(
+        &self,
+        role: &str,
+        csr_pem: &str,
+        uri: &str,
+        ttl: Duration,
+    ) -> Result<SignedLeaf, BaoError> {
+        self.sign_leaf(None, role, csr_pem, uri, ttl).await
+    }
+
+    /// `<pki>/sign/<role>`: only the key comes from the CSR; the one URI SAN `uri`, no SAN
+    /// from a common name. With `token` or (`None`) the node's session.
+    async fn sign_leaf(
+        &self,
+        token: Option<&str>,
+        role: &str,
+        csr_pem: &str,
+        uri: &str,
+        ttl: Duration,
+    ) -> Result<SignedLeaf, BaoError> {
         let api = format!("{}/sign/{role}", self.inner.pki_mount);
         let body = serde_json::to_vec(&serde_json::json!({
             "csr": csr_pem,
@@ -81,12 +109,15 @@ impl Bao {
             "exclude_cn_from_sans": true,
         }))
         .expect("JSON value serializes");
-        let ans = check(
-            self.inner
-                .request(Method::POST, &api, Some(&body), Some(&token.token))
-                .await?,
-            &api,
-        )?;
+        let ans = match token {
+            Some(t) => {
+                self.inner
+                    .request(Method::POST, &api, Some(&body), Some(t))
+                    .await?
+            }
+            None => self.inner.authed(Method::POST, &api, Some(&body)).await?,
+        };
+        let ans = check(ans, &api)?;
         let d: Signed = decode_data(&ans, &api)?;
         Ok(SignedLeaf {
             certificate_pem: d.certificate,

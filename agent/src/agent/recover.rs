@@ -113,9 +113,13 @@ impl Agent {
     /// running before recovery, by network namespace.
     async fn restore(
         &self,
-        rec: Record,
+        mut rec: Record,
         strays: &HashMap<u64, Vec<ProcRef>>,
     ) -> Option<(u64, Attachment, Restored)> {
+        // Records written before `{node.name}` existed: it is this node's, as at attach.
+        rec.workload
+            .node
+            .get_or_insert_with(|| self.ctx.config.node_name.clone());
         let inode = rec.netns_inode;
         let alive: BTreeMap<String, ProcRef> = rec
             .containers

@@ -16,7 +16,8 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    not_after, now_unix, pem_encode, random_serial, zeroizing, IssueError, Issuer, Signer,
+    not_after, now_unix, pem_encode, random_serial, zeroizing, IssueError, Issuer, Issuing, Proof,
+    Signer,
 };
 use crate::keystore::{self, KeystoreError, MasterKey};
 
@@ -210,8 +211,11 @@ impl Issuer for EmbeddedIssuer {
         self.signer.issue_jwt(id, audience)
     }
 
-    fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError> {
-        self.signer.issue_x509(id)
+    /// Signed here, with the trust domain's own root: the node is the authority, so the proof
+    /// was checked when the workload was attached and there is no one else to show it to.
+    fn issue_x509<'a>(&'a self, id: &'a SpiffeId, _proof: Proof<'a>) -> Issuing<'a, X509Svid> {
+        let x = self.signer.issue_x509(id);
+        Box::pin(async move { x })
     }
 }
 
@@ -270,7 +274,7 @@ mod tests {
         assert_eq!(ders.len(), 1);
         let (_, ca) = X509Certificate::from_der(&ders[0]).unwrap();
         let id = SpiffeId::new("example.org", "container/web").unwrap();
-        let x = iss.issue_x509(&id).unwrap();
+        let x = iss.signer.issue_x509(&id).unwrap();
         let leaf_der = crate::spiffe_bundle::pem_certificates(&x.cert_chain_pem)
             .unwrap()
             .remove(0);
@@ -365,9 +369,9 @@ mod tests {
         assert!(iss.issue_jwt(&id, &[]).is_err());
         let foreign = SpiffeId::new("evil.org", "x").unwrap();
         assert!(iss.issue_jwt(&foreign, &["a".into()]).is_err());
-        assert!(iss.issue_x509(&foreign).is_err());
+        assert!(iss.signer.issue_x509(&foreign).is_err());
 
-        let x = iss.issue_x509(&id).unwrap();
+        let x = iss.signer.issue_x509(&id).unwrap();
         assert!(x.cert_chain_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(x.key_pem.contains("PRIVATE KEY"));
         assert_eq!(x.expires_at - x.issued_at, 3600);

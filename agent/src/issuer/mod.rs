@@ -3,8 +3,9 @@
 //! standards). The backends, one per file:
 //!
 //! - [`embedded`]: a trust-domain root CA and JWT key created on first start, sealed at rest.
-//! - [`openbao`]: an intermediate CA from OpenBao's PKI engine under the cluster's root, and a
-//!   per-node JWT key whose public half every node trusts through OpenBao.
+//! - [`openbao`]: OpenBao's PKI engine signs each X.509-SVID against the workload's own proof
+//!   (or, without one, only under the node's path), and a per-node JWT key whose public half
+//!   every node trusts through OpenBao.
 
 pub mod embedded;
 pub mod openbao;
@@ -31,6 +32,46 @@ use zeroize::Zeroizing;
 pub use embedded::{EmbeddedIssuer, IssuerInitError};
 pub use openbao::BaoIssuer;
 
+/// What issuing an X.509-SVID returns (the OpenBao backend asks OpenBao).
+pub type Issuing<'a, T> = Pin<Box<dyn Future<Output = Result<T, IssueError>> + Send + 'a>>;
+
+/// What a workload proved about itself beyond nhid's own observation of its container: an
+/// issuer that lets a third party decide (OpenBao) shows it there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof<'a> {
+    /// Nothing: the node vouches alone (plain containers, Nomad). In cluster mode only IDs
+    /// under the node's own path.
+    Node,
+    /// A Kubernetes pod's kubelet-projected service-account token, at this host path (re-read
+    /// beneath the kubelet root each time it is shown).
+    ServiceAccount {
+        token_path: &'a std::path::Path,
+        namespace: &'a str,
+        pod_uid: &'a str,
+        service_account: &'a str,
+    },
+}
+
+impl<'a> Proof<'a> {
+    /// What `w` proved: its service-account token when the hook read one for its rule.
+    pub fn of(w: &'a nhi_core::Workload) -> Proof<'a> {
+        let Some(k) = &w.k8s else {
+            return Proof::Node;
+        };
+        match (&k.token_path, &k.namespace, &k.pod_uid, &k.service_account) {
+            (Some(token_path), Some(namespace), Some(pod_uid), Some(service_account)) => {
+                Proof::ServiceAccount {
+                    token_path,
+                    namespace,
+                    pod_uid,
+                    service_account,
+                }
+            }
+            _ => Proof::Node,
+        }
+    }
+}
+
 /// What upkeep returns: `Ok(true)` when the trust material (bundle, JWKS) changed and must be
 /// pushed to companions.
 pub type Upkeep<'a> = Pin<Box<dyn Future<Output = Result<bool, String>> + Send + 'a>>;
@@ -47,7 +88,8 @@ pub trait Issuer: Send + Sync {
     /// `spiffe_sequence`, `spiffe_refresh_hint`): see [`crate::spiffe_bundle`].
     fn spiffe_bundle(&self) -> serde_json::Value;
     fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError>;
-    fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError>;
+    /// An X.509-SVID for `id`, for a workload that proved `proof`.
+    fn issue_x509<'a>(&'a self, id: &'a SpiffeId, proof: Proof<'a>) -> Issuing<'a, X509Svid>;
     /// Periodic upkeep (the OpenBao backend renews its intermediate and refreshes the shared
     /// JWKS); called by the sync loop. Nothing to do by default.
     fn maintain(&self) -> Upkeep<'_> {
@@ -67,6 +109,63 @@ pub enum IssueError {
     NoAudience,
     #[error("signing failed: {0}")]
     Sign(String),
+    /// The authority that checks proofs (OpenBao) said no: its reason, as it gave it.
+    #[error("refused by the issuing authority: {0}")]
+    Refused(String),
+    /// The authority could not be asked (OpenBao unreachable); an SVID already held stays
+    /// valid until it expires.
+    #[error("issuing authority unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The JWT-SVID half of a signer: one P-256 key, its JWK and `kid`.
+pub struct JwtSigner {
+    trust_domain: String,
+    jwt_key: EncodingKey,
+    kid: String,
+    jwk: serde_json::Value,
+    jwt_ttl: Duration,
+}
+
+impl JwtSigner {
+    pub fn new(trust_domain: &str, jwt_pkcs8: &[u8], jwt_ttl: Duration) -> Result<Self, String> {
+        let jwt_pair = KeyPair::try_from(jwt_pkcs8).map_err(|e| format!("JWT key: {e}"))?;
+        let (kid, jwk) = jwk_of(&jwt_pair)?;
+        Ok(JwtSigner {
+            trust_domain: trust_domain.into(),
+            jwt_key: EncodingKey::from_ec_der(jwt_pkcs8),
+            kid,
+            jwk,
+            jwt_ttl,
+        })
+    }
+
+    /// This key's public JWK.
+    pub fn jwk(&self) -> &serde_json::Value {
+        &self.jwk
+    }
+}
+
+/// `id` must be in `trust_domain`.
+pub fn check_domain(trust_domain: &str, id: &SpiffeId) -> Result<(), IssueError> {
+    if id.trust_domain() != trust_domain {
+        return Err(IssueError::ForeignTrustDomain(id.to_string()));
+    }
+    Ok(())
+}
+
+/// A fresh P-256 key for `id` and a CSR naming only `id` (URI SAN), for an authority that signs
+/// elsewhere: the key never leaves this process.
+pub fn key_and_csr(id: &SpiffeId) -> Result<(KeyPair, String), IssueError> {
+    let s = |e: rcgen::Error| IssueError::Sign(e.to_string());
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(s)?;
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "SPIFFE");
+    p.distinguished_name = dn;
+    p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(s)?)];
+    let csr = p.serialize_request(&key).and_then(|c| c.pem()).map_err(s)?;
+    Ok((key, csr))
 }
 
 /// Signs SVIDs with one CA key (a root, or an intermediate under a shared root) and one JWT
@@ -78,10 +177,7 @@ pub struct Signer {
     /// CA is itself the root.
     chain_pem: String,
     bundle_pem: String,
-    jwt_key: EncodingKey,
-    kid: String,
-    jwk: serde_json::Value,
-    jwt_ttl: Duration,
+    jwt: JwtSigner,
     x509_ttl: Duration,
     /// Unix time the CA certificate expires; leaves never outlive it.
     ca_not_after: u64,
@@ -130,17 +226,12 @@ impl Signer {
         let ca_cert_der = rustls_pki_types::CertificateDer::from(ca_der.to_vec());
         let ca = CaIssuer::from_ca_cert_der(&ca_cert_der, ca_key)
             .map_err(|e| format!("CA certificate: {e}"))?;
-        let jwt_pair = KeyPair::try_from(jwt_pkcs8).map_err(|e| format!("JWT key: {e}"))?;
-        let (kid, jwk) = jwk_of(&jwt_pair)?;
         Ok(Signer {
             trust_domain: trust_domain.into(),
             ca,
             chain_pem,
             bundle_pem,
-            jwt_key: EncodingKey::from_ec_der(jwt_pkcs8),
-            kid,
-            jwk,
-            jwt_ttl,
+            jwt: JwtSigner::new(trust_domain, jwt_pkcs8, jwt_ttl)?,
             x509_ttl,
             ca_not_after,
         })
@@ -152,14 +243,11 @@ impl Signer {
 
     /// This signer's public JWK.
     pub fn jwk(&self) -> &serde_json::Value {
-        &self.jwk
+        self.jwt.jwk()
     }
 
-    fn check_domain(&self, id: &SpiffeId) -> Result<(), IssueError> {
-        if id.trust_domain() != self.trust_domain {
-            return Err(IssueError::ForeignTrustDomain(id.to_string()));
-        }
-        Ok(())
+    pub fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
+        self.jwt.issue_jwt(id, audience)
     }
 }
 
@@ -201,9 +289,9 @@ struct Claims<'a> {
     jti: String,
 }
 
-impl Signer {
+impl JwtSigner {
     pub fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
-        self.check_domain(id)?;
+        check_domain(&self.trust_domain, id)?;
         if audience.is_empty() {
             return Err(IssueError::NoAudience);
         }
@@ -231,9 +319,11 @@ impl Signer {
             expires_at: exp,
         })
     }
+}
 
+impl Signer {
     pub fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError> {
-        self.check_domain(id)?;
+        check_domain(&self.trust_domain, id)?;
         let s = |e: rcgen::Error| IssueError::Sign(e.to_string());
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(s)?;
         let iat = now_unix();
@@ -271,5 +361,77 @@ impl Signer {
             issued_at: iat,
             expires_at,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nhi_core::workload::K8s;
+    use nhi_core::Workload;
+
+    #[test]
+    fn only_a_pod_whose_hook_read_its_token_has_a_service_account_proof() {
+        let mut w = Workload {
+            container_id: "c".into(),
+            ..Default::default()
+        };
+        assert_eq!(Proof::of(&w), Proof::Node, "plain container");
+        w.k8s = Some(K8s {
+            namespace: Some("prod".into()),
+            pod_uid: Some("u1".into()),
+            service_account: Some("web".into()),
+            ..Default::default()
+        });
+        assert_eq!(Proof::of(&w), Proof::Node, "no token read for its rule");
+        let path = std::path::PathBuf::from("/var/lib/kubelet/pods/u1/volumes/x/token");
+        w.k8s.as_mut().unwrap().token_path = Some(path.clone());
+        assert_eq!(
+            Proof::of(&w),
+            Proof::ServiceAccount {
+                token_path: &path,
+                namespace: "prod",
+                pod_uid: "u1",
+                service_account: "web",
+            }
+        );
+        w.k8s.as_mut().unwrap().pod_uid = None;
+        assert_eq!(Proof::of(&w), Proof::Node, "every part or nothing");
+    }
+
+    #[test]
+    fn a_csr_names_exactly_the_identity_and_keeps_the_key() {
+        let id = SpiffeId::new("td", "ns/prod/sa/web").unwrap();
+        let (key, pem) = key_and_csr(&id).unwrap();
+        let der = crate::spiffe_bundle::pem_certificates(
+            &pem.replace("CERTIFICATE REQUEST", "CERTIFICATE"),
+        )
+        .unwrap()
+        .remove(0);
+        use x509_parser::prelude::FromDer;
+        let (_, csr) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&der).unwrap();
+        use rcgen::PublicKeyData;
+        assert_eq!(
+            csr.certification_request_info.subject_pki.raw,
+            key.subject_public_key_info().as_slice()
+        );
+        assert!(!pem.contains("PRIVATE"));
+        let uris: Vec<String> = csr
+            .requested_extensions()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match e {
+                x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) => Some(
+                    san.general_names
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(uris, ["URI(spiffe://td/ns/prod/sa/web)"]);
     }
 }

@@ -1,56 +1,74 @@
-//! The cluster issuer on OpenBao: one trust domain root in OpenBao's PKI engine; each node has
-//! the root sign an intermediate CA for a key that never leaves the node (short TTL, renewed at
-//! half-life), and signs X.509-SVIDs with it locally, so leaves from every node chain to the
-//! same root and issuance needs no round trip. Each node also has its own JWT signing key
-//! (sealed in its state dir) and publishes the public half at `<kv_prefix>/nodes/<node>/jwks`;
-//! the JWKS every node serves is the union, so a JWT-SVID from node A verifies on node B.
-//! What it last had (intermediate and key, bundle, JWKS) is kept in the sealed cache
-//! (`crate::store::sealed_cache`), so it starts while OpenBao is unreachable.
+//! The cluster issuer on OpenBao. OpenBao, not the node, decides which X.509-SVID a workload
+//! gets, so a compromised node cannot mint the rest of the cluster's identities:
+//!
+//! - a Kubernetes pod proves itself with its kubelet-projected service-account token: nhid logs
+//!   it in through OpenBao's JWT auth method (which checks the token against the cluster's
+//!   keys) and has a CSR signed with the short-lived token that login returns, under a PKI role
+//!   whose URI SAN template derives the SPIFFE ID from the token's claims. The OpenBao token is
+//!   cached per service account until shortly before it expires;
+//! - a workload without such a proof is signed with the node's own AppRole token under a role
+//!   whose template admits only the node's path (`spiffe://<td>/node/<node>/...`).
+//!
+//! The private key of every SVID is made here and never leaves the node (CSR). The node has no
+//! CA key; the bundle is OpenBao's root. JWT-SVIDs are still signed with a per-node key (sealed
+//! in the state dir) whose public half is published at `<kv_prefix>/nodes/<node>/jwks`; the
+//! JWKS every node serves is the union, so a JWT-SVID from node A verifies on node B (what that
+//! lets a compromised node do: docs/OPENBAO.md, "Threat model"). The bundle and JWKS are kept
+//! in the sealed cache (`crate::store::sealed_cache`) so nhid starts while OpenBao is
+//! unreachable; X.509-SVIDs then wait for OpenBao (companions keep serving theirs until they
+//! expire).
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use nhi_core::config::Config;
 use nhi_core::wire::{JwtSvid, X509Svid};
 use nhi_core::SpiffeId;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
-    PKCS_ECDSA_P256_SHA256,
-};
+use rcgen::{KeyPair, PublicKeyData, PKCS_ECDSA_P256_SHA256};
 use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
-use super::{now_unix, IssueError, Issuer, Signer, Upkeep};
+use super::{
+    check_domain, key_and_csr, now_unix, IssueError, Issuer, Issuing, JwtSigner, Proof, Upkeep,
+};
 use crate::keystore::{self, MasterKey};
 use crate::store::sealed_cache::{BaoCache, IssuerState};
-use nhi_openbao::{Bao, BaoError};
+use nhi_openbao::{Bao, BaoError, SignedLeaf, WorkloadToken};
 
 const JWT_KEY_FILE: &str = "node-jwt.sealed";
 const JWT_KEY_LABEL: &str = "nhi/node-jwt-key/v1";
+/// A cached workload token is not used closer than this to its expiry.
+const TOKEN_MARGIN: u64 = 30;
 
+/// What verifiers need, as last obtained.
 struct Current {
-    signer: Arc<Signer>,
-    issued_at: u64,
     bundle_pem: String,
     jwks: Value,
     spiffe_sequence: u64,
     spiffe_bundle: Value,
-    /// The intermediate (PEM) and its key (PKCS#8 DER) behind `signer`, for the sealed cache.
-    chain_pem: String,
-    key_pkcs8: Zeroizing<Vec<u8>>,
+}
+
+/// Where in OpenBao proofs are checked and SVIDs signed (`[openbao]`).
+struct Roles {
+    auth_mount: String,
+    auth_role: String,
+    workload_pki: String,
+    node_pki: String,
 }
 
 pub struct BaoIssuer {
     bao: Bao,
     trust_domain: String,
     node: String,
-    intermediate_ttl: Duration,
-    jwt_ttl: Duration,
     x509_ttl: Duration,
-    jwt_pkcs8: Zeroizing<Vec<u8>>,
-    /// This node's public JWT key: always in the JWKS it serves.
-    own_jwk: Value,
+    jwt: JwtSigner,
+    roles: Roles,
+    kubelet_root: PathBuf,
+    /// Workload tokens from JWT logins, per (namespace, service account).
+    tokens: Mutex<HashMap<(String, String), Arc<WorkloadToken>>>,
     current: RwLock<Current>,
     cache: Arc<BaoCache>,
     /// Started from the sealed cache and not refreshed from OpenBao since (its JWT key is
@@ -80,6 +98,18 @@ impl StartError {
     }
 }
 
+/// OpenBao's answer to a signing or login request, as an issuance error: a refusal keeps
+/// OpenBao's reason; an outage says the authority could not be asked.
+fn authority(what: &str, e: BaoError) -> IssueError {
+    if e.is_outage() {
+        IssueError::Unavailable(format!("{what}: {e}"))
+    } else if matches!(e, BaoError::Status { .. }) {
+        IssueError::Refused(format!("{what}: {e}"))
+    } else {
+        IssueError::Sign(format!("{what}: {e}"))
+    }
+}
+
 /// This node's JWT key: created once, sealed with the master key in the state dir.
 fn node_jwt_key(cfg: &Config) -> Result<Zeroizing<Vec<u8>>, String> {
     keystore::create_private_dir(&cfg.state_dir).map_err(|e| e.to_string())?;
@@ -105,18 +135,6 @@ fn node_jwt_key(cfg: &Config) -> Result<Zeroizing<Vec<u8>>, String> {
     Ok(der)
 }
 
-fn pem_to_der(pem: &str) -> Result<Vec<u8>, String> {
-    let body: String = pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect::<Vec<_>>()
-        .concat();
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(body.trim())
-        .map_err(|e| format!("PEM: {e}"))
-}
-
 /// `jwks` with `own` added if no key of its `kid` is in it.
 fn with_own(mut jwks: Value, own: &Value) -> Value {
     if let Some(keys) = jwks.get_mut("keys").and_then(Value::as_array_mut) {
@@ -128,11 +146,86 @@ fn with_own(mut jwks: Value, own: &Value) -> Value {
     jwks
 }
 
+fn current(bundle_pem: String, jwks: Value) -> Result<Current, String> {
+    let spiffe_sequence = crate::spiffe_bundle::next_sequence(0, now_unix());
+    let spiffe_bundle = crate::spiffe_bundle::build(&bundle_pem, &jwks, spiffe_sequence)?;
+    Ok(Current {
+        bundle_pem,
+        jwks,
+        spiffe_sequence,
+        spiffe_bundle,
+    })
+}
+
+/// Checks that OpenBao signed what was asked (exactly `id`, for `key`) and builds the SVID:
+/// the leaf, then any CA certificate of OpenBao's chain not already an anchor in `bundle_pem`.
+fn svid_of(
+    id: &SpiffeId,
+    key: &KeyPair,
+    leaf: SignedLeaf,
+    bundle_pem: &str,
+    issued_at: u64,
+) -> Result<X509Svid, IssueError> {
+    let bad = |why: String| IssueError::Sign(format!("OpenBao's certificate for {id}: {why}"));
+    let ders = crate::spiffe_bundle::pem_certificates(&leaf.certificate_pem).map_err(bad)?;
+    let der = ders.first().ok_or_else(|| bad("no certificate".into()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| bad(format!("parse: {e}")))?;
+    let uris: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if uris != [id.as_str()] {
+        return Err(bad(format!("names {uris:?}, not only {id}")));
+    }
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(bad("signed another key than this node's CSR".into()));
+    }
+    let serial = cert
+        .serial
+        .to_bytes_be()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let anchors = crate::spiffe_bundle::pem_certificates(bundle_pem).unwrap_or_default();
+    let mut chain = leaf.certificate_pem.trim_end().to_string();
+    chain.push('\n');
+    for ca in &leaf.ca_chain_pem {
+        let is_anchor = crate::spiffe_bundle::pem_certificates(ca)
+            .map(|d| d.iter().all(|c| anchors.contains(c)))
+            .unwrap_or(true);
+        if !is_anchor {
+            chain.push_str(ca.trim_end());
+            chain.push('\n');
+        }
+    }
+    Ok(X509Svid {
+        spiffe_id: id.to_string(),
+        cert_chain_pem: chain,
+        key_pem: key.serialize_pem(),
+        bundle_pem: bundle_pem.to_string(),
+        serial,
+        issued_at,
+        expires_at: leaf.expiration,
+    })
+}
+
 impl BaoIssuer {
-    /// Publishes this node's JWT key, gets an intermediate and the shared JWKS from OpenBao.
+    /// Publishes this node's JWT key and gets the bundle and the shared JWKS from OpenBao.
     /// While OpenBao is unreachable it starts from the sealed cache of the last run instead
-    /// (intermediate and key while valid, bundle, JWKS) and returns why it is degraded; without
-    /// a cache it cannot start.
+    /// and returns why it is degraded; without a cache it cannot start.
     pub async fn start(
         cfg: &Config,
         bao: Bao,
@@ -142,31 +235,20 @@ impl BaoIssuer {
             .openbao
             .as_ref()
             .ok_or("issuer.kind = \"openbao\" needs an [openbao] section")?;
+        if ob.intermediate_ttl.is_some() {
+            tracing::warn!("openbao.intermediate_ttl is no longer used: OpenBao signs every X.509-SVID and nodes hold no intermediate CA; remove it from the config");
+        }
         let jwt_pkcs8 = node_jwt_key(cfg)?;
-        let own_jwk = KeyPair::try_from(&jwt_pkcs8[..])
-            .map_err(|e| e.to_string())
-            .and_then(|k| crate::issuer::jwk_of(&k))?
-            .1;
+        let jwt = JwtSigner::new(&cfg.trust_domain, &jwt_pkcs8, cfg.issuer.jwt_ttl)?;
         let node = cfg.node_name.clone();
-        let (current, degraded) = match Self::online(
-            &bao,
-            &cfg.trust_domain,
-            &node,
-            ob.intermediate_ttl,
-            &jwt_pkcs8,
-            &own_jwk,
-            (cfg.issuer.jwt_ttl, cfg.issuer.x509_ttl),
-        )
-        .await
-        {
+        let (current, degraded) = match Self::online(&bao, &node, jwt.jwk()).await {
             Ok(c) => (c, None),
             Err(e) if e.outage => {
-                let c = Self::cached(cfg, &cache, &jwt_pkcs8, &own_jwk)
+                let c = Self::cached(cfg, &cache, jwt.jwk())
                     .map_err(|why| format!("OpenBao is unreachable ({}) and {why}", e.message))?;
-                let until = c.signer.ca_not_after();
-                tracing::warn!(node = %node, intermediate_expires = until, "OpenBao unreachable ({}): starting from the sealed cache", e.message);
+                tracing::warn!(node = %node, "OpenBao unreachable ({}): starting from the sealed cache; X.509-SVIDs wait for OpenBao", e.message);
                 let why = format!(
-                    "issuer: started from the sealed cache (intermediate CA valid until {until}, unix), OpenBao unreachable: {}",
+                    "issuer: started from the sealed cache (bundle, JWKS), OpenBao unreachable: {}; no X.509-SVID can be issued until it answers",
                     e.message
                 );
                 (c, Some(why))
@@ -174,17 +256,22 @@ impl BaoIssuer {
             Err(e) => return Err(e.message),
         };
         if degraded.is_none() {
-            tracing::info!(node = %node, intermediate_expires = current.signer.ca_not_after(), "OpenBao issuer ready");
+            tracing::info!(node = %node, "OpenBao issuer ready");
         }
         let issuer = BaoIssuer {
             bao,
             trust_domain: cfg.trust_domain.clone(),
             node,
-            intermediate_ttl: ob.intermediate_ttl,
-            jwt_ttl: cfg.issuer.jwt_ttl,
             x509_ttl: cfg.issuer.x509_ttl,
-            jwt_pkcs8,
-            own_jwk,
+            jwt,
+            roles: Roles {
+                auth_mount: ob.workload_auth_mount.clone(),
+                auth_role: ob.workload_auth_role.clone(),
+                workload_pki: ob.workload_pki_role.clone(),
+                node_pki: ob.node_pki_role.clone(),
+            },
+            kubelet_root: cfg.kubernetes.kubelet_root.clone(),
+            tokens: Mutex::new(HashMap::new()),
             current: RwLock::new(current),
             cache,
             from_cache: AtomicBool::new(degraded.is_some()),
@@ -195,55 +282,20 @@ impl BaoIssuer {
         Ok((issuer, degraded))
     }
 
-    /// Everything from OpenBao: this node's JWT key published, a new intermediate, the root
-    /// and every node's JWT keys.
-    async fn online(
-        bao: &Bao,
-        trust_domain: &str,
-        node: &str,
-        intermediate_ttl: Duration,
-        jwt_pkcs8: &[u8],
-        own_jwk: &Value,
-        ttls: (Duration, Duration),
-    ) -> Result<Current, StartError> {
-        let (signer, chain_pem, key_pkcs8) = Self::new_signer(
-            bao,
-            trust_domain,
-            node,
-            intermediate_ttl,
-            jwt_pkcs8,
-            ttls.0,
-            ttls.1,
-        )
-        .await?;
+    /// Everything from OpenBao: this node's JWT key published, the root and every node's JWT
+    /// keys.
+    async fn online(bao: &Bao, node: &str, own_jwk: &Value) -> Result<Current, StartError> {
         Self::publish(bao, node, own_jwk).await?;
         let bundle_pem = bao
             .pki_root_ca_pem()
             .await
             .map_err(StartError::bao("root CA"))?;
         let jwks = with_own(Self::fetch_jwks(bao).await?, own_jwk);
-        let spiffe_sequence = crate::spiffe_bundle::next_sequence(0, now_unix());
-        let spiffe_bundle = crate::spiffe_bundle::build(&bundle_pem, &jwks, spiffe_sequence)
-            .map_err(StartError::local)?;
-        Ok(Current {
-            signer: Arc::new(signer),
-            issued_at: now_unix(),
-            bundle_pem,
-            jwks,
-            spiffe_sequence,
-            spiffe_bundle,
-            chain_pem,
-            key_pkcs8,
-        })
+        current(bundle_pem, jwks).map_err(StartError::local)
     }
 
-    /// The issuer as the sealed cache holds it, for this trust domain and node.
-    fn cached(
-        cfg: &Config,
-        cache: &BaoCache,
-        jwt_pkcs8: &[u8],
-        own_jwk: &Value,
-    ) -> Result<Current, String> {
+    /// The bundle and JWKS as the sealed cache holds them, for this trust domain and node.
+    fn cached(cfg: &Config, cache: &BaoCache, own_jwk: &Value) -> Result<Current, String> {
         let path = cache.issuer_path();
         let st = cache.issuer().ok_or_else(|| {
             format!(
@@ -261,54 +313,18 @@ impl BaoIssuer {
                 cfg.node_name
             ));
         }
-        use base64::Engine;
-        let key_pkcs8 = Zeroizing::new(
-            base64::engine::general_purpose::STANDARD
-                .decode(&st.key_pkcs8)
-                .map_err(|e| format!("{}: key: {e}", path.display()))?,
-        );
-        let key = KeyPair::try_from(&key_pkcs8[..])
-            .map_err(|e| format!("{}: key: {e}", path.display()))?;
-        let der = pem_to_der(&st.chain_pem)?;
-        let signer = Signer::new(
-            &cfg.trust_domain,
-            &der,
-            key,
-            st.chain_pem.clone(),
-            st.bundle_pem.clone(),
-            jwt_pkcs8,
-            cfg.issuer.jwt_ttl,
-            cfg.issuer.x509_ttl,
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-        let jwks = with_own(st.jwks.clone(), own_jwk);
-        let spiffe_sequence = crate::spiffe_bundle::next_sequence(0, now_unix());
-        let spiffe_bundle = crate::spiffe_bundle::build(&st.bundle_pem, &jwks, spiffe_sequence)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Current {
-            signer: Arc::new(signer),
-            issued_at: st.issued_at,
-            bundle_pem: st.bundle_pem.clone(),
-            jwks,
-            spiffe_sequence,
-            spiffe_bundle,
-            chain_pem: st.chain_pem.clone(),
-            key_pkcs8,
-        })
+        current(st.bundle_pem.clone(), with_own(st.jwks.clone(), own_jwk))
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Writes the current state to the sealed cache.
     fn save_cache(&self) {
-        use base64::Engine;
         let c = self.current.read().unwrap_or_else(|p| p.into_inner());
         self.cache.save_issuer(&IssuerState {
             trust_domain: self.trust_domain.clone(),
             node: self.node.clone(),
-            chain_pem: c.chain_pem.clone(),
-            key_pkcs8: base64::engine::general_purpose::STANDARD.encode(&c.key_pkcs8[..]),
             bundle_pem: c.bundle_pem.clone(),
             jwks: c.jwks.clone(),
-            issued_at: c.issued_at,
             saved_at: now_unix(),
         });
     }
@@ -322,60 +338,6 @@ impl BaoIssuer {
             .await
             .map(|_| ())
             .map_err(StartError::bao("publishing this node's JWT key"))
-    }
-
-    /// A fresh key signed by the root as this node's intermediate; also returns the
-    /// intermediate's PEM and the key's PKCS#8 DER.
-    #[allow(clippy::too_many_arguments)]
-    async fn new_signer(
-        bao: &Bao,
-        trust_domain: &str,
-        node: &str,
-        ttl: Duration,
-        jwt_pkcs8: &[u8],
-        jwt_ttl: Duration,
-        x509_ttl: Duration,
-    ) -> Result<(Signer, String, Zeroizing<Vec<u8>>), StartError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| StartError::local(e.to_string()))?;
-        let key_pkcs8 = Zeroizing::new(key.serialize_der());
-        let mut p = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            format!("nhi {trust_domain} node {node}"),
-        );
-        p.distinguished_name = dn;
-        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        let csr = p
-            .serialize_request(&key)
-            .and_then(|c| c.pem())
-            .map_err(|e| StartError::local(format!("CSR: {e}")))?;
-        let signed = bao
-            .pki_sign_intermediate(
-                &csr,
-                &format!("nhi {trust_domain} node {node}"),
-                ttl,
-                &[format!("spiffe://{trust_domain}")],
-            )
-            .await
-            .map_err(StartError::bao("intermediate CA"))?;
-        let der = pem_to_der(&signed.certificate_pem).map_err(StartError::local)?;
-        let bundle = signed.issuing_ca_pem.clone();
-        let mut chain = signed.certificate_pem.trim_end().to_string();
-        chain.push('\n');
-        let signer = Signer::new(
-            trust_domain,
-            &der,
-            key,
-            chain.clone(),
-            bundle,
-            jwt_pkcs8,
-            jwt_ttl,
-            x509_ttl,
-        )
-        .map_err(StartError::local)?;
-        Ok((signer, chain, key_pkcs8))
     }
 
     /// The union of every node's published JWT keys, each reduced to the parameters the SPIFFE
@@ -411,39 +373,15 @@ impl BaoIssuer {
         Ok(crate::spiffe_bundle::clean_jwks(&json!({ "keys": keys })))
     }
 
-    /// Renews the intermediate at half-life and refreshes the bundle and JWKS (after a start
-    /// from the sealed cache, publishes this node's JWT key first). Returns whether what
-    /// verifiers need (bundle, JWKS) changed.
-    async fn renew_and_refresh(&self) -> Result<bool, String> {
+    /// Refreshes the bundle and JWKS (after a start from the sealed cache, publishes this
+    /// node's JWT key first). Returns whether what verifiers need changed.
+    async fn refresh(&self) -> Result<bool, String> {
         let recovering = self.from_cache.load(Ordering::SeqCst);
         if recovering {
-            Self::publish(&self.bao, &self.node, &self.own_jwk)
+            Self::publish(&self.bao, &self.node, self.jwt.jwk())
                 .await
                 .map_err(|e| e.message)?;
         }
-        let (issued_at, not_after) = {
-            let c = self.current.read().unwrap_or_else(|p| p.into_inner());
-            (c.issued_at, c.signer.ca_not_after())
-        };
-        let now = now_unix();
-        let renew = now >= issued_at + not_after.saturating_sub(issued_at) / 2;
-        let new_signer = if renew {
-            let s = Self::new_signer(
-                &self.bao,
-                &self.trust_domain,
-                &self.node,
-                self.intermediate_ttl,
-                &self.jwt_pkcs8,
-                self.jwt_ttl,
-                self.x509_ttl,
-            )
-            .await
-            .map_err(|e| e.message)?;
-            tracing::info!(node = %self.node, expires = s.0.ca_not_after(), "intermediate CA renewed");
-            Some(s)
-        } else {
-            None
-        };
         let bundle_pem = self
             .bao
             .pki_root_ca_pem()
@@ -451,19 +389,13 @@ impl BaoIssuer {
             .map_err(|e| e.to_string())?;
         let jwks = with_own(
             Self::fetch_jwks(&self.bao).await.map_err(|e| e.message)?,
-            &self.own_jwk,
+            self.jwt.jwk(),
         );
         let changed = {
             let mut c = self.current.write().unwrap_or_else(|p| p.into_inner());
-            if let Some((signer, chain_pem, key_pkcs8)) = new_signer {
-                c.signer = Arc::new(signer);
-                c.issued_at = now;
-                c.chain_pem = chain_pem;
-                c.key_pkcs8 = key_pkcs8;
-            }
             let changed = c.bundle_pem != bundle_pem || c.jwks != jwks;
             if changed {
-                let seq = crate::spiffe_bundle::next_sequence(c.spiffe_sequence, now);
+                let seq = crate::spiffe_bundle::next_sequence(c.spiffe_sequence, now_unix());
                 c.spiffe_bundle = crate::spiffe_bundle::build(&bundle_pem, &jwks, seq)?;
                 c.spiffe_sequence = seq;
             }
@@ -471,7 +403,8 @@ impl BaoIssuer {
             c.jwks = jwks;
             changed
         };
-        if changed || renew || recovering {
+        self.prune_tokens();
+        if changed || recovering {
             self.save_cache();
         }
         if recovering {
@@ -481,27 +414,146 @@ impl BaoIssuer {
         Ok(changed)
     }
 
+    /// A cached workload token of `key` still good for a while.
+    fn cached_token(&self, key: &(String, String)) -> Option<Arc<WorkloadToken>> {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens
+            .get(key)
+            .filter(|t| t.expires_at.is_none_or(|e| e > now_unix() + TOKEN_MARGIN))
+            .cloned()
+    }
+
+    /// Drops workload tokens about to expire (and so the entries of pods long gone).
+    fn prune_tokens(&self) {
+        let now = now_unix();
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, t| t.expires_at.is_none_or(|e| e > now + TOKEN_MARGIN));
+    }
+
+    /// Logs the pod in with its service-account token, re-read beneath the kubelet root and
+    /// checked to still name the identity's namespace, pod and service account.
+    async fn login(
+        &self,
+        token_path: &Path,
+        namespace: &str,
+        pod_uid: &str,
+        service_account: &str,
+    ) -> Result<Arc<WorkloadToken>, IssueError> {
+        let refused = |why: String| {
+            IssueError::Refused(format!(
+                "service-account token of pod {pod_uid} ({namespace}/{service_account}): {why}"
+            ))
+        };
+        let jwt = Zeroizing::new(
+            nhi_core::k8s::read_projected_token(&self.kubelet_root, token_path, pod_uid)
+                .map_err(refused)?,
+        );
+        let sa = nhi_core::k8s::service_account(&jwt, namespace, pod_uid).map_err(refused)?;
+        if sa != service_account {
+            return Err(refused(format!(
+                "the token now names service account {sa:?}"
+            )));
+        }
+        let token = self
+            .bao
+            .login_jwt(&self.roles.auth_mount, &self.roles.auth_role, jwt.trim())
+            .await
+            .map_err(|e| authority("OpenBao login with the pod's service-account token", e))?;
+        let token = Arc::new(token);
+        let key = (namespace.to_string(), service_account.to_string());
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, token.clone());
+        Ok(token)
+    }
+
+    /// OpenBao signs `csr` for a pod under the workload role, with the pod's own token (cached
+    /// per service account; a cached one OpenBao no longer accepts is replaced once).
+    async fn sign_for_pod(
+        &self,
+        id: &SpiffeId,
+        csr: &str,
+        proof: (&Path, &str, &str, &str),
+    ) -> Result<SignedLeaf, IssueError> {
+        let (token_path, namespace, pod_uid, service_account) = proof;
+        let key = (namespace.to_string(), service_account.to_string());
+        let mut cached = self.cached_token(&key);
+        loop {
+            let was_cached = cached.is_some();
+            let token = match cached.take() {
+                Some(t) => t,
+                None => {
+                    self.login(token_path, namespace, pod_uid, service_account)
+                        .await?
+                }
+            };
+            match self
+                .bao
+                .pki_sign(
+                    &token,
+                    &self.roles.workload_pki,
+                    csr,
+                    id.as_str(),
+                    self.x509_ttl,
+                )
+                .await
+            {
+                Err(BaoError::Status { code: 403, .. }) if was_cached => {
+                    // Revoked or expired early: log in again.
+                    self.tokens
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
+                }
+                other => {
+                    return other.map_err(|e| {
+                        authority(
+                            &format!("OpenBao signing {id} for the pod's service account"),
+                            e,
+                        )
+                    })
+                }
+            }
+        }
+    }
+
+    async fn sign_x509(&self, id: &SpiffeId, proof: Proof<'_>) -> Result<X509Svid, IssueError> {
+        check_domain(&self.trust_domain, id)?;
+        let (key, csr) = key_and_csr(id)?;
+        let issued_at = now_unix();
+        let leaf = match proof {
+            Proof::Node => self
+                .bao
+                .pki_sign_as_node(&self.roles.node_pki, &csr, id.as_str(), self.x509_ttl)
+                .await
+                .map_err(|e| {
+                    authority(
+                        &format!("OpenBao signing {id} on node {}'s word alone", self.node),
+                        e,
+                    )
+                })?,
+            Proof::ServiceAccount {
+                token_path,
+                namespace,
+                pod_uid,
+                service_account,
+            } => {
+                self.sign_for_pod(id, &csr, (token_path, namespace, pod_uid, service_account))
+                    .await?
+            }
+        };
+        let bundle = self.bundle_pem();
+        svid_of(id, &key, leaf, &bundle, issued_at)
+    }
+
     /// Why the issuer is degraded while it still runs on the sealed cache.
     fn on_cache(&self) -> Option<String> {
         self.from_cache.load(Ordering::SeqCst).then(|| {
-            let until = self
-                .current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .signer
-                .ca_not_after();
-            format!(
-                "issuer: serving from the sealed cache until OpenBao answers (intermediate CA valid until {until}, unix)"
-            )
+            "issuer: serving the bundle and JWKS from the sealed cache until OpenBao answers; no X.509-SVID can be issued until then".to_string()
         })
-    }
-
-    fn signer(&self) -> Arc<Signer> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .signer
-            .clone()
     }
 }
 
@@ -539,15 +591,15 @@ impl Issuer for BaoIssuer {
     }
 
     fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
-        self.signer().issue_jwt(id, audience)
+        self.jwt.issue_jwt(id, audience)
     }
 
-    fn issue_x509(&self, id: &SpiffeId) -> Result<X509Svid, IssueError> {
-        self.signer().issue_x509(id)
+    fn issue_x509<'a>(&'a self, id: &'a SpiffeId, proof: Proof<'a>) -> Issuing<'a, X509Svid> {
+        Box::pin(self.sign_x509(id, proof))
     }
 
     fn maintain(&self) -> Upkeep<'_> {
-        Box::pin(self.renew_and_refresh())
+        Box::pin(self.refresh())
     }
 
     fn degraded(&self) -> Option<String> {

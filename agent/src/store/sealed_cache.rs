@@ -1,8 +1,7 @@
 //! The sealed on-disk cache of what OpenBao last gave this node, so `nhid` can start (a node
 //! reboot, an upgrade) and keep serving while OpenBao is unreachable:
 //!
-//! - the issuer: this node's intermediate CA certificate and private key (while valid), the
-//!   trust bundle and the cluster's JWKS (`issuer.sealed`);
+//! - the issuer's trust material: the bundle and the cluster's JWKS (`issuer.sealed`);
 //! - the revocation list (`revocations.sealed`): never start forgetting a revocation;
 //! - each secret a workload read, with when it was fetched (`secrets/<name>.sealed`): served
 //!   from here only while `store.secret_ttl` since that fetch has not run out, the same bound
@@ -11,8 +10,9 @@
 //! Every file is sealed with the node's master key (`crate::keystore`: XChaCha20-Poly1305,
 //! associated data naming the file's purpose and, for secrets, the name, so a file renamed to
 //! another name does not open), written atomically, under `<state_dir>/openbao-cache/` (0700).
-//! Credentials issued to workloads are not cached: with the intermediate and the node's own JWT
-//! key (`node-jwt.sealed`) `nhid` issues fresh ones, and none could outlive the intermediate.
+//! Credentials issued to workloads are not cached here: companions hold theirs until they
+//! expire; JWT-SVIDs are signed with the node's own JWT key (`node-jwt.sealed`), X.509-SVIDs
+//! only by OpenBao (none can be issued while it is unreachable).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,39 +32,16 @@ use nhi_core::clock::now_unix;
 const DIR: &str = "openbao-cache";
 const LABEL: &str = "nhi/openbao-cache/v1";
 
-/// The issuer's state as last obtained from OpenBao.
-#[derive(Clone, Serialize, Deserialize)]
+/// The issuer's state as last obtained from OpenBao: what verifiers need. No signing key: the
+/// node has none for X.509-SVIDs (OpenBao signs them), and its JWT key is sealed on its own.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct IssuerState {
     pub trust_domain: String,
     pub node: String,
-    /// This node's intermediate CA certificate (PEM): the chain leaves carry.
-    pub chain_pem: String,
-    /// Its private key, PKCS#8 DER, base64.
-    pub key_pkcs8: String,
     pub bundle_pem: String,
     pub jwks: serde_json::Value,
-    /// When the intermediate was signed (unix), for its renewal at half-life.
-    pub issued_at: u64,
     /// When this state was written (unix).
     pub saved_at: u64,
-}
-
-impl std::fmt::Debug for IssuerState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuerState")
-            .field("trust_domain", &self.trust_domain)
-            .field("node", &self.node)
-            .field("key_pkcs8", &"<redacted>")
-            .field("issued_at", &self.issued_at)
-            .field("saved_at", &self.saved_at)
-            .finish()
-    }
-}
-
-impl Drop for IssuerState {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.key_pkcs8);
-    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -278,20 +255,16 @@ mod tests {
         let state = IssuerState {
             trust_domain: "td".into(),
             node: "n".into(),
-            chain_pem: "chain".into(),
-            key_pkcs8: "a2V5".into(),
-            bundle_pem: "bundle".into(),
+            bundle_pem: "bundle-pem".into(),
             jwks: serde_json::json!({"keys": []}),
-            issued_at: 1,
             saved_at: 2,
         };
         c.save_issuer(&state);
-        assert!(!format!("{state:?}").contains("a2V5"));
         // Nothing readable on disk.
         for f in ["secrets/db.sealed", "issuer.sealed", "revocations.sealed"] {
             let raw = std::fs::read(d.path().join(DIR).join(f)).unwrap();
             let raw = String::from_utf8_lossy(&raw);
-            for plain in ["hunter2", "aHVudGVyMg", "a2V5", "spiffe://td/x", "chain"] {
+            for plain in ["hunter2", "aHVudGVyMg", "spiffe://td/x", "bundle-pem"] {
                 assert!(!raw.contains(plain), "{f} holds {plain}");
             }
         }
@@ -304,7 +277,7 @@ mod tests {
         );
         assert_eq!(c.secrets().len(), 1);
         assert_eq!(c.revocations().unwrap()[0].spiffe_id, "spiffe://td/x");
-        assert_eq!(c.issuer().unwrap().chain_pem, "chain");
+        assert_eq!(c.issuer().unwrap().bundle_pem, "bundle-pem");
         // A secret's file renamed to another name does not open.
         let dir = d.path().join(DIR).join("secrets");
         std::fs::copy(dir.join("db.sealed"), dir.join("other.sealed")).unwrap();

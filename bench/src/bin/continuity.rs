@@ -79,14 +79,9 @@ kind = "openbao"
 [openbao]
 addresses = ["{}"]
 request_timeout = "2s"
-[openbao.auth]
-method = "approle"
-role_id = "{}"
-secret_id_file = "{}"
-"#,
+{}"#,
             dev.addr,
-            setup.role_id,
-            setup.secret_id_file.display()
+            setup.node("bench").auth_toml()
         ),
     );
     node.start();

@@ -113,6 +113,11 @@ impl Agent {
             AgentRequest::SecretList => self.secret_list().await,
             AgentRequest::SecretRm { name } => self.secret_rm(&name).await,
             AgentRequest::Revoke { target, undo } => self.revoke(target, undo).await,
+            AgentRequest::NodeRevoke {
+                node,
+                undo,
+                operator_token,
+            } => self.node_revoke(&node, undo, operator_token).await,
             AgentRequest::Validate { token, audience } => self
                 .ctx
                 .validate(&token, &audience)
@@ -494,6 +499,7 @@ impl Agent {
             workloads,
             store: self.store_status().await,
             revocations: self.ctx.revocations.snapshot(),
+            revoked_nodes: self.ctx.issuer.revoked_nodes().into_iter().collect(),
         })
     }
 

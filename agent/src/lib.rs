@@ -17,6 +17,7 @@ pub mod lanes;
 pub mod metrics;
 pub mod netns;
 pub mod nft;
+pub mod nodes;
 pub mod persist;
 pub mod registry;
 pub mod revoke;

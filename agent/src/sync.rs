@@ -1,6 +1,6 @@
 //! Following the central store: every `poll_interval` (±20 % jitter, so nodes spread out) a
 //! node with OpenBao looks for new secret versions (including ones written directly in
-//! OpenBao), revocations made on other nodes, and renews its intermediate CA / refreshes the
+//! OpenBao), revocations made on other nodes, nodes cut off, and refreshes the bundle and the
 //! shared JWKS. What fails is reported as degraded in `nhictl status` (so is an issuer still
 //! running on the sealed cache it started from); companions keep serving what they hold until
 //! it expires, and everything resumes by itself when OpenBao answers.
@@ -34,6 +34,12 @@ pub async fn run(agent: Arc<Agent>, interval: Duration) {
             Err(e) => degraded.push(format!("issuer: {e}")),
         }
         degraded.extend(issuer.degraded());
+        if issuer.revoked_nodes().contains(&agent.ctx.config.node_name) {
+            degraded.push(format!(
+                "this node ({}) is cut off the cluster (nhictl node revoke): OpenBao refuses it, other nodes reject its JWT-SVIDs",
+                agent.ctx.config.node_name
+            ));
+        }
         if let Store::OpenBao(s) = &*agent.ctx.store {
             let h = s.bao().health();
             if !h.logged_in {
@@ -99,6 +105,17 @@ async fn poll_once(agent: &Agent, seen: &mut Option<BTreeMap<String, u64>>) -> R
     for id in removed {
         tracing::warn!(spiffe_id = %id, "revocation lifted (central store)");
         agent.apply_revocation(&id, false).await;
+    }
+
+    if let Store::OpenBao(s) = &*agent.ctx.store {
+        let nodes = s
+            .load_node_revocations()
+            .await
+            .map_err(|e| format!("node revocations: {e}"))?;
+        agent
+            .apply_node_revocations(nodes, "central store")
+            .await
+            .map_err(|e| format!("node revocations: {e}"))?;
     }
     Ok(())
 }

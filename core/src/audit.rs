@@ -67,12 +67,18 @@ pub enum AuditKind {
     /// Written by `nhid` only: a workload's last container is gone; `detail` says how many of
     /// the credentials it was issued went on the deny list, and until when.
     WorkloadEnded,
+    /// Written by `nhid` only: a cluster node was cut off (`deny`) or taken back (`allow`);
+    /// `detail` names the node and where this node learnt it.
+    NodeRevoked,
 }
 
 impl AuditKind {
     /// Kinds only `nhid` itself may write; a companion sending one is ignored.
     pub fn nhid_only(self) -> bool {
-        matches!(self, AuditKind::ChainBreak | AuditKind::WorkloadEnded)
+        matches!(
+            self,
+            AuditKind::ChainBreak | AuditKind::WorkloadEnded | AuditKind::NodeRevoked
+        )
     }
 }
 

@@ -189,6 +189,18 @@ impl NhidClient {
         expect!(self, req, "secret rm", AgentResponse::SecretRemoved { name } => name)
     }
 
+    /// Cuts node `node` off the cluster (`undo`: takes it back) with an operator's OpenBao
+    /// token; answers the node's OpenBao entity and every node now cut off.
+    pub fn node_revoke(
+        &self,
+        node: &str,
+        undo: bool,
+        operator_token: crate::wire::Redacted,
+    ) -> Result<(String, Vec<String>), ClientError> {
+        expect!(self, AgentRequest::NodeRevoke { node: node.to_string(), undo, operator_token }, "node revoke",
+            AgentResponse::NodeRevoked { entity_id, revoked_nodes, .. } => (entity_id, revoked_nodes))
+    }
+
     pub fn revoke(&self, target: RevokeTarget, undo: bool) -> Result<Revoked, ClientError> {
         expect!(self, AgentRequest::Revoke { target, undo }, "revoke",
             AgentResponse::Revoked { spiffe_id, jtis, serials, undone } =>

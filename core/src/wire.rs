@@ -50,6 +50,21 @@ pub enum AgentRequest {
         token: String,
         audience: String,
     },
+    /// `nhictl node revoke NODE`: cut a node off the cluster (or, `undo`, take it back), with
+    /// an operator's OpenBao token for this one command (nodes may not do it themselves).
+    NodeRevoke {
+        node: String,
+        undo: bool,
+        operator_token: Redacted,
+    },
+}
+
+/// A node cut off the cluster (`<kv_prefix>/node-revocations/<node>` in OpenBao): every node
+/// drops its JWT keys and OpenBao refuses its tokens.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRevocation {
+    pub node: String,
+    pub revoked_at: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -99,6 +114,14 @@ pub enum AgentResponse {
         undone: bool,
     },
     Validated(Validated),
+    NodeRevoked {
+        node: String,
+        undone: bool,
+        /// The node's OpenBao entity, now disabled (or enabled again).
+        entity_id: String,
+        /// Every node cut off now.
+        revoked_nodes: Vec<String>,
+    },
     Error {
         message: String,
     },
@@ -193,6 +216,9 @@ pub struct Status {
     pub store: StoreStatus,
     #[serde(default)]
     pub revocations: Vec<Revocation>,
+    /// Nodes cut off the cluster (`nhictl node revoke`).
+    #[serde(default)]
+    pub revoked_nodes: Vec<String>,
 }
 
 /// The secret store's health, for `nhictl status`.

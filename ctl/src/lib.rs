@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod configure;
+pub mod node;
 pub mod secret;
 pub mod token;
 
@@ -65,6 +66,9 @@ pub fn render_status(s: &Status) -> String {
             ));
         }
     }
+    if !s.revoked_nodes.is_empty() {
+        out.push_str(&format!("nodes cut off: {}\n", s.revoked_nodes.join(", ")));
+    }
     for w in &s.workloads {
         out.push_str(&format!(
             "  {}  rule={} companion_pid={} netns={} containers={}\n",
@@ -107,8 +111,10 @@ mod tests {
             workloads: vec![],
             store: Default::default(),
             revocations: vec![rev("spiffe://td/a", false), rev("spiffe://td/b", true)],
+            revoked_nodes: vec!["node-7".into()],
         };
         let out = render_status(&s);
+        assert!(out.contains("nodes cut off: node-7\n"), "{out}");
         assert!(
             out.contains("revoked:      1\n  spiffe://td/a  at=7"),
             "{out}"

@@ -57,6 +57,11 @@ enum Cmd {
         #[arg(long)]
         undo: bool,
     },
+    /// Cluster nodes (OpenBao mode).
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Read and check the audit log (as root: the log is 0600).
     Audit {
         /// Log directory (default: `[audit] dir` of the config, else `<state_dir>/audit`).
@@ -78,6 +83,24 @@ enum Cmd {
         /// nhi-hook to register (default: next to nhictl).
         #[arg(long, global = true)]
         nhi_hook: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Cut a node off the cluster: OpenBao disables its identity at once (its token signs and
+    /// reads nothing), and every node drops its JWT keys from the JWKS it serves and validates
+    /// with within one poll_interval. Audited on every node that learns it.
+    Revoke {
+        /// The node's name (its `node_name`, its AppRole role's name).
+        node: String,
+        /// Take the node back instead.
+        #[arg(long)]
+        undo: bool,
+        /// File holding an OpenBao token with the operator's rights for this (see
+        /// docs/OPENBAO.md, "Cutting a node off"); read once, never stored.
+        #[arg(long)]
+        openbao_token_file: PathBuf,
     },
 }
 
@@ -338,6 +361,20 @@ fn run(cli: Cli) -> Result<(), String> {
                     r.spiffe_id, r.jtis, r.serials
                 );
             }
+        }
+        Cmd::Node {
+            cmd:
+                NodeCmd::Revoke {
+                    node,
+                    undo,
+                    openbao_token_file,
+                },
+        } => {
+            let nhid = nhi_ctl::client(&cli.config)?;
+            println!(
+                "{}",
+                nhi_ctl::node::revoke(&nhid, &node, undo, &openbao_token_file)?
+            );
         }
         Cmd::Audit { dir, cmd } => {
             let dir = match dir {

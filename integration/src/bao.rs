@@ -680,6 +680,51 @@ path "auth/token/lookup-self" {
 }
 "#;
 
+/// What an operator's token needs for `nhictl node revoke` (default mounts and prefix, the
+/// nodes' AppRole at `nhi-nodes/`); the same text is in docs/OPENBAO.md.
+pub const NHI_OPERATOR_POLICY: &str = r#"# nhictl node revoke NODE [--undo]: find the node's OpenBao entity, disable or enable it,
+# and write the list every node follows.
+path "auth/nhi-nodes/role/+/role-id" {
+  capabilities = ["read"]
+}
+path "sys/auth" {
+  capabilities = ["read"]
+}
+path "identity/lookup/entity" {
+  capabilities = ["update"]
+}
+path "identity/entity/id/*" {
+  capabilities = ["update"]
+}
+path "identity/entity/name/nhi-node-*" {
+  capabilities = ["create", "read", "update"]
+}
+path "identity/entity-alias" {
+  capabilities = ["create", "update"]
+}
+path "secret/data/nhi/node-revocations/*" {
+  capabilities = ["create", "update"]
+}
+path "secret/metadata/nhi/node-revocations/*" {
+  capabilities = ["delete"]
+}
+"#;
+
+impl BaoNhiSetup {
+    /// A token with only [`NHI_OPERATOR_POLICY`], as an operator would use for
+    /// `nhictl node revoke`.
+    pub fn operator_token(&self) -> String {
+        self.root.must(
+            "POST",
+            "auth/token/create",
+            Some(json!({"policies": ["nhi-operator"], "ttl": "1h", "no_default_policy": true})),
+        )["auth"]["client_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
 /// [`setup_nhi_with`] with the default role options, over plain HTTP.
 pub fn setup_nhi(addr: &str, root_token: &str, trust_domain: &str, dir: &Path) -> BaoNhiSetup {
     setup_nhi_with(
@@ -800,6 +845,11 @@ pub fn setup_nhi_with(
         "PUT",
         "sys/policies/acl/nhi-node",
         Some(json!({"policy": NHI_NODE_POLICY.replace("ACCESSOR", &accessor)})),
+    );
+    root.must(
+        "PUT",
+        "sys/policies/acl/nhi-operator",
+        Some(json!({ "policy": NHI_OPERATOR_POLICY })),
     );
     spiffe_pki_role(
         root,

@@ -584,3 +584,182 @@ spiffe_ids = ["{}"]
     alpha.delete();
     beta.delete();
 }
+
+/// The `kid` in a JWT's header.
+fn kid_of(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap();
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&raw).unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Whether node `n`'s audit log says node `cut` was cut off (`deny`) or taken back (`allow`).
+fn audited_node(n: &Node, cut: &str, decision: &str) -> bool {
+    n.audit_records().iter().any(|r| {
+        let s = r.to_string();
+        s.contains("\"node_revoked\"")
+            && s.contains(&format!("node {cut} "))
+            && s.contains(&format!("\"decision\":\"{decision}\""))
+    })
+}
+
+/// `nhictl node revoke` (issue 17): run on node B with an operator's token, it cuts node A off.
+/// OpenBao refuses A at once (its entity is disabled: no X.509-SVID for a new workload), B
+/// rejects A's JWT-SVIDs at once and node C within 2 s (A's key leaves the JWKS it serves and
+/// validates with), and B and C audit it. `--undo` takes A back.
+#[test]
+fn node_revoke_cuts_a_node_off_within_two_seconds() {
+    let dev = BaoDev::start();
+    let setup = dev.setup_nhi(TRUST_DOMAIN, &NhiRoleOptions::default());
+    let addrs = vec![dev.addr.clone()];
+    let a = bao_node("node-a", &addrs, &setup);
+    let b = bao_node("node-b", &addrs, &setup);
+    let c = bao_node("node-c", &addrs, &setup);
+    let alpha = a.named_container("alpha");
+    let beta = b.named_container("beta");
+    let gamma = c.named_container("gamma");
+    let token = alpha.get_json("/v1/token?audience=svc")["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let kid = kid_of(&token);
+    assert!(
+        eventually(Duration::from_secs(5), || validate(
+            gamma.pid(),
+            &token,
+            "svc"
+        ) == 200
+            && validate(beta.pid(), &token, "svc") == 200),
+        "node A's JWT-SVID not accepted on B and C before the revocation"
+    );
+    assert!(alpha.get("/v1/x509").is_ok());
+
+    // The operator's token (the nhi-operator policy only), in a root-only file (never argv or
+    // the environment).
+    let op = node_path_write(&b, "operator-token", &setup.operator_token());
+    let t = Instant::now();
+    let out = ok(&b.nhictl(
+        &[
+            "node",
+            "revoke",
+            "node-a",
+            "--openbao-token-file",
+            op.to_str().unwrap(),
+        ],
+        b"",
+    ));
+    assert!(out.contains("node node-a: cut off"), "{out}");
+    assert_eq!(
+        validate(beta.pid(), &token, "svc"),
+        403,
+        "refused at once on the node that ran the command"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || validate(
+            gamma.pid(),
+            &token,
+            "svc"
+        ) == 403),
+        "node C still accepts node A's JWT-SVID 2 s after the revocation"
+    );
+    eprintln!("node C refused node A's JWT-SVID after {:?}", t.elapsed());
+    let jwks = gamma.get("/v1/jwks").unwrap();
+    assert!(
+        !jwks.contains(&kid),
+        "node A's key still served by C: {jwks}"
+    );
+    assert!(gamma.get("/v1/jwks").unwrap().contains("\"keys\""));
+    // OpenBao itself refuses node A: a new workload there gets no X.509-SVID.
+    let delta = a.named_container("delta");
+    let (code, body) = http_in_netns(delta.pid(), "GET", "/v1/x509");
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("permission denied"),
+        "OpenBao's reason: {body}"
+    );
+    eprintln!("node A's new workload after the revocation: {code} {body}");
+    // Audited where it was done and where it was learnt; status says it.
+    assert!(audited_node(&b, "node-a", "deny"));
+    assert!(eventually(Duration::from_secs(2), || audited_node(
+        &c, "node-a", "deny"
+    )));
+    assert!(ok(&c.nhictl(&["status"], b"")).contains("nodes cut off: node-a"));
+    // A node cannot do this itself: without the operator's token, OpenBao says no.
+    let node_token = node_path_write(&b, "not-an-operator", "s.notavalidtoken000000000");
+    let out = b.nhictl(
+        &[
+            "node",
+            "revoke",
+            "node-c",
+            "--openbao-token-file",
+            node_token.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{out:?}"
+    );
+
+    // Taken back: OpenBao serves A again and C accepts A's JWT-SVIDs again.
+    ok(&c.nhictl(
+        &[
+            "node",
+            "revoke",
+            "node-a",
+            "--undo",
+            "--openbao-token-file",
+            node_path_write(&c, "operator-token", &setup.operator_token())
+                .to_str()
+                .unwrap(),
+        ],
+        b"",
+    ));
+    assert!(
+        eventually(Duration::from_secs(5), || validate(
+            beta.pid(),
+            &token,
+            "svc"
+        ) == 200
+            && validate(gamma.pid(), &token, "svc") == 200),
+        "node A's JWT-SVID not accepted again after --undo"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || delta.get("/v1/x509").is_ok()),
+        "node A still refused by OpenBao after --undo: {}",
+        a.log()
+    );
+    assert!(audited_node(&c, "node-a", "allow"));
+    assert!(eventually(Duration::from_secs(2), || audited_node(
+        &b, "node-a", "allow"
+    )));
+    for x in [alpha, beta, gamma, delta] {
+        x.delete();
+    }
+
+    // A node cut off before it ever ran: its first login is refused by OpenBao, and nhid does
+    // not start.
+    let mut z = Node::with_config(&rules(), &bao_config("node-z", &addrs, &setup, "6s"));
+    let op = node_path_write(&b, "operator-token", &setup.operator_token());
+    let out = ok(&b.nhictl(
+        &[
+            "node",
+            "revoke",
+            "node-z",
+            "--openbao-token-file",
+            op.to_str().unwrap(),
+        ],
+        b"",
+    ));
+    assert!(out.contains("node node-z: cut off"), "{out}");
+    let e = z
+        .try_start()
+        .expect_err("a node cut off before its first start");
+    eprintln!("node cut off before its first start: {e}");
+}

@@ -22,6 +22,7 @@
 //! addresses, [`session`] logs in and keeps the token renewed, [`kv`] builds KV v2 paths.
 
 mod kv;
+mod operator;
 mod session;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,7 @@ use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
 use kv::*;
+pub use operator::{NodeEntity, OperatorToken};
 use session::*;
 use transport::*;
 pub use workload::{SignedLeaf, WorkloadToken};

@@ -154,6 +154,33 @@ pub fn workload_ended(
     ));
 }
 
+/// Audits a cluster node cut off (`revoked`) or taken back, as this node learnt it (`how`).
+pub fn node_revoked(sink: &AuditSink, metrics: &Metrics, node: &str, revoked: bool, how: &str) {
+    let decision = if revoked {
+        Decision::Deny
+    } else {
+        Decision::Allow
+    };
+    metrics.event("", AuditKind::NodeRevoked, decision);
+    sink.submit(Record {
+        event: AuditEvent {
+            ts_ms: now_ms(),
+            kind: AuditKind::NodeRevoked,
+            decision,
+            detail: Some(format!(
+                "node {node} {} ({how})",
+                if revoked {
+                    "cut off the cluster: its JWT keys dropped, OpenBao refuses its tokens"
+                } else {
+                    "taken back into the cluster"
+                }
+            )),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

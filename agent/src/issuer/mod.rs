@@ -99,6 +99,18 @@ pub trait Issuer: Send + Sync {
     fn degraded(&self) -> Option<String> {
         None
     }
+    /// The cluster's nodes cut off now (`nhictl node revoke`): their JWT keys leave the JWKS
+    /// served and validated with. `Ok(true)` when the trust material changed. Only a cluster
+    /// issuer has other nodes.
+    fn set_revoked_nodes(
+        &self,
+        _nodes: &std::collections::BTreeSet<String>,
+    ) -> Result<bool, String> {
+        Ok(false)
+    }
+    fn revoked_nodes(&self) -> std::collections::BTreeSet<String> {
+        Default::default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@
 //! unreachable; X.509-SVIDs then wait for OpenBao (companions keep serving theirs until they
 //! expire).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -46,9 +46,75 @@ const TOKEN_MARGIN: u64 = 30;
 /// What verifiers need, as last obtained.
 struct Current {
     bundle_pem: String,
+    /// Every node's published JWT keys, by node.
+    by_node: BTreeMap<String, Vec<Value>>,
+    /// Nodes cut off (`nhictl node revoke`): their keys are not in `jwks`.
+    revoked: BTreeSet<String>,
+    /// The keys of every node not cut off.
     jwks: Value,
     spiffe_sequence: u64,
     spiffe_bundle: Value,
+}
+
+impl Current {
+    fn new(
+        bundle_pem: String,
+        by_node: BTreeMap<String, Vec<Value>>,
+        revoked: BTreeSet<String>,
+    ) -> Result<Current, String> {
+        let jwks = union(&by_node, &revoked);
+        let spiffe_sequence = crate::spiffe_bundle::next_sequence(0, now_unix());
+        let spiffe_bundle = crate::spiffe_bundle::build(&bundle_pem, &jwks, spiffe_sequence)?;
+        Ok(Current {
+            bundle_pem,
+            by_node,
+            revoked,
+            jwks,
+            spiffe_sequence,
+            spiffe_bundle,
+        })
+    }
+
+    /// Replaces what changed; true when what verifiers see (bundle, JWKS) changed.
+    fn update(
+        &mut self,
+        bundle_pem: Option<String>,
+        by_node: Option<BTreeMap<String, Vec<Value>>>,
+        revoked: Option<BTreeSet<String>>,
+    ) -> Result<bool, String> {
+        if let Some(b) = by_node {
+            self.by_node = b;
+        }
+        if let Some(r) = revoked {
+            self.revoked = r;
+        }
+        let bundle_pem = bundle_pem.unwrap_or_else(|| self.bundle_pem.clone());
+        let jwks = union(&self.by_node, &self.revoked);
+        let changed = self.bundle_pem != bundle_pem || self.jwks != jwks;
+        if changed {
+            let seq = crate::spiffe_bundle::next_sequence(self.spiffe_sequence, now_unix());
+            self.spiffe_bundle = crate::spiffe_bundle::build(&bundle_pem, &jwks, seq)?;
+            self.spiffe_sequence = seq;
+        }
+        self.bundle_pem = bundle_pem;
+        self.jwks = jwks;
+        Ok(changed)
+    }
+}
+
+/// The JWKS of every node not cut off: each key once, sorted by `kid`, reduced to what the
+/// SPIFFE standards define (a node of an older version may have published `alg`).
+fn union(by_node: &BTreeMap<String, Vec<Value>>, revoked: &BTreeSet<String>) -> Value {
+    let mut keys: Vec<Value> = Vec::new();
+    for (_, ks) in by_node.iter().filter(|(n, _)| !revoked.contains(*n)) {
+        for k in ks {
+            if !keys.iter().any(|x| x.get("kid") == k.get("kid")) {
+                keys.push(k.clone());
+            }
+        }
+    }
+    keys.sort_by(|a, b| a["kid"].as_str().cmp(&b["kid"].as_str()));
+    crate::spiffe_bundle::clean_jwks(&json!({ "keys": keys }))
 }
 
 /// Where in OpenBao proofs are checked and SVIDs signed (`[openbao]`).
@@ -103,7 +169,7 @@ impl StartError {
 fn authority(what: &str, e: BaoError) -> IssueError {
     if e.is_outage() {
         IssueError::Unavailable(format!("{what}: {e}"))
-    } else if matches!(e, BaoError::Status { .. }) {
+    } else if matches!(e, BaoError::Status { .. } | BaoError::Denied { .. }) {
         IssueError::Refused(format!("{what}: {e}"))
     } else {
         IssueError::Sign(format!("{what}: {e}"))
@@ -133,28 +199,6 @@ fn node_jwt_key(cfg: &Config) -> Result<Zeroizing<Vec<u8>>, String> {
     keystore::write_atomic(&path, &mk.seal(JWT_KEY_LABEL, &der), 0o600)
         .map_err(|e| e.to_string())?;
     Ok(der)
-}
-
-/// `jwks` with `own` added if no key of its `kid` is in it.
-fn with_own(mut jwks: Value, own: &Value) -> Value {
-    if let Some(keys) = jwks.get_mut("keys").and_then(Value::as_array_mut) {
-        if !keys.iter().any(|k| k.get("kid") == own.get("kid")) {
-            keys.push(own.clone());
-            keys.sort_by(|a, b| a["kid"].as_str().cmp(&b["kid"].as_str()));
-        }
-    }
-    jwks
-}
-
-fn current(bundle_pem: String, jwks: Value) -> Result<Current, String> {
-    let spiffe_sequence = crate::spiffe_bundle::next_sequence(0, now_unix());
-    let spiffe_bundle = crate::spiffe_bundle::build(&bundle_pem, &jwks, spiffe_sequence)?;
-    Ok(Current {
-        bundle_pem,
-        jwks,
-        spiffe_sequence,
-        spiffe_bundle,
-    })
 }
 
 /// Checks that OpenBao signed what was asked (exactly `id`, for `key`) and builds the SVID:
@@ -241,7 +285,7 @@ impl BaoIssuer {
         let jwt_pkcs8 = node_jwt_key(cfg)?;
         let jwt = JwtSigner::new(&cfg.trust_domain, &jwt_pkcs8, cfg.issuer.jwt_ttl)?;
         let node = cfg.node_name.clone();
-        let (current, degraded) = match Self::online(&bao, &node, jwt.jwk()).await {
+        let (current, degraded) = match Self::online(&bao, &node, jwt.jwk(), &cache).await {
             Ok(c) => (c, None),
             Err(e) if e.outage => {
                 let c = Self::cached(cfg, &cache, jwt.jwk())
@@ -283,15 +327,26 @@ impl BaoIssuer {
     }
 
     /// Everything from OpenBao: this node's JWT key published, the root and every node's JWT
-    /// keys.
-    async fn online(bao: &Bao, node: &str, own_jwk: &Value) -> Result<Current, StartError> {
+    /// keys (the nodes cut off come from the sync loop; until then, those the sealed cache
+    /// remembers).
+    async fn online(
+        bao: &Bao,
+        node: &str,
+        own_jwk: &Value,
+        cache: &BaoCache,
+    ) -> Result<Current, StartError> {
         Self::publish(bao, node, own_jwk).await?;
         let bundle_pem = bao
             .pki_root_ca_pem()
             .await
             .map_err(StartError::bao("root CA"))?;
-        let jwks = with_own(Self::fetch_jwks(bao).await?, own_jwk);
-        current(bundle_pem, jwks).map_err(StartError::local)
+        let mut by_node = Self::fetch_keys(bao).await?;
+        by_node.insert(node.to_string(), vec![own_jwk.clone()]);
+        let revoked = cache
+            .issuer()
+            .map(|st| st.revoked_nodes.into_iter().collect())
+            .unwrap_or_default();
+        Current::new(bundle_pem, by_node, revoked).map_err(StartError::local)
     }
 
     /// The bundle and JWKS as the sealed cache holds them, for this trust domain and node.
@@ -313,8 +368,14 @@ impl BaoIssuer {
                 cfg.node_name
             ));
         }
-        current(st.bundle_pem.clone(), with_own(st.jwks.clone(), own_jwk))
-            .map_err(|e| format!("{}: {e}", path.display()))
+        let mut by_node = st.keys_by_node.clone();
+        by_node.insert(cfg.node_name.clone(), vec![own_jwk.clone()]);
+        Current::new(
+            st.bundle_pem.clone(),
+            by_node,
+            st.revoked_nodes.iter().cloned().collect(),
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Writes the current state to the sealed cache.
@@ -324,7 +385,8 @@ impl BaoIssuer {
             trust_domain: self.trust_domain.clone(),
             node: self.node.clone(),
             bundle_pem: c.bundle_pem.clone(),
-            jwks: c.jwks.clone(),
+            keys_by_node: c.by_node.clone(),
+            revoked_nodes: c.revoked.iter().cloned().collect(),
             saved_at: now_unix(),
         });
     }
@@ -340,14 +402,13 @@ impl BaoIssuer {
             .map_err(StartError::bao("publishing this node's JWT key"))
     }
 
-    /// The union of every node's published JWT keys, each reduced to the parameters the SPIFFE
-    /// standards define (a node of an older version may have published `alg`).
-    async fn fetch_jwks(bao: &Bao) -> Result<Value, StartError> {
+    /// Every node's published JWT keys, by node.
+    async fn fetch_keys(bao: &Bao) -> Result<BTreeMap<String, Vec<Value>>, StartError> {
         let nodes = bao
             .kv_list("nodes/")
             .await
             .map_err(StartError::bao("listing nodes"))?;
-        let mut keys: Vec<Value> = Vec::new();
+        let mut by_node = BTreeMap::new();
         for n in nodes {
             let n = n.trim_end_matches('/');
             let what = format!("node {n}");
@@ -356,21 +417,16 @@ impl BaoIssuer {
                 .await
                 .map_err(StartError::bao(&what))?
             {
-                for k in s
+                let keys = s
                     .data
                     .get("keys")
                     .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    if !keys.iter().any(|x| x.get("kid") == k.get("kid")) {
-                        keys.push(k.clone());
-                    }
-                }
+                    .cloned()
+                    .unwrap_or_default();
+                by_node.insert(n.to_string(), keys);
             }
         }
-        keys.sort_by(|a, b| a["kid"].as_str().cmp(&b["kid"].as_str()));
-        Ok(crate::spiffe_bundle::clean_jwks(&json!({ "keys": keys })))
+        Ok(by_node)
     }
 
     /// Refreshes the bundle and JWKS (after a start from the sealed cache, publishes this
@@ -387,22 +443,13 @@ impl BaoIssuer {
             .pki_root_ca_pem()
             .await
             .map_err(|e| e.to_string())?;
-        let jwks = with_own(
-            Self::fetch_jwks(&self.bao).await.map_err(|e| e.message)?,
-            self.jwt.jwk(),
-        );
-        let changed = {
-            let mut c = self.current.write().unwrap_or_else(|p| p.into_inner());
-            let changed = c.bundle_pem != bundle_pem || c.jwks != jwks;
-            if changed {
-                let seq = crate::spiffe_bundle::next_sequence(c.spiffe_sequence, now_unix());
-                c.spiffe_bundle = crate::spiffe_bundle::build(&bundle_pem, &jwks, seq)?;
-                c.spiffe_sequence = seq;
-            }
-            c.bundle_pem = bundle_pem;
-            c.jwks = jwks;
-            changed
-        };
+        let mut by_node = Self::fetch_keys(&self.bao).await.map_err(|e| e.message)?;
+        by_node.insert(self.node.clone(), vec![self.jwt.jwk().clone()]);
+        let changed = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .update(Some(bundle_pem), Some(by_node), None)?;
         self.prune_tokens();
         if changed || recovering {
             self.save_cache();
@@ -501,7 +548,7 @@ impl BaoIssuer {
                 )
                 .await
             {
-                Err(BaoError::Status { code: 403, .. }) if was_cached => {
+                Err(BaoError::Denied { .. }) if was_cached => {
                     // Revoked or expired early: log in again.
                     self.tokens
                         .lock()
@@ -604,5 +651,26 @@ impl Issuer for BaoIssuer {
 
     fn degraded(&self) -> Option<String> {
         self.on_cache()
+    }
+
+    fn set_revoked_nodes(&self, nodes: &BTreeSet<String>) -> Result<bool, String> {
+        let changed = {
+            let mut c = self.current.write().unwrap_or_else(|p| p.into_inner());
+            if &c.revoked == nodes {
+                return Ok(false);
+            }
+            c.update(None, None, Some(nodes.clone()))?
+        };
+        // Never start forgetting a cut-off node, even while OpenBao is unreachable.
+        self.save_cache();
+        Ok(changed)
+    }
+
+    fn revoked_nodes(&self) -> BTreeSet<String> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .revoked
+            .clone()
     }
 }

@@ -7,7 +7,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use nhi_core::wire::{Revocation, SecretInfo};
+use nhi_core::wire::{NodeRevocation, Revocation, SecretInfo};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -246,6 +246,70 @@ impl BaoStore {
             *last = Some(out.clone());
         }
         Ok(out)
+    }
+
+    /// The nodes cut off the cluster (`<kv_prefix>/node-revocations/<node>`), written only
+    /// with an operator's token.
+    pub async fn load_node_revocations(&self) -> Result<Vec<NodeRevocation>, StoreError> {
+        let keys = self
+            .bao
+            .kv_list("node-revocations/")
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys.iter().filter(|k| !k.ends_with('/')) {
+            let Some(s) = self
+                .bao
+                .kv_read(&format!("node-revocations/{k}"))
+                .await
+                .map_err(unavailable)?
+            else {
+                continue;
+            };
+            match serde_json::from_value::<NodeRevocation>(Value::Object(s.data)) {
+                Ok(r) if &r.node == k => out.push(r),
+                Ok(r) => {
+                    tracing::error!(key = %k, node = %r.node, "ignoring a node revocation stored under another node's name")
+                }
+                Err(e) => {
+                    tracing::error!(key = %k, "ignoring a malformed node revocation in OpenBao: {e}")
+                }
+            }
+        }
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(out)
+    }
+
+    /// Cuts `node` off (or, `undo`, takes it back) with the operator's token: OpenBao's entity
+    /// of the node first (so OpenBao refuses the node at once), then the entry every node
+    /// follows. Returns the node's entity id.
+    pub async fn revoke_node(
+        &self,
+        op: &nhi_openbao::OperatorToken,
+        approle_mount: &str,
+        node: &str,
+        undo: bool,
+    ) -> Result<String, StoreError> {
+        let cut = |e: BaoError| StoreError::Io(format!("OpenBao: {e}"));
+        let entity = self
+            .bao
+            .set_node_disabled(op, approle_mount, node, !undo)
+            .await
+            .map_err(cut)?;
+        let path = format!("node-revocations/{node}");
+        if undo {
+            self.bao.kv_delete_as(op, &path).await.map_err(cut)?;
+        } else {
+            let r = NodeRevocation {
+                node: node.to_string(),
+                revoked_at: nhi_core::clock::now_unix(),
+            };
+            let Value::Object(data) = serde_json::to_value(&r).expect("serializes") else {
+                unreachable!("a struct serializes to an object")
+            };
+            self.bao.kv_write_as(op, &path, data).await.map_err(cut)?;
+        }
+        Ok(entity.entity_id)
     }
 
     pub async fn put_revocation(&self, r: &Revocation) -> Result<(), StoreError> {

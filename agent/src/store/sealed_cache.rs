@@ -39,7 +39,13 @@ pub struct IssuerState {
     pub trust_domain: String,
     pub node: String,
     pub bundle_pem: String,
-    pub jwks: serde_json::Value,
+    /// Every node's published JWT keys, by node (the JWKS is their union minus the nodes cut
+    /// off).
+    #[serde(default)]
+    pub keys_by_node: std::collections::BTreeMap<String, Vec<serde_json::Value>>,
+    /// Nodes cut off the cluster (`nhictl node revoke`).
+    #[serde(default)]
+    pub revoked_nodes: Vec<String>,
     /// When this state was written (unix).
     pub saved_at: u64,
 }
@@ -256,7 +262,8 @@ mod tests {
             trust_domain: "td".into(),
             node: "n".into(),
             bundle_pem: "bundle-pem".into(),
-            jwks: serde_json::json!({"keys": []}),
+            keys_by_node: Default::default(),
+            revoked_nodes: vec!["n2".into()],
             saved_at: 2,
         };
         c.save_issuer(&state);
@@ -278,6 +285,7 @@ mod tests {
         assert_eq!(c.secrets().len(), 1);
         assert_eq!(c.revocations().unwrap()[0].spiffe_id, "spiffe://td/x");
         assert_eq!(c.issuer().unwrap().bundle_pem, "bundle-pem");
+        assert_eq!(c.issuer().unwrap().revoked_nodes, ["n2"]);
         // A secret's file renamed to another name does not open.
         let dir = d.path().join(DIR).join("secrets");
         std::fs::copy(dir.join("db.sealed"), dir.join("other.sealed")).unwrap();

@@ -135,6 +135,11 @@ pub struct IssuerConfig {
     pub x509_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub ca_ttl: Duration,
+    /// Cluster mode: how often a node makes a new JWT-SVID signing key (published before it
+    /// signs, the old one kept until its last token expired). Bounds how long a key copied off
+    /// a node stays useful.
+    #[serde(with = "humantime_serde")]
+    pub jwt_key_rotation: Duration,
 }
 
 impl Default for IssuerConfig {
@@ -145,6 +150,7 @@ impl Default for IssuerConfig {
             jwt_ttl: Duration::from_secs(5 * 60),
             x509_ttl: Duration::from_secs(60 * 60),
             ca_ttl: Duration::from_secs(365 * 24 * 60 * 60),
+            jwt_key_rotation: Duration::from_secs(24 * 60 * 60),
         }
     }
 }
@@ -744,6 +750,7 @@ impl Config {
             ("issuer.jwt_ttl", raw.issuer.jwt_ttl),
             ("issuer.x509_ttl", raw.issuer.x509_ttl),
             ("issuer.ca_ttl", raw.issuer.ca_ttl),
+            ("issuer.jwt_key_rotation", raw.issuer.jwt_key_rotation),
         ] {
             if d < Duration::from_secs(10) {
                 return Err(invalid(format!("{what} must be at least 10s")));

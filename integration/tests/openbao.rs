@@ -763,3 +763,77 @@ fn node_revoke_cuts_a_node_off_within_two_seconds() {
         .expect_err("a node cut off before its first start");
     eprintln!("node cut off before its first start: {e}");
 }
+
+/// A node's JWT-SVID keys rotate (`issuer.jwt_key_rotation`, issue 17) with no token failing
+/// anywhere: the next key is published before it signs (node B accepts the first token it
+/// signs), the previous one stays while its tokens live, and every `kid` names its node.
+#[test]
+fn node_jwt_keys_rotate_without_a_token_failing_on_another_node() {
+    let dev = BaoDev::start();
+    let setup = dev.setup_nhi(TRUST_DOMAIN, &NhiRoleOptions::default());
+    let addrs = vec![dev.addr.clone()];
+    let rotating = bao_config("node-a", &addrs, &setup, "6s").replacen(
+        "[issuer]\n",
+        "[issuer]\njwt_key_rotation = \"10s\"\njwt_ttl = \"30s\"\n",
+        1,
+    );
+    let mut a = Node::with_config(&rules(), &rotating);
+    a.start();
+    let b = bao_node("node-b", &addrs, &setup);
+    let alpha = a.named_container("alpha");
+    let beta = b.named_container("beta");
+    let first = alpha.get_json("/v1/token?audience=aud-0")["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let first_kid = kid_of(&first);
+    assert!(first_kid.starts_with("node-a:"), "{first_kid}");
+    assert!(eventually(Duration::from_secs(5), || validate(
+        beta.pid(),
+        &first,
+        "aud-0"
+    ) == 200));
+    // Fresh tokens (a new audience each: nhid signs each) checked on node B at once, across
+    // the rotation.
+    let t = Instant::now();
+    let mut kids = vec![first_kid.clone()];
+    let mut after_switch = 0;
+    let mut i = 1;
+    while after_switch < 5 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no rotation within 30 s: {kids:?}\n{}",
+            a.log()
+        );
+        let aud = format!("aud-{i}");
+        i += 1;
+        let token = alpha.get_json(&format!("/v1/token?audience={aud}"))["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let kid = kid_of(&token);
+        assert_eq!(
+            validate(beta.pid(), &token, &aud),
+            200,
+            "node B refused a token of node A's key {kid} (keys seen: {kids:?})"
+        );
+        if !kids.contains(&kid) {
+            eprintln!("node A signs with {kid} after {:?}", t.elapsed());
+            kids.push(kid);
+        } else if kids.len() > 1 {
+            after_switch += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(kids.iter().all(|k| k.starts_with("node-a:")), "{kids:?}");
+    // The token of the previous key still validates everywhere while it lives.
+    assert_eq!(validate(beta.pid(), &first, "aud-0"), 200);
+    assert_eq!(validate(alpha.pid(), &first, "aud-0"), 200);
+    let served = beta.get("/v1/jwks").unwrap();
+    assert!(
+        served.contains(&first_kid) && served.contains(&kids[1]),
+        "{served}"
+    );
+    alpha.delete();
+    beta.delete();
+}

@@ -8,6 +8,7 @@
 //!   every node trusts through OpenBao.
 
 pub mod embedded;
+pub mod node_keys;
 pub mod openbao;
 
 use std::future::Future;
@@ -155,6 +156,14 @@ impl JwtSigner {
     /// This key's public JWK.
     pub fn jwk(&self) -> &serde_json::Value {
         &self.jwk
+    }
+
+    /// The same key with a `kid` naming `node` (`<node>:<thumbprint>`): a cluster node's key,
+    /// so every JWT-SVID and JWKS entry says which node it belongs to.
+    pub fn named(mut self, node: &str) -> Self {
+        self.kid = format!("{node}:{}", self.kid);
+        self.jwk["kid"] = serde_json::Value::String(self.kid.clone());
+        self
     }
 }
 

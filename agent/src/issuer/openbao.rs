@@ -27,10 +27,11 @@ use std::time::Duration;
 use nhi_core::config::Config;
 use nhi_core::wire::{JwtSvid, X509Svid};
 use nhi_core::SpiffeId;
-use rcgen::{KeyPair, PublicKeyData, PKCS_ECDSA_P256_SHA256};
+use rcgen::{KeyPair, PublicKeyData};
 use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
+use super::node_keys::{NodeKey, NodeKeys, Schedule};
 use super::{
     check_domain, key_and_csr, now_unix, IssueError, Issuer, Issuing, JwtSigner, Proof, Upkeep,
 };
@@ -38,8 +39,6 @@ use crate::keystore::{self, MasterKey};
 use crate::store::sealed_cache::{BaoCache, IssuerState};
 use nhi_openbao::{Bao, BaoError, SignedLeaf, WorkloadToken};
 
-const JWT_KEY_FILE: &str = "node-jwt.sealed";
-const JWT_KEY_LABEL: &str = "nhi/node-jwt-key/v1";
 /// A cached workload token is not used closer than this to its expiry.
 const TOKEN_MARGIN: u64 = 30;
 
@@ -130,7 +129,12 @@ pub struct BaoIssuer {
     trust_domain: String,
     node: String,
     x509_ttl: Duration,
-    jwt: JwtSigner,
+    jwt_ttl: Duration,
+    /// The key that signs JWT-SVIDs now (one of `keys`).
+    jwt: RwLock<Arc<JwtSigner>>,
+    keys: Mutex<NodeKeys>,
+    schedule: Schedule,
+    master_key: MasterKey,
     roles: Roles,
     kubelet_root: PathBuf,
     /// Workload tokens from JWT logins, per (namespace, service account).
@@ -176,29 +180,39 @@ fn authority(what: &str, e: BaoError) -> IssueError {
     }
 }
 
-/// This node's JWT key: created once, sealed with the master key in the state dir.
-fn node_jwt_key(cfg: &Config) -> Result<Zeroizing<Vec<u8>>, String> {
+/// The node's master key (made on first start), which seals its JWT keys.
+fn master_key(cfg: &Config) -> Result<MasterKey, String> {
     keystore::create_private_dir(&cfg.state_dir).map_err(|e| e.to_string())?;
     let key_path = cfg.key_file();
-    let mk = if key_path.exists() {
+    if key_path.exists() {
         MasterKey::load(&key_path)
     } else {
         MasterKey::create(&key_path)
     }
-    .map_err(|e| e.to_string())?;
-    let path = cfg.state_dir.join(JWT_KEY_FILE);
-    if path.exists() {
-        let sealed = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        return mk
-            .open(&path, JWT_KEY_LABEL, &sealed)
-            .map(Zeroizing::new)
-            .map_err(|e| e.to_string());
-    }
-    let pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
-    let der = Zeroizing::new(pair.serialize_der());
-    keystore::write_atomic(&path, &mk.seal(JWT_KEY_LABEL, &der), 0o600)
-        .map_err(|e| e.to_string())?;
-    Ok(der)
+    .map_err(|e| e.to_string())
+}
+
+/// The JWT signer of `key`, its `kid` naming `node`.
+fn signer_of(
+    cfg_td: &str,
+    node: &str,
+    key: &NodeKey,
+    jwt_ttl: Duration,
+) -> Result<JwtSigner, String> {
+    Ok(JwtSigner::new(cfg_td, &key.pkcs8, jwt_ttl)?.named(node))
+}
+
+/// The public JWKs of every key of the node, as published.
+fn published(
+    td: &str,
+    node: &str,
+    keys: &NodeKeys,
+    jwt_ttl: Duration,
+) -> Result<Vec<Value>, String> {
+    keys.all()
+        .iter()
+        .map(|k| signer_of(td, node, k, jwt_ttl).map(|s| s.jwk().clone()))
+        .collect()
 }
 
 /// Checks that OpenBao signed what was asked (exactly `id`, for `key`) and builds the SVID:
@@ -282,13 +296,28 @@ impl BaoIssuer {
         if ob.intermediate_ttl.is_some() {
             tracing::warn!("openbao.intermediate_ttl is no longer used: OpenBao signs every X.509-SVID and nodes hold no intermediate CA; remove it from the config");
         }
-        let jwt_pkcs8 = node_jwt_key(cfg)?;
-        let jwt = JwtSigner::new(&cfg.trust_domain, &jwt_pkcs8, cfg.issuer.jwt_ttl)?;
         let node = cfg.node_name.clone();
-        let (current, degraded) = match Self::online(&bao, &node, jwt.jwk(), &cache).await {
+        let master_key = master_key(cfg)?;
+        let now = now_unix();
+        let keys = NodeKeys::load_or_create(&cfg.state_dir, &master_key, now)?;
+        let schedule = Schedule {
+            rotation: cfg.issuer.jwt_key_rotation.as_secs(),
+            // Every other node has polled a new key by then.
+            activation_delay: 2 * ob.poll_interval.as_secs().max(1) + 1,
+            // The last JWT-SVID an old key signed has expired (with validation leeway).
+            grace: cfg.issuer.jwt_ttl.as_secs() + 60,
+        };
+        let jwt = signer_of(
+            &cfg.trust_domain,
+            &node,
+            keys.signing(schedule, now),
+            cfg.issuer.jwt_ttl,
+        )?;
+        let own = published(&cfg.trust_domain, &node, &keys, cfg.issuer.jwt_ttl)?;
+        let (current, degraded) = match Self::online(&bao, &node, &own, &cache).await {
             Ok(c) => (c, None),
             Err(e) if e.outage => {
-                let c = Self::cached(cfg, &cache, jwt.jwk())
+                let c = Self::cached(cfg, &cache, &own)
                     .map_err(|why| format!("OpenBao is unreachable ({}) and {why}", e.message))?;
                 tracing::warn!(node = %node, "OpenBao unreachable ({}): starting from the sealed cache; X.509-SVIDs wait for OpenBao", e.message);
                 let why = format!(
@@ -307,7 +336,11 @@ impl BaoIssuer {
             trust_domain: cfg.trust_domain.clone(),
             node,
             x509_ttl: cfg.issuer.x509_ttl,
-            jwt,
+            jwt_ttl: cfg.issuer.jwt_ttl,
+            jwt: RwLock::new(Arc::new(jwt)),
+            keys: Mutex::new(keys),
+            schedule,
+            master_key,
             roles: Roles {
                 auth_mount: ob.workload_auth_mount.clone(),
                 auth_role: ob.workload_auth_role.clone(),
@@ -332,16 +365,16 @@ impl BaoIssuer {
     async fn online(
         bao: &Bao,
         node: &str,
-        own_jwk: &Value,
+        own: &[Value],
         cache: &BaoCache,
     ) -> Result<Current, StartError> {
-        Self::publish(bao, node, own_jwk).await?;
+        Self::publish(bao, node, own).await?;
         let bundle_pem = bao
             .pki_root_ca_pem()
             .await
             .map_err(StartError::bao("root CA"))?;
         let mut by_node = Self::fetch_keys(bao).await?;
-        by_node.insert(node.to_string(), vec![own_jwk.clone()]);
+        by_node.insert(node.to_string(), own.to_vec());
         let revoked = cache
             .issuer()
             .map(|st| st.revoked_nodes.into_iter().collect())
@@ -350,7 +383,7 @@ impl BaoIssuer {
     }
 
     /// The bundle and JWKS as the sealed cache holds them, for this trust domain and node.
-    fn cached(cfg: &Config, cache: &BaoCache, own_jwk: &Value) -> Result<Current, String> {
+    fn cached(cfg: &Config, cache: &BaoCache, own: &[Value]) -> Result<Current, String> {
         let path = cache.issuer_path();
         let st = cache.issuer().ok_or_else(|| {
             format!(
@@ -369,7 +402,7 @@ impl BaoIssuer {
             ));
         }
         let mut by_node = st.keys_by_node.clone();
-        by_node.insert(cfg.node_name.clone(), vec![own_jwk.clone()]);
+        by_node.insert(cfg.node_name.clone(), own.to_vec());
         Current::new(
             st.bundle_pem.clone(),
             by_node,
@@ -391,10 +424,10 @@ impl BaoIssuer {
         });
     }
 
-    /// Publishes this node's public JWT key at `<kv_prefix>/nodes/<node>/jwks`.
-    async fn publish(bao: &Bao, node: &str, own_jwk: &Value) -> Result<(), StartError> {
+    /// Publishes this node's public JWT keys at `<kv_prefix>/nodes/<node>/jwks`.
+    async fn publish(bao: &Bao, node: &str, own: &[Value]) -> Result<(), StartError> {
         let mut published = Map::new();
-        published.insert("keys".into(), json!([own_jwk.clone()]));
+        published.insert("keys".into(), json!(own));
         published.insert("updated_at".into(), json!(now_unix()));
         bao.kv_write(&format!("nodes/{node}/jwks"), published, None)
             .await
@@ -433,10 +466,37 @@ impl BaoIssuer {
     /// node's JWT key first). Returns whether what verifiers need changed.
     async fn refresh(&self) -> Result<bool, String> {
         let recovering = self.from_cache.load(Ordering::SeqCst);
-        if recovering {
-            Self::publish(&self.bao, &self.node, self.jwt.jwk())
+        let now = now_unix();
+        let (rotated, own, signer) = {
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            let rotated = keys.maintain(self.schedule, now, &self.master_key)?;
+            let own = published(&self.trust_domain, &self.node, &keys, self.jwt_ttl)?;
+            let signer = signer_of(
+                &self.trust_domain,
+                &self.node,
+                keys.signing(self.schedule, now),
+                self.jwt_ttl,
+            )?;
+            (rotated, own, signer)
+        };
+        if recovering || rotated {
+            Self::publish(&self.bao, &self.node, &own)
                 .await
                 .map_err(|e| e.message)?;
+        }
+        if rotated {
+            tracing::info!(node = %self.node, keys = own.len(), "JWT keys rotated and published");
+        }
+        let switched = {
+            let mut jwt = self.jwt.write().unwrap_or_else(|p| p.into_inner());
+            let switched = jwt.jwk() != signer.jwk();
+            if switched {
+                *jwt = Arc::new(signer);
+            }
+            switched
+        };
+        if switched {
+            tracing::info!(node = %self.node, kid = %self.jwt().jwk()["kid"], "signing JWT-SVIDs with the next key");
         }
         let bundle_pem = self
             .bao
@@ -444,7 +504,7 @@ impl BaoIssuer {
             .await
             .map_err(|e| e.to_string())?;
         let mut by_node = Self::fetch_keys(&self.bao).await.map_err(|e| e.message)?;
-        by_node.insert(self.node.clone(), vec![self.jwt.jwk().clone()]);
+        by_node.insert(self.node.clone(), own);
         let changed = self
             .current
             .write()
@@ -596,6 +656,10 @@ impl BaoIssuer {
         svid_of(id, &key, leaf, &bundle, issued_at)
     }
 
+    fn jwt(&self) -> Arc<JwtSigner> {
+        self.jwt.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Why the issuer is degraded while it still runs on the sealed cache.
     fn on_cache(&self) -> Option<String> {
         self.from_cache.load(Ordering::SeqCst).then(|| {
@@ -638,7 +702,7 @@ impl Issuer for BaoIssuer {
     }
 
     fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
-        self.jwt.issue_jwt(id, audience)
+        self.jwt().issue_jwt(id, audience)
     }
 
     fn issue_x509<'a>(&'a self, id: &'a SpiffeId, proof: Proof<'a>) -> Issuing<'a, X509Svid> {

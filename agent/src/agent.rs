@@ -113,6 +113,9 @@ impl Agent {
             AgentRequest::SecretList => self.secret_list().await,
             AgentRequest::SecretRm { name } => self.secret_rm(&name).await,
             AgentRequest::Revoke { target, undo } => self.revoke(target, undo).await,
+            AgentRequest::CaRotate {
+                activate_after_secs,
+            } => self.ca_rotate(activate_after_secs).await,
             AgentRequest::NodeRevoke {
                 node,
                 undo,

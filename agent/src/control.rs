@@ -285,6 +285,24 @@ impl Agent {
         }
     }
 
+    /// `nhictl ca rotate`: the issuer puts a new CA in the bundle, and every companion gets
+    /// it at once (before the new CA signs anything).
+    pub(crate) async fn ca_rotate(
+        &self,
+        activate_after_secs: Option<u64>,
+    ) -> Result<AgentResponse, String> {
+        let r = self
+            .ctx
+            .issuer
+            .rotate_ca(activate_after_secs.map(std::time::Duration::from_secs))?;
+        self.push_trust().await;
+        Ok(AgentResponse::CaRotated {
+            signs_from: r.signs_from,
+            old_leaves_at: r.old_leaves_at,
+            not_after: r.not_after,
+        })
+    }
+
     /// Tells every companion the current trust bundle and JWKS (after a CA renewal or when
     /// another node's signing key appeared or went).
     pub async fn push_trust(&self) {

@@ -208,9 +208,14 @@ pub async fn run(config: Config) -> Result<(), String> {
             None
         }
     };
+    // Cluster mode follows OpenBao every poll_interval; the embedded issuer only needs its
+    // upkeep (CA rotation and retirement) now and then.
     let follower = match &ctx.config.openbao {
         Some(ob) if bao.is_some() => Some(tokio::spawn(sync::run(agent.clone(), ob.poll_interval))),
-        _ => None,
+        _ => Some(tokio::spawn(sync::run(
+            agent.clone(),
+            std::time::Duration::from_secs(5),
+        ))),
     };
 
     use tokio::signal::unix::{signal, SignalKind};

@@ -189,6 +189,15 @@ impl NhidClient {
         expect!(self, req, "secret rm", AgentResponse::SecretRemoved { name } => name)
     }
 
+    /// Rotates the trust domain's CA: (signs_from, old_leaves_at, not_after), unix times.
+    pub fn ca_rotate(
+        &self,
+        activate_after_secs: Option<u64>,
+    ) -> Result<(u64, u64, u64), ClientError> {
+        expect!(self, AgentRequest::CaRotate { activate_after_secs }, "ca rotate",
+            AgentResponse::CaRotated { signs_from, old_leaves_at, not_after } => (signs_from, old_leaves_at, not_after))
+    }
+
     /// Cuts node `node` off the cluster (`undo`: takes it back) with an operator's OpenBao
     /// token; answers the node's OpenBao entity and every node now cut off.
     pub fn node_revoke(

@@ -50,6 +50,11 @@ pub enum AgentRequest {
         token: String,
         audience: String,
     },
+    /// `nhictl ca rotate`: a new CA in the bundle now, signing `activate_after_secs` later
+    /// (default: half an X.509-SVID's life); the old one leaves once its last SVID expired.
+    CaRotate {
+        activate_after_secs: Option<u64>,
+    },
     /// `nhictl node revoke NODE`: cut a node off the cluster (or, `undo`, take it back), with
     /// an operator's OpenBao token for this one command (nodes may not do it themselves).
     NodeRevoke {
@@ -114,6 +119,13 @@ pub enum AgentResponse {
         undone: bool,
     },
     Validated(Validated),
+    CaRotated {
+        /// Unix times: the new CA signs from, the old one leaves the bundle at, the new one
+        /// expires at.
+        signs_from: u64,
+        old_leaves_at: u64,
+        not_after: u64,
+    },
     NodeRevoked {
         node: String,
         undone: bool,

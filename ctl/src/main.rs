@@ -57,6 +57,11 @@ enum Cmd {
         #[arg(long)]
         undo: bool,
     },
+    /// The trust domain's CA.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
     /// Cluster nodes (OpenBao mode).
     Node {
         #[command(subcommand)]
@@ -83,6 +88,19 @@ enum Cmd {
         /// nhi-hook to register (default: next to nhictl).
         #[arg(long, global = true)]
         nhi_hook: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Rotate the CA without downtime (embedded issuer): a new CA enters every bundle now and
+    /// signs from --activate-after later; the old one leaves the bundle once the last
+    /// X.509-SVID it signed has expired.
+    Rotate {
+        /// How long workloads get to fetch the new bundle before the new CA signs (default:
+        /// half of issuer.x509_ttl), e.g. "30m".
+        #[arg(long, value_parser = humantime::parse_duration)]
+        activate_after: Option<std::time::Duration>,
     },
 }
 
@@ -361,6 +379,16 @@ fn run(cli: Cli) -> Result<(), String> {
                     r.spiffe_id, r.jtis, r.serials
                 );
             }
+        }
+        Cmd::Ca {
+            cmd: CaCmd::Rotate { activate_after },
+        } => {
+            let (from, old_leaves, not_after) = nhi_ctl::client(&cli.config)?
+                .ca_rotate(activate_after.map(|d| d.as_secs()))
+                .map_err(|e| e.to_string())?;
+            println!(
+                "new CA in every bundle now; it signs from {from}, the previous CA leaves the bundle at {old_leaves} and the new one expires at {not_after} (unix times)"
+            );
         }
         Cmd::Node {
             cmd:

@@ -399,3 +399,57 @@ fn reflection_and_the_spiffe_bundle_format_read_by_independent_clients() {
     assert_eq!(got["refresh_hint"], 300, "{got}");
     c.delete();
 }
+
+/// `nhictl ca rotate` (issue 17) under continuous verification: two workloads' py-spiffe
+/// X509Sources verify each other's current X.509-SVID with their own current bundle every
+/// 50 ms while the CA rotates. The new CA reaches every bundle before it signs, SVIDs move to
+/// it at their renewal, and not one verification fails.
+#[test]
+fn ca_rotation_under_continuous_py_spiffe_verification_fails_nothing() {
+    let mut node = Node::with_config(
+        ANNOTATED_RULE,
+        "[issuer]\nx509_ttl = \"10s\"\nca_ttl = \"1h\"\n",
+    );
+    node.start();
+    let a = node.named_container("alpha");
+    let b = node.named_container("beta");
+    let verifier = Command::new(python())
+        .arg(script("ca_rotation_verifier.py"))
+        .arg(format!("unix://{}", host_socket(&node, &a).display()))
+        .arg(format!("unix://{}", host_socket(&node, &b).display()))
+        .arg(TRUST_DOMAIN)
+        .arg("22")
+        .env_clear()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python verifier");
+    std::thread::sleep(Duration::from_secs(3));
+    let out = node.nhictl(&["ca", "rotate", "--activate-after", "4s"], b"");
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("new CA in every bundle now"), "{said}");
+    assert_eq!(
+        node.nhictl(&["ca", "rotate"], b"").status.code(),
+        Some(1),
+        "one rotation at a time"
+    );
+    let got = json_out(&verifier.wait_with_output().unwrap());
+    eprintln!("CA rotation under py-spiffe verification: {got}");
+    assert!(got["checks"].as_u64().unwrap() > 200, "{got}");
+    assert_eq!(got["failures"], 0, "{got}");
+    assert_eq!(
+        got["signers"].as_array().unwrap().len(),
+        2,
+        "the SVIDs moved to the new CA: {got}"
+    );
+    assert_eq!(got["max_authorities"], 2, "{got}");
+    assert_eq!(
+        node.status()
+            .bundle_pem
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        2,
+        "the old CA stays while its SVIDs live"
+    );
+}

@@ -1,7 +1,11 @@
 //! The embedded issuer: a trust-domain root CA (ECDSA P-256) and a JWT signing key (ES256),
 //! created on first start and sealed at rest with the master key (see [`crate::keystore`]).
+//! The CA rotates without downtime (`nhictl ca rotate`, or by itself with a third of `ca_ttl`
+//! left): a new CA enters the bundle before it signs anything, and the old one leaves once the
+//! last SVID it signed has expired.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -17,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     not_after, now_unix, pem_encode, random_serial, zeroizing, IssueError, Issuer, Issuing, Proof,
-    Signer,
+    Signer, Upkeep,
 };
 use crate::keystore::{self, KeystoreError, MasterKey};
 
@@ -47,16 +51,70 @@ const SEAL_LABEL: &str = "nhi/embedded-issuer/v1";
 #[derive(Serialize, Deserialize)]
 struct IssuerKeys {
     trust_domain: String,
-    ca_cert_der: String,
-    ca_key_pkcs8: String,
+    /// The one CA of an older version: read, then written as the first of `cas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_cert_der: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_key_pkcs8: Option<String>,
+    /// The CAs in the bundle, oldest first: each signs from `signs_from` until the next does.
+    #[serde(default)]
+    cas: Vec<CaKeys>,
     jwt_key_pkcs8: String,
     created_at: u64,
+    /// `spiffe_sequence` of the bundle: the keys' creation time, moved on by every change.
+    #[serde(default)]
+    sequence: u64,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct CaKeys {
+    cert_der: String,
+    key_pkcs8: String,
+    signs_from: u64,
+}
+
+impl Drop for IssuerKeys {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.jwt_key_pkcs8.zeroize();
+        if let Some(k) = &mut self.ca_key_pkcs8 {
+            k.zeroize();
+        }
+        for c in &mut self.cas {
+            c.key_pkcs8.zeroize();
+        }
+    }
+}
+
+/// What a rotation did (`nhictl ca rotate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaRotation {
+    /// Unix time the new CA signs from (it is in every bundle from now).
+    pub signs_from: u64,
+    /// Unix time the previous CA leaves the bundle (its last SVID has expired by then).
+    pub old_leaves_at: u64,
+    pub not_after: u64,
+}
+
+/// The signers and what verifiers need, rebuilt at every change of the CAs.
+struct Loaded {
+    /// (signs_from, signer), oldest first; every signer carries the whole bundle.
+    signers: Vec<(u64, Arc<Signer>)>,
+    bundle_pem: String,
+    jwks: serde_json::Value,
+    spiffe_bundle: serde_json::Value,
 }
 
 pub struct EmbeddedIssuer {
-    signer: Signer,
-    jwks: serde_json::Value,
-    spiffe_bundle: serde_json::Value,
+    trust_domain: String,
+    sealed_path: PathBuf,
+    bundle_path: PathBuf,
+    master_key: MasterKey,
+    jwt_ttl: Duration,
+    x509_ttl: Duration,
+    ca_ttl: Duration,
+    keys: Mutex<IssuerKeys>,
+    loaded: RwLock<Arc<Loaded>>,
 }
 
 impl EmbeddedIssuer {
@@ -65,7 +123,7 @@ impl EmbeddedIssuer {
         keystore::create_private_dir(&cfg.state_dir)?;
         let sealed_path = cfg.state_dir.join(SEALED_FILE);
         let key_path = cfg.key_file();
-        let keys = if sealed_path.exists() {
+        let (mk, mut keys) = if sealed_path.exists() {
             if !key_path.exists() {
                 return Err(IssuerInitError::MissingMasterKey {
                     sealed: sealed_path,
@@ -86,11 +144,11 @@ impl EmbeddedIssuer {
             if keys.trust_domain != cfg.trust_domain {
                 return Err(IssuerInitError::TrustDomainMismatch {
                     path: sealed_path,
-                    found: keys.trust_domain,
+                    found: keys.trust_domain.clone(),
                     expected: cfg.trust_domain.clone(),
                 });
             }
-            keys
+            (mk, keys)
         } else {
             let mk = if key_path.exists() {
                 MasterKey::load(&key_path)?
@@ -100,64 +158,246 @@ impl EmbeddedIssuer {
             let keys = generate(&cfg.trust_domain, cfg.issuer.ca_ttl)?;
             let plain = zeroizing(serde_json::to_vec(&keys).expect("keys serialize"));
             keystore::write_atomic(&sealed_path, &mk.seal(SEAL_LABEL, &plain), 0o600)?;
-            keys
+            (mk, keys)
         };
-        let issuer = Self::from_keys(&sealed_path, keys, cfg)?;
-        // The public bundle, for operators and tools; never read back as a source of trust.
-        keystore::write_atomic(
-            &cfg.state_dir.join(BUNDLE_FILE),
-            issuer.signer.bundle_pem.as_bytes(),
-            0o644,
-        )?;
+        // An older version's single CA becomes the first of the list.
+        if let (Some(cert_der), Some(key_pkcs8)) =
+            (keys.ca_cert_der.take(), keys.ca_key_pkcs8.take())
+        {
+            keys.cas.insert(
+                0,
+                CaKeys {
+                    cert_der,
+                    key_pkcs8,
+                    signs_from: 0,
+                },
+            );
+        }
+        if keys.sequence == 0 {
+            keys.sequence = keys.created_at;
+        }
+        let loaded = load(&sealed_path, &keys, cfg.issuer.jwt_ttl, cfg.issuer.x509_ttl)?;
+        let issuer = EmbeddedIssuer {
+            trust_domain: keys.trust_domain.clone(),
+            sealed_path,
+            bundle_path: cfg.state_dir.join(BUNDLE_FILE),
+            master_key: mk,
+            jwt_ttl: cfg.issuer.jwt_ttl,
+            x509_ttl: cfg.issuer.x509_ttl,
+            ca_ttl: cfg.issuer.ca_ttl,
+            keys: Mutex::new(keys),
+            loaded: RwLock::new(Arc::new(loaded)),
+        };
+        issuer.write_bundle_file()?;
         Ok(issuer)
     }
 
-    fn from_keys(path: &Path, keys: IssuerKeys, cfg: &Config) -> Result<Self, IssuerInitError> {
-        let corrupt = |message: String| IssuerInitError::Corrupt {
-            path: path.into(),
-            message,
-        };
-        let d = |s: &str| B64.decode(s).map_err(|e| corrupt(e.to_string()));
-        let ca_der = d(&keys.ca_cert_der)?;
-        let ca_key = KeyPair::try_from(zeroizing(d(&keys.ca_key_pkcs8)?).as_slice())
-            .map_err(|e| corrupt(format!("CA key: {e}")))?;
-        let jwt_pkcs8 = zeroizing(d(&keys.jwt_key_pkcs8)?);
-        let ca_not_after = not_after(&ca_der).map_err(corrupt)?;
-        if ca_not_after <= now_unix() {
-            return Err(IssuerInitError::Generate(format!(
-                "the trust domain's CA in {} expired at {} (unix); rotate it (move the state dir's sealed keys away to create a new one) and redistribute the bundle",
-                path.display(),
-                ca_not_after
-            )));
-        }
-        let signer = Signer::new(
-            &keys.trust_domain,
-            &ca_der,
-            ca_key,
-            String::new(),
-            pem_encode("CERTIFICATE", &ca_der),
-            &jwt_pkcs8,
-            cfg.issuer.jwt_ttl,
-            cfg.issuer.x509_ttl,
+    /// The public bundle, for operators and tools; never read back as a source of trust.
+    fn write_bundle_file(&self) -> Result<(), KeystoreError> {
+        keystore::write_atomic(
+            &self.bundle_path,
+            self.loaded().bundle_pem.as_bytes(),
+            0o644,
         )
-        .map_err(corrupt)?;
-        let jwks = serde_json::json!({ "keys": [signer.jwk().clone()] });
-        // The content never changes for the life of these keys: their creation time is the
-        // sequence, the same across restarts.
-        let spiffe_bundle = crate::spiffe_bundle::build(&signer.bundle_pem, &jwks, keys.created_at)
-            .map_err(corrupt)?;
-        Ok(EmbeddedIssuer {
-            signer,
-            jwks,
-            spiffe_bundle,
+    }
+
+    fn loaded(&self) -> Arc<Loaded> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The CA that signs now: the newest whose `signs_from` has come.
+    fn signer(&self) -> Arc<Signer> {
+        let now = now_unix();
+        let l = self.loaded();
+        l.signers
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= now)
+            .or(l.signers.first())
+            .map(|(_, s)| s.clone())
+            .expect("at least one CA")
+    }
+
+    /// Seals `keys`, rebuilds the signers and bundle from them and rewrites the bundle file.
+    fn commit(&self, keys: &mut IssuerKeys) -> Result<(), String> {
+        keys.sequence = crate::spiffe_bundle::next_sequence(keys.sequence, now_unix());
+        let loaded = load(&self.sealed_path, keys, self.jwt_ttl, self.x509_ttl)
+            .map_err(|e| e.to_string())?;
+        let plain = zeroizing(serde_json::to_vec(&*keys).expect("keys serialize"));
+        keystore::write_atomic(
+            &self.sealed_path,
+            &self.master_key.seal(SEAL_LABEL, &plain),
+            0o600,
+        )
+        .map_err(|e| e.to_string())?;
+        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+        self.write_bundle_file().map_err(|e| e.to_string())
+    }
+
+    /// A new CA for the trust domain: in every bundle from now, signing from
+    /// `activate_after` later (default: half an X.509-SVID's life, by when every workload has
+    /// fetched its renewal and the bundle with it). The previous CA leaves the bundle once the
+    /// last SVID it signed has expired. One rotation at a time.
+    pub fn rotate(&self, activate_after: Option<Duration>) -> Result<CaRotation, String> {
+        let now = now_unix();
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pending) = keys.cas.last().filter(|c| c.signs_from > now) {
+            return Err(format!(
+                "a new CA is already in the bundle and signs from {} (unix); rotate again after that",
+                pending.signs_from
+            ));
+        }
+        let signs_from = now + activate_after.unwrap_or(self.x509_ttl / 2).as_secs();
+        let ca = new_ca(&self.trust_domain, self.ca_ttl, Some(now)).map_err(|e| e.to_string())?;
+        let not_after = not_after(&B64.decode(&ca.0).map_err(|e| e.to_string())?)?;
+        keys.cas.push(CaKeys {
+            cert_der: ca.0,
+            key_pkcs8: ca.1,
+            signs_from,
+        });
+        self.commit(&mut keys)?;
+        let old_leaves_at = signs_from + self.x509_ttl.as_secs() + RETIRE_SKEW;
+        tracing::warn!(
+            signs_from,
+            old_leaves_at,
+            "trust domain CA rotation: new CA in the bundle"
+        );
+        Ok(CaRotation {
+            signs_from,
+            old_leaves_at,
+            not_after,
         })
+    }
+
+    /// Drops CAs whose successor has signed for an X.509-SVID's life (and expired ones), and
+    /// starts a rotation when the signing CA has a third of `ca_ttl` left. True when the
+    /// bundle changed.
+    fn upkeep(&self) -> Result<bool, String> {
+        let now = now_unix();
+        let x509 = self.x509_ttl.as_secs();
+        let signing_left = {
+            let s = self.signer();
+            s.ca_not_after().saturating_sub(now)
+        };
+        let pending = {
+            let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            keys.cas.last().is_some_and(|c| c.signs_from > now)
+        };
+        let mut changed = false;
+        if !pending && signing_left < self.ca_ttl.as_secs() / 3 {
+            let r = self.rotate(None)?;
+            tracing::warn!(
+                signs_from = r.signs_from,
+                "the trust domain's CA has a third of its life left: rotated"
+            );
+            changed = true;
+        }
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let before = keys.cas.len();
+        let mut i = 0;
+        while i + 1 < keys.cas.len() {
+            let successor_from = keys.cas[i + 1].signs_from;
+            let expired = B64
+                .decode(&keys.cas[i].cert_der)
+                .ok()
+                .and_then(|d| not_after(&d).ok())
+                .is_some_and(|t| t <= now);
+            if (successor_from <= now && now >= successor_from + x509 + RETIRE_SKEW) || expired {
+                keys.cas.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        if keys.cas.len() != before {
+            tracing::info!(
+                removed = before - keys.cas.len(),
+                "retired CA left the trust bundle"
+            );
+            self.commit(&mut keys)?;
+            changed = true;
+        }
+        Ok(changed)
     }
 }
 
-fn generate(trust_domain: &str, ca_ttl: Duration) -> Result<IssuerKeys, IssuerInitError> {
+/// Seconds an old CA stays in the bundle past the expiry of the last SVID it could sign
+/// (clock skew between verifiers).
+const RETIRE_SKEW: u64 = 60;
+
+/// Signers for every CA of `keys`, the bundle (all of them) and the JWKS.
+fn load(
+    path: &Path,
+    keys: &IssuerKeys,
+    jwt_ttl: Duration,
+    x509_ttl: Duration,
+) -> Result<Loaded, IssuerInitError> {
+    let corrupt = |message: String| IssuerInitError::Corrupt {
+        path: path.into(),
+        message,
+    };
+    let d = |s: &str| B64.decode(s).map_err(|e| corrupt(e.to_string()));
+    let jwt_pkcs8 = zeroizing(d(&keys.jwt_key_pkcs8)?);
+    let now = now_unix();
+    let mut ders = Vec::new();
+    for c in &keys.cas {
+        ders.push(d(&c.cert_der)?);
+    }
+    if ders.is_empty() {
+        return Err(corrupt("no CA".into()));
+    }
+    if ders
+        .iter()
+        .all(|der| not_after(der).is_ok_and(|t| t <= now))
+    {
+        return Err(IssuerInitError::Generate(format!(
+            "every CA of the trust domain in {} has expired; move the state dir's sealed keys away to create a new trust domain and redistribute the bundle",
+            path.display()
+        )));
+    }
+    let bundle_pem: String = ders
+        .iter()
+        .map(|der| pem_encode("CERTIFICATE", der))
+        .collect();
+    let mut signers = Vec::new();
+    for (c, der) in keys.cas.iter().zip(&ders) {
+        let ca_key = KeyPair::try_from(zeroizing(d(&c.key_pkcs8)?).as_slice())
+            .map_err(|e| corrupt(format!("CA key: {e}")))?;
+        let signer = Signer::new(
+            &keys.trust_domain,
+            der,
+            ca_key,
+            String::new(),
+            bundle_pem.clone(),
+            &jwt_pkcs8,
+            jwt_ttl,
+            x509_ttl,
+        )
+        .map_err(corrupt)?;
+        signers.push((c.signs_from, Arc::new(signer)));
+    }
+    let jwks = serde_json::json!({ "keys": [signers[0].1.jwk().clone()] });
+    let spiffe_bundle =
+        crate::spiffe_bundle::build(&bundle_pem, &jwks, keys.sequence).map_err(corrupt)?;
+    Ok(Loaded {
+        signers,
+        bundle_pem,
+        jwks,
+        spiffe_bundle,
+    })
+}
+
+/// A self-signed CA for the trust domain (certificate DER and PKCS#8 key, base64). `made_at`
+/// names a rotated CA apart from the first.
+fn new_ca(
+    trust_domain: &str,
+    ca_ttl: Duration,
+    made_at: Option<u64>,
+) -> Result<(String, String), IssuerInitError> {
     let g = |e: rcgen::Error| IssuerInitError::Generate(e.to_string());
     let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(g)?;
-    let jwt_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(g)?;
     let mut p = CertificateParams::default();
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::minutes(5);
@@ -165,7 +405,13 @@ fn generate(trust_domain: &str, ca_ttl: Duration) -> Result<IssuerKeys, IssuerIn
     p.serial_number = Some(random_serial());
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "nhi");
-    dn.push(DnType::CommonName, format!("nhi {trust_domain} root CA"));
+    dn.push(
+        DnType::CommonName,
+        match made_at {
+            None => format!("nhi {trust_domain} root CA"),
+            Some(t) => format!("nhi {trust_domain} root CA {t}"),
+        },
+    );
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     // X509-SVID standard, appendix A: keyCertSign "must be set if and only if the SVID is a
@@ -177,12 +423,26 @@ fn generate(trust_domain: &str, ca_ttl: Duration) -> Result<IssuerKeys, IssuerIn
         format!("spiffe://{trust_domain}").try_into().map_err(g)?,
     )];
     let cert = p.self_signed(&ca_key).map_err(g)?;
+    Ok((B64.encode(cert.der()), B64.encode(ca_key.serialize_der())))
+}
+
+fn generate(trust_domain: &str, ca_ttl: Duration) -> Result<IssuerKeys, IssuerInitError> {
+    let g = |e: rcgen::Error| IssuerInitError::Generate(e.to_string());
+    let (cert_der, key_pkcs8) = new_ca(trust_domain, ca_ttl, None)?;
+    let jwt_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(g)?;
+    let now = now_unix();
     Ok(IssuerKeys {
         trust_domain: trust_domain.into(),
-        ca_cert_der: B64.encode(cert.der()),
-        ca_key_pkcs8: B64.encode(ca_key.serialize_der()),
+        ca_cert_der: None,
+        ca_key_pkcs8: None,
+        cas: vec![CaKeys {
+            cert_der,
+            key_pkcs8,
+            signs_from: 0,
+        }],
         jwt_key_pkcs8: B64.encode(jwt_key.serialize_der()),
-        created_at: now_unix(),
+        created_at: now,
+        sequence: now,
     })
 }
 
@@ -192,30 +452,39 @@ impl Issuer for EmbeddedIssuer {
     }
 
     fn trust_domain(&self) -> &str {
-        &self.signer.trust_domain
+        &self.trust_domain
     }
 
     fn bundle_pem(&self) -> String {
-        self.signer.bundle_pem.clone()
+        self.loaded().bundle_pem.clone()
     }
 
     fn jwks(&self) -> serde_json::Value {
-        self.jwks.clone()
+        self.loaded().jwks.clone()
     }
 
     fn spiffe_bundle(&self) -> serde_json::Value {
-        self.spiffe_bundle.clone()
+        self.loaded().spiffe_bundle.clone()
     }
 
     fn issue_jwt(&self, id: &SpiffeId, audience: &[String]) -> Result<JwtSvid, IssueError> {
-        self.signer.issue_jwt(id, audience)
+        self.signer().issue_jwt(id, audience)
     }
 
     /// Signed here, with the trust domain's own root: the node is the authority, so the proof
     /// was checked when the workload was attached and there is no one else to show it to.
     fn issue_x509<'a>(&'a self, id: &'a SpiffeId, _proof: Proof<'a>) -> Issuing<'a, X509Svid> {
-        let x = self.signer.issue_x509(id);
+        let x = self.signer().issue_x509(id);
         Box::pin(async move { x })
+    }
+
+    fn maintain(&self) -> Upkeep<'_> {
+        let r = self.upkeep();
+        Box::pin(async move { r })
+    }
+
+    fn rotate_ca(&self, activate_after: Option<Duration>) -> Result<CaRotation, String> {
+        self.rotate(activate_after)
     }
 }
 
@@ -274,7 +543,7 @@ mod tests {
         assert_eq!(ders.len(), 1);
         let (_, ca) = X509Certificate::from_der(&ders[0]).unwrap();
         let id = SpiffeId::new("example.org", "container/web").unwrap();
-        let x = iss.signer.issue_x509(&id).unwrap();
+        let x = iss.signer().issue_x509(&id).unwrap();
         let leaf_der = crate::spiffe_bundle::pem_certificates(&x.cert_chain_pem)
             .unwrap()
             .remove(0);
@@ -347,6 +616,84 @@ mod tests {
         );
     }
 
+    /// CN of the CA that signed the leaf of `x`.
+    fn issuer_cn(x: &X509Svid) -> String {
+        use x509_parser::prelude::*;
+        let der = crate::spiffe_bundle::pem_certificates(&x.cert_chain_pem)
+            .unwrap()
+            .remove(0);
+        let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+        let cn = leaf
+            .issuer()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string();
+        cn
+    }
+
+    #[test]
+    fn a_rotated_ca_is_in_the_bundle_before_it_signs_and_the_old_one_leaves_after_its_last_svid() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), "example.org");
+        let iss = EmbeddedIssuer::load_or_create(&c).unwrap();
+        let id = SpiffeId::new("example.org", "container/web").unwrap();
+        let seq0 = iss.spiffe_bundle()["spiffe_sequence"].as_u64().unwrap();
+        let old_cn = issuer_cn(&iss.signer().issue_x509(&id).unwrap());
+        // Pending: both CAs are anchors, the old one still signs.
+        let r = iss.rotate(Some(Duration::from_secs(3600))).unwrap();
+        assert_eq!(r.old_leaves_at, r.signs_from + 3600 + RETIRE_SKEW);
+        let bundle = iss.bundle_pem();
+        assert_eq!(
+            crate::spiffe_bundle::pem_certificates(&bundle)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(iss.spiffe_bundle()["spiffe_sequence"].as_u64().unwrap() > seq0);
+        let x = iss.signer().issue_x509(&id).unwrap();
+        assert_eq!(issuer_cn(&x), old_cn);
+        assert_eq!(x.bundle_pem, bundle, "SVIDs carry the whole bundle");
+        assert!(iss.rotate(None).unwrap_err().contains("already"));
+        // Its time comes: the new CA signs; the old one stays an anchor.
+        let now = now_unix();
+        {
+            let mut keys = iss.keys.lock().unwrap();
+            keys.cas[1].signs_from = now;
+            iss.commit(&mut keys).unwrap();
+        }
+        let new_cn = issuer_cn(&iss.signer().issue_x509(&id).unwrap());
+        assert_ne!(new_cn, old_cn);
+        assert!(!iss.upkeep().unwrap(), "the old CA's SVIDs still live");
+        assert_eq!(
+            crate::spiffe_bundle::pem_certificates(&iss.bundle_pem())
+                .unwrap()
+                .len(),
+            2
+        );
+        // A restart keeps both and the schedule.
+        let again = EmbeddedIssuer::load_or_create(&c).unwrap();
+        assert_eq!(again.bundle_pem(), iss.bundle_pem());
+        assert_eq!(issuer_cn(&again.signer().issue_x509(&id).unwrap()), new_cn);
+        // An X.509-SVID's life (and the skew) after the switch, the old CA leaves.
+        {
+            let mut keys = iss.keys.lock().unwrap();
+            keys.cas[1].signs_from = now - 3600 - RETIRE_SKEW;
+            iss.commit(&mut keys).unwrap();
+        }
+        assert!(iss.upkeep().unwrap());
+        let left = crate::spiffe_bundle::pem_certificates(&iss.bundle_pem()).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(issuer_cn(&iss.signer().issue_x509(&id).unwrap()), new_cn);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(BUNDLE_FILE)).unwrap(),
+            iss.bundle_pem(),
+            "the public bundle file follows"
+        );
+    }
+
     #[test]
     fn issues_verifiable_svids() {
         let dir = tempfile::tempdir().unwrap();
@@ -369,9 +716,9 @@ mod tests {
         assert!(iss.issue_jwt(&id, &[]).is_err());
         let foreign = SpiffeId::new("evil.org", "x").unwrap();
         assert!(iss.issue_jwt(&foreign, &["a".into()]).is_err());
-        assert!(iss.signer.issue_x509(&foreign).is_err());
+        assert!(iss.signer().issue_x509(&foreign).is_err());
 
-        let x = iss.signer.issue_x509(&id).unwrap();
+        let x = iss.signer().issue_x509(&id).unwrap();
         assert!(x.cert_chain_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(x.key_pem.contains("PRIVATE KEY"));
         assert_eq!(x.expires_at - x.issued_at, 3600);

@@ -30,7 +30,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-pub use embedded::{EmbeddedIssuer, IssuerInitError};
+pub use embedded::{CaRotation, EmbeddedIssuer, IssuerInitError};
 pub use openbao::BaoIssuer;
 
 /// What issuing an X.509-SVID returns (the OpenBao backend asks OpenBao).
@@ -111,6 +111,13 @@ pub trait Issuer: Send + Sync {
     }
     fn revoked_nodes(&self) -> std::collections::BTreeSet<String> {
         Default::default()
+    }
+    /// Starts a CA rotation (`nhictl ca rotate`) where this node holds the CA.
+    fn rotate_ca(&self, _activate_after: Option<Duration>) -> Result<CaRotation, String> {
+        Err(format!(
+            "the {} issuer's CA is not rotated from a node",
+            self.kind()
+        ))
     }
 }
 

@@ -672,6 +672,12 @@ path "pki/sign/nhi-node" {
 path "pki/ca/pem" {
   capabilities = ["read"]
 }
+path "pki/issuers" {
+  capabilities = ["list"]
+}
+path "pki/issuer/+/json" {
+  capabilities = ["read"]
+}
 path "auth/token/renew-self" {
   capabilities = ["update"]
 }
@@ -785,6 +791,9 @@ fn spiffe_pki_role(root: &BaoApi, role: &str, uri_template: &str) {
             "key_type": "ec",
             "key_bits": 256,
             "key_usage": ["DigitalSignature"],
+            // X509-SVID standard 4.1: a leaf's basicConstraints says cA=false (py-spiffe
+            // refuses a leaf without the extension); OpenBao leaves it out unless asked.
+            "basic_constraints_valid_for_non_ca": true,
             "ttl": "1h",
             "max_ttl": "1h",
             "no_store": true,

@@ -22,6 +22,7 @@ pub mod bao;
 pub mod edge;
 pub mod kube;
 pub mod nomad;
+pub mod py;
 
 pub const TRUST_DOMAIN: &str = "example.org";
 pub const COMPANION_URL: &str = "http://127.0.0.1:15100";

@@ -10,13 +10,13 @@
 //! `/run/nhi/aws-token`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nhi_integration::py::{python, script};
 use nhi_integration::*;
 
-const PY: &str = "/opt/nhi-test/pyclients/bin/python";
 const JS: &str = "/opt/nhi-test/jsclients";
 
 const RULES: &str = r#"
@@ -37,18 +37,6 @@ annotations = { "nhi.dev/inject" = "true" }
 secrets = ["aws-dev"]
 rules = ["aws"]
 "#;
-
-fn python() -> &'static str {
-    assert!(
-        Path::new(PY).is_file(),
-        "{PY} is missing: run scripts/install-deps (it creates the py-spiffe/botocore venv)"
-    );
-    PY
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("py/botocore_client.py")
-}
 
 fn rfc3339_in(secs: u64) -> String {
     let t = SystemTime::now()
@@ -102,7 +90,7 @@ fn botocore(pid: i32, token_file: &Path, refresh: bool) -> Command {
     cmd.arg(format!("--net=/proc/{pid}/ns/net"))
         .arg("--")
         .arg(python())
-        .arg(script())
+        .arg(script("botocore_client.py"))
         .args(if refresh { vec!["refresh"] } else { vec![] })
         .env_clear()
         .env(

@@ -458,16 +458,10 @@ fn with_the_http_api_off_only_the_workload_api_serves() {
     c.delete();
 }
 
-const PY: &str = "/opt/nhi-test/pyclients/bin/python";
-
 /// py-spiffe as `uid` in `pid`'s network namespace, pointed at `socket` by
 /// `SPIFFE_ENDPOINT_SOCKET` alone (through a short symlink: a CRI container's host path is
 /// longer than a socket address may be; the container itself sees /run/nhi/workload.sock).
 fn py_spiffe_as(uid: u32, pid: i32, socket: &Path) -> Output {
-    assert!(
-        Path::new(PY).is_file(),
-        "{PY} is missing: run scripts/install-deps"
-    );
     let link = Path::new("/tmp").join(unique_id("nhi-sock"));
     std::os::unix::fs::symlink(socket, &link).unwrap();
     let out = py_spiffe_at(uid, pid, &link);
@@ -476,13 +470,13 @@ fn py_spiffe_as(uid: u32, pid: i32, socket: &Path) -> Output {
 }
 
 fn py_spiffe_at(uid: u32, pid: i32, socket: &Path) -> Output {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/spiffe_client.py");
+    let script = nhi_integration::py::script("spiffe_client.py");
     Command::new("nsenter")
         .arg(format!("--net=/proc/{pid}/ns/net"))
         .args(["--", "setpriv"])
         .arg(format!("--reuid={uid}"))
         .arg(format!("--regid={uid}"))
-        .args(["--clear-groups", "--", PY])
+        .args(["--clear-groups", "--", nhi_integration::py::python()])
         .arg(script)
         .env_clear()
         .env(

@@ -837,3 +837,85 @@ fn node_jwt_keys_rotate_without_a_token_failing_on_another_node() {
     alpha.delete();
     beta.delete();
 }
+
+/// A CA rotation in OpenBao (its own multi-issuer primitives; issue 17) under continuous
+/// verification by py-spiffe: the new issuer is in every node's bundle within a poll of its
+/// creation, before it is made the default and signs anything; SVIDs move to it at renewal
+/// with not one verification failing; a deleted old issuer leaves the bundle.
+#[test]
+fn an_openbao_ca_rotation_reaches_every_bundle_before_it_signs() {
+    let dev = BaoDev::start();
+    let setup = dev.setup_nhi(TRUST_DOMAIN, &NhiRoleOptions::default());
+    let root = dev.root();
+    let config = bao_config("node-a", std::slice::from_ref(&dev.addr), &setup, "6s").replacen(
+        "[issuer]\n",
+        "[issuer]\nx509_ttl = \"10s\"\n",
+        1,
+    );
+    let mut a = Node::with_config(&rules(), &config);
+    a.start();
+    let alpha = a.named_container("alpha");
+    let beta = a.named_container("beta");
+    let socket = |c: &Container| a.path("containers").join(&c.id).join("workload.sock");
+    let old = root.must("LIST", "pki/issuers", None)["data"]["keys"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let certs = |c: &Container| pem_certs(&c.get("/v1/bundle").unwrap()).len();
+    assert_eq!(certs(&alpha), 1);
+    let verifier = nhi_integration::py::ca_rotation_verifier(
+        &socket(&alpha),
+        &socket(&beta),
+        TRUST_DOMAIN,
+        25,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    // 1. A new root issuer, not the default: it signs nothing yet.
+    root.must(
+        "POST",
+        "pki/root/rotate/internal",
+        Some(serde_json::json!({
+            "common_name": format!("nhi {TRUST_DOMAIN} root CA 2"),
+            "uri_sans": format!("spiffe://{TRUST_DOMAIN}"),
+            "exclude_cn_from_sans": true,
+            "key_type": "ec",
+            "key_bits": 256,
+            "ttl": "87600h",
+            "issuer_name": "next",
+        })),
+    );
+    let t = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(2), || certs(&alpha) == 2
+            && certs(&beta) == 2),
+        "the new issuer is not in the bundles within 2 s: {}",
+        a.log()
+    );
+    eprintln!("new issuer in every bundle after {:?}", t.elapsed());
+    // 2. Once every workload has it (two polls here), it becomes the default and signs.
+    std::thread::sleep(Duration::from_secs(3));
+    root.must(
+        "POST",
+        "pki/root/replace",
+        Some(serde_json::json!({"default": "next"})),
+    );
+    let got = nhi_integration::py::json_of(&verifier.wait_with_output().unwrap());
+    eprintln!("OpenBao CA rotation under py-spiffe verification: {got}");
+    assert!(got["checks"].as_u64().unwrap() > 200, "{got}");
+    assert_eq!(got["failures"], 0, "{got}");
+    assert_eq!(got["signers"].as_array().unwrap().len(), 2, "{got}");
+    // 3. After the old issuer's last SVID expired, the operator deletes it: it leaves the
+    // bundles within a poll.
+    root.must("DELETE", &format!("pki/issuer/{old}"), None);
+    assert!(
+        eventually(Duration::from_secs(3), || certs(&alpha) == 1),
+        "the deleted issuer is still in the bundle"
+    );
+    chains_to(
+        &alpha.get("/v1/x509").unwrap(),
+        &alpha.get("/v1/bundle").unwrap(),
+    )
+    .expect("the SVID chains to the new issuer alone");
+    alpha.delete();
+    beta.delete();
+}

@@ -253,6 +253,13 @@ async fn sign_and_verify(client: &Bao, node: &str) {
     let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
     let (_, root) = X509Certificate::from_der(&root_der).unwrap();
     assert!(!leaf.is_ca());
+    // X509-SVID standard 4.1: the extension is there and says cA=false (py-spiffe refuses a
+    // leaf without it).
+    let bc = leaf
+        .basic_constraints()
+        .unwrap()
+        .expect("basicConstraints on the leaf");
+    assert!(!bc.value.ca);
     assert_eq!(leaf.issuer(), root.subject());
     // X509-SVID standard, appendix A: digitalSignature on leaves, keyCertSign only on CAs.
     let ku = leaf.key_usage().unwrap().expect("key usage").value;

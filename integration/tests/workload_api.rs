@@ -6,26 +6,13 @@
 //! `SPIFFE_ENDPOINT_SOCKET` alone at the same socket the container sees as
 //! `/run/nhi/workload.sock` (host side `<containers_dir>/<id>/workload.sock`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use nhi_integration::py::{ca_rotation_verifier, json_of, python, script};
 use nhi_integration::*;
-
-const PY: &str = "/opt/nhi-test/pyclients/bin/python";
-
-fn python() -> &'static str {
-    assert!(
-        Path::new(PY).is_file(),
-        "{PY} is missing: run scripts/install-deps (it creates the py-spiffe/botocore venv)"
-    );
-    PY
-}
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
-}
 
 /// The host path of the container's `/run/nhi/workload.sock`.
 fn host_socket(node: &Node, c: &Container) -> PathBuf {
@@ -47,14 +34,7 @@ fn py_in_netns(pid: i32, script_name: &str, args: &[&str], env: &[(&str, String)
 }
 
 fn json_out(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    json_of(out)
 }
 
 fn environ(pid: i32) -> String {
@@ -413,17 +393,12 @@ fn ca_rotation_under_continuous_py_spiffe_verification_fails_nothing() {
     node.start();
     let a = node.named_container("alpha");
     let b = node.named_container("beta");
-    let verifier = Command::new(python())
-        .arg(script("ca_rotation_verifier.py"))
-        .arg(format!("unix://{}", host_socket(&node, &a).display()))
-        .arg(format!("unix://{}", host_socket(&node, &b).display()))
-        .arg(TRUST_DOMAIN)
-        .arg("22")
-        .env_clear()
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python verifier");
+    let verifier = ca_rotation_verifier(
+        &host_socket(&node, &a),
+        &host_socket(&node, &b),
+        TRUST_DOMAIN,
+        22,
+    );
     std::thread::sleep(Duration::from_secs(3));
     let out = node.nhictl(&["ca", "rotate", "--activate-after", "4s"], b"");
     assert!(out.status.success(), "{out:?}");

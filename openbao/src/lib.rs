@@ -508,6 +508,46 @@ impl Bao {
         self.inner.found(Method::DELETE, &api, "").await.map(|_| ())
     }
 
+    /// Every issuer of the PKI mount (PEM, in the order OpenBao lists them): the trust bundle.
+    /// A CA rotation in OpenBao (`pki/root/rotate/internal`, then `pki/root/replace`) thus
+    /// reaches every bundle before the new issuer signs, and a deleted issuer leaves it. A
+    /// mount without issuers to list answers with its one CA (`ca/pem`).
+    pub async fn pki_bundle_pem(&self) -> Result<String, BaoError> {
+        let api = format!("{}/issuers", self.inner.pki_mount);
+        let Some(ans) = self.inner.found(Method::GET, &api, "?list=true").await? else {
+            return self.pki_root_ca_pem().await;
+        };
+        #[derive(Deserialize)]
+        struct List {
+            #[serde(default)]
+            keys: Vec<String>,
+        }
+        let ids = decode_data::<List>(&ans, &api)?.keys;
+        if ids.is_empty() {
+            return self.pki_root_ca_pem().await;
+        }
+        #[derive(Deserialize)]
+        struct Issuer {
+            certificate: String,
+        }
+        let mut pem = String::new();
+        for id in ids {
+            if id.contains('/') || id.contains("..") {
+                continue;
+            }
+            let api = format!("{}/issuer/{id}/json", self.inner.pki_mount);
+            let Some(ans) = self.inner.found(Method::GET, &api, "").await? else {
+                continue; // deleted between the list and the read
+            };
+            let c = decode_data::<Issuer>(&ans, &api)?.certificate;
+            if !pem.contains(c.trim()) {
+                pem.push_str(c.trim());
+                pem.push('\n');
+            }
+        }
+        Ok(pem)
+    }
+
     /// The PKI mount's root CA certificate (PEM), the trust anchor of the trust domain.
     pub async fn pki_root_ca_pem(&self) -> Result<String, BaoError> {
         let api = format!("{}/ca/pem", self.inner.pki_mount);

@@ -370,9 +370,9 @@ impl BaoIssuer {
     ) -> Result<Current, StartError> {
         Self::publish(bao, node, own).await?;
         let bundle_pem = bao
-            .pki_root_ca_pem()
+            .pki_bundle_pem()
             .await
-            .map_err(StartError::bao("root CA"))?;
+            .map_err(StartError::bao("the PKI mount's issuers"))?;
         let mut by_node = Self::fetch_keys(bao).await?;
         by_node.insert(node.to_string(), own.to_vec());
         let revoked = cache
@@ -498,11 +498,7 @@ impl BaoIssuer {
         if switched {
             tracing::info!(node = %self.node, kid = %self.jwt().jwk()["kid"], "signing JWT-SVIDs with the next key");
         }
-        let bundle_pem = self
-            .bao
-            .pki_root_ca_pem()
-            .await
-            .map_err(|e| e.to_string())?;
+        let bundle_pem = self.bao.pki_bundle_pem().await.map_err(|e| e.to_string())?;
         let mut by_node = Self::fetch_keys(&self.bao).await.map_err(|e| e.message)?;
         by_node.insert(self.node.clone(), own);
         let changed = self

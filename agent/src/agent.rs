@@ -129,6 +129,24 @@ impl Agent {
         res.unwrap_or_else(|message| AgentResponse::Error { message })
     }
 
+    /// With service-account discovery on, the pod's token (re-read beneath the kubelet root
+    /// where the hook found it) must be signed by one of the cluster's current keys.
+    async fn check_service_account(&self, workload: &Workload) -> Result<(), String> {
+        let Some(keys) = &self.ctx.sa_keys else {
+            return Ok(());
+        };
+        let k = workload.k8s.as_ref().ok_or("not a Kubernetes container")?;
+        let (Some(path), Some(uid)) = (&k.token_path, &k.pod_uid) else {
+            return Err("no service-account token was read for this container".into());
+        };
+        let token = zeroize::Zeroizing::new(nhi_core::k8s::read_projected_token(
+            &self.ctx.config.kubernetes.kubelet_root,
+            path,
+            uid,
+        )?);
+        keys.verify(&token).await
+    }
+
     async fn attach(
         &self,
         mut workload: Workload,
@@ -160,6 +178,11 @@ impl Agent {
             tracing::warn!(container = %cid, hook_rule, rule = %rule.name, "hook and nhid picked different rules; using nhid's");
         }
         let sandbox = workload.is_k8s_sandbox();
+        if !sandbox && rule.spiffe_id.vars().any(|v| v == "k8s.service_account") {
+            self.check_service_account(&workload)
+                .await
+                .map_err(|e| format!("container {cid}: {e}"))?;
+        }
         let spiffe_id = if sandbox {
             None
         } else {

@@ -21,6 +21,7 @@ pub mod nodes;
 pub mod persist;
 pub mod registry;
 pub mod revoke;
+pub mod sa_keys;
 pub mod secrets;
 pub mod services;
 pub mod spawn;
@@ -208,6 +209,9 @@ pub async fn run(config: Config) -> Result<(), String> {
             None
         }
     };
+    if let Some(keys) = &ctx.sa_keys {
+        tokio::spawn(keys.clone().refresh_loop());
+    }
     // Cluster mode follows OpenBao every poll_interval; the embedded issuer only needs its
     // upkeep (CA rotation and retirement) now and then.
     let follower = match &ctx.config.openbao {

@@ -23,6 +23,8 @@ pub struct Services {
     pub revocations: Arc<Revocations>,
     /// Edge policies: from the config at start, replaced on SIGHUP.
     pub policies: std::sync::RwLock<Arc<Vec<nhi_core::policy::Policy>>>,
+    /// The cluster's service-account keys from OIDC discovery, when that is on.
+    pub sa_keys: Option<Arc<crate::sa_keys::SaKeys>>,
 }
 
 impl Services {
@@ -35,7 +37,9 @@ impl Services {
         revocations: Arc<Revocations>,
     ) -> Self {
         let policies = std::mem::take(&mut config.policies);
+        let sa_keys = crate::sa_keys::SaKeys::from_config(&config.kubernetes).map(Arc::new);
         Services {
+            sa_keys,
             config,
             audit,
             metrics,

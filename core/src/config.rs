@@ -610,8 +610,18 @@ pub struct KubernetesConfig {
     /// `kubectl get --raw /openid/v1/jwks`). When set, service-account tokens must carry a
     /// valid signature by one of them and must not be expired.
     pub service_account_jwks: Option<PathBuf>,
-    /// With `service_account_jwks`: the `iss` the tokens must carry.
+    /// With `service_account_jwks` or `service_account_discovery`: the `iss` the tokens must
+    /// carry.
     pub service_account_issuer: Option<String>,
+    /// Keep the cluster's keys current from the issuer's OIDC discovery
+    /// (`<service_account_issuer>/.well-known/openid-configuration` → `jwks_uri`, HTTPS):
+    /// `nhid` then checks each pod's token at attach, refetching on an unknown `kid`.
+    pub service_account_discovery: bool,
+    /// CA certificates (PEM) trusted for discovery; default: the system's.
+    pub service_account_ca_file: Option<PathBuf>,
+    /// How often discovered keys are fetched again.
+    #[serde(with = "humantime_serde")]
+    pub service_account_jwks_refresh: Duration,
 }
 
 impl Default for KubernetesConfig {
@@ -620,7 +630,31 @@ impl Default for KubernetesConfig {
             kubelet_root: crate::k8s::DEFAULT_KUBELET_ROOT.into(),
             service_account_jwks: None,
             service_account_issuer: None,
+            service_account_discovery: false,
+            service_account_ca_file: None,
+            service_account_jwks_refresh: Duration::from_secs(600),
         }
+    }
+}
+
+impl KubernetesConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !self.service_account_discovery {
+            return Ok(());
+        }
+        if self.service_account_jwks.is_some() {
+            return Err("kubernetes: set service_account_jwks (a file, checked by the hook) or service_account_discovery (fetched by nhid), not both".into());
+        }
+        match &self.service_account_issuer {
+            Some(i) if i.starts_with("https://") => {}
+            _ => {
+                return Err("kubernetes.service_account_discovery needs service_account_issuer, an https:// URL (the API server's issuer, e.g. https://kubernetes.default.svc.cluster.local)".into())
+            }
+        }
+        if self.service_account_jwks_refresh < Duration::from_secs(10) {
+            return Err("kubernetes.service_account_jwks_refresh must be at least 10s".into());
+        }
+        Ok(())
     }
 }
 
@@ -737,6 +771,7 @@ impl Config {
             ob.validate().map_err(invalid)?;
         }
         raw.nomad.validate().map_err(invalid)?;
+        raw.kubernetes.validate().map_err(invalid)?;
         let node_name = match raw.node_name.clone() {
             Some(n) => n,
             None => hostname(),
@@ -1034,6 +1069,39 @@ mod tests {
         assert_eq!(c.audit.fsync, Fsync::Batch);
         assert_eq!(c.metrics.listen, "127.0.0.1:9464");
         assert!(c.rules.is_empty());
+    }
+
+    #[test]
+    fn service_account_discovery_needs_an_https_issuer_and_no_jwks_file() {
+        let base = "trust_domain = \"td\"\n[kubernetes]\nservice_account_discovery = true\n";
+        let e = parse(base).unwrap_err().to_string();
+        assert!(e.contains("needs service_account_issuer"), "{e}");
+        let e = parse(&format!("{base}service_account_issuer = \"http://k8s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("https://"), "{e}");
+        let e = parse(&format!(
+            "{base}service_account_issuer = \"https://k8s\"\nservice_account_jwks = \"/j\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not both"), "{e}");
+        let c = parse(&format!(
+            "{base}service_account_issuer = \"https://k8s\"\nservice_account_ca_file = \"/ca.pem\"\nservice_account_jwks_refresh = \"2m\"\n"
+        ))
+        .unwrap();
+        assert!(c.kubernetes.service_account_discovery);
+        assert_eq!(
+            c.kubernetes.service_account_jwks_refresh,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            parse("trust_domain = \"td\"\n")
+                .unwrap()
+                .issuer
+                .jwt_key_rotation,
+            Duration::from_secs(86400)
+        );
     }
 
     #[test]

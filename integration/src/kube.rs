@@ -53,6 +53,54 @@ pub fn kubelet_token_of(node: &Node, pod_uid: &str, volume_kind: &str, token: &s
     dir
 }
 
+/// A cluster's service-account signing key (ES256, as kube-apiserver can be configured) and
+/// the projected tokens the API server would give kubelet.
+pub struct ClusterKey {
+    pub key: rcgen::KeyPair,
+    pub kid: String,
+}
+
+impl ClusterKey {
+    pub fn new(kid: &str) -> Self {
+        ClusterKey {
+            key: rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+            kid: kid.into(),
+        }
+    }
+
+    /// A token for `ns`/`sa`, bound to pod `pod_uid`, for `audience`, from `issuer`, valid 10 min.
+    pub fn token(&self, ns: &str, sa: &str, pod_uid: &str, audience: &str, issuer: &str) -> String {
+        let now = nhi_core::clock::now_unix();
+        let claims = serde_json::json!({
+            "iss": issuer,
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "aud": [audience],
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+            "kubernetes.io": {
+                "namespace": ns,
+                "serviceaccount": {"name": sa, "uid": "7c1f0c1e-0000-4000-8000-000000000001"},
+                "pod": {"name": format!("{sa}-0"), "uid": pod_uid},
+            },
+        });
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some(self.kid.clone());
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&self.key.serialize_der());
+        jsonwebtoken::encode(&h, &claims, &key).unwrap()
+    }
+
+    /// This key as a JWK (what the API server's `/openid/v1/jwks` lists).
+    pub fn jwk(&self) -> serde_json::Value {
+        let raw = self.key.public_key_raw();
+        let b = |x: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(x);
+        serde_json::json!({
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig",
+            "kid": self.kid, "x": b(&raw[1..33]), "y": b(&raw[33..65]),
+        })
+    }
+}
+
 /// A pod as CRI shapes it on real runc: a sandbox (pause) container owning the network
 /// namespace, app containers joining it with the service-account token mounted.
 pub struct Pod {

@@ -20,16 +20,12 @@ const TD: &str = "example.org";
 const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const AUDIENCE: &str = "nhi";
 
-/// A cluster's service-account signing key (ES256, as kube-apiserver can be configured).
-struct Cluster {
-    key: KeyPair,
-}
+/// A cluster's service-account signing key.
+struct Cluster(nhi_integration::kube::ClusterKey);
 
 impl Cluster {
     fn new() -> Self {
-        Cluster {
-            key: KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap(),
-        }
+        Cluster(nhi_integration::kube::ClusterKey::new("sa-key-1"))
     }
 
     /// A projected service-account token as kubelet gets it from the API server.
@@ -45,24 +41,7 @@ impl Cluster {
 
     /// [`Cluster::token`] bound to pod `pod_uid`.
     fn pod_token(&self, ns: &str, sa: &str, pod_uid: &str, audience: &str, issuer: &str) -> String {
-        let now = nhi_core::clock::now_unix();
-        let claims = json!({
-            "iss": issuer,
-            "sub": format!("system:serviceaccount:{ns}:{sa}"),
-            "aud": [audience],
-            "iat": now,
-            "nbf": now,
-            "exp": now + 600,
-            "kubernetes.io": {
-                "namespace": ns,
-                "serviceaccount": {"name": sa, "uid": "7c1f0c1e-0000-4000-8000-000000000001"},
-                "pod": {"name": format!("{sa}-0"), "uid": pod_uid},
-            },
-        });
-        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        h.kid = Some("sa-key-1".into());
-        let key = jsonwebtoken::EncodingKey::from_ec_der(&self.key.serialize_der());
-        jsonwebtoken::encode(&h, &claims, &key).unwrap()
+        self.0.token(ns, sa, pod_uid, audience, issuer)
     }
 }
 
@@ -111,7 +90,7 @@ fn setup() -> (BaoDev, NodeLogin, Cluster, WorkloadIssuance) {
         &bao.root(),
         TD,
         SA_ISSUER,
-        &cluster.key.public_key_pem(),
+        &cluster.0.key.public_key_pem(),
         AUDIENCE,
     );
     (bao, setup, cluster, w)

@@ -215,3 +215,148 @@ fn with_the_cluster_jwks_only_signed_service_account_tokens_count() {
     app.delete();
     sandbox.delete();
 }
+
+/// The API server's stand-in for discovery (`integration/py/oidc_server.py`) over HTTPS with a
+/// private CA; killed on drop.
+struct OidcServer {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    issuer: String,
+    ca_file: std::path::PathBuf,
+}
+
+impl OidcServer {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(p("cert.pem"), server.pem()).unwrap();
+        std::fs::write(p("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(p("jwks.json"), r#"{"keys":[]}"#).unwrap();
+        let mut child = std::process::Command::new(nhi_integration::py::python())
+            .arg(nhi_integration::py::script("oidc_server.py"))
+            .arg(dir.path())
+            .arg(p("cert.pem"))
+            .arg(p("key.pem"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("the server's port");
+        OidcServer {
+            child,
+            issuer: format!("https://127.0.0.1:{port}"),
+            ca_file: p("ca.pem"),
+            dir,
+        }
+    }
+
+    fn serve_keys(&self, keys: &[&nhi_integration::kube::ClusterKey]) {
+        let jwks = serde_json::json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()});
+        std::fs::write(self.dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+    }
+
+    fn fetches(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("jwks-fetches"))
+            .map(|s| s.len())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for OidcServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Service-account keys from the issuer's OIDC discovery over HTTPS (issue 17): nhid fetches
+/// them, checks each pod's token at attach, follows a key rotation in the cluster without a
+/// restart (an unknown `kid` makes it fetch again), and refuses a token no current key signed.
+#[test]
+fn service_account_keys_follow_oidc_discovery_and_a_key_rotation() {
+    use nhi_integration::kube::{kubelet_token_of, ClusterKey};
+    let oidc = OidcServer::start();
+    let (k1, k2, forger) = (
+        ClusterKey::new("k1"),
+        ClusterKey::new("k2"),
+        ClusterKey::new("k3"),
+    );
+    oidc.serve_keys(&[&k1]);
+    let mut node = Node::new(RULES);
+    node.append_config(&format!(
+        "[kubernetes]\nkubelet_root = \"{}\"\nservice_account_discovery = true\nservice_account_issuer = \"{}\"\nservice_account_ca_file = \"{}\"\n",
+        node.path("kubelet").display(),
+        oidc.issuer,
+        oidc.ca_file.display()
+    ));
+    node.start();
+    let started = std::time::Instant::now();
+    let run = |pod: &Pod, key: &ClusterKey| -> Result<(Container, Container), String> {
+        let sandbox = pod.sandbox(&node);
+        sandbox.start().unwrap();
+        let token = key.token(
+            &pod.ns,
+            "web",
+            &pod.uid,
+            "https://kubernetes.default.svc",
+            &oidc.issuer,
+        );
+        let app = pod.app(
+            &node,
+            &sandbox,
+            "app",
+            &kubelet_token_of(&node, &pod.uid, PROJECTED, &token),
+        );
+        match app.start() {
+            Ok(()) => Ok((sandbox, app)),
+            Err(e) => {
+                sandbox.delete();
+                Err(e)
+            }
+        }
+    };
+    let (s1, a1) = run(&Pod::new("team-a", "web-0"), &k1).expect("a token signed by k1");
+    assert_eq!(
+        a1.get_json("/v1/identity")["spiffe_id"],
+        format!("spiffe://{TRUST_DOMAIN}/ns/team-a/sa/web")
+    );
+    assert!(oidc.fetches() >= 1);
+
+    // The cluster rotates to k2. A token signed by it names a kid nhid has not seen: it
+    // fetches the keys again (at most every 5 s) and accepts it, without a restart.
+    oidc.serve_keys(&[&k2]);
+    std::thread::sleep(std::time::Duration::from_secs(5).saturating_sub(started.elapsed()));
+    let before = oidc.fetches();
+    let (s2, a2) = run(&Pod::new("team-b", "web-0"), &k2).expect("a token signed by k2");
+    assert!(oidc.fetches() > before, "no fetch for the unknown kid");
+    assert!(a2.get("/v1/identity").is_ok());
+
+    // A key the cluster never had: refused at attach, the container does not start.
+    let Err(e) = run(&Pod::new("team-c", "web-0"), &forger) else {
+        panic!("a token signed by a key the cluster never had was accepted");
+    };
+    assert!(
+        e.contains("service-account no key")
+            && e.contains("k3")
+            && e.contains("the cluster's keys"),
+        "{e}"
+    );
+    for c in [a1, a2, s1, s2] {
+        c.delete();
+    }
+}

@@ -384,6 +384,17 @@ fn raft_cluster_survives_the_leader_being_killed() {
         .setup_nhi(TD, &NhiRoleOptions::default())
         .node("node-a");
     let leader = cluster.leader_index();
+    // Workload issuance on the raft cluster too: a pod's token logs in, a forged one does not.
+    let sa = nhi_integration::kube::ClusterKey::new("raft-sa");
+    let forger = nhi_integration::kube::ClusterKey::new("raft-sa");
+    let issuer = "https://kubernetes.default.svc.cluster.local";
+    let w = nhi_integration::bao::setup_workload_issuance(
+        &cluster.root(leader),
+        TD,
+        issuer,
+        &sa.key.public_key_pem(),
+        "nhi",
+    );
     // The leader first, so the client's remembered address is the one that dies.
     let mut addresses = cluster.addresses();
     addresses.rotate_left(leader);
@@ -414,6 +425,30 @@ fn raft_cluster_survives_the_leader_being_killed() {
         sign_and_verify(&client, "node-a").await;
     });
     let took = t.elapsed();
+    runtime.block_on(async {
+        let uri = format!("spiffe://{TD}/ns/prod/sa/web");
+        let good = sa.token("prod", "web", "u1", "nhi", issuer);
+        let token = client
+            .login_jwt(&w.jwt_mount, &w.role, &good)
+            .await
+            .unwrap();
+        let (_k, pem) = csr(&uri);
+        let leaf = client
+            .pki_sign(&token, &w.role, &pem, &uri, Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert!(leaf.certificate_pem.contains("BEGIN CERTIFICATE"));
+        let forged = forger.token("prod", "web", "u1", "nhi", issuer);
+        let e = client
+            .login_jwt(&w.jwt_mount, &w.role, &forged)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("error validating token"),
+            "OpenBao's refusal: {e}"
+        );
+    });
     assert!(took < Duration::from_secs(10), "failover took {took:?}");
     assert_ne!(client.health().address, cluster.address(leader));
     eprintln!("kv write + read + signing after killing the leader: {took:?}");

@@ -138,6 +138,32 @@ impl Pod {
             .write()
     }
 
+    /// Starts the pod's sandbox and an app container `app` whose projected service-account
+    /// token (in kubelet's layout under the node's kubelet root) is `token`. When the app does
+    /// not start (e.g. nhid refused its attach), the sandbox is removed and the runtime's error
+    /// returned.
+    pub fn run_with_token(
+        &self,
+        node: &Node,
+        token: &str,
+    ) -> Result<(crate::Container, crate::Container), String> {
+        let sandbox = self.sandbox(node);
+        sandbox.start().unwrap();
+        let app = self.app(
+            node,
+            &sandbox,
+            "app",
+            &kubelet_token_of(node, &self.uid, PROJECTED, token),
+        );
+        match app.start() {
+            Ok(()) => Ok((sandbox, app)),
+            Err(e) => {
+                sandbox.delete();
+                Err(e)
+            }
+        }
+    }
+
     /// App container `name` in `sandbox`'s network namespace with `token` (a directory, the
     /// host side of the service-account mount) mounted (written, not started).
     pub fn app(

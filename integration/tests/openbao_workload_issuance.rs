@@ -303,7 +303,7 @@ fn the_nhi_client_gets_a_workload_its_own_svid_and_openbaos_refusal_otherwise() 
 /// bundle are unaffected.
 #[test]
 fn pods_get_x509_svids_from_openbao_only_with_a_token_it_accepts() {
-    use nhi_integration::kube::{kubelet_token_of, Pod, PROJECTED, SA_RULE};
+    use nhi_integration::kube::{Pod, SA_RULE};
     use nhi_integration::*;
     let (bao, _node_a, cluster, _w) = setup();
     let setup_again = bao.setup_nhi(TD, &NhiRoleOptions::default());
@@ -327,16 +327,8 @@ request_timeout = "2s"
     node.start();
 
     let pod = Pod::new("team-a", "web-0");
-    let sandbox = pod.sandbox(&node);
-    sandbox.start().unwrap();
     let token = cluster.pod_token("team-a", "web", &pod.uid, AUDIENCE, SA_ISSUER);
-    let app = pod.app(
-        &node,
-        &sandbox,
-        "app",
-        &kubelet_token_of(&node, &pod.uid, PROJECTED, &token),
-    );
-    app.start().unwrap();
+    let (sandbox, app) = pod.run_with_token(&node, &token).unwrap();
     let want = format!("spiffe://{TD}/ns/team-a/sa/web");
     let pem = app.get("/v1/x509").unwrap();
     assert_eq!(uri_sans(&pem), vec![want.clone()]);
@@ -359,16 +351,8 @@ request_timeout = "2s"
     // signature check does not. The workload learns why; it has no X.509-SVID.
     let forger = Cluster::new();
     let pod2 = Pod::new("team-b", "api-0");
-    let sandbox2 = pod2.sandbox(&node);
-    sandbox2.start().unwrap();
     let forged = forger.pod_token("team-b", "api", &pod2.uid, AUDIENCE, SA_ISSUER);
-    let app2 = pod2.app(
-        &node,
-        &sandbox2,
-        "app",
-        &kubelet_token_of(&node, &pod2.uid, PROJECTED, &forged),
-    );
-    app2.start().unwrap();
+    let (sandbox2, app2) = pod2.run_with_token(&node, &forged).unwrap();
     let (code, body) = http_in_netns(app2.pid(), "GET", "/v1/x509");
     assert_eq!(code, 403, "{body}");
     assert!(

@@ -289,7 +289,7 @@ impl Drop for OidcServer {
 /// restart (an unknown `kid` makes it fetch again), and refuses a token no current key signed.
 #[test]
 fn service_account_keys_follow_oidc_discovery_and_a_key_rotation() {
-    use nhi_integration::kube::{kubelet_token_of, ClusterKey};
+    use nhi_integration::kube::ClusterKey;
     let oidc = OidcServer::start();
     let (k1, k2, forger) = (
         ClusterKey::new("k1"),
@@ -307,8 +307,6 @@ fn service_account_keys_follow_oidc_discovery_and_a_key_rotation() {
     node.start();
     let started = std::time::Instant::now();
     let run = |pod: &Pod, key: &ClusterKey| -> Result<(Container, Container), String> {
-        let sandbox = pod.sandbox(&node);
-        sandbox.start().unwrap();
         let token = key.token(
             &pod.ns,
             "web",
@@ -316,19 +314,7 @@ fn service_account_keys_follow_oidc_discovery_and_a_key_rotation() {
             "https://kubernetes.default.svc",
             &oidc.issuer,
         );
-        let app = pod.app(
-            &node,
-            &sandbox,
-            "app",
-            &kubelet_token_of(&node, &pod.uid, PROJECTED, &token),
-        );
-        match app.start() {
-            Ok(()) => Ok((sandbox, app)),
-            Err(e) => {
-                sandbox.delete();
-                Err(e)
-            }
-        }
+        pod.run_with_token(&node, &token)
     };
     let (s1, a1) = run(&Pod::new("team-a", "web-0"), &k1).expect("a token signed by k1");
     assert_eq!(

@@ -20,7 +20,7 @@ use clap::Parser;
 use nhi_bench::{compare, interleave_n, ms, row, summarize, HEADER};
 use nhi_integration::bao::{setup_workload_issuance, BaoDev, NhiRoleOptions};
 use nhi_integration::edge::{container_ns, in_netns};
-use nhi_integration::kube::{kubelet_token_of, ClusterKey, Pod, PROJECTED, SA_RULE};
+use nhi_integration::kube::{ClusterKey, Pod, SA_RULE};
 use nhi_integration::*;
 
 const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -84,16 +84,8 @@ annotations = { "nhi.dev/inject" = "true" }
     // A pod of service account `sa`, its first X.509-SVID timed.
     let pod_sample = |sa: &str| -> Duration {
         let pod = Pod::new("team-bench", &unique_id("p"));
-        let sandbox = pod.sandbox(&bao);
-        sandbox.start().unwrap();
         let token = cluster.token(&pod.ns, sa, &pod.uid, AUDIENCE, SA_ISSUER);
-        let app = pod.app(
-            &bao,
-            &sandbox,
-            "app",
-            &kubelet_token_of(&bao, &pod.uid, PROJECTED, &token),
-        );
-        app.start().unwrap();
+        let (sandbox, app) = pod.run_with_token(&bao, &token).unwrap();
         let d = first_x509(&app);
         app.delete();
         sandbox.delete();

@@ -9,6 +9,7 @@
 pub mod dns;
 pub mod http;
 pub mod inbound;
+pub mod mtls;
 pub mod sniff;
 pub mod splice;
 

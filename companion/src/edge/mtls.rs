@@ -1,0 +1,514 @@
+//! Mutual TLS between workloads (issue 18, first step: the TLS layer). The caller's companion
+//! originates TLS 1.3 with its workload's X.509-SVID, the callee's companion terminates it and
+//! requires one: each side checks the other's certificate the SPIFFE way (path validation up
+//! to the trust bundle, exactly one `spiffe://` URI SAN in the trust domain, no host names) and
+//! learns the peer's SPIFFE ID, which the edge then matches against its rules.
+//!
+//! What changes under live connections is read at each handshake, never baked into a config:
+//! the workload's current SVID ([`Material::set_svid`], after each renewal) and the trust bundle
+//! ([`Material::set_bundle`], after a CA rotation or a node cut off). Connections already
+//! established keep the keys they negotiated.
+
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+
+/// The ALPN protocol both companions speak, so a TLS connection from anything else (an app's
+/// own TLS) is told apart from a companion's.
+pub const ALPN: &[u8] = b"nhi-mtls/1";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The trust anchors of one bundle.
+struct Anchors {
+    pem: String,
+    anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
+}
+
+/// What the TLS layer uses and what changes under it: the workload's SVID and the bundle.
+pub struct Material {
+    trust_domain: String,
+    svid: RwLock<Option<(String, Arc<CertifiedKey>)>>,
+    bundle: RwLock<Arc<Anchors>>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl std::fmt::Debug for Material {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Material")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pem_ders(pem: &str, label: &str) -> Vec<Vec<u8>> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .filter_map(Result::ok)
+        .filter(|p| p.label == label)
+        .map(|p| p.contents)
+        .collect()
+}
+
+/// The one `spiffe://` URI SAN of a certificate.
+pub fn spiffe_id_of(der: &[u8]) -> Result<String, String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("certificate: {e}"))?;
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("SAN: {e}"))?
+        .ok_or("no SAN")?;
+    let uris: Vec<&str> = sans
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] if one.starts_with("spiffe://") => Ok(one.to_string()),
+        _ => Err(format!("not exactly one spiffe:// URI SAN: {uris:?}")),
+    }
+}
+
+impl Material {
+    pub fn new(trust_domain: &str, bundle_pem: &str) -> Arc<Self> {
+        let m = Material {
+            trust_domain: trust_domain.into(),
+            svid: RwLock::new(None),
+            bundle: RwLock::new(Arc::new(Anchors {
+                pem: String::new(),
+                anchors: Vec::new(),
+            })),
+            algs: provider().signature_verification_algorithms,
+        };
+        m.set_bundle(bundle_pem);
+        Arc::new(m)
+    }
+
+    /// Replaces the trust anchors if `bundle_pem` differs from the current bundle.
+    pub fn set_bundle(&self, bundle_pem: &str) {
+        if self.bundle.read().unwrap_or_else(|p| p.into_inner()).pem == bundle_pem {
+            return;
+        }
+        let anchors = pem_ders(bundle_pem, "CERTIFICATE")
+            .into_iter()
+            .filter_map(|der| {
+                webpki::anchor_from_trusted_cert(&CertificateDer::from(der))
+                    .ok()
+                    .map(|a| a.to_owned())
+            })
+            .collect();
+        *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Anchors {
+            pem: bundle_pem.into(),
+            anchors,
+        });
+    }
+
+    /// Uses this X.509-SVID (chain PEM, PKCS#8 key PEM) from now on, unless `serial` is the
+    /// one already in use.
+    pub fn set_svid(&self, serial: &str, chain_pem: &str, key_pem: &str) -> Result<(), String> {
+        if self
+            .svid
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|(s, _)| s == serial)
+        {
+            return Ok(());
+        }
+        let chain: Vec<CertificateDer<'static>> = pem_ders(chain_pem, "CERTIFICATE")
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        if chain.is_empty() {
+            return Err("the SVID has no certificate".into());
+        }
+        let key = pem_ders(key_pem, "PRIVATE KEY")
+            .into_iter()
+            .next()
+            .ok_or("the SVID's key is not PKCS#8 PEM")?;
+        let key = PrivateKeyDer::Pkcs8(key.into());
+        let ck = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| e.to_string())?;
+        *self.svid.write().unwrap_or_else(|p| p.into_inner()) =
+            Some((serial.to_string(), Arc::new(ck)));
+        Ok(())
+    }
+
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.svid
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, k)| k.clone())
+    }
+
+    /// Path validation of `end_entity` (+ `intermediates`) up to the current bundle for `usage`,
+    /// and its SPIFFE ID, which must be in this trust domain.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<String, Error> {
+        let bad = |why: String| Error::General(why);
+        let bundle = self
+            .bundle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let ee = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| bad(format!("peer certificate: {e}")))?;
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &bundle.anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| {
+            bad(format!(
+                "peer certificate not valid under the trust bundle: {e}"
+            ))
+        })?;
+        let id = spiffe_id_of(end_entity).map_err(bad)?;
+        let td = id
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default();
+        if td != self.trust_domain {
+            return Err(bad(format!(
+                "peer {id} is not in trust domain {}",
+                self.trust_domain
+            )));
+        }
+        Ok(id)
+    }
+}
+
+/// Checks the peer's certificate the SPIFFE way on either side, and presents the workload's
+/// current SVID.
+#[derive(Debug)]
+struct Spiffe(Arc<Material>);
+
+impl ServerCertVerifier for Spiffe {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        self.0
+            .check(
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::server_auth(),
+            )
+            .map(|_| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::General("TLS 1.2 is not offered".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.algs.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for Spiffe {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.0
+            .check(
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+            )
+            .map(|_| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::General("TLS 1.2 is not offered".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.algs.supported_schemes()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Spiffe {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.current()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Spiffe {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.0.current().is_some()
+    }
+}
+
+/// The caller's side: TLS 1.3 only, the workload's SVID as client certificate, the server
+/// checked the SPIFFE way (no host name).
+pub fn client_config(m: &Arc<Material>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let s = Arc::new(Spiffe(m.clone()));
+    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(s.clone())
+        .with_client_cert_resolver(s);
+    c.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(c))
+}
+
+/// The callee's side: TLS 1.3 only, a client certificate required and checked the SPIFFE way.
+pub fn server_config(m: &Arc<Material>) -> Result<Arc<rustls::ServerConfig>, String> {
+    let s = Arc::new(Spiffe(m.clone()));
+    let mut c = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(s.clone())
+        .with_cert_resolver(s);
+    c.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(c))
+}
+
+/// The SPIFFE ID the peer proved in a finished handshake.
+pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    certs
+        .and_then(|c| c.first())
+        .and_then(|c| spiffe_id_of(c).ok())
+}
+
+/// The server name a client sends: never checked (SPIFFE peers are identified by their URI
+/// SAN), but TLS wants one.
+pub fn server_name() -> ServerName<'static> {
+    ServerName::try_from("nhi.invalid").expect("a valid DNS name")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pem: String,
+    }
+
+    fn ca(td: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into().unwrap())];
+        let cert = p.self_signed(&key).unwrap();
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    /// An X.509-SVID for `id` from `ca`: (serial, chain PEM, key PEM).
+    fn svid(ca: &Ca, id: &str, days_valid: i64) -> (String, String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(2);
+        p.not_after = now + time::Duration::days(days_valid);
+        let cert = p.signed_by(&key, &ca.issuer).unwrap();
+        let serial = format!("{:x}", rand_u64());
+        (serial, cert.pem(), key.serialize_pem())
+    }
+
+    fn rand_u64() -> u64 {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64
+            ^ (std::process::id() as u64) << 32
+    }
+
+    fn material(td: &str, bundle: &str, s: &(String, String, String)) -> Arc<Material> {
+        let m = Material::new(td, bundle);
+        m.set_svid(&s.0, &s.1, &s.2).unwrap();
+        m
+    }
+
+    /// One handshake over an in-memory pipe and a byte each way: the IDs each side saw, or
+    /// the error.
+    async fn handshake(
+        client: &Arc<Material>,
+        server: &Arc<Material>,
+    ) -> Result<(String, String), String> {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let cc = client_config(client)?;
+        let sc = server_config(server)?;
+        let srv = tokio::spawn(async move {
+            let mut tls = tokio_rustls::TlsAcceptor::from(sc)
+                .accept(b)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 1];
+            tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            tls.write_all(&buf).await.map_err(|e| e.to_string())?;
+            tls.flush().await.map_err(|e| e.to_string())?;
+            let (_, conn) = tls.get_ref();
+            assert_eq!(
+                conn.protocol_version(),
+                Some(rustls::ProtocolVersion::TLSv1_3)
+            );
+            Ok::<_, String>(peer_id(conn.peer_certificates()).unwrap_or_default())
+        });
+        let cli = async {
+            let mut tls = tokio_rustls::TlsConnector::from(cc)
+                .connect(server_name(), a)
+                .await
+                .map_err(|e| e.to_string())?;
+            tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 1];
+            tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+            let (_, conn) = tls.get_ref();
+            Ok::<_, String>(peer_id(conn.peer_certificates()).unwrap_or_default())
+        };
+        let (c, s) = tokio::join!(cli, srv);
+        let s = s.map_err(|e| e.to_string())?;
+        match (c, s) {
+            (Ok(c), Ok(s)) => Ok((c, s)),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    }
+
+    const WEB: &str = "spiffe://td/ns/prod/sa/web";
+    const DB: &str = "spiffe://td/ns/prod/sa/db";
+
+    #[tokio::test]
+    async fn both_sides_learn_the_others_spiffe_id_over_tls13() {
+        let ca = ca("td");
+        let web = material("td", &ca.pem, &svid(&ca, WEB, 1));
+        let db = material("td", &ca.pem, &svid(&ca, DB, 1));
+        let (client_saw, server_saw) = handshake(&web, &db).await.unwrap();
+        assert_eq!((client_saw.as_str(), server_saw.as_str()), (DB, WEB));
+    }
+
+    #[tokio::test]
+    async fn another_trust_domain_an_expired_svid_and_no_svid_are_refused() {
+        let ca = ca("td");
+        let db = material("td", &ca.pem, &svid(&ca, DB, 1));
+        // Another trust domain, even with its CA in the bundle: the ID decides.
+        let other = self::ca("other.org");
+        let both = format!("{}{}", ca.pem, other.pem);
+        let db_both = material("td", &both, &svid(&ca, DB, 1));
+        let evil = material("td", &both, &svid(&other, "spiffe://other.org/x", 1));
+        let e = handshake(&evil, &db_both).await.unwrap_err();
+        assert!(!e.is_empty());
+        // A CA not in the bundle.
+        let stranger = material("td", &other.pem, &svid(&other, WEB, 1));
+        assert!(handshake(&stranger, &db).await.is_err());
+        // Expired.
+        let expired = material("td", &ca.pem, &svid(&ca, WEB, -1));
+        assert!(handshake(&expired, &db).await.is_err());
+        // No client certificate at all.
+        let none = Material::new("td", &ca.pem);
+        assert!(handshake(&none, &db).await.is_err());
+        // And the client refuses a server from another CA.
+        let web = material("td", &ca.pem, &svid(&ca, WEB, 1));
+        let rogue = material("td", &other.pem, &svid(&other, DB, 1));
+        assert!(handshake(&web, &rogue).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_renewed_svid_and_a_rotated_bundle_apply_to_the_next_handshake() {
+        let ca1 = ca("td");
+        let web = material("td", &ca1.pem, &svid(&ca1, WEB, 1));
+        let db = material("td", &ca1.pem, &svid(&ca1, DB, 1));
+        handshake(&web, &db).await.unwrap();
+        // CA rotation: the new CA enters both bundles, then web's SVID is renewed under it.
+        let ca2 = ca("td");
+        let both = format!("{}{}", ca1.pem, ca2.pem);
+        web.set_bundle(&both);
+        db.set_bundle(&both);
+        let s = svid(&ca2, WEB, 1);
+        web.set_svid(&s.0, &s.1, &s.2).unwrap();
+        assert_eq!(handshake(&web, &db).await.unwrap().1, WEB);
+        // The old CA leaves db's bundle: db's own (old) SVID no longer verifies for web once
+        // web drops it too, until db renews.
+        web.set_bundle(&ca2.pem);
+        assert!(handshake(&web, &db).await.is_err());
+        let s = svid(&ca2, DB, 1);
+        db.set_svid(&s.0, &s.1, &s.2).unwrap();
+        assert_eq!(handshake(&web, &db).await.unwrap().0, DB);
+    }
+}

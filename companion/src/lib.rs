@@ -128,6 +128,7 @@ pub fn run(opts: Options) -> Result<(), String> {
                 recorder,
                 edge_channel,
                 creds.clone(),
+                &init.trust_domain,
             ),
             edge_events,
             limits,

@@ -145,6 +145,31 @@ pub struct EgressRule {
     /// Credential the companion injects into matching plaintext HTTP requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<Broker>,
+    /// The destination is an nhi workload: connections this (allow) rule matches are carried
+    /// over mutual TLS to its companion, whose X.509-SVID must name an identity matching
+    /// `peer`. Fail-closed: never plaintext instead (issue 18).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<EgressMtls>,
+}
+
+/// `mtls = { peer = "spiffe://td/ns/prod/sa/db" }` on an egress rule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EgressMtls {
+    /// SPIFFE ID or `*` glob the destination's companion must prove in the handshake.
+    pub peer: String,
+}
+
+/// How an inbound rule takes plaintext next to mutual TLS.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MtlsMode {
+    /// Only mutual TLS from a companion; plaintext is refused (and audited).
+    #[default]
+    Strict,
+    /// Mutual TLS is checked when offered; plaintext is let through and audited as
+    /// unauthenticated (for migrating callers).
+    Permissive,
 }
 
 /// A brokered credential: the companion adds `header: format` (with `{value}` replaced by the
@@ -172,8 +197,9 @@ fn default_format() -> String {
     "Bearer {value}".into()
 }
 
-/// One `[[policy.inbound]]` rule: calls to `ports` need `Authorization: Bearer <JWT-SVID>` for
-/// `audience` from an identity matching `allow`.
+/// One `[[policy.inbound]]` rule: calls to `ports` from an identity matching `allow`, proven
+/// either by `Authorization: Bearer <JWT-SVID>` for `audience` (HTTP), or by the caller's
+/// companion in a mutual TLS handshake (`mtls`, any TCP protocol; issue 18).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct InboundRule {
@@ -181,7 +207,21 @@ pub struct InboundRule {
     pub ports: Vec<u16>,
     /// SPIFFE IDs or `*` globs allowed to call.
     pub allow: Vec<String>,
+    /// The audience callers' JWT-SVIDs carry (the JWT check); not with `mtls`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub audience: String,
+    /// Callers prove themselves in a mutual TLS handshake instead of a JWT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
+}
+
+impl InboundRule {
+    /// Whether `spiffe_id` may call under this rule.
+    pub fn allows(&self, spiffe_id: &str) -> bool {
+        self.allow
+            .iter()
+            .any(|p| crate::select::glob_match(p, spiffe_id))
+    }
 }
 
 /// An IP network.
@@ -272,6 +312,8 @@ pub struct Verdict<'p> {
     pub action: Action,
     pub rule: Option<&'p str>,
     pub broker: Option<&'p Broker>,
+    /// The deciding rule's destination is an nhi workload reached over mutual TLS.
+    pub mtls: Option<&'p EgressMtls>,
     /// Position of the deciding rule in `egress` (`None`: the default).
     pub index: Option<usize>,
     /// The name (SNI, or HTTP host without port) the original destination must resolve to for
@@ -423,6 +465,7 @@ impl Policy {
                     action: r.action,
                     rule: Some(&r.id),
                     broker: r.broker.as_ref(),
+                    mtls: r.mtls.as_ref(),
                     index: Some(i),
                     bind,
                 };
@@ -432,6 +475,7 @@ impl Policy {
             action: self.default,
             rule: None,
             broker: None,
+            mtls: None,
             index: None,
             bind: None,
         }
@@ -564,8 +608,50 @@ impl Policy {
                     return Err(c(format!("allow pattern {p:?} must start with spiffe://")));
                 }
             }
-            if r.audience.is_empty() {
-                return Err(c("needs an `audience` the callers' tokens carry".into()));
+            match (r.mtls, r.audience.is_empty()) {
+                (None, true) => {
+                    return Err(c(
+                        "needs an `audience` the callers' tokens carry, or `mtls`".into(),
+                    ))
+                }
+                (Some(_), false) => {
+                    return Err(c(
+                        "`mtls` and `audience` exclude each other: the caller proves itself in the handshake".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        for r in &self.egress {
+            let Some(m) = &r.mtls else { continue };
+            let c = |m: String| ctx(format!("egress {:?}: {m}", r.id));
+            if r.action != Action::Allow {
+                return Err(c("`mtls` is for allow rules".into()));
+            }
+            if r.protocol != Protocol::Tcp {
+                return Err(c("`mtls` carries TCP only".into()));
+            }
+            if !m.peer.starts_with("spiffe://") {
+                return Err(c(format!(
+                    "mtls peer {:?} must start with spiffe://",
+                    m.peer
+                )));
+            }
+            if r.cidr.is_empty() {
+                return Err(c(
+                    "`mtls` needs the destination's addresses (`cidr`): which workload is it?"
+                        .into(),
+                ));
+            }
+            if r.broker.is_some()
+                || !r.methods.is_empty()
+                || r.path_prefix.is_some()
+                || r.sni.is_some()
+                || r.host.is_some()
+            {
+                return Err(c(
+                    "`mtls` carries the connection as it is: no sni, host, broker, methods or path (the callee's inbound rule decides)".into(),
+                ));
             }
         }
         Ok(())

@@ -81,6 +81,10 @@ async fn connection(
         reset(stream);
         return;
     };
+    if let Some(mode) = rule.mtls {
+        super::mtls::terminate(edge, stream, peer, dest, &rule, mode, conn, &limits).await;
+        return;
+    }
     let app = Arc::new(Upstream::new(SocketAddr::new(
         Ipv4Addr::LOCALHOST.into(),
         dest.port(),

@@ -50,6 +50,8 @@ pub struct Edge {
     brokered: Mutex<HashMap<String, Arc<SecretValue>>>,
     /// What names resolved to (DNS answers relayed or asked for): binds `sni`/`host` allows.
     pub(crate) names: dns::Names,
+    /// The workload's SVID and the bundle, for mutual TLS with other companions.
+    tls: Arc<mtls::Material>,
 }
 
 /// A decision after name binding: owned, with why a name rule was passed over.
@@ -58,6 +60,7 @@ pub(crate) struct Decided {
     pub(crate) action: Action,
     pub(crate) rule: Option<String>,
     pub(crate) broker: Option<Broker>,
+    pub(crate) mtls: Option<nhi_core::policy::EgressMtls>,
     /// Rules that matched by name but not by address, and why.
     pub(crate) note: Option<String>,
 }
@@ -69,8 +72,14 @@ impl Edge {
         recorder: Recorder,
         channel: Channel,
         creds: Arc<Creds>,
+        trust_domain: &str,
     ) -> Arc<Self> {
+        let tls = mtls::Material::new(
+            trust_domain,
+            &String::from_utf8_lossy(&creds.trust().bundle),
+        );
         Arc::new(Edge {
+            tls,
             policy: RwLock::new(policy.map(Arc::new)),
             recorder,
             channel,
@@ -102,9 +111,25 @@ impl Edge {
                 action: v.action,
                 rule: v.rule.map(str::to_string),
                 broker: v.broker.cloned(),
+                mtls: v.mtls.cloned(),
                 note: (!notes.is_empty()).then(|| notes.join("; ")),
             };
         }
+    }
+
+    /// The TLS material, brought up to date: the workload's current X.509-SVID (fetched from
+    /// nhid if the cache has none) and the current bundle.
+    pub(crate) async fn tls_material(&self) -> Result<Arc<mtls::Material>, String> {
+        let x = self
+            .creds
+            .x509()
+            .await
+            .map_err(|e| format!("this workload's X.509-SVID: {e:?}"))?;
+        self.tls
+            .set_svid(&x.serial, &x.cert_chain_pem, &x.key_pem)?;
+        self.tls
+            .set_bundle(&String::from_utf8_lossy(&self.creds.trust().bundle));
+        Ok(self.tls.clone())
     }
 
     pub fn policy(&self) -> Option<Arc<Policy>> {
@@ -365,7 +390,7 @@ async fn outbound(
         // Evicted while its first bytes were awaited.
         return fail(&edge, ev, started, client, LIMITS_CLOSED.into());
     }
-    let (action, rule, note) = match &policy {
+    let (action, rule, note, over_mtls) = match &policy {
         Some(p) => {
             let facts = Facts {
                 dest: Some(dest),
@@ -373,9 +398,9 @@ async fn outbound(
                 http: None,
             };
             let d = edge.decide(p, &facts).await;
-            (d.action, d.rule, d.note)
+            (d.action, d.rule, d.note, d.mtls)
         }
-        None => (Action::Allow, None, None),
+        None => (Action::Allow, None, None, None),
     };
     ev.rule = rule;
     ev.detail = note;
@@ -397,6 +422,9 @@ async fn outbound(
         }
     };
     let _ = upstream.set_nodelay(true);
+    if let Some(m) = over_mtls {
+        return mtls::originate(&edge, ev, started, client, upstream, &m.peer, &conn).await;
+    }
     // Decided and connected: no longer waiting for a first request; idle now means no byte.
     conn.established();
     let res = splice::relay(&client, &upstream, &|| conn.touch(), conn.slot().killed()).await;
@@ -410,7 +438,13 @@ async fn outbound(
     finish(&edge, ev, started);
 }
 
-fn fail(edge: &Edge, mut ev: AuditEvent, started: Instant, client: TcpStream, why: String) {
+pub(crate) fn fail(
+    edge: &Edge,
+    mut ev: AuditEvent,
+    started: Instant,
+    client: TcpStream,
+    why: String,
+) {
     ev.decision = Decision::Error;
     ev.detail = Some(why);
     finish(edge, ev, started);

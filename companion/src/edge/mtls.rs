@@ -1,4 +1,4 @@
-//! Mutual TLS between workloads (issue 18, first step: the TLS layer). The caller's companion
+//! Mutual TLS between workloads (issue 18). The caller's companion
 //! originates TLS 1.3 with its workload's X.509-SVID, the callee's companion terminates it and
 //! requires one: each side checks the other's certificate the SPIFFE way (path validation up
 //! to the trust bundle, exactly one `spiffe://` URI SAN in the trust domain, no host names) and
@@ -9,7 +9,17 @@
 //! ([`Material::set_bundle`], after a CA rotation or a node cut off). Connections already
 //! established keep the keys they negotiated.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use nhi_core::audit::{AuditEvent, AuditKind, Decision, Destination};
+use nhi_core::config::CompanionLimits;
+use nhi_core::policy::{InboundRule, MtlsMode};
+use tokio::net::TcpStream;
+
+use super::{event, fail, finish, reset, Edge};
+use crate::limits::Conn;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
@@ -345,6 +355,224 @@ pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
 /// SAN), but TLS wants one.
 pub fn server_name() -> ServerName<'static> {
     ServerName::try_from("nhi.invalid").expect("a valid DNS name")
+}
+
+/// Longest a handshake may take before the connection is given up.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Copies `r` to `w` until EOF (then shuts `w` down), touching the connection's idle clock.
+async fn copy_touching<R, W>(mut r: R, mut w: W, conn: &Conn) -> std::io::Result<u64>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await?;
+        conn.touch();
+        total += n as u64;
+    }
+}
+
+/// Relays a plaintext local connection and a TLS one both ways until both ends are done or the
+/// limits close it: (bytes plain → TLS, bytes TLS → plain).
+async fn relay<S>(plain: TcpStream, tls: S, conn: &Conn) -> std::io::Result<(u64, u64)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (pr, pw) = plain.into_split();
+    let (tr, tw) = tokio::io::split(tls);
+    let both = async { tokio::try_join!(copy_touching(pr, tw, conn), copy_touching(tr, pw, conn)) };
+    tokio::select! {
+        r = both => r,
+        () = conn.slot().killed() => Err(std::io::Error::other(super::LIMITS_CLOSED)),
+    }
+}
+
+/// The caller's side: the policy allowed `client`'s connection to an nhi workload, `upstream`
+/// is connected to it. Mutual TLS with the destination's companion, whose SPIFFE ID must match
+/// `peer_pattern`; then the bytes are relayed, encrypted on the wire. Fail-closed: any problem
+/// resets the workload's connection, nothing is sent in plaintext.
+pub(crate) async fn originate(
+    edge: &Edge,
+    mut ev: AuditEvent,
+    started: Instant,
+    client: TcpStream,
+    upstream: TcpStream,
+    peer_pattern: &str,
+    conn: &Conn,
+) {
+    let m = match edge.tls_material().await {
+        Ok(m) => m,
+        Err(e) => return fail(edge, ev, started, client, format!("mtls: {e}")),
+    };
+    let cfg = match client_config(&m) {
+        Ok(c) => c,
+        Err(e) => return fail(edge, ev, started, client, format!("mtls: {e}")),
+    };
+    let handshake = tokio_rustls::TlsConnector::from(cfg).connect(server_name(), upstream);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            return fail(
+                edge,
+                ev,
+                started,
+                client,
+                format!("mtls handshake with the destination's companion: {e}"),
+            )
+        }
+        Err(_) => {
+            return fail(
+                edge,
+                ev,
+                started,
+                client,
+                "mtls handshake with the destination's companion: timed out".into(),
+            )
+        }
+    };
+    let peer_id = peer_id(tls.get_ref().1.peer_certificates()).unwrap_or_default();
+    if !nhi_core::select::glob_match(peer_pattern, &peer_id) {
+        ev.decision = Decision::Deny;
+        ev.detail = Some(format!(
+            "mtls: the destination proved {peer_id}, the policy expects {peer_pattern}"
+        ));
+        finish(edge, ev, started);
+        reset(client);
+        return;
+    }
+    conn.established();
+    match relay(client, tls, conn).await {
+        Ok((out, inn)) => {
+            ev.bytes_out = out;
+            ev.bytes_in = inn;
+            ev.detail = Some(format!("mtls peer={peer_id}"));
+        }
+        Err(e) => ev.detail = Some(format!("mtls peer={peer_id}; closed: {e}")),
+    }
+    finish(edge, ev, started);
+}
+
+/// The callee's side, for a port whose inbound rule takes mutual TLS: a companion's TLS is
+/// terminated and its SPIFFE ID checked against the rule's `allow`; plaintext is refused
+/// (strict) or let through and audited as unauthenticated (permissive). The application on
+/// loopback at the dialed port gets the bytes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn terminate(
+    edge: Arc<Edge>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    dest: SocketAddr,
+    rule: &InboundRule,
+    mode: MtlsMode,
+    conn: Arc<Conn>,
+    limits: &CompanionLimits,
+) {
+    let started = Instant::now();
+    let mut ev = event(
+        AuditKind::Inbound,
+        peer,
+        Destination {
+            addr: Some(dest.to_string()),
+            ..Default::default()
+        },
+    );
+    ev.rule = Some(rule.id.clone());
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        r = tokio::time::timeout(limits.header_timeout, stream.peek(&mut first)) => r,
+        () = conn.slot().killed() => return fail(&edge, ev, started, stream, super::LIMITS_CLOSED.into()),
+    };
+    let tls = matches!(peeked, Ok(Ok(1))) && first[0] == 0x16;
+    let app_addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dest.port());
+    if !tls {
+        if mode == MtlsMode::Strict {
+            ev.decision = Decision::Deny;
+            ev.detail = Some(
+                "plaintext refused: this port takes mutual TLS from nhi workloads only (strict)"
+                    .into(),
+            );
+            finish(&edge, ev, started);
+            reset(stream);
+            return;
+        }
+        let app = match TcpStream::connect(app_addr).await {
+            Ok(a) => a,
+            Err(e) => return fail(&edge, ev, started, stream, format!("application: {e}")),
+        };
+        conn.established();
+        let res = super::splice::relay(&stream, &app, &|| conn.touch(), conn.slot().killed()).await;
+        ev.detail = Some("unauthenticated plaintext (permissive mTLS)".into());
+        if let Ok((inn, out)) = res {
+            ev.bytes_in = inn;
+            ev.bytes_out = out;
+        }
+        finish(&edge, ev, started);
+        return;
+    }
+    let m = match edge.tls_material().await {
+        Ok(m) => m,
+        Err(e) => return fail(&edge, ev, started, stream, format!("mtls: {e}")),
+    };
+    let cfg = match server_config(&m) {
+        Ok(c) => c,
+        Err(e) => return fail(&edge, ev, started, stream, format!("mtls: {e}")),
+    };
+    let accepted = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(cfg).accept(stream),
+    )
+    .await;
+    let tls = match accepted {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            ev.decision = Decision::Deny;
+            ev.detail = Some(format!("mtls handshake refused: {e}"));
+            finish(&edge, ev, started);
+            return;
+        }
+        Err(_) => {
+            ev.decision = Decision::Deny;
+            ev.detail = Some("mtls handshake: timed out".into());
+            finish(&edge, ev, started);
+            return;
+        }
+    };
+    let peer_id = peer_id(tls.get_ref().1.peer_certificates()).unwrap_or_default();
+    if !rule.allows(&peer_id) {
+        ev.decision = Decision::Deny;
+        ev.detail = Some(format!("mtls peer {peer_id} is not allowed by this rule"));
+        finish(&edge, ev, started);
+        return;
+    }
+    let app = match TcpStream::connect(app_addr).await {
+        Ok(a) => a,
+        Err(e) => {
+            ev.decision = Decision::Error;
+            ev.detail = Some(format!("mtls peer={peer_id}; application: {e}"));
+            finish(&edge, ev, started);
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    conn.established();
+    match relay(app, tls, &conn).await {
+        Ok((out, inn)) => {
+            ev.bytes_out = out;
+            ev.bytes_in = inn;
+            ev.detail = Some(format!("mtls peer={peer_id}"));
+        }
+        Err(e) => ev.detail = Some(format!("mtls peer={peer_id}; closed: {e}")),
+    }
+    finish(&edge, ev, started);
 }
 
 #[cfg(test)]

@@ -362,7 +362,17 @@ request_timeout = "2s"
     eprintln!("forged service-account token: {code} {body}");
     // The first pod is unaffected.
     assert_eq!(uri_sans(&app.get("/v1/x509").unwrap()), vec![want]);
-    for c in [app, app2, sandbox, sandbox2] {
+
+    // A pod in the same namespace that claims the same service account with a token no key
+    // of the cluster signed, right after a genuine team-a/web pod logged in: it gets no
+    // SVID. OpenBao sees its own token (the login of another pod's token is never reused).
+    let pod3 = Pod::new("team-a", "impostor-0");
+    let fake = forger.pod_token("team-a", "web", &pod3.uid, AUDIENCE, SA_ISSUER);
+    let (sandbox3, app3) = pod3.run_with_token(&node, &fake).unwrap();
+    let (code, body) = http_in_netns(app3.pid(), "GET", "/v1/x509");
+    assert_eq!(code, 403, "an impostor of team-a/web got an SVID: {body}");
+    assert!(body.contains("error validating token"), "{body}");
+    for c in [app, app2, app3, sandbox, sandbox2, sandbox3] {
         c.delete();
     }
 }

@@ -137,8 +137,9 @@ pub struct BaoIssuer {
     master_key: MasterKey,
     roles: Roles,
     kubelet_root: PathBuf,
-    /// Workload tokens from JWT logins, per (namespace, service account).
-    tokens: Mutex<HashMap<(String, String), Arc<WorkloadToken>>>,
+    /// Workload tokens from JWT logins, by the SHA-256 of the service-account token that
+    /// logged in: only a pod presenting that very token (which OpenBao accepted) reuses one.
+    tokens: Mutex<HashMap<[u8; 32], Arc<WorkloadToken>>>,
     current: RwLock<Current>,
     cache: Arc<BaoCache>,
     /// Started from the sealed cache and not refreshed from OpenBao since (its JWT key is
@@ -171,12 +172,17 @@ impl StartError {
 /// OpenBao's answer to a signing or login request, as an issuance error: a refusal keeps
 /// OpenBao's reason; an outage says the authority could not be asked.
 fn authority(what: &str, e: BaoError) -> IssueError {
-    if e.is_outage() {
-        IssueError::Unavailable(format!("{what}: {e}"))
-    } else if matches!(e, BaoError::Status { .. } | BaoError::Denied { .. }) {
-        IssueError::Refused(format!("{what}: {e}"))
-    } else {
-        IssueError::Sign(format!("{what}: {e}"))
+    match e {
+        e if e.is_outage() => IssueError::Unavailable(format!("{what}: {e}")),
+        // OpenBao checked the proof or the identity and said no.
+        BaoError::Denied { .. } | BaoError::Status { code: 400, .. } => {
+            IssueError::Refused(format!("{what}: {e}"))
+        }
+        // A missing mount or role, a server error: the setup, not the workload.
+        e @ BaoError::Status { .. } => IssueError::Sign(format!(
+            "{what}: {e} (check the OpenBao setup in docs/OPENBAO.md)"
+        )),
+        e => IssueError::Sign(format!("{what}: {e}")),
     }
 }
 
@@ -518,7 +524,7 @@ impl BaoIssuer {
     }
 
     /// A cached workload token of `key` still good for a while.
-    fn cached_token(&self, key: &(String, String)) -> Option<Arc<WorkloadToken>> {
+    fn cached_token(&self, key: &[u8; 32]) -> Option<Arc<WorkloadToken>> {
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         tokens
             .get(key)
@@ -535,15 +541,15 @@ impl BaoIssuer {
             .retain(|_, t| t.expires_at.is_none_or(|e| e > now + TOKEN_MARGIN));
     }
 
-    /// Logs the pod in with its service-account token, re-read beneath the kubelet root and
-    /// checked to still name the identity's namespace, pod and service account.
-    async fn login(
+    /// The pod's service-account token, re-read beneath the kubelet root and checked to still
+    /// name the identity's namespace, pod and service account.
+    fn pod_token(
         &self,
         token_path: &Path,
         namespace: &str,
         pod_uid: &str,
         service_account: &str,
-    ) -> Result<Arc<WorkloadToken>, IssueError> {
+    ) -> Result<Zeroizing<String>, IssueError> {
         let refused = |why: String| {
             IssueError::Refused(format!(
                 "service-account token of pod {pod_uid} ({namespace}/{service_account}): {why}"
@@ -559,22 +565,13 @@ impl BaoIssuer {
                 "the token now names service account {sa:?}"
             )));
         }
-        let token = self
-            .bao
-            .login_jwt(&self.roles.auth_mount, &self.roles.auth_role, jwt.trim())
-            .await
-            .map_err(|e| authority("OpenBao login with the pod's service-account token", e))?;
-        let token = Arc::new(token);
-        let key = (namespace.to_string(), service_account.to_string());
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, token.clone());
-        Ok(token)
+        Ok(jwt)
     }
 
-    /// OpenBao signs `csr` for a pod under the workload role, with the pod's own token (cached
-    /// per service account; a cached one OpenBao no longer accepts is replaced once).
+    /// OpenBao signs `csr` for a pod under the workload role, with the pod's own OpenBao token:
+    /// the one a JWT login with this very service-account token got (kept until shortly before
+    /// it expires, so renewals skip the login while kubelet's token is unchanged), else a new
+    /// login. A cached token OpenBao no longer accepts is replaced once.
     async fn sign_for_pod(
         &self,
         id: &SpiffeId,
@@ -582,15 +579,30 @@ impl BaoIssuer {
         proof: (&Path, &str, &str, &str),
     ) -> Result<SignedLeaf, IssueError> {
         let (token_path, namespace, pod_uid, service_account) = proof;
-        let key = (namespace.to_string(), service_account.to_string());
+        let jwt = self.pod_token(token_path, namespace, pod_uid, service_account)?;
+        let key: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(jwt.trim().as_bytes()).into()
+        };
         let mut cached = self.cached_token(&key);
         loop {
             let was_cached = cached.is_some();
             let token = match cached.take() {
                 Some(t) => t,
                 None => {
-                    self.login(token_path, namespace, pod_uid, service_account)
-                        .await?
+                    let t = self
+                        .bao
+                        .login_jwt(&self.roles.auth_mount, &self.roles.auth_role, jwt.trim())
+                        .await
+                        .map_err(|e| {
+                            authority("OpenBao login with the pod's service-account token", e)
+                        })?;
+                    let t = Arc::new(t);
+                    self.tokens
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key, t.clone());
+                    t
                 }
             };
             match self

@@ -144,7 +144,20 @@ impl Agent {
             path,
             uid,
         )?);
-        keys.verify(&token).await
+        keys.verify(&token).await?;
+        // The verified token must still say what the hook read from it.
+        let sa = nhi_core::k8s::service_account(
+            &token,
+            k.namespace.as_deref().unwrap_or_default(),
+            uid,
+        )?;
+        if k.service_account.as_deref() != Some(sa.as_str()) {
+            return Err(format!(
+                "the service-account token now names {sa:?}, not {:?}",
+                k.service_account
+            ));
+        }
+        Ok(())
     }
 
     async fn attach(

@@ -170,6 +170,21 @@ pub async fn run(config: Config) -> Result<(), String> {
             .map_err(|e| format!("reading own network namespace: {e}"))?,
     );
     *agent.degraded.lock().unwrap_or_else(|p| p.into_inner()) = degraded;
+    // Nodes cut off while this one was down are refused from the first request on, not
+    // from the first poll.
+    // (Bounded: during an OpenBao outage the sealed cache's list applies.)
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        sync::node_revocations(&agent),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("{e}; the sealed cache's list applies until the next poll"),
+        Err(_) => tracing::warn!(
+            "node revocations: OpenBao slow to answer; the sealed cache's list applies until the next poll"
+        ),
+    }
     agent.recover().await;
     let socket = ctx.config.socket.clone();
     let listener =

@@ -26,7 +26,7 @@ pub struct SaKeys {
     issuer: String,
     ca_file: Option<std::path::PathBuf>,
     refresh: Duration,
-    state: tokio::sync::Mutex<State>,
+    state: std::sync::Mutex<State>,
 }
 
 #[derive(Default)]
@@ -120,30 +120,38 @@ impl SaKeys {
     }
 
     /// The keys, fetched if there are none, they are older than the refresh period, or
-    /// `want_kid` is not among them (then at most every [`UNKNOWN_KID_PAUSE`]).
+    /// `want_kid` is not among them (then at most every [`UNKNOWN_KID_PAUSE`]). The fetch
+    /// runs without holding the state, so other attaches go on with the keys already known.
     async fn keys(&self, want_kid: Option<&str>) -> Result<String, String> {
-        let mut st = self.state.lock().await;
-        let stale = st
-            .keys
-            .as_ref()
-            .is_none_or(|k| k.at.elapsed() >= self.refresh);
-        let unknown = match (want_kid, &st.keys) {
-            (Some(kid), Some(k)) => !has_kid(&k.jwks, kid),
-            _ => false,
+        let (known, fetch) = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let stale = st
+                .keys
+                .as_ref()
+                .is_none_or(|k| k.at.elapsed() >= self.refresh);
+            let unknown = match (want_kid, &st.keys) {
+                (Some(kid), Some(k)) => !has_kid(&k.jwks, kid),
+                _ => false,
+            };
+            let may_try = st
+                .last_attempt
+                .is_none_or(|t| t.elapsed() >= UNKNOWN_KID_PAUSE);
+            let fetch = (stale || unknown) && may_try;
+            if fetch {
+                st.last_attempt = Some(Instant::now());
+            }
+            (st.keys.as_ref().map(|k| k.jwks.clone()), fetch)
         };
-        let may_try = st
-            .last_attempt
-            .is_none_or(|t| t.elapsed() >= UNKNOWN_KID_PAUSE);
-        if (stale || unknown) && may_try {
-            st.last_attempt = Some(Instant::now());
+        if fetch {
             match self.fetch().await {
                 Ok(jwks) => {
-                    st.keys = Some(Fetched {
-                        jwks,
+                    self.state.lock().unwrap_or_else(|p| p.into_inner()).keys = Some(Fetched {
+                        jwks: jwks.clone(),
                         at: Instant::now(),
-                    })
+                    });
+                    return Ok(jwks);
                 }
-                Err(e) if st.keys.is_some() => {
+                Err(e) if known.is_some() => {
                     tracing::warn!(
                         "service-account keys not refreshed ({e}); using the ones fetched before"
                     )
@@ -151,10 +159,7 @@ impl SaKeys {
                 Err(e) => return Err(format!("the cluster's service-account keys: {e}")),
             }
         }
-        st.keys
-            .as_ref()
-            .map(|k| k.jwks.clone())
-            .ok_or_else(|| "the cluster's service-account keys are not fetched yet".into())
+        known.ok_or_else(|| "the cluster's service-account keys are not fetched yet".into())
     }
 
     /// Checks a pod's service-account token: a signature by one of the cluster's current keys,

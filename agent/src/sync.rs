@@ -24,6 +24,11 @@ pub async fn run(agent: Arc<Agent>, interval: Duration) {
     loop {
         tokio::time::sleep(jittered(interval)).await;
         let mut degraded = Vec::new();
+        // Nodes cut off first, and whatever else fails: never trust a revoked node longer
+        // because the secrets could not be listed.
+        if let Err(e) = node_revocations(&agent).await {
+            degraded.push(e);
+        }
         if let Err(e) = poll_once(&agent, &mut seen).await {
             degraded.push(e);
         }
@@ -106,16 +111,20 @@ async fn poll_once(agent: &Agent, seen: &mut Option<BTreeMap<String, u64>>) -> R
         tracing::warn!(spiffe_id = %id, "revocation lifted (central store)");
         agent.apply_revocation(&id, false).await;
     }
-
-    if let Store::OpenBao(s) = &*agent.ctx.store {
-        let nodes = s
-            .load_node_revocations()
-            .await
-            .map_err(|e| format!("node revocations: {e}"))?;
-        agent
-            .apply_node_revocations(nodes, "central store")
-            .await
-            .map_err(|e| format!("node revocations: {e}"))?;
-    }
     Ok(())
+}
+
+/// The nodes cut off, from an OpenBao store (also called once at start, before serving).
+pub async fn node_revocations(agent: &Agent) -> Result<(), String> {
+    let Store::OpenBao(s) = &*agent.ctx.store else {
+        return Ok(());
+    };
+    let nodes = s
+        .load_node_revocations()
+        .await
+        .map_err(|e| format!("node revocations: {e}"))?;
+    agent
+        .apply_node_revocations(nodes, "central store")
+        .await
+        .map_err(|e| format!("node revocations: {e}"))
 }

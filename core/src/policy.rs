@@ -778,6 +778,56 @@ mod tests {
         w.policy.into_iter().next().unwrap()
     }
 
+    #[test]
+    fn mtls_rules_name_their_peers_and_exclude_jwt_checks() {
+        let check = |body: &str| {
+            policy(&format!(
+                "[[policy]]\nid = \"p\"\nspiffe_ids = [\"spiffe://td/a\"]\n{body}"
+            ))
+            .validate("td", &EgressConfig::default(), |_| true)
+        };
+        let ok_in = "[[policy.inbound]]\nid = \"i\"\nports = [7000]\nallow = [\"spiffe://td/b\"]\nmtls = \"strict\"\n";
+        check(ok_in).unwrap();
+        let p = policy(&format!(
+            "[[policy]]\nid = \"p\"\nspiffe_ids = [\"spiffe://td/a\"]\n{ok_in}"
+        ));
+        let r = p.inbound_for_port(7000).unwrap();
+        assert_eq!(r.mtls, Some(MtlsMode::Strict));
+        assert!(r.allows("spiffe://td/b") && !r.allows("spiffe://td/c"));
+        let e = check(&format!("{ok_in}audience = \"x\"\n")).unwrap_err();
+        assert!(e.contains("exclude each other"), "{e}");
+        let e =
+            check("[[policy.inbound]]\nid = \"i\"\nports = [7000]\nallow = [\"spiffe://td/b\"]\n")
+                .unwrap_err();
+        assert!(e.contains("or `mtls`"), "{e}");
+        let out = |extra: &str| {
+            check(&format!(
+                "[[policy.egress]]\nid = \"e\"\ncidr = [\"10.0.0.2/32\"]\nports = [7000]\nmtls = {{ peer = \"spiffe://td/b\" }}\n{extra}"
+            ))
+        };
+        out("").unwrap();
+        let p = policy(
+            "[[policy]]\nid = \"p\"\nspiffe_ids = [\"spiffe://td/a\"]\n[[policy.egress]]\nid = \"e\"\ncidr = [\"10.0.0.2/32\"]\nmtls = { peer = \"spiffe://td/b\" }\n",
+        );
+        let v = p.decide(&Facts {
+            dest: Some("10.0.0.2:7000".parse().unwrap()),
+            ..Default::default()
+        });
+        assert_eq!(v.mtls.map(|m| m.peer.as_str()), Some("spiffe://td/b"));
+        assert!(out("action = \"deny\"\n")
+            .unwrap_err()
+            .contains("allow rules"));
+        assert!(out("methods = [\"GET\"]\n")
+            .unwrap_err()
+            .contains("as it is"));
+        assert!(out("sni = \"x.example\"\n").is_err());
+        let e = check(
+            "[[policy.egress]]\nid = \"e\"\nports = [7000]\nmtls = { peer = \"spiffe://td/b\" }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("`cidr`"), "{e}");
+    }
+
     fn sample() -> Policy {
         policy(
             r#"

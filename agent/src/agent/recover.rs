@@ -120,6 +120,16 @@ impl Agent {
         rec.workload
             .node
             .get_or_insert_with(|| self.ctx.config.node_name.clone());
+        // Records written before the token's path was kept: find it again, so the pod's
+        // renewals still show OpenBao its proof.
+        if let Some(k) = rec.workload.k8s.as_mut() {
+            if k.token_path.is_none() && k.service_account.is_some() {
+                k.token_path = find_projected_token(&self.ctx.config.kubernetes.kubelet_root, k);
+                if k.token_path.is_none() {
+                    tracing::warn!(pod = ?k.pod_uid, "no projected service-account token found for a restored pod: its SVID renewals will be refused until it restarts");
+                }
+            }
+        }
         let inode = rec.netns_inode;
         let alive: BTreeMap<String, ProcRef> = rec
             .containers
@@ -292,4 +302,74 @@ enum Restored {
     Adopted,
     Started,
     Reserved,
+}
+
+/// The kubelet-projected token of pod `k` that names its service account, if one is found
+/// beneath `<kubelet_root>/pods/<uid>/volumes/kubernetes.io~projected/*/token`.
+fn find_projected_token(
+    kubelet_root: &std::path::Path,
+    k: &nhi_core::workload::K8s,
+) -> Option<std::path::PathBuf> {
+    let (uid, ns, sa) = (
+        k.pod_uid.as_ref()?,
+        k.namespace.as_ref()?,
+        k.service_account.as_ref()?,
+    );
+    let dir = kubelet_root
+        .join("pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~projected");
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("token"))
+        .find(|p| {
+            nhi_core::k8s::read_projected_token(kubelet_root, p, uid)
+                .ok()
+                .and_then(|t| nhi_core::k8s::service_account(&t, ns, uid).ok())
+                .is_some_and(|found| &found == sa)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn token(ns: &str, sa: &str, uid: &str) -> String {
+        let claims = serde_json::json!({
+            "iss": "k8s", "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa}, "pod": {"name": "p", "uid": uid}},
+        });
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.sig",
+            b.encode(r#"{"alg":"RS256"}"#),
+            b.encode(claims.to_string())
+        )
+    }
+
+    #[test]
+    fn a_restored_pod_finds_its_projected_token_again() {
+        let d = tempfile::tempdir().unwrap();
+        let vols = d.path().join("pods/u1/volumes/kubernetes.io~projected");
+        for (v, sa) in [("other", "db"), ("kube-api-access-1", "web")] {
+            std::fs::create_dir_all(vols.join(v)).unwrap();
+            std::fs::write(vols.join(v).join("token"), token("prod", sa, "u1")).unwrap();
+        }
+        let mut k = nhi_core::workload::K8s {
+            namespace: Some("prod".into()),
+            pod_uid: Some("u1".into()),
+            service_account: Some("web".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            find_projected_token(d.path(), &k),
+            Some(vols.join("kube-api-access-1/token"))
+        );
+        k.service_account = Some("admin".into());
+        assert_eq!(find_projected_token(d.path(), &k), None);
+        k.pod_uid = Some("u2".into());
+        assert_eq!(find_projected_token(d.path(), &k), None);
+    }
 }

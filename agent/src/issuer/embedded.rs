@@ -305,7 +305,9 @@ impl EmbeddedIssuer {
                 .ok()
                 .and_then(|d| not_after(&d).ok())
                 .is_some_and(|t| t <= now);
-            if (successor_from <= now && now >= successor_from + x509 + RETIRE_SKEW) || expired {
+            // Only once its successor signs: an expired CA whose successor is still pending
+            // stays, so the pending one never signs before its time.
+            if successor_from <= now && (now >= successor_from + x509 + RETIRE_SKEW || expired) {
                 keys.cas.remove(i);
             } else {
                 i += 1;

@@ -220,15 +220,27 @@ pub fn jwk_of(pair: &KeyPair) -> Result<(String, serde_json::Value), String> {
         return Err("JWT key is not an uncompressed P-256 point".into());
     }
     let (x, y) = (B64URL.encode(&raw[1..33]), B64URL.encode(&raw[33..65]));
-    let thumb = Sha256::digest(format!(
-        r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#
-    ));
-    let kid = B64URL.encode(thumb);
+    let kid = ec_thumbprint(&x, &y);
     let jwk = serde_json::json!({
         "kty": "EC", "crv": "P-256", "x": x, "y": y,
         "kid": kid, "use": "jwt-svid",
     });
     Ok((kid, jwk))
+}
+
+/// RFC 7638 thumbprint of a P-256 public key given by its base64url `x` and `y`.
+fn ec_thumbprint(x: &str, y: &str) -> String {
+    B64URL.encode(Sha256::digest(format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#
+    )))
+}
+
+/// The RFC 7638 thumbprint of a published P-256 JWK, `None` for any other key.
+pub fn jwk_thumbprint(jwk: &serde_json::Value) -> Option<String> {
+    if jwk["kty"] != "EC" || jwk["crv"] != "P-256" {
+        return None;
+    }
+    Some(ec_thumbprint(jwk["x"].as_str()?, jwk["y"].as_str()?))
 }
 
 /// Unix time a DER certificate expires.

@@ -25,12 +25,17 @@ const LABEL: &str = "nhi/node-jwt-key/v1";
 pub struct NodeKey {
     pub pkcs8: Zeroizing<Vec<u8>>,
     pub created_at: u64,
+    /// The one key of a version before rotation: also published under its old, bare `kid`
+    /// (the thumbprint), so tokens signed before the upgrade still verify.
+    pub legacy: bool,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Stored {
     pkcs8_b64: String,
     created_at: u64,
+    #[serde(default)]
+    legacy: bool,
 }
 
 impl Drop for Stored {
@@ -71,12 +76,14 @@ impl NodeKeys {
                                     .map_err(|e| format!("{}: {e}", path.display()))?,
                             ),
                             created_at: s.created_at,
+                            legacy: s.legacy,
                         })
                     })
                     .collect::<Result<Vec<_>, String>>()?,
                 Err(_) if KeyPair::try_from(&plain[..]).is_ok() => vec![NodeKey {
                     pkcs8: Zeroizing::new(plain.to_vec()),
                     created_at: now,
+                    legacy: true,
                 }],
                 Err(e) => return Err(format!("{}: {e}", path.display())),
             }
@@ -84,8 +91,13 @@ impl NodeKeys {
             Vec::new()
         };
         let mut k = NodeKeys { path, keys };
+        let migrated = k.keys.iter().any(|k| k.legacy && k.created_at == now);
         if k.keys.is_empty() {
             k.keys.push(new_key(now)?);
+        }
+        if migrated || k.keys.len() == 1 && k.keys[0].created_at == now {
+            // Saved in this format at once: the key's age must survive restarts, or it would
+            // never be due for rotation.
             k.save(mk)?;
         }
         Ok(k)
@@ -98,6 +110,7 @@ impl NodeKeys {
             .map(|k| Stored {
                 pkcs8_b64: B64.encode(&k.pkcs8[..]),
                 created_at: k.created_at,
+                legacy: k.legacy,
             })
             .collect();
         let plain = Zeroizing::new(serde_json::to_vec(&stored).expect("serializes"));
@@ -163,6 +176,7 @@ fn new_key(now: u64) -> Result<NodeKey, String> {
     Ok(NodeKey {
         pkcs8: Zeroizing::new(pair.serialize_der()),
         created_at: now,
+        legacy: false,
     })
 }
 
@@ -225,5 +239,10 @@ mod tests {
         let k = NodeKeys::load_or_create(d.path(), &mk, 77).unwrap();
         assert_eq!(kids(&k), [77]);
         assert_eq!(k.all()[0].pkcs8[..], der[..]);
+        assert!(k.all()[0].legacy);
+        // Saved in the new format at once: its age survives a restart, so it rotates.
+        let again = NodeKeys::load_or_create(d.path(), &mk, 5000).unwrap();
+        assert_eq!(kids(&again), [77]);
+        assert!(again.all()[0].legacy);
     }
 }

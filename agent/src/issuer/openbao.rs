@@ -101,6 +101,16 @@ impl Current {
     }
 }
 
+/// Whether `key`, published under node `node`, may stand in the JWKS: its `kid` is
+/// `<node>:<the key's own thumbprint>` (or, from a node of a version before issue 17, the bare
+/// thumbprint), so no node can publish a key under another node's `kid` or name.
+fn key_of_node(key: &Value, node: &str) -> bool {
+    let (Some(kid), Some(thumb)) = (key["kid"].as_str(), super::jwk_thumbprint(key)) else {
+        return false;
+    };
+    kid == thumb || kid.strip_prefix(node).and_then(|r| r.strip_prefix(':')) == Some(&thumb)
+}
+
 /// The JWKS of every node not cut off: each key once, sorted by `kid`, reduced to what the
 /// SPIFFE standards define (a node of an older version may have published `alg`).
 fn union(by_node: &BTreeMap<String, Vec<Value>>, revoked: &BTreeSet<String>) -> Value {
@@ -133,6 +143,9 @@ pub struct BaoIssuer {
     /// The key that signs JWT-SVIDs now (one of `keys`).
     jwt: RwLock<Arc<JwtSigner>>,
     keys: Mutex<NodeKeys>,
+    /// What OpenBao last accepted of this node's keys, and when each `kid` was first
+    /// published: a key signs only `activation_delay` after that (every node has it by then).
+    published: Mutex<(Vec<Value>, HashMap<String, u64>)>,
     schedule: Schedule,
     master_key: MasterKey,
     roles: Roles,
@@ -208,17 +221,25 @@ fn signer_of(
     Ok(JwtSigner::new(cfg_td, &key.pkcs8, jwt_ttl)?.named(node))
 }
 
-/// The public JWKs of every key of the node, as published.
+/// The public JWKs of every key of the node, as published (a key of a version before rotation
+/// also under its bare thumbprint `kid`, for the tokens it signed then).
 fn published(
     td: &str,
     node: &str,
     keys: &NodeKeys,
     jwt_ttl: Duration,
 ) -> Result<Vec<Value>, String> {
-    keys.all()
-        .iter()
-        .map(|k| signer_of(td, node, k, jwt_ttl).map(|s| s.jwk().clone()))
-        .collect()
+    let mut out = Vec::new();
+    for k in keys.all() {
+        let jwk = signer_of(td, node, k, jwt_ttl)?.jwk().clone();
+        if k.legacy {
+            let mut bare = jwk.clone();
+            bare["kid"] = json!(super::jwk_thumbprint(&jwk).ok_or("node JWT key is not P-256")?);
+            out.push(bare);
+        }
+        out.push(jwk);
+    }
+    Ok(out)
 }
 
 /// Checks that OpenBao signed what was asked (exactly `id`, for `key`) and builds the SVID:
@@ -345,6 +366,22 @@ impl BaoIssuer {
             jwt_ttl: cfg.issuer.jwt_ttl,
             jwt: RwLock::new(Arc::new(jwt)),
             keys: Mutex::new(keys),
+            published: Mutex::new(match &degraded {
+                // Published by `online`: every key counts as known since then.
+                None => (
+                    own.clone(),
+                    own.iter()
+                        .filter_map(|k| k["kid"].as_str())
+                        .map(|kid| {
+                            (
+                                kid.to_string(),
+                                now.saturating_sub(schedule.activation_delay),
+                            )
+                        })
+                        .collect(),
+                ),
+                Some(_) => (Vec::new(), HashMap::new()),
+            }),
             schedule,
             master_key,
             roles: Roles {
@@ -456,12 +493,21 @@ impl BaoIssuer {
                 .await
                 .map_err(StartError::bao(&what))?
             {
-                let keys = s
+                let keys: Vec<Value> = s
                     .data
                     .get("keys")
                     .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|k| {
+                        let ok = key_of_node(k, n);
+                        if !ok {
+                            tracing::warn!(node = n, kid = %k["kid"], "ignoring a JWT key published under node {n} whose kid is not {n}:<its own thumbprint>");
+                        }
+                        ok
+                    })
                     .cloned()
-                    .unwrap_or_default();
+                    .collect();
                 by_node.insert(n.to_string(), keys);
             }
         }
@@ -485,15 +531,33 @@ impl BaoIssuer {
             )?;
             (rotated, own, signer)
         };
-        if recovering || rotated {
+        // Published until OpenBao has exactly this node's keys (a failed publish is retried
+        // at the next refresh, never forgotten).
+        let stale = {
+            let p = self.published.lock().unwrap_or_else(|p| p.into_inner());
+            p.0 != own
+        };
+        if recovering || stale {
             Self::publish(&self.bao, &self.node, &own)
                 .await
                 .map_err(|e| e.message)?;
+            let mut p = self.published.lock().unwrap_or_else(|p| p.into_inner());
+            p.0 = own.clone();
+            for kid in own.iter().filter_map(|k| k["kid"].as_str()) {
+                p.1.entry(kid.to_string()).or_insert(now);
+            }
+            p.1.retain(|kid, _| own.iter().any(|k| k["kid"] == kid.as_str()));
+            tracing::info!(node = %self.node, keys = own.len(), rotated, "JWT keys published");
         }
-        if rotated {
-            tracing::info!(node = %self.node, keys = own.len(), "JWT keys rotated and published");
-        }
-        let switched = {
+        // The next key signs only once every node has had time to poll it.
+        let ready = {
+            let p = self.published.lock().unwrap_or_else(|p| p.into_inner());
+            signer.jwk()["kid"]
+                .as_str()
+                .and_then(|kid| p.1.get(kid))
+                .is_some_and(|t| now >= t + self.schedule.activation_delay)
+        };
+        let switched = ready && {
             let mut jwt = self.jwt.write().unwrap_or_else(|p| p.into_inner());
             let switched = jwt.jwk() != signer.jwk();
             if switched {
@@ -744,5 +808,37 @@ impl Issuer for BaoIssuer {
             .unwrap_or_else(|p| p.into_inner())
             .revoked
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_can_publish_only_its_own_keys_under_its_own_name() {
+        let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let (thumb, jwk) = crate::issuer::jwk_of(&pair).unwrap();
+        let named = |kid: &str| {
+            let mut k = jwk.clone();
+            k["kid"] = json!(kid);
+            k
+        };
+        assert!(key_of_node(&named(&format!("a:{thumb}")), "a"));
+        assert!(
+            key_of_node(&named(&thumb), "a"),
+            "a node of an older version"
+        );
+        // Node a publishing under b's name, or its key under another key's thumbprint.
+        assert!(!key_of_node(&named(&format!("b:{thumb}")), "a"));
+        let other = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let (other_thumb, _) = crate::issuer::jwk_of(&other).unwrap();
+        assert!(!key_of_node(&named(&format!("a:{other_thumb}")), "a"));
+        assert!(!key_of_node(&named(&other_thumb), "a"));
+        assert!(!key_of_node(&json!({"kty": "RSA", "kid": "a:x"}), "a"));
+        // So in the JWKS: b's key, even first by name, cannot be shadowed by a's claim.
+        let mut by_node = BTreeMap::new();
+        by_node.insert("a".to_string(), vec![named(&format!("b:{thumb}"))]);
+        assert!(by_node["a"].iter().all(|k| !key_of_node(k, "a")));
     }
 }

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use nhi_integration::edge::{container_ns, echo_server, listen_in, peer, tcp_echo};
+use nhi_integration::edge::{
+    container_ns, echo_server, http, http_server, listen_in, peer, tcp_echo,
+};
 use nhi_integration::*;
 
 const POLICY: &str = r#"
@@ -21,6 +23,11 @@ default = "allow"
 [[policy.inbound]]
 id = "callers"
 ports = [7000]
+allow = ["spiffe://example.org/container/mtls-web"]
+mtls = "strict"
+[[policy.inbound]]
+id = "web-api"
+ports = [7002]
 allow = ["spiffe://example.org/container/mtls-web"]
 mtls = "strict"
 [[policy.inbound]]
@@ -36,7 +43,7 @@ default = "deny"
 [[policy.egress]]
 id = "to-db"
 cidr = ["10.78.0.2/32", "10.79.0.2/32"]
-ports = [7000]
+ports = [7000, 7002]
 mtls = { peer = "spiffe://example.org/container/mtls-db" }
 "#;
 
@@ -178,6 +185,36 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
             "mtls peer=spiffe://example.org/container/mtls-db"
         ]
     ) == 1));
+
+    // An HTTP callee learns who calls from the header its companion sets; a value the caller
+    // sends itself never arrives.
+    let api = http_server(listen_in(
+        &container_ns(db.pid()),
+        "127.0.0.1:7002".parse().unwrap(),
+    ));
+    let (status, body) = http(
+        &container_ns(web.pid()),
+        "10.78.0.2:7002".parse().unwrap(),
+        "GET",
+        "/whoami",
+        &[(
+            "x-nhi-peer-spiffe-id",
+            "spiffe://example.org/container/forged",
+        )],
+    )
+    .unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    let heads = api.requests();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let seen: Vec<&str> = heads[0]
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("x-nhi-peer-spiffe-id:"))
+        .collect();
+    assert_eq!(
+        seen,
+        ["x-nhi-peer-spiffe-id: spiffe://example.org/container/mtls-web"],
+        "{heads:?}"
+    );
 
     // An nhi workload the inbound rule does not allow: its companion completes the handshake
     // (it is a valid identity), the callee's refuses it; the application never sees it.

@@ -117,8 +117,9 @@ pub async fn serve(
 }
 
 /// Serves `svc` on `stream` as HTTP/1 until the client is done or the limits close it.
-pub(crate) async fn serve_http1<S>(stream: TcpStream, svc: S, conn: &Conn, limits: &CompanionLimits)
+pub(crate) async fn serve_http1<IO, S>(stream: IO, svc: S, conn: &Conn, limits: &CompanionLimits)
 where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
     S::Future: Send + 'static,
 {

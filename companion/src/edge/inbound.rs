@@ -175,6 +175,9 @@ async fn request(
         );
     }
     ev.detail = Some(format!("caller {caller}"));
+    let mut req = req;
+    // Only a companion that verified a caller in a handshake says who it is.
+    req.headers_mut().remove(super::mtls::PEER_HEADER);
     match app.send(req).await {
         Ok(resp) => {
             finish(edge, ev, started);

@@ -357,6 +357,123 @@ pub fn server_name() -> ServerName<'static> {
     ServerName::try_from("nhi.invalid").expect("a valid DNS name")
 }
 
+/// The header an HTTP application behind an mTLS inbound rule finds the caller's verified
+/// SPIFFE ID in; removed from every request that arrives carrying it.
+pub const PEER_HEADER: &str = "x-nhi-peer-spiffe-id";
+
+/// A stream whose first bytes were already read (`prefix`) and are served again first.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Hands a caller's connection (`stream`: decrypted TLS, or plaintext under a permissive
+/// rule) to the application at `app_addr`. HTTP/1 is served request by request: any
+/// [`PEER_HEADER`] the caller sent is removed and, when the handshake proved one, the
+/// verified `peer_id` set. Anything else is relayed byte for byte. Returns (bytes in, bytes
+/// out) for the audit record, `None` when served as HTTP.
+async fn deliver<S>(
+    mut stream: S,
+    app_addr: SocketAddr,
+    peer_id: Option<String>,
+    conn: Arc<Conn>,
+    limits: &CompanionLimits,
+) -> Result<Option<(u64, u64)>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    let mut first = vec![0u8; 4096];
+    let n = tokio::select! {
+        r = tokio::time::timeout(super::SNIFF_TIMEOUT, stream.read(&mut first)) => match r {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(format!("caller: {e}")),
+            // A protocol where the server speaks first: relay as it is.
+            Err(_) => 0,
+        },
+        () = conn.slot().killed() => return Err(super::LIMITS_CLOSED.into()),
+    };
+    first.truncate(n);
+    let http = n > 0 && matches!(super::sniff::sniff(&first), super::sniff::Sniffed::Http);
+    let stream = Prefixed {
+        prefix: first,
+        at: 0,
+        inner: stream,
+    };
+    if http {
+        let app = Arc::new(super::http::Upstream::new(app_addr));
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                let (app, peer_id) = (app.clone(), peer_id.clone());
+                async move {
+                    req.headers_mut().remove(PEER_HEADER);
+                    if let Some(id) = peer_id.as_deref().and_then(|i| i.parse().ok()) {
+                        req.headers_mut().insert(PEER_HEADER, id);
+                    }
+                    Ok::<_, std::convert::Infallible>(match app.send(req).await {
+                        Ok(resp) => resp.map(http_body_util::BodyExt::boxed),
+                        Err(e) => super::http::json(
+                            hyper::StatusCode::BAD_GATEWAY,
+                            serde_json::json!({"error": "app_unreachable", "message": e}),
+                        ),
+                    })
+                }
+            });
+        conn.established();
+        super::http::serve_http1(stream, svc, &conn, limits).await;
+        return Ok(None);
+    }
+    let app = TcpStream::connect(app_addr)
+        .await
+        .map_err(|e| format!("application: {e}"))?;
+    let _ = app.set_nodelay(true);
+    conn.established();
+    relay(app, stream, &conn)
+        .await
+        .map(|(out, inn)| Some((inn, out)))
+        .map_err(|e| format!("closed: {e}"))
+}
+
 /// Longest a handshake may take before the connection is given up.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -504,16 +621,14 @@ pub(crate) async fn terminate(
             reset(stream);
             return;
         }
-        let app = match TcpStream::connect(app_addr).await {
-            Ok(a) => a,
-            Err(e) => return fail(&edge, ev, started, stream, format!("application: {e}")),
-        };
-        conn.established();
-        let res = super::splice::relay(&stream, &app, &|| conn.touch(), conn.slot().killed()).await;
         ev.detail = Some("unauthenticated plaintext (permissive mTLS)".into());
-        if let Ok((inn, out)) = res {
-            ev.bytes_in = inn;
-            ev.bytes_out = out;
+        match deliver(stream, app_addr, None, conn.clone(), limits).await {
+            Ok(Some((inn, out))) => {
+                ev.bytes_in = inn;
+                ev.bytes_out = out;
+            }
+            Ok(None) => {}
+            Err(e) => ev.detail = Some(format!("unauthenticated plaintext (permissive mTLS); {e}")),
         }
         finish(&edge, ev, started);
         return;
@@ -553,24 +668,14 @@ pub(crate) async fn terminate(
         finish(&edge, ev, started);
         return;
     }
-    let app = match TcpStream::connect(app_addr).await {
-        Ok(a) => a,
-        Err(e) => {
-            ev.decision = Decision::Error;
-            ev.detail = Some(format!("mtls peer={peer_id}; application: {e}"));
-            finish(&edge, ev, started);
-            return;
-        }
-    };
-    let _ = app.set_nodelay(true);
-    conn.established();
-    match relay(app, tls, &conn).await {
-        Ok((out, inn)) => {
-            ev.bytes_out = out;
+    ev.detail = Some(format!("mtls peer={peer_id}"));
+    match deliver(tls, app_addr, Some(peer_id.clone()), conn.clone(), limits).await {
+        Ok(Some((inn, out))) => {
             ev.bytes_in = inn;
-            ev.detail = Some(format!("mtls peer={peer_id}"));
+            ev.bytes_out = out;
         }
-        Err(e) => ev.detail = Some(format!("mtls peer={peer_id}; closed: {e}")),
+        Ok(None) => {}
+        Err(e) => ev.detail = Some(format!("mtls peer={peer_id}; {e}")),
     }
     finish(&edge, ev, started);
 }

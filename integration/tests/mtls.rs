@@ -124,6 +124,93 @@ fn audited(node: &Node, needles: &[&str]) -> usize {
         .count()
 }
 
+/// A TLS 1.3 client outside nhi presenting `cert_der`/`key_der` (any server accepted), from
+/// inside `ns`: whether it got an echo back.
+fn rogue_tls(ns: &Path, addr: SocketAddr, cert_der: Vec<u8>, key_der: Vec<u8>) -> bool {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+    use std::io::{Read, Write};
+    #[derive(Debug)]
+    struct Any;
+    impl ServerCertVerifier for Any {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    nhi_integration::edge::in_netns(ns, move || {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(Any))
+            .with_client_auth_cert(
+                vec![CertificateDer::from(cert_der)],
+                PrivateKeyDer::Pkcs8(key_der.into()),
+            )
+            .unwrap();
+        cfg.alpn_protocols = vec![b"nhi-mtls/1".to_vec()];
+        let name = ServerName::try_from("nhi.invalid").unwrap();
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+        let Ok(tcp) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+            return false;
+        };
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        if tls.write_all(b"rogue").is_err() || tls.flush().is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 5];
+        tls.read_exact(&mut buf).is_ok()
+    })
+}
+
+/// A certificate for `id` signed by a CA of its own (not in any nhi bundle), valid or expired.
+fn foreign_svid(id: &str, expired: bool) -> (Vec<u8>, Vec<u8>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    if expired {
+        p.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    }
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (cert.der().to_vec(), key.serialize_der())
+}
+
 #[test]
 fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
     let mut node = Node::new(ANNOTATED_RULE);
@@ -244,6 +331,33 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         tcp_echo(&outside.path(), "10.77.0.2:7001".parse().unwrap(), "plain").as_deref(),
         Ok("plain")
     );
+    // TLS with a certificate from another trust domain, or claiming an allowed ID from a CA
+    // nhi does not trust, or expired: refused in the handshake, the app never sees it.
+    let to_strict: SocketAddr = "10.77.0.2:7000".parse().unwrap();
+    for (what, (cert, key)) in [
+        (
+            "another trust domain",
+            foreign_svid("spiffe://other.org/container/mtls-web", false),
+        ),
+        (
+            "an unknown CA",
+            foreign_svid("spiffe://example.org/container/mtls-web", false),
+        ),
+        (
+            "expired",
+            foreign_svid("spiffe://example.org/container/mtls-web", true),
+        ),
+    ] {
+        assert!(
+            !rogue_tls(&outside.path(), to_strict, cert, key),
+            "{what} accepted"
+        );
+    }
+    assert_eq!(served.connections(), 1, "a rogue handshake reached the app");
+    assert!(eventually(Duration::from_secs(3), || audited(
+        &node,
+        &["mtls handshake refused"]
+    ) >= 3));
     assert!(eventually(Duration::from_secs(3), || audited(
         &node,
         &["unauthenticated plaintext (permissive mTLS)"]
@@ -251,4 +365,68 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
     for c in [db, web, other] {
         c.delete();
     }
+}
+
+/// SVIDs renew (10 s TTL, renewal at half-life) under live connections: a connection opened
+/// before keeps working after the certificate it was opened with expired, and new connections
+/// handshake with the renewed SVIDs.
+#[test]
+fn mutual_tls_connections_outlive_svid_rotations() {
+    let mut node = Node::with_config(
+        ANNOTATED_RULE,
+        "[issuer]\nx509_ttl = \"10s\"\nca_ttl = \"1h\"\n",
+    );
+    node.append_config(POLICY);
+    node.start();
+    let db = node.named_container("mtls-db");
+    let web = node.named_container("mtls-web");
+    let tag = unique_id("r").replace('-', "");
+    let tag = &tag[tag.len().saturating_sub(6)..];
+    link(&format!("r{tag}"), 78, web.pid(), db.pid());
+    let served = echo_server(listen_in(
+        &container_ns(db.pid()),
+        "127.0.0.1:7000".parse().unwrap(),
+    ));
+    let to_db: SocketAddr = "10.78.0.2:7000".parse().unwrap();
+    let ns = container_ns(web.pid());
+    let serial = |c: &Container| {
+        let pem = c.get("/v1/x509").unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der.contents).unwrap();
+        cert.raw_serial_as_string()
+    };
+    let first = (serial(&web), serial(&db));
+    let (live, fresh) = nhi_integration::edge::in_netns(&ns, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&to_db, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (mut live, mut fresh) = (0, 0);
+        for i in 0..14 {
+            let msg = format!("tick-{i:02}");
+            s.write_all(msg.as_bytes()).unwrap();
+            let mut buf = vec![0u8; msg.len()];
+            s.read_exact(&mut buf).unwrap();
+            assert_eq!(buf, msg.as_bytes());
+            live += 1;
+            // And a new connection each time, with whatever SVIDs are current.
+            let mut n =
+                std::net::TcpStream::connect_timeout(&to_db, Duration::from_secs(5)).unwrap();
+            n.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            n.write_all(b"new").unwrap();
+            let mut b = [0u8; 3];
+            n.read_exact(&mut b).unwrap();
+            fresh += 1;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        (live, fresh)
+    });
+    assert_eq!((live, fresh), (14, 14));
+    assert_eq!(served.connections(), 15);
+    let now = (serial(&web), serial(&db));
+    assert!(
+        now.0 != first.0 && now.1 != first.1,
+        "both SVIDs renewed during the test: {first:?} -> {now:?}"
+    );
+    db.delete();
+    web.delete();
 }

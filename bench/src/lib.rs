@@ -1,6 +1,8 @@
 //! Shared helpers for nhi's benchmarks: percentiles and side-by-side reports. Every benchmark
 //! measures nhi and its baseline in the same run, interleaved, and reports the ratio.
 
+pub mod worker;
+
 use std::time::Duration;
 
 /// Summary of one series of samples.

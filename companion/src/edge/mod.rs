@@ -50,8 +50,11 @@ pub struct Edge {
     brokered: Mutex<HashMap<String, Arc<SecretValue>>>,
     /// What names resolved to (DNS answers relayed or asked for): binds `sni`/`host` allows.
     pub(crate) names: dns::Names,
-    /// The workload's SVID and the bundle, for mutual TLS with other companions.
+    /// The workload's SVID and the bundle, for mutual TLS with other companions, and the two
+    /// TLS configs over them (built once; what changes is read at each handshake).
     tls: Arc<mtls::Material>,
+    pub(crate) tls_client: Arc<rustls::ClientConfig>,
+    pub(crate) tls_server: Arc<rustls::ServerConfig>,
 }
 
 /// A decision after name binding: owned, with why a name rule was passed over.
@@ -78,8 +81,12 @@ impl Edge {
             trust_domain,
             &String::from_utf8_lossy(&creds.trust().bundle),
         );
+        let tls_client = mtls::client_config(&tls).expect("TLS 1.3 with ring is supported");
+        let tls_server = mtls::server_config(&tls).expect("TLS 1.3 with ring is supported");
         Arc::new(Edge {
             tls,
+            tls_client,
+            tls_server,
             policy: RwLock::new(policy.map(Arc::new)),
             recorder,
             channel,
@@ -119,7 +126,7 @@ impl Edge {
 
     /// The TLS material, brought up to date: the workload's current X.509-SVID (fetched from
     /// nhid if the cache has none) and the current bundle.
-    pub(crate) async fn tls_material(&self) -> Result<Arc<mtls::Material>, String> {
+    pub(crate) async fn tls_material(&self) -> Result<(), String> {
         let x = self
             .creds
             .x509()
@@ -129,7 +136,7 @@ impl Edge {
             .set_svid(&x.serial, &x.cert_chain_pem, &x.key_pem)?;
         self.tls
             .set_bundle(&String::from_utf8_lossy(&self.creds.trust().bundle));
-        Ok(self.tls.clone())
+        Ok(())
     }
 
     pub fn policy(&self) -> Option<Arc<Policy>> {

@@ -329,6 +329,9 @@ pub fn client_config(m: &Arc<Material>) -> Result<Arc<rustls::ClientConfig>, Str
         .with_custom_certificate_verifier(s.clone())
         .with_client_cert_resolver(s);
     c.alpn_protocols = vec![ALPN.to_vec()];
+    // Every connection is a full handshake: a resumed session would skip the check against
+    // the current bundle (a CA rotation, a node cut off).
+    c.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(c))
 }
 
@@ -341,6 +344,8 @@ pub fn server_config(m: &Arc<Material>) -> Result<Arc<rustls::ServerConfig>, Str
         .with_client_cert_verifier(s.clone())
         .with_cert_resolver(s);
     c.alpn_protocols = vec![ALPN.to_vec()];
+    c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    c.send_tls13_tickets = 0;
     Ok(Arc::new(c))
 }
 
@@ -526,15 +531,11 @@ pub(crate) async fn originate(
     peer_pattern: &str,
     conn: &Conn,
 ) {
-    let m = match edge.tls_material().await {
-        Ok(m) => m,
-        Err(e) => return fail(edge, ev, started, client, format!("mtls: {e}")),
-    };
-    let cfg = match client_config(&m) {
-        Ok(c) => c,
-        Err(e) => return fail(edge, ev, started, client, format!("mtls: {e}")),
-    };
-    let handshake = tokio_rustls::TlsConnector::from(cfg).connect(server_name(), upstream);
+    if let Err(e) = edge.tls_material().await {
+        return fail(edge, ev, started, client, format!("mtls: {e}"));
+    }
+    let handshake =
+        tokio_rustls::TlsConnector::from(edge.tls_client.clone()).connect(server_name(), upstream);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
@@ -633,17 +634,12 @@ pub(crate) async fn terminate(
         finish(&edge, ev, started);
         return;
     }
-    let m = match edge.tls_material().await {
-        Ok(m) => m,
-        Err(e) => return fail(&edge, ev, started, stream, format!("mtls: {e}")),
-    };
-    let cfg = match server_config(&m) {
-        Ok(c) => c,
-        Err(e) => return fail(&edge, ev, started, stream, format!("mtls: {e}")),
-    };
+    if let Err(e) = edge.tls_material().await {
+        return fail(&edge, ev, started, stream, format!("mtls: {e}"));
+    }
     let accepted = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(cfg).accept(stream),
+        tokio_rustls::TlsAcceptor::from(edge.tls_server.clone()).accept(stream),
     )
     .await;
     let tls = match accepted {

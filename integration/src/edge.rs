@@ -510,3 +510,27 @@ pub fn udp_send(ns: &Path, to: SocketAddr, payload: &[u8]) -> std::io::Result<()
         s.send_to(&payload, to).map(|_| ())
     })
 }
+
+/// A veth pair between the network namespaces of two containers (init pids `a`, `b`): `a`
+/// gets `10.<net>.0.1/24` on `<name>a`, `b` gets `10.<net>.0.2/24` on `<name>b`. `name` at
+/// most 13 characters (interface names are 15).
+pub fn link_containers(name: &str, net: u8, a: i32, b: i32) {
+    let (ea, eb) = (format!("{name}a"), format!("{name}b"));
+    sh(
+        "ip",
+        &["link", "add", &ea, "type", "veth", "peer", "name", &eb],
+    );
+    for (end, pid, host) in [(&ea, a, 1), (&eb, b, 2)] {
+        let pid = pid.to_string();
+        sh("ip", &["link", "set", end, "netns", &pid]);
+        let addr = format!("10.{net}.0.{host}/24");
+        sh(
+            "nsenter",
+            &["-t", &pid, "-n", "ip", "addr", "add", &addr, "dev", end],
+        );
+        sh(
+            "nsenter",
+            &["-t", &pid, "-n", "ip", "link", "set", end, "up"],
+        );
+    }
+}

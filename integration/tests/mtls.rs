@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nhi_integration::edge::{
-    container_ns, echo_server, http, http_server, listen_in, peer, tcp_echo,
+    container_ns, echo_server, http, http_server, link_containers, listen_in, peer, tcp_echo,
 };
 use nhi_integration::*;
 
@@ -46,34 +46,6 @@ cidr = ["10.78.0.2/32", "10.79.0.2/32"]
 ports = [7000, 7002]
 mtls = { peer = "spiffe://example.org/container/mtls-db" }
 "#;
-
-fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
-}
-
-/// A veth pair between the network namespaces of `a` and `b` (pids): `a` gets
-/// `10.<net>.0.1/24` on `<name>a`, `b` gets `10.<net>.0.2/24` on `<name>b`.
-fn link(name: &str, net: u8, a: i32, b: i32) {
-    let (ea, eb) = (format!("{name}a"), format!("{name}b"));
-    sh(
-        "ip",
-        &["link", "add", &ea, "type", "veth", "peer", "name", &eb],
-    );
-    for (end, pid, host) in [(&ea, a, 1), (&eb, b, 2)] {
-        let pid = pid.to_string();
-        sh("ip", &["link", "set", end, "netns", &pid]);
-        let addr = format!("10.{net}.0.{host}/24");
-        sh(
-            "nsenter",
-            &["-t", &pid, "-n", "ip", "addr", "add", &addr, "dev", end],
-        );
-        sh(
-            "nsenter",
-            &["-t", &pid, "-n", "ip", "link", "set", end, "up"],
-        );
-    }
-}
 
 /// tcpdump on `dev` inside the namespace of `pid`, writing the raw packets to `file`.
 fn capture(pid: i32, dev: &str, file: &Path) -> Child {
@@ -221,8 +193,8 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
     let other = node.named_container("mtls-other");
     let tag = unique_id("m").replace('-', "");
     let tag = &tag[tag.len().saturating_sub(6)..];
-    link(&format!("w{tag}"), 78, web.pid(), db.pid());
-    link(&format!("o{tag}"), 79, other.pid(), db.pid());
+    link_containers(&format!("w{tag}"), 78, web.pid(), db.pid());
+    link_containers(&format!("o{tag}"), 79, other.pid(), db.pid());
     // The callee's application: a TCP echo service on loopback, knowing nothing of TLS.
     let served = echo_server(listen_in(
         &container_ns(db.pid()),
@@ -382,7 +354,7 @@ fn mutual_tls_connections_outlive_svid_rotations() {
     let web = node.named_container("mtls-web");
     let tag = unique_id("r").replace('-', "");
     let tag = &tag[tag.len().saturating_sub(6)..];
-    link(&format!("r{tag}"), 78, web.pid(), db.pid());
+    link_containers(&format!("r{tag}"), 78, web.pid(), db.pid());
     let served = echo_server(listen_in(
         &container_ns(db.pid()),
         "127.0.0.1:7000".parse().unwrap(),

@@ -68,33 +68,6 @@ ports = [8001]
 mtls = { peer = "spiffe://example.org/container/bench-callee" }
 "#;
 
-fn sh(cmd: &str, args: &[&str]) {
-    let out = std::process::Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
-}
-
-/// A veth pair: `a`'s namespace gets 10.<net>.0.1/24, `b`'s 10.<net>.0.2/24.
-fn link(name: &str, net: u8, a: i32, b: i32) {
-    let (ea, eb) = (format!("{name}a"), format!("{name}b"));
-    sh(
-        "ip",
-        &["link", "add", &ea, "type", "veth", "peer", "name", &eb],
-    );
-    for (end, pid, host) in [(&ea, a, 1), (&eb, b, 2)] {
-        let pid = pid.to_string();
-        sh("ip", &["link", "set", end, "netns", &pid]);
-        let addr = format!("10.{net}.0.{host}/24");
-        sh(
-            "nsenter",
-            &["-t", &pid, "-n", "ip", "addr", "add", &addr, "dev", end],
-        );
-        sh(
-            "nsenter",
-            &["-t", &pid, "-n", "ip", "link", "set", end, "up"],
-        );
-    }
-}
-
 fn main() {
     let args = Args::parse();
     let mut node = Node::new(ANNOTATED_RULE);
@@ -109,7 +82,7 @@ fn main() {
     let tag = unique_id("b").replace('-', "");
     let tag = tag[tag.len().saturating_sub(5)..].to_string();
     for (i, c) in callers.iter().enumerate() {
-        link(&format!("m{i}{tag}"), 81 + i as u8, c.pid(), callee.pid());
+        link_containers(&format!("m{i}{tag}"), 81 + i as u8, c.pid(), callee.pid());
     }
     let ns = container_ns(callee.pid());
     // Direct and L4 reach the app on its own address; mTLS is delivered on loopback.

@@ -256,7 +256,22 @@ impl Agent {
     }
 
     /// Tells the identity's companions and fixes its secret files after a revocation change.
+    /// Tells every companion the peers its mutual TLS refuses now.
+    pub(crate) async fn push_denied_peers(&self) {
+        let peers = self.ctx.denied_peers();
+        self.targets(
+            |_| true,
+            |c| {
+                c.notify(Event::DeniedPeers {
+                    peers: peers.clone(),
+                })
+            },
+        )
+        .await;
+    }
+
     pub(crate) async fn apply_revocation(&self, spiffe_id: &str, revoked: bool) {
+        self.push_denied_peers().await;
         let targets = self
             .targets(
                 |i| i.spiffe_id.as_str() == spiffe_id,

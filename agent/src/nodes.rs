@@ -88,6 +88,7 @@ impl Agent {
         if changed {
             self.push_trust().await;
         }
+        self.push_denied_peers().await;
         Ok(())
     }
 }

@@ -50,6 +50,28 @@ impl Services {
         }
     }
 
+    /// The peers every companion's mutual TLS refuses: revoked identities (not ended
+    /// workloads: their identity lives on in others) and the nodes cut off.
+    pub fn denied_peers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .revocations
+            .snapshot()
+            .into_iter()
+            .filter(|r| r.ended.is_none())
+            .map(|r| r.spiffe_id)
+            .collect();
+        let td = self.issuer.trust_domain();
+        v.extend(
+            self.issuer
+                .revoked_nodes()
+                .into_iter()
+                .map(|n| format!("spiffe://{td}/node/{n}/*")),
+        );
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// The edge policy of an identity now (the first `[[policy]]` that covers it).
     pub fn policy_for(&self, identity: &Identity) -> Option<nhi_core::policy::Policy> {
         let all = self

@@ -253,7 +253,7 @@ impl Creds {
                 }
             }
             // The edge's business only.
-            Pushed::Event(Event::Policy { .. }) => return,
+            Pushed::Event(Event::Policy { .. } | Event::DeniedPeers { .. }) => return,
         }
         self.bump();
     }

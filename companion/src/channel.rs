@@ -586,6 +586,7 @@ pub(crate) mod testing {
             egress: Default::default(),
             aws: None,
             limits: Default::default(),
+            denied_peers: Vec::new(),
             adopt_key: adopt_key.map(|k| Redacted(k.into())),
         }
     }

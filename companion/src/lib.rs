@@ -129,6 +129,7 @@ pub fn run(opts: Options) -> Result<(), String> {
                 edge_channel,
                 creds.clone(),
                 &init.trust_domain,
+                init.denied_peers.clone(),
             ),
             edge_events,
             limits,
@@ -175,7 +176,7 @@ fn split_events(mut events: channel::Events) -> (channel::Events, EdgeEvents) {
             use channel::Pushed;
             use nhi_core::wire::Event;
             let (edge, creds) = match &e {
-                Pushed::Event(Event::Policy { .. }) => (true, false),
+                Pushed::Event(Event::Policy { .. } | Event::DeniedPeers { .. }) => (true, false),
                 Pushed::Event(Event::SecretChanged { .. } | Event::Revoked { .. })
                 | Pushed::Readopted(_) => (true, true),
                 Pushed::Event(Event::Restored | Event::Trust { .. }) => (false, true),

@@ -438,6 +438,10 @@ pub enum Event {
         #[serde(default)]
         policy: Option<Box<crate::policy::Policy>>,
     },
+    /// The peers mutual TLS refuses from now on, whatever their certificate: SPIFFE IDs (or
+    /// `*` globs) of revoked identities and of the nodes cut off (`spiffe://<td>/node/<n>/*`).
+    /// The whole list each time.
+    DeniedPeers { peers: Vec<String> },
     /// The trust bundle or the JWKS changed (CA renewal, a node joined or left).
     Trust {
         bundle_pem: String,
@@ -478,6 +482,9 @@ pub struct Init {
     /// Bounds on the companion's listeners (`[companion.limits]`).
     #[serde(default)]
     pub limits: crate::config::CompanionLimits,
+    /// Peers mutual TLS refuses (see [`Event::DeniedPeers`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denied_peers: Vec<String>,
     /// At spawn only: the key the companion proves itself with when a restarted `nhid`
     /// re-adopts it (`nhid` keeps only its SHA-256).
     #[serde(default, skip_serializing_if = "Option::is_none")]

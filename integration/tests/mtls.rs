@@ -330,6 +330,53 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         &node,
         &["mtls handshake refused"]
     ) >= 3));
+
+    // A revoked identity is refused by the callee at once, even with its genuine SVID (say
+    // stolen before the revocation): the deny list reaches every companion.
+    let pem = web.get("/v1/x509").unwrap();
+    let blocks: Vec<_> = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .map(|p| p.unwrap())
+        .collect();
+    let cert = blocks
+        .iter()
+        .find(|p| p.label == "CERTIFICATE")
+        .unwrap()
+        .contents
+        .clone();
+    let key = blocks
+        .iter()
+        .find(|p| p.label == "PRIVATE KEY")
+        .unwrap()
+        .contents
+        .clone();
+    assert!(
+        rogue_tls(&outside.path(), to_strict, cert.clone(), key.clone()),
+        "web's own SVID"
+    );
+    let web_id = "spiffe://example.org/container/mtls-web";
+    let out = node.nhictl(&["revoke", "--spiffe-id", web_id], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        eventually(Duration::from_secs(2), || !rogue_tls(
+            &outside.path(),
+            to_strict,
+            cert.clone(),
+            key.clone()
+        )),
+        "the callee still accepts a revoked identity"
+    );
+    assert!(eventually(Duration::from_secs(3), || audited(
+        &node,
+        &["is revoked (or its node is cut off)"]
+    ) >= 1));
+    let out = node.nhictl(&["revoke", "--spiffe-id", web_id, "--undo"], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert!(eventually(Duration::from_secs(2), || rogue_tls(
+        &outside.path(),
+        to_strict,
+        cert.clone(),
+        key.clone()
+    )));
     assert!(eventually(Duration::from_secs(3), || audited(
         &node,
         &["unauthenticated plaintext (permissive mTLS)"]

@@ -229,6 +229,7 @@ fn hello(
         egress: ctx.config.egress,
         aws: aws_provider(ctx, identity, aws_token),
         limits: ctx.config.companion.limits,
+        denied_peers: ctx.denied_peers(),
         adopt_key: adopt_key.map(nhi_core::wire::Redacted),
     }))
 }

@@ -76,11 +76,13 @@ impl Edge {
         channel: Channel,
         creds: Arc<Creds>,
         trust_domain: &str,
+        denied_peers: Vec<String>,
     ) -> Arc<Self> {
         let tls = mtls::Material::new(
             trust_domain,
             &String::from_utf8_lossy(&creds.trust().bundle),
         );
+        tls.set_denied(denied_peers);
         let tls_client = mtls::client_config(&tls).expect("TLS 1.3 with ring is supported");
         let tls_server = mtls::server_config(&tls).expect("TLS 1.3 with ring is supported");
         Arc::new(Edge {
@@ -154,7 +156,11 @@ impl Edge {
                 self.set_policy(policy.as_deref().cloned());
             }
             // Re-adopted by a restarted nhid: its current policy applies from now on.
-            Pushed::Readopted(init) => self.set_policy(init.policy.clone()),
+            Pushed::Readopted(init) => {
+                self.set_policy(init.policy.clone());
+                self.tls.set_denied(init.denied_peers.clone());
+            }
+            Pushed::Event(Event::DeniedPeers { peers }) => self.tls.set_denied(peers.clone()),
             Pushed::Event(Event::SecretChanged { .. } | Event::Revoked { .. }) => {
                 self.brokered
                     .lock()

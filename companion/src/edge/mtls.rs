@@ -47,6 +47,8 @@ pub struct Material {
     trust_domain: String,
     svid: RwLock<Option<(String, Arc<CertifiedKey>)>>,
     bundle: RwLock<Arc<Anchors>>,
+    /// Peers refused whatever their certificate (revoked identities, nodes cut off).
+    denied: RwLock<Arc<Vec<String>>>,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -98,10 +100,16 @@ impl Material {
                 pem: String::new(),
                 anchors: Vec::new(),
             })),
+            denied: RwLock::new(Arc::new(Vec::new())),
             algs: provider().signature_verification_algorithms,
         };
         m.set_bundle(bundle_pem);
         Arc::new(m)
+    }
+
+    /// The peers refused from the next handshake on (SPIFFE IDs or `*` globs).
+    pub fn set_denied(&self, peers: Vec<String>) {
+        *self.denied.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(peers);
     }
 
     /// Replaces the trust anchors if `bundle_pem` differs from the current bundle.
@@ -201,6 +209,16 @@ impl Material {
             return Err(bad(format!(
                 "peer {id} is not in trust domain {}",
                 self.trust_domain
+            )));
+        }
+        let denied = self
+            .denied
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if denied.iter().any(|p| nhi_core::select::glob_match(p, &id)) {
+            return Err(bad(format!(
+                "peer {id} is revoked (or its node is cut off)"
             )));
         }
         Ok(id)
@@ -816,6 +834,25 @@ mod tests {
         let web = material("td", &ca.pem, &svid(&ca, WEB, 1));
         let rogue = material("td", &other.pem, &svid(&other, DB, 1));
         assert!(handshake(&web, &rogue).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn denied_peers_are_refused_at_the_next_handshake() {
+        let ca = ca("td");
+        let node_web = "spiffe://td/node/n1/container/web";
+        let web = material("td", &ca.pem, &svid(&ca, node_web, 1));
+        let db = material("td", &ca.pem, &svid(&ca, DB, 1));
+        handshake(&web, &db).await.unwrap();
+        // The node n1 is cut off: every identity under its path is refused by the callee...
+        db.set_denied(vec!["spiffe://td/node/n1/*".into()]);
+        let e = handshake(&web, &db).await.unwrap_err();
+        assert!(!e.is_empty());
+        // ...and a revoked callee by the caller.
+        db.set_denied(vec![]);
+        web.set_denied(vec![DB.into()]);
+        assert!(handshake(&web, &db).await.is_err());
+        web.set_denied(vec![]);
+        handshake(&web, &db).await.unwrap();
     }
 
     #[tokio::test]

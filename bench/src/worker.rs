@@ -78,6 +78,19 @@ impl Worker {
         self.get_as(addr, path, None)
     }
 
+    /// `payload` sent on a new TCP connection to an echo service at `addr` and read back.
+    pub fn echo(&self, addr: SocketAddr, payload: &'static [u8]) -> Duration {
+        self.run(Box::new(move |buf| {
+            let t = Instant::now();
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            s.write_all(payload).unwrap();
+            s.read_exact(&mut buf[..payload.len()]).unwrap();
+            assert_eq!(&buf[..payload.len()], payload);
+            t.elapsed()
+        }))
+    }
+
     /// `payload` to `addr` from a new UDP socket (a new flow), then its answer.
     pub fn udp(&self, addr: SocketAddr, payload: Vec<u8>) -> Duration {
         self.run(Box::new(move |buf| {

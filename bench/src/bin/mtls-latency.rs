@@ -8,6 +8,8 @@
 //!   terminates it, checks the caller's SPIFFE ID and hands the request to the app (HTTP: with
 //!   the verified caller in a header).
 //!
+//! A TCP echo (not HTTP) on a new connection each, direct vs mTLS: the handshake and the two
+//! proxies without HTTP delivery.
 //! Small request on a new connection each (`GET /small`, `Connection: close`): latency of the
 //! whole exchange, handshake included. 100 MiB transfer (`GET /bytes/104857600`): time and
 //! throughput. Series interleaved round by round.
@@ -43,6 +45,11 @@ id = "callee"
 spiffe_ids = ["spiffe://example.org/container/bench-callee"]
 default = "allow"
 [[policy.inbound]]
+id = "mtls-echo"
+ports = [8002]
+allow = ["spiffe://example.org/container/bench-mtls"]
+mtls = "strict"
+[[policy.inbound]]
 id = "mtls"
 ports = [8001]
 allow = ["spiffe://example.org/container/bench-mtls"]
@@ -64,7 +71,7 @@ default = "deny"
 [[policy.egress]]
 id = "mtls"
 cidr = ["10.83.0.2/32"]
-ports = [8001]
+ports = [8001, 8002]
 mtls = { peer = "spiffe://example.org/container/bench-callee" }
 "#;
 
@@ -88,6 +95,8 @@ fn main() {
     // Direct and L4 reach the app on its own address; mTLS is delivered on loopback.
     http_server(listen_in(&ns, "0.0.0.0:8000".parse().unwrap()));
     http_server(listen_in(&ns, "127.0.0.1:8001".parse().unwrap()));
+    echo_server(listen_in(&ns, "0.0.0.0:8003".parse().unwrap()));
+    echo_server(listen_in(&ns, "127.0.0.1:8002".parse().unwrap()));
     let workers: Vec<Worker> = callers
         .iter()
         .map(|c| Worker::new(container_ns(c.pid())))
@@ -108,6 +117,21 @@ fn main() {
             (names[i], &small[i]),
         );
     }
+    // A non-HTTP protocol: the callee relays bytes (no HTTP delivery), so this is the
+    // handshake and the two proxies alone.
+    let echo = interleave_n(args.runs, args.warmup, 2, |i| {
+        let (w, to) = if i == 0 {
+            (&workers[0], "10.81.0.2:8003".parse().unwrap())
+        } else {
+            (&workers[2], "10.83.0.2:8002".parse().unwrap())
+        };
+        w.echo(to, b"0123456789abcdef0123456789abcdef")
+    });
+    compare(
+        "TCP echo (32 bytes), new connection each: mTLS, bytes relayed",
+        ("direct", &echo[0]),
+        ("mTLS (both companions)", &echo[1]),
+    );
     let path = format!("/bytes/{BIG}");
     let big = interleave_n(args.big_runs, 1, 3, |i| workers[i].get(targets[i], &path));
     let mibs = |d: Duration| (BIG as f64 / (1 << 20) as f64) / d.as_secs_f64();

@@ -315,6 +315,10 @@ fn find_projected_token(
         k.namespace.as_ref()?,
         k.service_account.as_ref()?,
     );
+    // The uid comes from the pod's annotations: one plain path segment, or nothing is looked at.
+    if !nhi_core::grant::valid_secret_name(uid) {
+        return None;
+    }
     let dir = kubelet_root
         .join("pods")
         .join(uid)
@@ -371,5 +375,11 @@ mod tests {
         assert_eq!(find_projected_token(d.path(), &k), None);
         k.pod_uid = Some("u2".into());
         assert_eq!(find_projected_token(d.path(), &k), None);
+        // A uid that is not one path segment is not followed out of the kubelet root.
+        k.service_account = Some("web".into());
+        for evil in ["../../pods/u1", "..", "u1/../u1"] {
+            k.pod_uid = Some(evil.into());
+            assert_eq!(find_projected_token(d.path(), &k), None, "{evil}");
+        }
     }
 }

@@ -689,8 +689,21 @@ fn node_revoke_cuts_a_node_off_within_two_seconds() {
         &c, "node-a", "deny"
     )));
     assert!(ok(&c.nhictl(&["status"], b"")).contains("nodes cut off: node-a"));
-    // A node cannot do this itself: without the operator's token, OpenBao says no.
-    let node_token = node_path_write(&b, "not-an-operator", "s.notavalidtoken000000000");
+    // A node cannot do this itself: with its own OpenBao token (a compromised node has it),
+    // OpenBao refuses both steps; node C stays in.
+    let login = setup.node("node-b");
+    let own = nhi_integration::bao::BaoApi::new(&dev.addr, None, None).must(
+        "POST",
+        &format!("auth/{}/login", nhi_integration::bao::NODES_APPROLE_MOUNT),
+        Some(serde_json::json!({
+            "role_id": login.role_id,
+            "secret_id": fs::read_to_string(&login.secret_id_file).unwrap(),
+        })),
+    )["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let node_token = node_path_write(&b, "not-an-operator", &own);
     let out = b.nhictl(
         &[
             "node",
@@ -705,6 +718,15 @@ fn node_revoke_cuts_a_node_off_within_two_seconds() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("permission denied"),
         "{out:?}"
+    );
+    let status = ok(&c.nhictl(&["status"], b""));
+    assert!(
+        status.lines().any(|l| l == "nodes cut off: node-a"),
+        "{status}"
+    );
+    assert!(
+        gamma.get("/v1/x509").is_ok(),
+        "node C still served by OpenBao"
     );
 
     // Taken back: OpenBao serves A again and C accepts A's JWT-SVIDs again.

@@ -91,6 +91,26 @@ impl Worker {
         }))
     }
 
+    /// `n` bytes from a [`nhi_integration::edge::bulk_server`] at `addr`, on a new connection.
+    pub fn bulk(&self, addr: SocketAddr, n: usize) -> Duration {
+        self.run(Box::new(move |buf| {
+            let t = Instant::now();
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            writeln!(s, "{n}").unwrap();
+            let mut total = 0;
+            loop {
+                let k = s.read(buf).unwrap();
+                if k == 0 {
+                    break;
+                }
+                total += k;
+            }
+            assert_eq!(total, n, "{addr}: short bulk transfer");
+            t.elapsed()
+        }))
+    }
+
     /// `payload` to `addr` from a new UDP socket (a new flow), then its answer.
     pub fn udp(&self, addr: SocketAddr, payload: Vec<u8>) -> Duration {
         self.run(Box::new(move |buf| {

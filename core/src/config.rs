@@ -1017,6 +1017,12 @@ fn validate_policies(
     if e.dns_port == 0 {
         return Err("egress.dns_port must be a port (1-65535)".into());
     }
+    if e.mtls_warm > crate::policy::MAX_MTLS_WARM {
+        return Err(format!(
+            "egress.mtls_warm: at most {} warm connections per destination",
+            crate::policy::MAX_MTLS_WARM
+        ));
+    }
     let mut ids = std::collections::BTreeSet::new();
     for p in policies {
         if !ids.insert(p.id.as_str()) {

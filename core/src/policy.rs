@@ -44,7 +44,14 @@ pub struct EgressConfig {
     /// (answers with TTL 0 would otherwise be useless by the time the client connects).
     #[serde(with = "humantime_serde")]
     pub dns_min_ttl: Duration,
+    /// Mutual TLS connections (issue 18) a companion keeps handshaken ahead of need for each
+    /// destination it calls, so a new connection does not wait for a handshake (at most
+    /// [`MAX_MTLS_WARM`]; 0 turns it off). An egress rule's `mtls.warm` overrides it.
+    pub mtls_warm: usize,
 }
+
+/// The most warm mutual TLS connections kept for one destination.
+pub const MAX_MTLS_WARM: usize = 8;
 
 impl Default for EgressConfig {
     fn default() -> Self {
@@ -53,6 +60,7 @@ impl Default for EgressConfig {
             inbound_port: DEFAULT_INBOUND_PORT,
             dns_port: DEFAULT_DNS_PORT,
             dns_min_ttl: Duration::from_secs(5),
+            mtls_warm: 2,
         }
     }
 }
@@ -158,6 +166,10 @@ pub struct EgressRule {
 pub struct EgressMtls {
     /// SPIFFE ID or `*` glob the destination's companion must prove in the handshake.
     pub peer: String,
+    /// Connections kept handshaken ahead of need for each address and port of this rule once
+    /// in use (default `[egress] mtls_warm`; 0: every connection handshakes when it opens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<usize>,
 }
 
 /// How an inbound rule takes plaintext next to mutual TLS.
@@ -636,6 +648,9 @@ impl Policy {
                     "mtls peer {:?} must start with spiffe://",
                     m.peer
                 )));
+            }
+            if m.warm.is_some_and(|w| w > MAX_MTLS_WARM) {
+                return Err(c(format!("mtls warm: at most {MAX_MTLS_WARM}")));
             }
             if r.cidr.is_empty() {
                 return Err(c(

@@ -143,6 +143,27 @@ pub fn echo_server(l: TcpListener) -> Seen {
     })
 }
 
+/// A non-HTTP bulk source: reads a decimal byte count and a newline, sends that many bytes
+/// and closes.
+pub fn bulk_server(l: TcpListener) -> Seen {
+    accept_loop(l, Seen::default(), |c, _| {
+        let mut w = c.try_clone().unwrap();
+        let mut line = String::new();
+        if BufReader::new(c).read_line(&mut line).is_err() {
+            return;
+        }
+        let mut left: usize = line.trim().parse().unwrap_or(0);
+        let chunk = vec![b'x'; 256 * 1024];
+        while left > 0 {
+            let k = left.min(chunk.len());
+            if w.write_all(&chunk[..k]).is_err() {
+                return;
+            }
+            left -= k;
+        }
+    })
+}
+
 /// HTTP/1.1 keep-alive server: records each request head; answers `ok`, or N bytes for
 /// `GET /bytes/N`.
 pub fn http_server(l: TcpListener) -> Seen {

@@ -96,12 +96,38 @@ fn audited(node: &Node, needles: &[&str]) -> usize {
         .count()
 }
 
+type Rogue = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
 /// A TLS 1.3 client outside nhi presenting `cert_der`/`key_der` (any server accepted), from
 /// inside `ns`: whether it got an echo back.
 fn rogue_tls(ns: &Path, addr: SocketAddr, cert_der: Vec<u8>, key_der: Vec<u8>) -> bool {
+    rogue_connect(ns, addr, cert_der, key_der).is_some_and(|mut s| rogue_echo(&mut s))
+}
+
+/// Speaks the companions' protocol on `s` as a caller's companion would (preface, one frame),
+/// whether the 5 bytes came back.
+fn rogue_echo(s: &mut Rogue) -> bool {
+    use std::io::{Read, Write};
+    let mut msg = b"NHI1".to_vec();
+    msg.extend_from_slice(&5u32.to_be_bytes());
+    msg.extend_from_slice(b"rogue");
+    if s.write_all(&msg).is_err() || s.flush().is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 9];
+    s.read_exact(&mut buf).is_ok() && buf == *b"\0\0\0\x05rogue"
+}
+
+/// A TLS 1.3 connection from inside `ns` presenting `cert_der`/`key_der`, its handshake done
+/// (on the client's side: a callee that refuses the certificate says so at the next read).
+fn rogue_connect(
+    ns: &Path,
+    addr: SocketAddr,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+) -> Option<Rogue> {
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-    use std::io::{Read, Write};
     #[derive(Debug)]
     struct Any;
     impl ServerCertVerifier for Any {
@@ -152,16 +178,13 @@ fn rogue_tls(ns: &Path, addr: SocketAddr, cert_der: Vec<u8>, key_der: Vec<u8>) -
         cfg.alpn_protocols = vec![b"nhi-mtls/1".to_vec()];
         let name = ServerName::try_from("nhi.invalid").unwrap();
         let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
-        let Ok(tcp) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
-            return false;
-        };
+        let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
         tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
-        if tls.write_all(b"rogue").is_err() || tls.flush().is_err() {
-            return false;
+        let mut conn = conn;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).ok()?;
         }
-        let mut buf = [0u8; 5];
-        tls.read_exact(&mut buf).is_ok()
+        Some(rustls::StreamOwned::new(conn, tcp))
     })
 }
 
@@ -353,6 +376,10 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         rogue_tls(&outside.path(), to_strict, cert.clone(), key.clone()),
         "web's own SVID"
     );
+    // A connection handshaken before the revocation and kept idle (as a caller's companion
+    // keeps warm ones, or a compromised one would) carries nothing after it.
+    let mut held = rogue_connect(&outside.path(), to_strict, cert.clone(), key.clone())
+        .expect("handshake with web's SVID");
     let web_id = "spiffe://example.org/container/mtls-web";
     let out = node.nhictl(&["revoke", "--spiffe-id", web_id], b"");
     assert!(out.status.success(), "{out:?}");
@@ -369,6 +396,16 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         &node,
         &["is revoked (or its node is cut off)"]
     ) >= 1));
+    let served_before = served.connections();
+    assert!(
+        !rogue_echo(&mut held),
+        "a connection made before the revocation still carries one after it"
+    );
+    assert_eq!(served.connections(), served_before);
+    assert!(eventually(Duration::from_secs(3), || audited(
+        &node,
+        &["mtls peer spiffe://example.org/container/mtls-web no longer stands"]
+    ) == 1));
     let out = node.nhictl(&["revoke", "--spiffe-id", web_id, "--undo"], b"");
     assert!(out.status.success(), "{out:?}");
     assert!(eventually(Duration::from_secs(2), || rogue_tls(
@@ -381,6 +418,32 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         &node,
         &["unauthenticated plaintext (permissive mTLS)"]
     ) == 1));
+
+    // New connections one after another take a connection handshaken ahead of need, or reuse
+    // one whose application connection ended: no handshake waits on the way, and each
+    // connection is still one audit record on both sides.
+    let before = served.connections();
+    for i in 0..6 {
+        let msg = format!("again-{i}");
+        assert_eq!(
+            tcp_echo(&container_ns(web.pid()), to_db, &msg).as_deref(),
+            Ok(msg.as_str())
+        );
+    }
+    assert_eq!(served.connections(), before + 6);
+    let warm = "mtls peer=spiffe://example.org/container/mtls-db; warm";
+    assert!(
+        eventually(Duration::from_secs(3), || audited(&node, &[warm]) >= 5),
+        "{} of 6 connections warm",
+        audited(&node, &[warm])
+    );
+    assert!(eventually(Duration::from_secs(3), || audited(
+        &node,
+        &[
+            "\"inbound\"",
+            "mtls peer=spiffe://example.org/container/mtls-web"
+        ]
+    ) >= 7));
     for c in [db, web, other] {
         c.delete();
     }
@@ -393,7 +456,8 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
 fn mutual_tls_connections_outlive_svid_rotations() {
     let mut node = Node::with_config(
         ANNOTATED_RULE,
-        "[issuer]\nx509_ttl = \"10s\"\nca_ttl = \"1h\"\n",
+        // (A connection without a first request lives 30 s: one held past its SVID's end below.)
+        "[issuer]\nx509_ttl = \"10s\"\nca_ttl = \"1h\"\n[companion.limits]\nheader_timeout = \"30s\"\n",
     );
     node.append_config(POLICY);
     node.start();
@@ -441,6 +505,42 @@ fn mutual_tls_connections_outlive_svid_rotations() {
     });
     assert_eq!((live, fresh), (14, 14));
     assert_eq!(served.connections(), 15);
+    // A connection handshaken with an SVID that has expired since carries nothing new: held
+    // idle past the certificate's end (10 s TTL), then claimed.
+    let pem = web.get("/v1/x509").unwrap();
+    let blocks: Vec<_> = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .map(|p| p.unwrap())
+        .collect();
+    let der = |label: &str| {
+        blocks
+            .iter()
+            .find(|p| p.label == label)
+            .unwrap()
+            .contents
+            .clone()
+    };
+    let (cert, key) = (der("CERTIFICATE"), der("PRIVATE KEY"));
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+    let ends = parsed.validity().not_after.timestamp();
+    let outside = nhi_integration::edge::peer(&unique_id("mx"), db.pid());
+    let to_strict: SocketAddr = "10.77.0.2:7000".parse().unwrap();
+    let mut held = rogue_connect(&outside.path(), to_strict, cert, key).expect("handshake");
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    assert!(ends - now() <= 10, "a 10 s SVID");
+    while now() <= ends {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!rogue_echo(&mut held), "claimed after its SVID expired");
+    assert_eq!(served.connections(), 15);
+    assert!(eventually(Duration::from_secs(3), || audited(
+        &node,
+        &["its certificate has expired since the handshake"]
+    ) == 1));
     let now = (serial(&web), serial(&db));
     assert!(
         now.0 != first.0 && now.1 != first.1,

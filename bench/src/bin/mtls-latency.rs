@@ -6,13 +6,16 @@
 //! - **L4 path**: the caller's companion splices the connection (an address/port allow rule);
 //! - **mTLS**: the caller's companion originates TLS 1.3 with its X.509-SVID, the callee's
 //!   terminates it, checks the caller's SPIFFE ID and hands the request to the app (HTTP: with
-//!   the verified caller in a header).
+//!   the verified caller in a header). Two rules: the default (`mtls_warm` connections kept
+//!   handshaken ahead of need, so a new connection takes a warm one), and `warm = 0` (every
+//!   connection waits for its own handshake: the cold path).
 //!
-//! A TCP echo (not HTTP) on a new connection each, direct vs mTLS: the handshake and the two
-//! proxies without HTTP delivery.
 //! Small request on a new connection each (`GET /small`, `Connection: close`): latency of the
-//! whole exchange, handshake included. 100 MiB transfer (`GET /bytes/104857600`): time and
-//! throughput. Series interleaved round by round.
+//! whole exchange. A TCP echo (not HTTP) on a new connection each: the two proxies without
+//! HTTP delivery. 100 MiB transfers, HTTP (`GET /bytes/104857600`) and a raw byte stream (the
+//! callee relays bytes): time, throughput, and the CPU time the whole machine spent per
+//! transfer (from `/proc/stat`: on a machine with few cores the throughput is bounded by
+//! it). Series interleaved round by round.
 //!
 //! Run as root: `cargo run --release -p nhi-bench --bin mtls-latency -- --runs 500 --big-runs 5`
 
@@ -46,7 +49,7 @@ spiffe_ids = ["spiffe://example.org/container/bench-callee"]
 default = "allow"
 [[policy.inbound]]
 id = "mtls-echo"
-ports = [8002]
+ports = [8002, 8004, 8007]
 allow = ["spiffe://example.org/container/bench-mtls"]
 mtls = "strict"
 [[policy.inbound]]
@@ -71,8 +74,13 @@ default = "deny"
 [[policy.egress]]
 id = "mtls"
 cidr = ["10.83.0.2/32"]
-ports = [8001, 8002]
+ports = [8001, 8002, 8004]
 mtls = { peer = "spiffe://example.org/container/bench-callee" }
+[[policy.egress]]
+id = "mtls-cold"
+cidr = ["10.83.0.2/32"]
+ports = [8007]
+mtls = { peer = "spiffe://example.org/container/bench-callee", warm = 0 }
 "#;
 
 fn main() {
@@ -97,28 +105,37 @@ fn main() {
     http_server(listen_in(&ns, "127.0.0.1:8001".parse().unwrap()));
     echo_server(listen_in(&ns, "0.0.0.0:8003".parse().unwrap()));
     echo_server(listen_in(&ns, "127.0.0.1:8002".parse().unwrap()));
+    http_server(listen_in(&ns, "127.0.0.1:8007".parse().unwrap()));
+    bulk_server(listen_in(&ns, "0.0.0.0:8005".parse().unwrap()));
+    bulk_server(listen_in(&ns, "127.0.0.1:8004".parse().unwrap()));
     let workers: Vec<Worker> = callers
         .iter()
         .map(|c| Worker::new(container_ns(c.pid())))
         .collect();
-    let targets: [SocketAddr; 3] = [
+    let targets: [SocketAddr; 4] = [
         "10.81.0.2:8000".parse().unwrap(),
         "10.82.0.2:8000".parse().unwrap(),
         "10.83.0.2:8001".parse().unwrap(),
+        "10.83.0.2:8007".parse().unwrap(),
     ];
-    let names = ["direct", "L4 path (spliced)", "mTLS (both companions)"];
-    let small = interleave_n(args.runs, args.warmup, 3, |i| {
-        workers[i].get(targets[i], "/small")
+    let names = [
+        "direct",
+        "L4 path (spliced)",
+        "mTLS (warm connection)",
+        "mTLS (handshake per connection)",
+    ];
+    let worker = |i: usize| &workers[i.min(2)];
+    let small = interleave_n(args.runs, args.warmup, 4, |i| {
+        worker(i).get(targets[i], "/small")
     });
-    for i in 1..3 {
+    for i in 1..4 {
         compare(
             &format!("Small HTTP request, new connection each: {}", names[i]),
             (names[0], &small[0]),
             (names[i], &small[i]),
         );
     }
-    // A non-HTTP protocol: the callee relays bytes (no HTTP delivery), so this is the
-    // handshake and the two proxies alone.
+    // A non-HTTP protocol: the callee relays bytes (no HTTP delivery).
     let echo = interleave_n(args.runs, args.warmup, 2, |i| {
         let (w, to) = if i == 0 {
             (&workers[0], "10.81.0.2:8003".parse().unwrap())
@@ -128,30 +145,89 @@ fn main() {
         w.echo(to, b"0123456789abcdef0123456789abcdef")
     });
     compare(
-        "TCP echo (32 bytes), new connection each: mTLS, bytes relayed",
+        "TCP echo (32 bytes), new connection each: mTLS (warm), bytes relayed",
         ("direct", &echo[0]),
-        ("mTLS (both companions)", &echo[1]),
+        ("mTLS (warm connection)", &echo[1]),
     );
-    let path = format!("/bytes/{BIG}");
-    let big = interleave_n(args.big_runs, 1, 3, |i| workers[i].get(targets[i], &path));
     let mibs = |d: Duration| (BIG as f64 / (1 << 20) as f64) / d.as_secs_f64();
-    for i in 1..3 {
-        compare(
-            &format!("100 MiB transfer: {}", names[i]),
-            (names[0], &big[0]),
-            (names[i], &big[i]),
-        );
-        let (sb, sn) = (summarize(&big[0]), summarize(&big[i]));
+    let path = format!("/bytes/{BIG}");
+    let mut cpu = [Cpu::default(); 5];
+    let big = interleave_n(args.big_runs, 1, 5, |i| {
+        let before = Cpu::now();
+        let d = match i {
+            0..=2 => workers[i].get(targets[i], &path),
+            3 => workers[0].bulk("10.81.0.2:8005".parse().unwrap(), BIG),
+            _ => workers[2].bulk("10.83.0.2:8004".parse().unwrap(), BIG),
+        };
+        cpu[i].add(before, Cpu::now());
+        d
+    });
+    let series = [
+        (0, 1, "100 MiB over HTTP: L4 path (spliced)"),
+        (0, 2, "100 MiB over HTTP: mTLS"),
+        (3, 4, "100 MiB raw byte stream: mTLS, bytes relayed"),
+    ];
+    for (b, i, title) in series {
+        compare(title, ("direct", &big[b]), ("this path", &big[i]));
+        let (sb, sn) = (summarize(&big[b]), summarize(&big[i]));
         println!(
-            "throughput (p50): direct {:.0} MiB/s, {} {:.0} MiB/s; ratio {:.2}x\n",
+            "throughput (p50): direct {:.0} MiB/s, this path {:.0} MiB/s; ratio {:.2}x",
             mibs(sb.p50),
-            names[i],
             mibs(sn.p50),
             mibs(sn.p50) / mibs(sb.p50)
+        );
+        println!(
+            "CPU per transfer (all cores, mean): direct {:.0} ms ({:.0}% of the machine busy), \
+             this path {:.0} ms ({:.0}% busy); ratio {:.2}x\n",
+            cpu[b].busy_ms(),
+            cpu[b].busy_share() * 100.0,
+            cpu[i].busy_ms(),
+            cpu[i].busy_share() * 100.0,
+            cpu[i].busy_ms() / cpu[b].busy_ms()
         );
     }
     for c in callers {
         c.delete();
     }
     callee.delete();
+}
+
+/// CPU time of the whole machine from `/proc/stat` (clock ticks, 100 per second): busy and
+/// idle, summed over the transfers of one series.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    busy: u64,
+    idle: u64,
+    samples: u64,
+}
+
+impl Cpu {
+    fn now() -> (u64, u64) {
+        let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+        let v: Vec<u64> = stat
+            .lines()
+            .next()
+            .expect("a cpu line")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal
+        let idle = v[3] + v[4];
+        (v.iter().take(8).sum::<u64>() - idle, idle)
+    }
+
+    fn add(&mut self, before: (u64, u64), after: (u64, u64)) {
+        self.busy += after.0 - before.0;
+        self.idle += after.1 - before.1;
+        self.samples += 1;
+    }
+
+    fn busy_ms(&self) -> f64 {
+        self.busy as f64 * 10.0 / self.samples.max(1) as f64
+    }
+
+    fn busy_share(&self) -> f64 {
+        self.busy as f64 / (self.busy + self.idle).max(1) as f64
+    }
 }

@@ -55,6 +55,10 @@ pub struct Edge {
     tls: Arc<mtls::Material>,
     pub(crate) tls_client: Arc<rustls::ClientConfig>,
     pub(crate) tls_server: Arc<rustls::ServerConfig>,
+    /// Mutual TLS connections handshaken ahead of need, and how many to keep per destination
+    /// (`[egress] mtls_warm`, a rule's `warm` overriding it).
+    pub(crate) pool: Arc<mtls::pool::Pool>,
+    pub(crate) mtls_warm: usize,
 }
 
 /// A decision after name binding: owned, with why a name rule was passed over.
@@ -89,6 +93,8 @@ impl Edge {
             tls,
             tls_client,
             tls_server,
+            pool: Arc::default(),
+            mtls_warm: egress.mtls_warm,
             policy: RwLock::new(policy.map(Arc::new)),
             recorder,
             channel,
@@ -423,6 +429,9 @@ async fn outbound(
         reset(client);
         return;
     }
+    if let Some(m) = over_mtls {
+        return mtls::originate(&edge, ev, started, client, dest, &m, &conn).await;
+    }
     let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dest));
     let upstream = tokio::select! {
         r = connect => match r {
@@ -435,9 +444,6 @@ async fn outbound(
         }
     };
     let _ = upstream.set_nodelay(true);
-    if let Some(m) = over_mtls {
-        return mtls::originate(&edge, ev, started, client, upstream, &m.peer, &conn).await;
-    }
     // Decided and connected: no longer waiting for a first request; idle now means no byte.
     conn.established();
     let res = splice::relay(&client, &upstream, &|| conn.touch(), conn.slot().killed()).await;

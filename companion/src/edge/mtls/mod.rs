@@ -10,6 +10,7 @@
 //! established keep the keys they negotiated.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -27,6 +28,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+
+pub mod frame;
+pub mod pool;
+pub mod relay;
+use relay::Buffered;
 
 /// The ALPN protocol both companions speak, so a TLS connection from anything else (an app's
 /// own TLS) is told apart from a companion's.
@@ -50,6 +56,9 @@ pub struct Material {
     /// Peers refused whatever their certificate (revoked identities, nodes cut off).
     denied: RwLock<Arc<Vec<String>>>,
     algs: WebPkiSupportedAlgorithms,
+    /// Bumped by every change above: a connection handshaken under an older generation is
+    /// checked again (callee) or not used (caller's warm connections) before it carries bytes.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Material {
@@ -102,6 +111,7 @@ impl Material {
             })),
             denied: RwLock::new(Arc::new(Vec::new())),
             algs: provider().signature_verification_algorithms,
+            generation: AtomicU64::new(0),
         };
         m.set_bundle(bundle_pem);
         Arc::new(m)
@@ -109,7 +119,16 @@ impl Material {
 
     /// The peers refused from the next handshake on (SPIFFE IDs or `*` globs).
     pub fn set_denied(&self, peers: Vec<String>) {
-        *self.denied.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(peers);
+        let mut denied = self.denied.write().unwrap_or_else(|p| p.into_inner());
+        if **denied != peers {
+            *denied = Arc::new(peers);
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Changes with every new SVID, bundle or list of denied peers.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// Replaces the trust anchors if `bundle_pem` differs from the current bundle.
@@ -129,6 +148,7 @@ impl Material {
             pem: bundle_pem.into(),
             anchors,
         });
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Uses this X.509-SVID (chain PEM, PKCS#8 key PEM) from now on, unless `serial` is the
@@ -158,6 +178,7 @@ impl Material {
         let ck = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| e.to_string())?;
         *self.svid.write().unwrap_or_else(|p| p.into_inner()) =
             Some((serial.to_string(), Arc::new(ck)));
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -167,6 +188,14 @@ impl Material {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .map(|(_, k)| k.clone())
+    }
+
+    /// A caller's certificate chain from an earlier handshake checked again, now, against the
+    /// current bundle and denied peers: its SPIFFE ID, or why it no longer stands.
+    pub fn recheck_client(&self, chain: &[CertificateDer<'_>]) -> Result<String, String> {
+        let (ee, rest) = chain.split_first().ok_or("no certificate")?;
+        self.check(ee, rest, UnixTime::now(), webpki::KeyUsage::client_auth())
+            .map_err(|e| e.to_string())
     }
 
     /// Path validation of `end_entity` (+ `intermediates`) up to the current bundle for `usage`,
@@ -374,6 +403,23 @@ pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
         .and_then(|c| spiffe_id_of(c).ok())
 }
 
+/// Until when (Unix seconds) the peer's certificate in a finished handshake is valid: a
+/// connection carries no new application connection after that.
+pub fn peer_not_after(certs: Option<&[CertificateDer<'_>]>) -> i64 {
+    certs
+        .and_then(|c| c.first())
+        .and_then(|c| x509_parser::parse_x509_certificate(c).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .unwrap_or(0)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// The server name a client sends: never checked (SPIFFE peers are identified by their URI
 /// SAN), but TLS wants one.
 pub fn server_name() -> ServerName<'static> {
@@ -500,27 +546,6 @@ where
 /// Longest a handshake may take before the connection is given up.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Copies `r` to `w` until EOF (then shuts `w` down), touching the connection's idle clock.
-async fn copy_touching<R, W>(mut r: R, mut w: W, conn: &Conn) -> std::io::Result<u64>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            let _ = w.shutdown().await;
-            return Ok(total);
-        }
-        w.write_all(&buf[..n]).await?;
-        conn.touch();
-        total += n as u64;
-    }
-}
-
 /// Relays a plaintext local connection and a TLS one both ways until both ends are done or the
 /// limits close it: (bytes plain → TLS, bytes TLS → plain).
 async fn relay<S>(plain: TcpStream, tls: S, conn: &Conn) -> std::io::Result<(u64, u64)>
@@ -529,70 +554,160 @@ where
 {
     let (pr, pw) = plain.into_split();
     let (tr, tw) = tokio::io::split(tls);
-    let both = async { tokio::try_join!(copy_touching(pr, tw, conn), copy_touching(tr, pw, conn)) };
+    let both = async { tokio::try_join!(relay::pump(pr, tw, conn), relay::pump(tr, pw, conn)) };
     tokio::select! {
         r = both => r,
         () = conn.slot().killed() => Err(std::io::Error::other(super::LIMITS_CLOSED)),
     }
 }
 
-/// The caller's side: the policy allowed `client`'s connection to an nhi workload, `upstream`
-/// is connected to it. Mutual TLS with the destination's companion, whose SPIFFE ID must match
-/// `peer_pattern`; then the bytes are relayed, encrypted on the wire. Fail-closed: any problem
-/// resets the workload's connection, nothing is sent in plaintext.
-pub(crate) async fn originate(
+/// What the caller's companion sends first on a connection once it carries an application's
+/// connection (right after the handshake, or when a warm one is claimed): the callee connects
+/// to its application only then. Versioned with [`ALPN`].
+pub const PREFACE: &[u8; 4] = b"NHI1";
+
+/// Why no mutual TLS connection to a destination could be made.
+pub(crate) enum Unmade {
+    /// The destination's companion proved an identity the rule does not expect.
+    WrongPeer(String),
+    /// Anything else: connect, handshake, no SVID.
+    Failed(String),
+}
+
+/// A new TCP connection to `dest` and a mutual TLS handshake over it, whose peer must prove a
+/// SPIFFE ID matching `peer_pattern`: the stream and that ID.
+pub(crate) async fn connect(
     edge: &Edge,
+    dest: SocketAddr,
+    peer_pattern: &str,
+) -> Result<pool::Warm, Unmade> {
+    let generation = edge.tls.generation();
+    edge.tls_material()
+        .await
+        .map_err(|e| Unmade::Failed(format!("mtls: {e}")))?;
+    let tcp = match tokio::time::timeout(super::CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return Err(Unmade::Failed(format!("connect: {e}"))),
+        Err(_) => return Err(Unmade::Failed("connect: timed out".into())),
+    };
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio_rustls::TlsConnector::from(edge.tls_client.clone())
+        .connect(server_name(), Buffered::new(tcp));
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            return Err(Unmade::Failed(format!(
+                "mtls handshake with the destination's companion: {e}"
+            )))
+        }
+        Err(_) => {
+            return Err(Unmade::Failed(
+                "mtls handshake with the destination's companion: timed out".into(),
+            ))
+        }
+    };
+    tls.get_mut().1.set_buffer_limit(Some(relay::MAX));
+    let peer_id = peer_id(tls.get_ref().1.peer_certificates()).unwrap_or_default();
+    if !nhi_core::select::glob_match(peer_pattern, &peer_id) {
+        return Err(Unmade::WrongPeer(format!(
+            "mtls: the destination proved {peer_id}, the policy expects {peer_pattern}"
+        )));
+    }
+    let not_after = peer_not_after(tls.get_ref().1.peer_certificates());
+    Ok(pool::Warm::new(tls, peer_id, not_after, generation))
+}
+
+/// The caller's side: the policy allowed `client`'s connection to `dest`, an nhi workload
+/// (`m`). A warm connection to it (see [`pool`]) or a new one: mutual TLS with the
+/// destination's companion, whose SPIFFE ID must match the rule's `peer`; then the bytes are
+/// relayed, encrypted on the wire. Fail-closed: any problem resets the workload's connection,
+/// nothing is sent in plaintext.
+pub(crate) async fn originate(
+    edge: &Arc<Edge>,
     mut ev: AuditEvent,
     started: Instant,
     client: TcpStream,
-    upstream: TcpStream,
-    peer_pattern: &str,
+    dest: SocketAddr,
+    m: &nhi_core::policy::EgressMtls,
     conn: &Conn,
 ) {
+    let want = m.warm.unwrap_or(edge.mtls_warm);
     if let Err(e) = edge.tls_material().await {
         return fail(edge, ev, started, client, format!("mtls: {e}"));
     }
-    let handshake =
-        tokio_rustls::TlsConnector::from(edge.tls_client.clone()).connect(server_name(), upstream);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            return fail(
-                edge,
-                ev,
-                started,
-                client,
-                format!("mtls handshake with the destination's companion: {e}"),
-            )
-        }
-        Err(_) => {
-            return fail(
-                edge,
-                ev,
-                started,
-                client,
-                "mtls handshake with the destination's companion: timed out".into(),
-            )
+    let (warm, left) = edge.pool.take(dest, &m.peer, edge.tls.generation());
+    let was_warm = warm.is_some();
+    let made = match warm {
+        Some(w) => Ok(w),
+        None => {
+            tokio::select! {
+                r = connect(edge, dest, &m.peer) => r,
+                () = conn.slot().killed() => Err(Unmade::Failed(super::LIMITS_CLOSED.into())),
+            }
         }
     };
-    let peer_id = peer_id(tls.get_ref().1.peer_certificates()).unwrap_or_default();
-    if !nhi_core::select::glob_match(peer_pattern, &peer_id) {
-        ev.decision = Decision::Deny;
-        ev.detail = Some(format!(
-            "mtls: the destination proved {peer_id}, the policy expects {peer_pattern}"
-        ));
-        finish(edge, ev, started);
-        reset(client);
-        return;
+    // The next connection finds one ready. After a warm one is taken and none is left (a
+    // burst), made now; otherwise once this connection is done (a handshake now would compete
+    // with its first exchange), unless this one comes back, and only if it went well (a callee
+    // that refuses this caller is not asked again and again).
+    let refill_now = was_warm && left == 0;
+    if refill_now {
+        edge.pool.refill(edge, dest, &m.peer, want);
+    }
+    let mut warm = match made {
+        Ok(w) => w,
+        Err(Unmade::WrongPeer(why)) => {
+            ev.decision = Decision::Deny;
+            ev.detail = Some(why);
+            finish(edge, ev, started);
+            reset(client);
+            return;
+        }
+        Err(Unmade::Failed(why)) => return fail(edge, ev, started, client, why),
+    };
+    let peer_id = warm.peer_id.clone();
+    // The preface goes out with whatever the application has sent already, in one record
+    // (framed: see `frame`).
+    let mut first = vec![0u8; PREFACE.len() + 4 + 4096];
+    first[..PREFACE.len()].copy_from_slice(PREFACE);
+    let n = client
+        .try_read(&mut first[PREFACE.len() + 4..])
+        .unwrap_or(0);
+    first.truncate(PREFACE.len() + if n > 0 { 4 + n } else { 0 });
+    if n > 0 {
+        first[PREFACE.len()..PREFACE.len() + 4].copy_from_slice(&(n as u32).to_be_bytes());
+    }
+    use tokio::io::AsyncWriteExt;
+    let claimed = async {
+        warm.tls.write_all(&first).await?;
+        warm.tls.flush().await
+    };
+    if let Err(e) = claimed.await {
+        return fail(edge, ev, started, client, format!("mtls: {e}"));
     }
     conn.established();
-    match relay(client, tls, conn).await {
+    let how = if was_warm { "; warm" } else { "" };
+    let (back, mut returned) = tokio::sync::oneshot::channel();
+    let (tls, keep) = warm.lend();
+    let framed = frame::Framed::new(tls, back);
+    let went_well = match relay(client, framed, conn).await {
         Ok((out, inn)) => {
-            ev.bytes_out = out;
+            ev.bytes_out = out + n as u64;
             ev.bytes_in = inn;
-            ev.detail = Some(format!("mtls peer={peer_id}"));
+            ev.detail = Some(format!("mtls peer={peer_id}{how}"));
+            true
         }
-        Err(e) => ev.detail = Some(format!("mtls peer={peer_id}; closed: {e}")),
+        Err(e) => {
+            ev.detail = Some(format!("mtls peer={peer_id}{how}; closed: {e}"));
+            false
+        }
+    };
+    let reused = match returned.try_recv() {
+        Ok(tls) => edge.pool.give_back(dest, &m.peer, keep.with(tls), want),
+        Err(_) => false,
+    };
+    if went_well && !refill_now && !reused {
+        edge.pool.refill(edge, dest, &m.peer, want);
     }
     finish(edge, ev, started);
 }
@@ -657,10 +772,10 @@ pub(crate) async fn terminate(
     }
     let accepted = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(edge.tls_server.clone()).accept(stream),
+        tokio_rustls::TlsAcceptor::from(edge.tls_server.clone()).accept(Buffered::new(stream)),
     )
     .await;
-    let tls = match accepted {
+    let mut tls = match accepted {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             ev.decision = Decision::Deny;
@@ -675,6 +790,7 @@ pub(crate) async fn terminate(
             return;
         }
     };
+    tls.get_mut().1.set_buffer_limit(Some(relay::MAX));
     let peer_id = peer_id(tls.get_ref().1.peer_certificates()).unwrap_or_default();
     if !rule.allows(&peer_id) {
         ev.decision = Decision::Deny;
@@ -682,8 +798,115 @@ pub(crate) async fn terminate(
         finish(&edge, ev, started);
         return;
     }
+    let not_after = peer_not_after(tls.get_ref().1.peer_certificates());
+    let generation = edge.tls.generation();
+    // One application connection after another (see `pool` and `frame`), each audited.
+    let mut first = Some(ev);
+    loop {
+        let ev = first.take().unwrap_or_else(|| {
+            let mut ev = event(
+                AuditKind::Inbound,
+                peer,
+                Destination {
+                    addr: Some(dest.to_string()),
+                    ..Default::default()
+                },
+            );
+            ev.rule = Some(rule.id.clone());
+            ev
+        });
+        let Some(back) = claim(
+            &edge, tls, ev, &peer_id, not_after, generation, dest, &conn, limits,
+        )
+        .await
+        else {
+            return;
+        };
+        tls = back;
+    }
+}
+
+/// Waits until the caller claims `tls` for an application connection, decides on it again
+/// under what holds now, and delivers it. Returns the stream when the application connection
+/// ended cleanly and the caller may send another.
+#[allow(clippy::too_many_arguments)]
+async fn claim(
+    edge: &Arc<Edge>,
+    mut tls: ServerTls,
+    mut ev: AuditEvent,
+    peer_id: &str,
+    not_after: i64,
+    generation: u64,
+    dest: SocketAddr,
+    conn: &Arc<Conn>,
+    limits: &CompanionLimits,
+) -> Option<ServerTls> {
+    // The caller may have made this connection ahead of need (see `pool`): nothing reaches the
+    // application before it claims it. An unused one that its caller closes, or the limits end
+    // (it counts as a connection without a first request), carried nothing and is not audited.
+    let mut preface = [0u8; PREFACE.len()];
+    let claimed = tokio::select! {
+        r = tokio::io::AsyncReadExt::read_exact(&mut tls, &mut preface) => r.is_ok(),
+        () = conn.slot().killed() => false,
+    };
+    if !claimed {
+        return None;
+    }
+    let started = Instant::now();
+    let deny = |mut ev: AuditEvent, why: String| {
+        ev.decision = Decision::Deny;
+        ev.detail = Some(why);
+        finish(edge, ev, started);
+        None
+    };
+    if preface != *PREFACE {
+        return deny(
+            ev,
+            format!(
+                "mtls peer {peer_id}: not the nhi companion protocol ({})",
+                String::from_utf8_lossy(ALPN)
+            ),
+        );
+    }
+    // Decided on what holds now: the caller's certificate still valid, the trust material (a
+    // revocation, a CA leaving the bundle since the handshake) and the policy (a reload).
+    if unix_now() >= not_after {
+        return deny(
+            ev,
+            format!("mtls peer {peer_id}: its certificate has expired since the handshake"),
+        );
+    }
+    if edge.tls.generation() != generation {
+        let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+        if let Err(why) = edge.tls.recheck_client(chain) {
+            return deny(ev, format!("mtls peer {peer_id} no longer stands: {why}"));
+        }
+    }
+    let now = edge
+        .policy()
+        .and_then(|p| p.inbound_for_port(dest.port()).cloned());
+    match now {
+        Some(r) if r.mtls.is_some() && r.allows(peer_id) => ev.rule = Some(r.id.clone()),
+        _ => return deny(
+            ev,
+            format!(
+                "mtls peer {peer_id} is not allowed by this port's inbound rule (policy changed)"
+            ),
+        ),
+    }
     ev.detail = Some(format!("mtls peer={peer_id}"));
-    match deliver(tls, app_addr, Some(peer_id.clone()), conn.clone(), limits).await {
+    let app_addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dest.port());
+    let (back, returned) = tokio::sync::oneshot::channel();
+    let framed = frame::Framed::new(tls, back);
+    match deliver(
+        framed,
+        app_addr,
+        Some(peer_id.to_string()),
+        conn.clone(),
+        limits,
+    )
+    .await
+    {
         Ok(Some((inn, out))) => {
             ev.bytes_in = inn;
             ev.bytes_out = out;
@@ -691,8 +914,15 @@ pub(crate) async fn terminate(
         Ok(None) => {}
         Err(e) => ev.detail = Some(format!("mtls peer={peer_id}; {e}")),
     }
-    finish(&edge, ev, started);
+    finish(edge, ev, started);
+    tokio::time::timeout(frame::LINGER * 2, returned)
+        .await
+        .ok()?
+        .ok()
 }
+
+/// The callee's side of a companion-to-companion connection.
+type ServerTls = tokio_rustls::server::TlsStream<Buffered<TcpStream>>;
 
 #[cfg(test)]
 mod tests {

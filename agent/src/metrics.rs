@@ -41,6 +41,13 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MtlsLabels {
+    role: String,
+    decision: String,
+    warm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabel {
     source: String,
 }
@@ -56,6 +63,7 @@ pub struct Metrics {
     issuance: Family<IssueLabels, Counter>,
     issuance_seconds: Family<KindLabel, Histogram, fn() -> Histogram>,
     dropped: Family<SourceLabel, Counter>,
+    mtls: Family<MtlsLabels, Counter>,
     pub records_written: Counter,
     pub write_errors: Counter,
     pub attached: Gauge,
@@ -84,6 +92,7 @@ impl Metrics {
                 latency_histogram,
             );
         let dropped = Family::<SourceLabel, Counter>::default();
+        let mtls = Family::<MtlsLabels, Counter>::default();
         let records_written = Counter::default();
         let write_errors = Counter::default();
         let attached = Gauge::default();
@@ -101,6 +110,11 @@ impl Metrics {
             "credential_issuance_seconds",
             "Time nhid took to answer a credential request, by credential kind",
             issuance_seconds.clone(),
+        );
+        registry.register(
+            "mtls_connections",
+            "Connections over mutual TLS between workloads, by this workload's role (caller, callee), decision and whether a handshake was on the way (warm=false)",
+            mtls.clone(),
         );
         registry.register(
             "audit_records_written",
@@ -126,6 +140,7 @@ impl Metrics {
             registry,
             events,
             issuance,
+            mtls,
             issuance_seconds,
             dropped,
             records_written,
@@ -140,6 +155,17 @@ impl Metrics {
                 spiffe_id: spiffe_id.to_string(),
                 kind: label(kind),
                 decision: label(decision),
+            })
+            .inc();
+    }
+
+    /// One connection over mutual TLS between workloads, from its audit event.
+    pub fn mtls(&self, m: &nhi_core::audit::MtlsAudit, decision: Decision) {
+        self.mtls
+            .get_or_create(&MtlsLabels {
+                role: label(m.role),
+                decision: label(decision),
+                warm: m.warm.to_string(),
             })
             .inc();
     }
@@ -268,8 +294,16 @@ mod tests {
         m.dropped("companion", 7);
         m.records_written.inc_by(3);
         m.attached.set(2);
+        let warm = nhi_core::audit::MtlsAudit {
+            role: nhi_core::audit::MtlsRole::Callee,
+            peer: "spiffe://td/b".into(),
+            warm: true,
+        };
+        m.mtls(&warm, Decision::Allow);
+        m.mtls(&warm, Decision::Allow);
         let text = m.render();
         for want in [
+            r#"nhi_mtls_connections_total{role="callee",decision="allow",warm="true"} 2"#,
             r#"nhi_audit_events_total{spiffe_id="spiffe://td/a",kind="connection",decision="deny"} 2"#,
             r#"nhi_credential_issuance_total{credential="jwt-svid",decision="allow"} 1"#,
             r#"nhi_credential_issuance_seconds_count{credential="jwt-svid"} 1"#,

@@ -38,6 +38,31 @@ pub struct AuditEvent {
     /// A short human-readable reason (why denied, what failed). Never a secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A connection over mutual TLS between workloads: the peer's proven identity and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsAudit>,
+}
+
+/// The mutual TLS facts of a connection (issue 18).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MtlsAudit {
+    /// This workload's side: it called (`caller`) or was called (`callee`).
+    pub role: MtlsRole,
+    /// The SPIFFE ID the peer proved in the handshake; empty when none was proven (a refused
+    /// or failed handshake).
+    pub peer: String,
+    /// No handshake on this connection's way: the caller took a connection made ahead of need
+    /// or freed by an earlier one; the callee's connection had carried an earlier one.
+    #[serde(default)]
+    pub warm: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum MtlsRole {
+    #[default]
+    Caller,
+    Callee,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]

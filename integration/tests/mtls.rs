@@ -208,7 +208,15 @@ fn foreign_svid(id: &str, expired: bool) -> (Vec<u8>, Vec<u8>) {
 
 #[test]
 fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
-    let mut node = Node::new(ANNOTATED_RULE);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut node = Node::with_config(
+        ANNOTATED_RULE,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
     node.append_config(POLICY);
     node.start();
     let db = node.named_container("mtls-db");
@@ -444,6 +452,46 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
             "mtls peer=spiffe://example.org/container/mtls-web"
         ]
     ) >= 7));
+    // The same facts, structured, and counted in nhid's metrics.
+    let records = node.audit_records();
+    let caller_warm = records
+        .iter()
+        .filter(|r| {
+            r["mtls"]["role"] == "caller"
+                && r["mtls"]["peer"] == "spiffe://example.org/container/mtls-db"
+                && r["mtls"]["warm"] == true
+        })
+        .count();
+    assert!(caller_warm >= 5, "{caller_warm}");
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let sample = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let text = scrape();
+    assert!(
+        sample(
+            &text,
+            r#"nhi_mtls_connections_total{role="caller",decision="allow",warm="true"}"#
+        ) >= 5.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            r#"nhi_mtls_connections_total{role="callee",decision="deny",warm="false"}"#
+        ) >= 4.0,
+        "{text}"
+    );
     for c in [db, web, other] {
         c.delete();
     }

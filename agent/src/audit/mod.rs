@@ -56,6 +56,9 @@ fn ingest_into(
             continue;
         }
         metrics.event(id, ev.kind, ev.decision);
+        if let Some(m) = &ev.mtls {
+            metrics.mtls(m, ev.decision);
+        }
         sink.submit(about(identity, ev));
     }
     if dropped > 0 {

@@ -60,6 +60,7 @@ fn event(i: usize) -> (Option<String>, Option<WorkloadRef>, AuditEvent) {
                 version: Some("7".into()),
             }),
             detail: None,
+            mtls: None,
         },
     )
 }

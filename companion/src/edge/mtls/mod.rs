@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use nhi_core::audit::{AuditEvent, AuditKind, Decision, Destination};
+use nhi_core::audit::{AuditEvent, AuditKind, Decision, Destination, MtlsAudit, MtlsRole};
 use nhi_core::config::CompanionLimits;
 use nhi_core::policy::{InboundRule, MtlsMode};
 use tokio::net::TcpStream;
@@ -568,8 +568,8 @@ pub const PREFACE: &[u8; 4] = b"NHI1";
 
 /// Why no mutual TLS connection to a destination could be made.
 pub(crate) enum Unmade {
-    /// The destination's companion proved an identity the rule does not expect.
-    WrongPeer(String),
+    /// The destination's companion proved an identity (`peer`) the rule does not expect.
+    WrongPeer { peer: String, why: String },
     /// Anything else: connect, handshake, no SVID.
     Failed(String),
 }
@@ -609,9 +609,12 @@ pub(crate) async fn connect(
     tls.get_mut().1.set_buffer_limit(Some(relay::MAX));
     let peer_id = peer_id(tls.get_ref().1.peer_certificates()).unwrap_or_default();
     if !nhi_core::select::glob_match(peer_pattern, &peer_id) {
-        return Err(Unmade::WrongPeer(format!(
-            "mtls: the destination proved {peer_id}, the policy expects {peer_pattern}"
-        )));
+        return Err(Unmade::WrongPeer {
+            why: format!(
+                "mtls: the destination proved {peer_id}, the policy expects {peer_pattern}"
+            ),
+            peer: peer_id,
+        });
     }
     let not_after = peer_not_after(tls.get_ref().1.peer_certificates());
     Ok(pool::Warm::new(tls, peer_id, not_after, generation))
@@ -654,17 +657,29 @@ pub(crate) async fn originate(
     if refill_now {
         edge.pool.refill(edge, dest, &m.peer, want);
     }
+    let facts = |peer: &str| {
+        Some(MtlsAudit {
+            role: MtlsRole::Caller,
+            peer: peer.into(),
+            warm: was_warm,
+        })
+    };
     let mut warm = match made {
         Ok(w) => w,
-        Err(Unmade::WrongPeer(why)) => {
+        Err(Unmade::WrongPeer { peer, why }) => {
             ev.decision = Decision::Deny;
             ev.detail = Some(why);
+            ev.mtls = facts(&peer);
             finish(edge, ev, started);
             reset(client);
             return;
         }
-        Err(Unmade::Failed(why)) => return fail(edge, ev, started, client, why),
+        Err(Unmade::Failed(why)) => {
+            ev.mtls = facts("");
+            return fail(edge, ev, started, client, why);
+        }
     };
+    ev.mtls = facts(&warm.peer_id);
     let peer_id = warm.peer_id.clone();
     // The preface goes out with whatever the application has sent already, in one record
     // (framed: see `frame`).
@@ -780,12 +795,14 @@ pub(crate) async fn terminate(
         Ok(Err(e)) => {
             ev.decision = Decision::Deny;
             ev.detail = Some(format!("mtls handshake refused: {e}"));
+            ev.mtls = callee("", false);
             finish(&edge, ev, started);
             return;
         }
         Err(_) => {
             ev.decision = Decision::Deny;
             ev.detail = Some("mtls handshake: timed out".into());
+            ev.mtls = callee("", false);
             finish(&edge, ev, started);
             return;
         }
@@ -795,6 +812,7 @@ pub(crate) async fn terminate(
     if !rule.allows(&peer_id) {
         ev.decision = Decision::Deny;
         ev.detail = Some(format!("mtls peer {peer_id} is not allowed by this rule"));
+        ev.mtls = callee(&peer_id, false);
         finish(&edge, ev, started);
         return;
     }
@@ -803,7 +821,8 @@ pub(crate) async fn terminate(
     // One application connection after another (see `pool` and `frame`), each audited.
     let mut first = Some(ev);
     loop {
-        let ev = first.take().unwrap_or_else(|| {
+        let warm = first.is_none();
+        let mut ev = first.take().unwrap_or_else(|| {
             let mut ev = event(
                 AuditKind::Inbound,
                 peer,
@@ -815,6 +834,7 @@ pub(crate) async fn terminate(
             ev.rule = Some(rule.id.clone());
             ev
         });
+        ev.mtls = callee(&peer_id, warm);
         let Some(back) = claim(
             &edge, tls, ev, &peer_id, not_after, generation, dest, &conn, limits,
         )
@@ -887,12 +907,14 @@ async fn claim(
         .and_then(|p| p.inbound_for_port(dest.port()).cloned());
     match now {
         Some(r) if r.mtls.is_some() && r.allows(peer_id) => ev.rule = Some(r.id.clone()),
-        _ => return deny(
-            ev,
-            format!(
+        _ => {
+            return deny(
+                ev,
+                format!(
                 "mtls peer {peer_id} is not allowed by this port's inbound rule (policy changed)"
             ),
-        ),
+            )
+        }
     }
     ev.detail = Some(format!("mtls peer={peer_id}"));
     let app_addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dest.port());
@@ -919,6 +941,15 @@ async fn claim(
         .await
         .ok()?
         .ok()
+}
+
+/// The audit facts of a connection this workload's companion terminated.
+fn callee(peer: &str, warm: bool) -> Option<MtlsAudit> {
+    Some(MtlsAudit {
+        role: MtlsRole::Callee,
+        peer: peer.into(),
+        warm,
+    })
 }
 
 /// The callee's side of a companion-to-companion connection.

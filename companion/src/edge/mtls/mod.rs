@@ -743,15 +743,7 @@ pub(crate) async fn terminate(
     limits: &CompanionLimits,
 ) {
     let started = Instant::now();
-    let mut ev = event(
-        AuditKind::Inbound,
-        peer,
-        Destination {
-            addr: Some(dest.to_string()),
-            ..Default::default()
-        },
-    );
-    ev.rule = Some(rule.id.clone());
+    let mut ev = inbound_event(peer, dest, rule);
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
         r = tokio::time::timeout(limits.header_timeout, stream.peek(&mut first)) => r,
@@ -822,18 +814,9 @@ pub(crate) async fn terminate(
     let mut first = Some(ev);
     loop {
         let warm = first.is_none();
-        let mut ev = first.take().unwrap_or_else(|| {
-            let mut ev = event(
-                AuditKind::Inbound,
-                peer,
-                Destination {
-                    addr: Some(dest.to_string()),
-                    ..Default::default()
-                },
-            );
-            ev.rule = Some(rule.id.clone());
-            ev
-        });
+        let mut ev = first
+            .take()
+            .unwrap_or_else(|| inbound_event(peer, dest, rule));
         ev.mtls = callee(&peer_id, warm);
         let Some(back) = claim(
             &edge, tls, ev, &peer_id, not_after, generation, dest, &conn, limits,
@@ -941,6 +924,20 @@ async fn claim(
         .await
         .ok()?
         .ok()
+}
+
+/// The audit record of one connection from `peer` to `dest` under inbound `rule`.
+fn inbound_event(peer: SocketAddr, dest: SocketAddr, rule: &InboundRule) -> AuditEvent {
+    let mut ev = event(
+        AuditKind::Inbound,
+        peer,
+        Destination {
+            addr: Some(dest.to_string()),
+            ..Default::default()
+        },
+    );
+    ev.rule = Some(rule.id.clone());
+    ev
 }
 
 /// The audit facts of a connection this workload's companion terminated.

@@ -1252,6 +1252,11 @@ annotations = { "nhi.dev/inject" = "true" }
             .unwrap_err()
             .to_string();
         assert!(e.contains("two different ports"), "{e}");
+        let e = parse("trust_domain = \"td\"\n[egress]\nmtls_warm = 9\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("egress.mtls_warm: at most 8"), "{e}");
+        parse("trust_domain = \"td\"\n[egress]\nmtls_warm = 0\n").unwrap();
         for (cg, want) in [
             ("parent = \"nhi\"", "absolute cgroup path"),
             ("parent = \"/\"", "absolute cgroup path"),

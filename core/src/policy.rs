@@ -841,6 +841,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("`cidr`"), "{e}");
+        // How many connections a rule keeps handshaken ahead: 0..=MAX_MTLS_WARM.
+        let warm = |n: usize| {
+            check(&format!(
+                "[[policy.egress]]\nid = \"e\"\ncidr = [\"10.0.0.2/32\"]\nmtls = {{ peer = \"spiffe://td/b\", warm = {n} }}\n"
+            ))
+        };
+        warm(0).unwrap();
+        warm(MAX_MTLS_WARM).unwrap();
+        let e = warm(MAX_MTLS_WARM + 1).unwrap_err();
+        assert!(e.contains("mtls warm: at most 8"), "{e}");
+        assert_eq!(EgressConfig::default().mtls_warm, 2);
     }
 
     fn sample() -> Policy {

@@ -858,7 +858,7 @@ mod tests {
     #[test]
     fn the_fd_budget_covers_every_listener() {
         let l = nhi_core::config::CompanionLimits::default();
-        // 641 + 2 * 321 + 8 * 1281 + 64
-        assert_eq!(l.fd_budget(), 641 + 642 + 10248 + 64);
+        // 641 + 2 * 321 + 8 * 1281 + 8 * 64 (warm mTLS) + 64
+        assert_eq!(l.fd_budget(), 641 + 642 + 10248 + 512 + 64);
     }
 }

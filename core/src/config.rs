@@ -455,13 +455,16 @@ impl CompanionLimits {
 
     /// File descriptors a companion needs at most: every listener's ceiling (the Workload API
     /// twice: TCP and unix), six per outbound proxied connection (two sockets, two splice
-    /// pipes), two per inbound one, plus 64 for everything else.
+    /// pipes), two per inbound one, the idle mutual TLS connections kept handshaken ahead
+    /// (at most 8 for each of 64 destinations), plus 64 for everything else.
     pub fn fd_budget(&self) -> u64 {
         let c = |n: usize| Self::ceiling(n) as u64;
+        let warm = crate::policy::MAX_MTLS_WARM * crate::policy::MAX_MTLS_WARM_DESTINATIONS;
         64 + c(self.api_connections)
             + 2 * c(self.workload_api_connections)
             + 6 * c(self.proxy_connections)
             + 2 * c(self.proxy_connections)
+            + warm as u64
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -1400,6 +1403,6 @@ annotations = { "nhi.dev/inject" = "true" }
             .to_string();
         assert!(e.contains("hook.max_spec_bytes"), "{e}");
         // The budget covers every listener at its ceiling.
-        assert_eq!(CompanionLimits::default().fd_budget(), 11_595);
+        assert_eq!(CompanionLimits::default().fd_budget(), 12_107);
     }
 }

@@ -52,6 +52,9 @@ pub struct EgressConfig {
 
 /// The most warm mutual TLS connections kept for one destination.
 pub const MAX_MTLS_WARM: usize = 8;
+/// The most destinations a companion keeps warm mutual TLS connections for (the least
+/// recently used one is dropped for a new one).
+pub const MAX_MTLS_WARM_DESTINATIONS: usize = 64;
 
 impl Default for EgressConfig {
     fn default() -> Self {

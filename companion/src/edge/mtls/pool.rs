@@ -40,9 +40,9 @@ use crate::edge::Edge;
 pub(crate) type ClientTls = tokio_rustls::client::TlsStream<Buffered<TcpStream>>;
 
 /// The most warm connections kept for one destination.
-pub const MAX_WARM: usize = 8;
-/// The most destinations with warm connections.
-pub const MAX_DESTINATIONS: usize = 64;
+pub const MAX_WARM: usize = nhi_core::policy::MAX_MTLS_WARM;
+/// The most destinations with warm connections (counted in the companion's fd budget).
+pub const MAX_DESTINATIONS: usize = nhi_core::policy::MAX_MTLS_WARM_DESTINATIONS;
 /// A warm connection not used within this is closed; a destination not used within this is
 /// not refilled.
 pub const MAX_AGE: Duration = Duration::from_secs(5);

@@ -101,7 +101,8 @@ type Rogue = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
 /// A TLS 1.3 client outside nhi presenting `cert_der`/`key_der` (any server accepted), from
 /// inside `ns`: whether it got an echo back.
 fn rogue_tls(ns: &Path, addr: SocketAddr, cert_der: Vec<u8>, key_der: Vec<u8>) -> bool {
-    rogue_connect(ns, addr, cert_der, key_der).is_some_and(|mut s| rogue_echo(&mut s))
+    rogue_connect(ns, addr, cert_der, key_der, b"nhi-mtls/2")
+        .is_some_and(|mut s| rogue_echo(&mut s))
 }
 
 /// Speaks the companions' protocol on `s` as a caller's companion would (preface, one frame),
@@ -125,6 +126,7 @@ fn rogue_connect(
     addr: SocketAddr,
     cert_der: Vec<u8>,
     key_der: Vec<u8>,
+    alpn: &'static [u8],
 ) -> Option<Rogue> {
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -175,7 +177,7 @@ fn rogue_connect(
                 PrivateKeyDer::Pkcs8(key_der.into()),
             )
             .unwrap();
-        cfg.alpn_protocols = vec![b"nhi-mtls/1".to_vec()];
+        cfg.alpn_protocols = vec![alpn.to_vec()];
         let name = ServerName::try_from("nhi.invalid").unwrap();
         let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
         let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
@@ -215,7 +217,10 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         .port();
     let mut node = Node::with_config(
         ANNOTATED_RULE,
-        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        // (A connection without a first request lives 30 s: one is held across a revocation.)
+        &format!(
+            "[metrics]\nlisten = \"127.0.0.1:{port}\"\n[companion.limits]\nheader_timeout = \"30s\"\n"
+        ),
     );
     node.append_config(POLICY);
     node.start();
@@ -305,6 +310,38 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         ["x-nhi-peer-spiffe-id: spiffe://example.org/container/mtls-web"],
         "{heads:?}"
     );
+    // The same request split over two writes (a first byte, a pause): still seen as HTTP, so
+    // the forged header never reaches the application.
+    let to_api: SocketAddr = "10.78.0.2:7002".parse().unwrap();
+    let answer = nhi_integration::edge::in_netns(&container_ns(web.pid()), move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&to_api, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"G").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(
+            b"ET /split HTTP/1.1\r\nHost: db\r\nx-nhi-peer-spiffe-id: spiffe://example.org/container/forged\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let heads = api.requests();
+    let split = heads
+        .iter()
+        .find(|h| h.starts_with("GET /split"))
+        .expect("delivered");
+    let seen: Vec<&str> = split
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("x-nhi-peer-spiffe-id:"))
+        .collect();
+    assert_eq!(
+        seen,
+        ["x-nhi-peer-spiffe-id: spiffe://example.org/container/mtls-web"],
+        "{split}"
+    );
 
     // An nhi workload the inbound rule does not allow: its companion completes the handshake
     // (it is a valid identity), the callee's refuses it; the application never sees it.
@@ -384,10 +421,35 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         rogue_tls(&outside.path(), to_strict, cert.clone(), key.clone()),
         "web's own SVID"
     );
+    // A caller's companion not yet upgraded speaks the first protocol (no preface, no
+    // frames): still served, one connection, bytes as they are.
+    let mut v1 = rogue_connect(
+        &outside.path(),
+        to_strict,
+        cert.clone(),
+        key.clone(),
+        b"nhi-mtls/1",
+    )
+    .expect("nhi-mtls/1 handshake");
+    {
+        use std::io::{Read, Write};
+        v1.write_all(b"old-protocol").unwrap();
+        v1.flush().unwrap();
+        let mut buf = [0u8; 12];
+        v1.read_exact(&mut buf).expect("nhi-mtls/1 echo");
+        assert_eq!(&buf, b"old-protocol");
+    }
+    drop(v1);
     // A connection handshaken before the revocation and kept idle (as a caller's companion
     // keeps warm ones, or a compromised one would) carries nothing after it.
-    let mut held = rogue_connect(&outside.path(), to_strict, cert.clone(), key.clone())
-        .expect("handshake with web's SVID");
+    let mut held = rogue_connect(
+        &outside.path(),
+        to_strict,
+        cert.clone(),
+        key.clone(),
+        b"nhi-mtls/2",
+    )
+    .expect("handshake with web's SVID");
     let web_id = "spiffe://example.org/container/mtls-web";
     let out = node.nhictl(&["revoke", "--spiffe-id", web_id], b"");
     assert!(out.status.success(), "{out:?}");
@@ -437,6 +499,8 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
             tcp_echo(&container_ns(web.pid()), to_db, &msg).as_deref(),
             Ok(msg.as_str())
         );
+        // (A connection is back in the pool a round trip after its application closed.)
+        std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(served.connections(), before + 6);
     let warm = "mtls peer=spiffe://example.org/container/mtls-db; warm";
@@ -565,7 +629,8 @@ fn mutual_tls_connections_outlive_svid_rotations() {
     let ends = parsed.validity().not_after.timestamp();
     let outside = nhi_integration::edge::peer(&unique_id("mx"), db.pid());
     let to_strict: SocketAddr = "10.77.0.2:7000".parse().unwrap();
-    let mut held = rogue_connect(&outside.path(), to_strict, cert, key).expect("handshake");
+    let mut held =
+        rogue_connect(&outside.path(), to_strict, cert, key, b"nhi-mtls/2").expect("handshake");
     let now = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

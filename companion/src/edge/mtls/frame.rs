@@ -77,7 +77,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Framed<S> {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.read_done {
+        if self.read_done || out.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
         while self.left == 0 {

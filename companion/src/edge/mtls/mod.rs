@@ -36,7 +36,10 @@ use relay::Buffered;
 
 /// The ALPN protocol both companions speak, so a TLS connection from anything else (an app's
 /// own TLS) is told apart from a companion's.
-pub const ALPN: &[u8] = b"nhi-mtls/1";
+pub const ALPN: &[u8] = b"nhi-mtls/2";
+/// The first version (no preface, no frames: one application connection per TLS connection),
+/// still spoken with companions not yet upgraded, so a rolling upgrade never breaks a call.
+pub const ALPN_V1: &[u8] = b"nhi-mtls/1";
 
 /// ring's TLS 1.3 suites with AES-128-GCM first (ring lists AES-256 first): the records of
 /// a bulk transfer are a large part of the companions' CPU, and AES-128 takes 10 rounds
@@ -381,7 +384,7 @@ pub fn client_config(m: &Arc<Material>) -> Result<Arc<rustls::ClientConfig>, Str
         .dangerous()
         .with_custom_certificate_verifier(s.clone())
         .with_client_cert_resolver(s);
-    c.alpn_protocols = vec![ALPN.to_vec()];
+    c.alpn_protocols = vec![ALPN.to_vec(), ALPN_V1.to_vec()];
     // Every connection is a full handshake: a resumed session would skip the check against
     // the current bundle (a CA rotation, a node cut off).
     c.resumption = rustls::client::Resumption::disabled();
@@ -396,7 +399,7 @@ pub fn server_config(m: &Arc<Material>) -> Result<Arc<rustls::ServerConfig>, Str
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(s.clone())
         .with_cert_resolver(s);
-    c.alpn_protocols = vec![ALPN.to_vec()];
+    c.alpn_protocols = vec![ALPN.to_vec(), ALPN_V1.to_vec()];
     c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     c.send_tls13_tickets = 0;
     Ok(Arc::new(c))
@@ -497,19 +500,36 @@ async fn deliver<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    use super::sniff::{sniff, Sniffed};
     use tokio::io::AsyncReadExt;
-    let mut first = vec![0u8; 4096];
-    let n = tokio::select! {
-        r = tokio::time::timeout(super::SNIFF_TIMEOUT, stream.read(&mut first)) => match r {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(format!("caller: {e}")),
-            // A protocol where the server speaks first: relay as it is.
-            Err(_) => 0,
-        },
-        () = conn.slot().killed() => return Err(super::LIMITS_CLOSED.into()),
+    // Read until the first bytes say whether this is HTTP: a request split over several
+    // writes must not pass as "something else" and reach the application with a caller-set
+    // `PEER_HEADER`. Bytes that could still begin an HTTP request line when the wait ends are
+    // served as HTTP (hyper refuses them if they are not); no byte at all is a protocol where
+    // the server speaks first, relayed as it is.
+    let mut first = Vec::with_capacity(4096);
+    let deadline = tokio::time::Instant::now() + super::SNIFF_TIMEOUT;
+    let http = loop {
+        match sniff(&first) {
+            Sniffed::Http => break true,
+            Sniffed::NeedMore if first.len() < 4096 => {}
+            _ => break false,
+        }
+        let mut chunk = [0u8; 4096];
+        let want = 4096 - first.len();
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want])) => match r {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(format!("caller: {e}")),
+                Err(_) => break first.first().is_some_and(u8::is_ascii_uppercase),
+            },
+            () = conn.slot().killed() => return Err(super::LIMITS_CLOSED.into()),
+        };
+        if n == 0 {
+            break false;
+        }
+        first.extend_from_slice(&chunk[..n]);
     };
-    first.truncate(n);
-    let http = n > 0 && matches!(super::sniff::sniff(&first), super::sniff::Sniffed::Http);
     let stream = Prefixed {
         prefix: first,
         at: 0,
@@ -587,10 +607,11 @@ pub(crate) async fn connect(
     dest: SocketAddr,
     peer_pattern: &str,
 ) -> Result<pool::Warm, Unmade> {
-    let generation = edge.tls.generation();
     edge.tls_material()
         .await
         .map_err(|e| Unmade::Failed(format!("mtls: {e}")))?;
+    // Read before the handshake: a change during it makes the connection stale at once.
+    let generation = edge.tls.generation();
     let tcp = match tokio::time::timeout(super::CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return Err(Unmade::Failed(format!("connect: {e}"))),
@@ -644,7 +665,7 @@ pub(crate) async fn originate(
     if let Err(e) = edge.tls_material().await {
         return fail(edge, ev, started, client, format!("mtls: {e}"));
     }
-    let (warm, left) = edge.pool.take(dest, &m.peer, edge.tls.generation());
+    let (warm, burst, _using) = edge.pool.take(dest, &m.peer, edge.tls.generation());
     let was_warm = warm.is_some();
     let made = match warm {
         Some(w) => Ok(w),
@@ -655,12 +676,11 @@ pub(crate) async fn originate(
             }
         }
     };
-    // The next connection finds one ready. After a warm one is taken and none is left (a
-    // burst), made now; otherwise once this connection is done (a handshake now would compete
-    // with its first exchange), unless this one comes back, and only if it went well (a callee
-    // that refuses this caller is not asked again and again).
-    let refill_now = was_warm && left == 0;
-    if refill_now {
+    // The next connection finds one ready: this one, given back when it ends cleanly; made
+    // now in a burst (see `pool`); otherwise once this connection is done (a handshake now
+    // would compete with its first exchange), and only if it went well (a callee that refuses
+    // this caller is not asked again and again).
+    if burst {
         edge.pool.refill(edge, dest, &m.peer, want);
     }
     let facts = |peer: &str| {
@@ -687,6 +707,19 @@ pub(crate) async fn originate(
     };
     ev.mtls = facts(&warm.peer_id);
     let peer_id = warm.peer_id.clone();
+    if warm.legacy {
+        // A companion not yet upgraded: the first protocol, bytes as they are.
+        conn.established();
+        match relay(client, warm.tls, conn).await {
+            Ok((out, inn)) => {
+                ev.bytes_out = out;
+                ev.bytes_in = inn;
+                ev.detail = Some(format!("mtls peer={peer_id} (nhi-mtls/1)"));
+            }
+            Err(e) => ev.detail = Some(format!("mtls peer={peer_id} (nhi-mtls/1); closed: {e}")),
+        }
+        return finish(edge, ev, started);
+    }
     // The preface goes out with whatever the application has sent already, in one record
     // (framed: see `frame`).
     let mut first = vec![0u8; PREFACE.len() + 4 + 4096];
@@ -727,7 +760,7 @@ pub(crate) async fn originate(
         Ok(tls) => edge.pool.give_back(dest, &m.peer, keep.with(tls), want),
         Err(_) => false,
     };
-    if went_well && !refill_now && !reused {
+    if went_well && !burst && !reused {
         edge.pool.refill(edge, dest, &m.peer, want);
     }
     finish(edge, ev, started);
@@ -783,6 +816,9 @@ pub(crate) async fn terminate(
     if let Err(e) = edge.tls_material().await {
         return fail(&edge, ev, started, stream, format!("mtls: {e}"));
     }
+    // Read before the handshake: a deny list or bundle that changes while the caller's
+    // certificate is being checked makes the first claim check it again.
+    let generation = edge.tls.generation();
     let accepted = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tokio_rustls::TlsAcceptor::from(edge.tls_server.clone()).accept(Buffered::new(stream)),
@@ -815,7 +851,22 @@ pub(crate) async fn terminate(
         return;
     }
     let not_after = peer_not_after(tls.get_ref().1.peer_certificates());
-    let generation = edge.tls.generation();
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+        // A caller's companion not yet upgraded (nhi-mtls/1): one application connection, no
+        // preface, no frames.
+        ev.detail = Some(format!("mtls peer={peer_id} (nhi-mtls/1)"));
+        ev.mtls = callee(&peer_id, false);
+        let app_addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dest.port());
+        match deliver(tls, app_addr, Some(peer_id.clone()), conn.clone(), limits).await {
+            Ok(Some((inn, out))) => {
+                ev.bytes_in = inn;
+                ev.bytes_out = out;
+            }
+            Ok(None) => {}
+            Err(e) => ev.detail = Some(format!("mtls peer={peer_id} (nhi-mtls/1); {e}")),
+        }
+        return finish(&edge, ev, started);
+    }
     // One application connection after another (see `pool` and `frame`), each audited.
     let mut first = Some(ev);
     loop {

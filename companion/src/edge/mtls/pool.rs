@@ -5,10 +5,12 @@
 //! application connects, it is the larger part of what mTLS adds to a new connection. So once a
 //! workload has called a destination, its companion keeps a few connections to it handshaken
 //! and idle ("warm"), and hands one to each new connection the application opens, refilling in
-//! the background — the way Envoy's `preconnect_policy` does. A refill is itself a handshake
-//! on both companions' CPU: while others are still ready it waits until the connection that
-//! took one has ended, so it does not compete with that connection's first exchange; only a
-//! pool run dry (a burst) refills at once. Each warm connection still carries
+//! the background — the way Envoy's `preconnect_policy` does. Handshakes ahead are for repeat
+//! traffic only (two calls within [`MAX_AGE`]): a destination called once in a while keeps
+//! just the connection its last call gave back. A refill is itself a handshake on both
+//! companions' CPU: it happens after the connection that took one has ended, so it does not
+//! compete with that connection's first exchange; only a burst (the last one taken while other
+//! connections to the destination are going on) refills at once. Each warm connection still carries
 //! exactly one application connection (no multiplexing: the bytes are relayed as they are, and
 //! both sides keep one audit record and one policy decision per connection).
 //!
@@ -56,6 +58,9 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub(crate) struct Warm {
     pub tls: ClientTls,
     pub peer_id: String,
+    /// The peer speaks only `nhi-mtls/1` (no preface, no frames): one application connection,
+    /// never kept.
+    pub legacy: bool,
     keep: Keep,
 }
 
@@ -76,6 +81,7 @@ impl Keep {
     pub(crate) fn with(self, tls: ClientTls) -> Warm {
         Warm {
             tls,
+            legacy: false,
             peer_id: self.peer_id.clone(),
             keep: Keep {
                 idle_since: Instant::now(),
@@ -88,8 +94,10 @@ impl Keep {
 impl Warm {
     pub(crate) fn new(tls: ClientTls, peer_id: String, not_after: i64, generation: u64) -> Self {
         let now = Instant::now();
+        let legacy = tls.get_ref().1.alpn_protocol() != Some(super::ALPN);
         Warm {
             tls,
+            legacy,
             keep: Keep {
                 peer_id: peer_id.clone(),
                 not_after,
@@ -143,17 +151,51 @@ struct Key {
 }
 
 struct Entry {
+    /// Tells this entry from one made again for the same key after it was dropped.
+    epoch: u64,
     ready: VecDeque<Warm>,
     filling: usize,
+    /// Application connections to this destination going on now.
+    in_use: usize,
+    /// How many to keep (the rule's `warm`, or `[egress] mtls_warm`).
+    want: usize,
     used: Instant,
+    /// The use before the last: repeat traffic (two within [`MAX_AGE`]) is what earns
+    /// handshakes ahead of need.
+    used_before: Option<Instant>,
     failed: Option<Instant>,
+}
+
+impl Entry {
+    fn repeat(&self) -> bool {
+        self.used_before.is_some_and(|t| t.elapsed() < MAX_AGE)
+    }
 }
 
 /// The warm connections of one companion.
 #[derive(Default)]
 pub struct Pool {
     entries: Mutex<HashMap<Key, Entry>>,
+    epochs: std::sync::atomic::AtomicU64,
     sweeping: AtomicBool,
+}
+
+/// One application connection to a destination going on (see [`Pool::take`]); ends when
+/// dropped.
+pub(crate) struct InUse {
+    pool: Arc<Pool>,
+    key: Key,
+    epoch: u64,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if let Some(e) = self.pool.lock().get_mut(&self.key) {
+            if e.epoch == self.epoch {
+                e.in_use = e.in_use.saturating_sub(1);
+            }
+        }
+    }
 }
 
 impl Pool {
@@ -161,44 +203,77 @@ impl Pool {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A warm connection to `dest` whose companion proved an ID matching `peer`, made under
-    /// trust material `generation` (stale ones met on the way are dropped), and how many stay
-    /// ready or on their way.
+    /// The entry of `key`, made if need be (dropping the least recently used destination
+    /// beyond [`MAX_DESTINATIONS`]).
+    fn entry<'a>(&self, entries: &'a mut HashMap<Key, Entry>, key: &Key) -> &'a mut Entry {
+        if !entries.contains_key(key) && entries.len() >= MAX_DESTINATIONS {
+            let oldest = entries
+                .iter()
+                .filter(|(_, e)| e.in_use == 0)
+                .min_by_key(|(_, e)| e.used)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                entries.remove(&k);
+            }
+        }
+        entries.entry(key.clone()).or_insert_with(|| Entry {
+            epoch: self.epochs.fetch_add(1, Ordering::Relaxed),
+            ready: VecDeque::new(),
+            filling: 0,
+            in_use: 0,
+            want: 0,
+            used: Instant::now(),
+            used_before: None,
+            failed: None,
+        })
+    }
+
+    /// For a new application connection to `dest` (whose companion must prove an ID matching
+    /// `peer`): a warm connection made under trust material `generation`, if one is ready
+    /// (stale ones met on the way are dropped); whether the caller should refill at once (it
+    /// took the last one while other connections to `dest` are going on: a burst); and the
+    /// token of this use.
     pub(crate) fn take(
-        &self,
+        self: &Arc<Self>,
         dest: SocketAddr,
         peer: &str,
         generation: u64,
-    ) -> (Option<Warm>, usize) {
+    ) -> (Option<Warm>, bool, InUse) {
         let key = Key {
             dest,
             peer: peer.into(),
         };
         let mut entries = self.lock();
-        let Some(e) = entries.get_mut(&key) else {
-            return (None, 0);
-        };
+        let e = self.entry(&mut entries, &key);
+        e.used_before = Some(e.used);
         e.used = Instant::now();
+        let busy = e.in_use > 0;
+        e.in_use += 1;
+        let using = InUse {
+            pool: self.clone(),
+            key,
+            epoch: e.epoch,
+        };
         while let Some(w) = e.ready.pop_front() {
             if w.usable(generation) {
-                return (Some(w), e.ready.len() + e.filling);
+                let burst = busy && e.ready.is_empty() && e.filling == 0;
+                return (Some(w), burst, using);
             }
         }
-        (None, e.filling)
+        (None, false, using)
     }
 
     /// Puts back a connection whose application connection ended cleanly, if its
-    /// destination still wants one (fewer than `want` ready): whether it was kept.
+    /// destination has fewer than `want` ready: whether it was kept.
     pub(crate) fn give_back(&self, dest: SocketAddr, peer: &str, warm: Warm, want: usize) -> bool {
         let key = Key {
             dest,
             peer: peer.into(),
         };
         let mut entries = self.lock();
-        let Some(e) = entries.get_mut(&key) else {
-            return false;
-        };
-        if e.ready.len() >= want.min(MAX_WARM) || warm.keep.born.elapsed() >= MAX_LIFE {
+        let e = self.entry(&mut entries, &key);
+        e.want = want.min(MAX_WARM);
+        if e.ready.len() >= e.want || warm.keep.born.elapsed() >= MAX_LIFE {
             return false;
         }
         e.ready.push_back(warm);
@@ -214,7 +289,8 @@ impl Pool {
     }
 
     /// Starts handshakes until `want` connections to `dest` (peer `peer`) are ready or on
-    /// their way.
+    /// their way — for repeat traffic only: a destination called once in a while keeps at
+    /// most the connection its last call gave back, and costs no handshake ahead.
     pub(crate) fn refill(
         self: &Arc<Self>,
         edge: &Arc<Edge>,
@@ -230,33 +306,19 @@ impl Pool {
             dest,
             peer: peer.into(),
         };
-        let missing = {
+        let (missing, epoch) = {
             let mut entries = self.lock();
-            if !entries.contains_key(&key) && entries.len() >= MAX_DESTINATIONS {
-                let oldest = entries
-                    .iter()
-                    .min_by_key(|(_, e)| e.used)
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = oldest {
-                    entries.remove(&k);
-                }
-            }
-            let e = entries.entry(key.clone()).or_insert_with(|| Entry {
-                ready: VecDeque::new(),
-                filling: 0,
-                used: Instant::now(),
-                failed: None,
-            });
-            e.used = Instant::now();
-            if e.failed.is_some_and(|t| t.elapsed() < RETRY_AFTER) {
+            let e = self.entry(&mut entries, &key);
+            e.want = want;
+            if !e.repeat() || e.failed.is_some_and(|t| t.elapsed() < RETRY_AFTER) {
                 return;
             }
             let missing = want.saturating_sub(e.ready.len() + e.filling);
             e.filling += missing;
-            missing
+            (missing, e.epoch)
         };
         for _ in 0..missing {
-            tokio::spawn(fill(Arc::downgrade(self), edge.clone(), key.clone()));
+            tokio::spawn(fill(Arc::downgrade(self), edge.clone(), key.clone(), epoch));
         }
         if missing > 0 && !self.sweeping.swap(true, Ordering::SeqCst) {
             tokio::spawn(sweep(Arc::downgrade(self)));
@@ -264,25 +326,28 @@ impl Pool {
     }
 }
 
-/// One background handshake for `key`'s destination.
-async fn fill(pool: Weak<Pool>, edge: Arc<Edge>, key: Key) {
+/// One background handshake for `key`'s destination (entry `epoch`).
+async fn fill(pool: Weak<Pool>, edge: Arc<Edge>, key: Key, epoch: u64) {
     let generation = edge.tls.generation();
     let made = super::connect(&edge, key.dest, &key.peer).await;
     let Some(pool) = pool.upgrade() else { return };
     let mut entries = pool.lock();
-    let Some(e) = entries.get_mut(&key) else {
+    let Some(e) = entries.get_mut(&key).filter(|e| e.epoch == epoch) else {
         return;
     };
     e.filling = e.filling.saturating_sub(1);
     match made {
-        Ok(mut w) => {
+        Ok(w) if !w.legacy => {
             e.failed = None;
-            if e.used.elapsed() < MAX_AGE {
+            if e.used.elapsed() < MAX_AGE && e.ready.len() < e.want {
+                let mut w = w;
                 w.keep.generation = generation;
                 e.ready.push_back(w);
             }
         }
-        Err(_) => e.failed = Some(Instant::now()),
+        // A refusal, a failure, or a peer that only speaks the first protocol (nothing to
+        // keep: its connections carry one application connection).
+        _ => e.failed = Some(Instant::now()),
     }
 }
 
@@ -296,6 +361,8 @@ async fn sweep(pool: Weak<Pool>) {
         for e in entries.values_mut() {
             e.ready.retain(|w| w.keep.idle_since.elapsed() < MAX_AGE);
         }
-        entries.retain(|_, e| !e.ready.is_empty() || e.filling > 0 || e.used.elapsed() < MAX_AGE);
+        entries.retain(|_, e| {
+            !e.ready.is_empty() || e.filling > 0 || e.in_use > 0 || e.used.elapsed() < MAX_AGE
+        });
     }
 }

@@ -106,6 +106,9 @@ fn poll_gather<R: AsyncRead + Unpin>(
                 return Poll::Ready(Ok((filled, true)))
             }
             Poll::Ready(Ok(())) => filled += rb.filled().len(),
+            // What was read before the error is passed on first; the next read meets it
+            // again (or the end of the stream).
+            Poll::Ready(Err(_)) if filled > 0 => break,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending if filled == 0 => return Poll::Pending,
             Poll::Pending => break,
@@ -133,7 +136,9 @@ where
             total += n as u64;
         }
         if eof {
-            let _ = w.shutdown().await;
+            // An end of stream that cannot be passed on is an error (for frames: the
+            // connection cannot carry another one).
+            w.shutdown().await?;
             return Ok(total);
         }
         buf.adapt(n);

@@ -665,7 +665,7 @@ pub(crate) async fn originate(
     if let Err(e) = edge.tls_material().await {
         return fail(edge, ev, started, client, format!("mtls: {e}"));
     }
-    let (warm, burst, _using) = edge.pool.take(dest, &m.peer, edge.tls.generation());
+    let (warm, demand, _using) = edge.pool.take(dest, &m.peer, edge.tls.generation());
     let was_warm = warm.is_some();
     let made = match warm {
         Some(w) => Ok(w),
@@ -676,11 +676,11 @@ pub(crate) async fn originate(
             }
         }
     };
-    // The next connection finds one ready: this one, given back when it ends cleanly; made
-    // now in a burst (see `pool`); otherwise once this connection is done (a handshake now
-    // would compete with its first exchange), and only if it went well (a callee that refuses
-    // this caller is not asked again and again).
-    if burst {
+    // The next connection finds one ready: this one, given back when it ends cleanly; more
+    // made now in a burst (see `pool`), otherwise once this connection is done (a handshake
+    // now would compete with its first exchange) and only if it went well (a callee that
+    // refuses this caller is not asked again and again).
+    if demand == pool::Demand::Now {
         edge.pool.refill(edge, dest, &m.peer, want);
     }
     let facts = |peer: &str| {
@@ -760,7 +760,7 @@ pub(crate) async fn originate(
         Ok(tls) => edge.pool.give_back(dest, &m.peer, keep.with(tls), want),
         Err(_) => false,
     };
-    if went_well && !burst && !reused {
+    if went_well && (demand == pool::Demand::Later || (demand == pool::Demand::None && !reused)) {
         edge.pool.refill(edge, dest, &m.peer, want);
     }
     finish(edge, ev, started);

@@ -172,6 +172,19 @@ impl Entry {
     }
 }
 
+/// What a [`Pool::take`] says about the connections a destination needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Demand {
+    /// Enough: the connection taken (or made) comes back when it ends.
+    None,
+    /// The last one was taken while other connections to the destination are going on (a
+    /// burst): refill at once.
+    Now,
+    /// None was ready while others are going on (calls overlapping, or one following another
+    /// before the last came back): refill when this connection ends.
+    Later,
+}
+
 /// The warm connections of one companion.
 #[derive(Default)]
 pub struct Pool {
@@ -230,15 +243,14 @@ impl Pool {
 
     /// For a new application connection to `dest` (whose companion must prove an ID matching
     /// `peer`): a warm connection made under trust material `generation`, if one is ready
-    /// (stale ones met on the way are dropped); whether the caller should refill at once (it
-    /// took the last one while other connections to `dest` are going on: a burst); and the
-    /// token of this use.
+    /// (stale ones met on the way are dropped); whether more are needed than the pool holds
+    /// (see [`Demand`]); and the token of this use.
     pub(crate) fn take(
         self: &Arc<Self>,
         dest: SocketAddr,
         peer: &str,
         generation: u64,
-    ) -> (Option<Warm>, bool, InUse) {
+    ) -> (Option<Warm>, Demand, InUse) {
         let key = Key {
             dest,
             peer: peer.into(),
@@ -254,13 +266,23 @@ impl Pool {
             key,
             epoch: e.epoch,
         };
+        let spare = |e: &Entry| !e.ready.is_empty() || e.filling > 0;
         while let Some(w) = e.ready.pop_front() {
             if w.usable(generation) {
-                let burst = busy && e.ready.is_empty() && e.filling == 0;
-                return (Some(w), burst, using);
+                let demand = if busy && !spare(e) {
+                    Demand::Now
+                } else {
+                    Demand::None
+                };
+                return (Some(w), demand, using);
             }
         }
-        (None, false, using)
+        let demand = if busy && !spare(e) {
+            Demand::Later
+        } else {
+            Demand::None
+        };
+        (None, demand, using)
     }
 
     /// Puts back a connection whose application connection ended cleanly, if its

@@ -46,10 +46,26 @@ fn content_length(h: &hyper::HeaderMap) -> u64 {
         .unwrap_or(0)
 }
 
-/// One upstream HTTP/1 connection, opened on first use and reopened if it closed.
+/// A TCP connection being opened in the background.
+pub(crate) type Connecting = tokio::task::JoinHandle<std::io::Result<TcpStream>>;
+
+/// Opens a connection to `addr` in the background (within [`CONNECT_TIMEOUT`]).
+pub(crate) fn connect_early(addr: SocketAddr) -> Connecting {
+    tokio::spawn(async move {
+        let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))??;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    })
+}
+
+/// One upstream HTTP/1 connection, opened on first use (or taken from a connection opened
+/// early) and reopened if it closed.
 pub(crate) struct Upstream {
     addr: SocketAddr,
     conn: Mutex<Option<SendRequest<Incoming>>>,
+    early: std::sync::Mutex<Option<Connecting>>,
 }
 
 impl Upstream {
@@ -57,16 +73,33 @@ impl Upstream {
         Upstream {
             addr,
             conn: Mutex::new(None),
+            early: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// An upstream whose first connection is `early`, already on its way.
+    pub(crate) fn with_early(addr: SocketAddr, early: Connecting) -> Self {
+        Upstream {
+            addr,
+            conn: Mutex::new(None),
+            early: std::sync::Mutex::new(Some(early)),
         }
     }
 
     pub(crate) async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
         let mut conn = self.conn.lock().await;
         if conn.as_ref().is_none_or(|c| c.is_closed()) {
-            let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr))
-                .await
-                .map_err(|_| "connect: timed out".to_string())?
-                .map_err(|e| format!("connect: {e}"))?;
+            let early = self.early.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let s = match early {
+                Some(c) => c
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?
+                    .map_err(|e| format!("connect: {e}"))?,
+                None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr))
+                    .await
+                    .map_err(|_| "connect: timed out".to_string())?
+                    .map_err(|e| format!("connect: {e}"))?,
+            };
             let _ = s.set_nodelay(true);
             let (send, c) = hyper::client::conn::http1::handshake(TokioIo::new(s))
                 .await

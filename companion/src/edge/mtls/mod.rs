@@ -507,6 +507,9 @@ where
     // `PEER_HEADER`. Bytes that could still begin an HTTP request line when the wait ends are
     // served as HTTP (hyper refuses them if they are not); no byte at all is a protocol where
     // the server speaks first, relayed as it is.
+    // The application's connection opens while the first bytes are read (the caller has
+    // claimed this connection: it is for the application either way).
+    let early = super::http::connect_early(app_addr);
     let mut first = Vec::with_capacity(4096);
     let deadline = tokio::time::Instant::now() + super::SNIFF_TIMEOUT;
     let http = loop {
@@ -520,10 +523,16 @@ where
         let n = tokio::select! {
             r = tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want])) => match r {
                 Ok(Ok(n)) => n,
-                Ok(Err(e)) => return Err(format!("caller: {e}")),
+                Ok(Err(e)) => {
+                    early.abort();
+                    return Err(format!("caller: {e}"));
+                }
                 Err(_) => break first.first().is_some_and(u8::is_ascii_uppercase),
             },
-            () = conn.slot().killed() => return Err(super::LIMITS_CLOSED.into()),
+            () = conn.slot().killed() => {
+                early.abort();
+                return Err(super::LIMITS_CLOSED.into());
+            }
         };
         if n == 0 {
             break false;
@@ -536,7 +545,7 @@ where
         inner: stream,
     };
     if http {
-        let app = Arc::new(super::http::Upstream::new(app_addr));
+        let app = Arc::new(super::http::Upstream::with_early(app_addr, early));
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let (app, peer_id) = (app.clone(), peer_id.clone());
@@ -558,10 +567,10 @@ where
         super::http::serve_http1(stream, svc, &conn, limits).await;
         return Ok(None);
     }
-    let app = TcpStream::connect(app_addr)
+    let app = early
         .await
+        .map_err(|e| format!("application: {e}"))?
         .map_err(|e| format!("application: {e}"))?;
-    let _ = app.set_nodelay(true);
     conn.established();
     relay(app, stream, &conn)
         .await

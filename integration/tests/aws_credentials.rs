@@ -356,11 +356,12 @@ fn every_sdk_reads_each_expiration_spelling_and_bad_secrets_are_refused_and_audi
         ),
     ] {
         put_value(&node, value);
-        // Once the rotation reached the companion (pushed asynchronously).
+        // Once the rotation reached the companion (pushed asynchronously): the answer names
+        // this value's fault, not the previous one's.
         let (mut status, mut body) = (0, String::new());
         eventually(Duration::from_secs(5), || {
             (status, body) = get_with_auth(pid, "/v1/aws/credentials", Some(&token));
-            status != 200
+            status != 200 && body.contains(why)
         });
         assert_eq!(status, 502, "{body}");
         let e: serde_json::Value = serde_json::from_str(&body).unwrap();

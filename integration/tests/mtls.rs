@@ -190,6 +190,13 @@ fn rogue_connect(
     })
 }
 
+/// The `x-nhi-peer-spiffe-id` lines of a request head.
+fn peer_headers(head: &str) -> Vec<&str> {
+    head.lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("x-nhi-peer-spiffe-id:"))
+        .collect()
+}
+
 /// A certificate for `id` signed by a CA of its own (not in any nhi bundle), valid or expired.
 fn foreign_svid(id: &str, expired: bool) -> (Vec<u8>, Vec<u8>) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -301,12 +308,8 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
     assert_eq!((status, body.as_str()), (200, "ok"));
     let heads = api.requests();
     assert_eq!(heads.len(), 1, "{heads:?}");
-    let seen: Vec<&str> = heads[0]
-        .lines()
-        .filter(|l| l.to_ascii_lowercase().starts_with("x-nhi-peer-spiffe-id:"))
-        .collect();
     assert_eq!(
-        seen,
+        peer_headers(&heads[0]),
         ["x-nhi-peer-spiffe-id: spiffe://example.org/container/mtls-web"],
         "{heads:?}"
     );
@@ -333,12 +336,8 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         .iter()
         .find(|h| h.starts_with("GET /split"))
         .expect("delivered");
-    let seen: Vec<&str> = split
-        .lines()
-        .filter(|l| l.to_ascii_lowercase().starts_with("x-nhi-peer-spiffe-id:"))
-        .collect();
     assert_eq!(
-        seen,
+        peer_headers(split),
         ["x-nhi-peer-spiffe-id: spiffe://example.org/container/mtls-web"],
         "{split}"
     );

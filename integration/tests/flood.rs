@@ -256,6 +256,12 @@ fn under_flood(
         peak_rss_kib(companion),
     );
     assert!(probes.len() >= 5, "{label}: too few probes ran");
+    let reconnects = RECONNECTS.swap(0, Ordering::Relaxed);
+    assert!(
+        reconnects * 50 <= probes.len(),
+        "{label}: {reconnects} of {} probes needed a reconnect",
+        probes.len()
+    );
     assert!(
         errors.is_empty(),
         "{label}: legitimate requests failed during the flood: {errors:?}"
@@ -296,7 +302,25 @@ fn http_get(to: SocketAddr, host: &str, path: &str, extra: &str) -> Result<(), S
 /// that fails is retried within the 5 s (a full accept queue refuses a unix-socket connect at
 /// once, where TCP retransmits its SYN; gRPC channels reconnect the same way); a request that
 /// was sent is never retried.
+/// [`grpc_probe_once`], and over loopback TCP once more on a fresh connection if the first was
+/// closed before any answer: there every process of the pod is 127.0.0.1, so under a flood a
+/// connection just opened can be closed as the quietest before its request is read (the
+/// documented semantics, ARCHITECTURE "Failure semantics"); a client reconnects. Counted in
+/// `RECONNECTS`, which stays a small fraction of the probes (asserted); on the unix socket
+/// (peers told apart by pid) there is no second chance.
 fn grpc_probe(rt: &tokio::runtime::Runtime, endpoint: &str) -> Result<(), String> {
+    match grpc_probe_once(rt, endpoint) {
+        Err(e) if endpoint.starts_with("tcp://") && e.contains("transport error") => {
+            RECONNECTS.fetch_add(1, Ordering::Relaxed);
+            grpc_probe_once(rt, endpoint).map_err(|e2| format!("{e}; reconnected: {e2}"))
+        }
+        r => r,
+    }
+}
+
+static RECONNECTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn grpc_probe_once(rt: &tokio::runtime::Runtime, endpoint: &str) -> Result<(), String> {
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(5), async {
             let client = loop {

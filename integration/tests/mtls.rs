@@ -526,6 +526,18 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         })
         .count();
     assert!(caller_warm >= 5, "{caller_warm}");
+    // And reused: on the callee's side, connections that arrived over a TLS connection which
+    // had carried an earlier one (no handshake at all, not only none on the way).
+    let callee_reused = records
+        .iter()
+        .filter(|r| {
+            r["mtls"]["role"] == "callee"
+                && r["mtls"]["peer"] == "spiffe://example.org/container/mtls-web"
+                && r["mtls"]["warm"] == true
+                && r["decision"] == "allow"
+        })
+        .count();
+    assert!(callee_reused >= 4, "{callee_reused}");
     let scrape = || {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics");

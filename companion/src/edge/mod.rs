@@ -142,8 +142,7 @@ impl Edge {
             .map_err(|e| format!("this workload's X.509-SVID: {e:?}"))?;
         self.tls
             .set_svid(&x.serial, &x.cert_chain_pem, &x.key_pem)?;
-        self.tls
-            .set_bundle(&String::from_utf8_lossy(&self.creds.trust().bundle));
+        self.tls.set_bundle(&self.creds.trust().bundle);
         Ok(())
     }
 

@@ -23,6 +23,12 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// How long the peer's end frame is waited for after this side's application has closed.
 pub const LINGER: Duration = Duration::from_secs(1);
 
+/// The header of a frame of `len` bytes (at most [`MAX_FRAME`]; 0: end of stream).
+pub fn header(len: usize) -> [u8; 4] {
+    debug_assert!(len <= MAX_FRAME);
+    (len as u32).to_be_bytes()
+}
+
 /// A TLS stream carrying one application connection as frames.
 pub struct Framed<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
     inner: Option<S>,
@@ -139,7 +145,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Framed<S> {
         if self.out_left == 0 {
             // A new frame: the next `len` bytes of the stream, whichever writes bring them.
             let len = data.len().min(MAX_FRAME);
-            self.out_hdr = (len as u32).to_be_bytes();
+            self.out_hdr = header(len);
             self.out_hdr_at = 0;
             self.out_left = len;
         }
@@ -174,7 +180,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Framed<S> {
                 )));
             }
             if self.out_hdr_at == 4 {
-                self.out_hdr = [0; 4];
+                self.out_hdr = header(0);
                 self.out_hdr_at = 0;
             }
             while self.out_hdr_at < 4 {

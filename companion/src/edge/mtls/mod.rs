@@ -90,6 +90,10 @@ fn pem_ders(pem: &str, label: &str) -> Vec<Vec<u8>> {
 pub fn spiffe_id_of(der: &[u8]) -> Result<String, String> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|e| format!("certificate: {e}"))?;
+    spiffe_id_in(&cert)
+}
+
+fn spiffe_id_in(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<String, String> {
     let sans = cert
         .subject_alternative_name()
         .map_err(|e| format!("SAN: {e}"))?
@@ -122,7 +126,7 @@ impl Material {
             algs: provider().signature_verification_algorithms,
             generation: AtomicU64::new(0),
         };
-        m.set_bundle(bundle_pem);
+        m.set_bundle(bundle_pem.as_bytes());
         Arc::new(m)
     }
 
@@ -140,12 +144,21 @@ impl Material {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Replaces the trust anchors if `bundle_pem` differs from the current bundle.
-    pub fn set_bundle(&self, bundle_pem: &str) {
-        if self.bundle.read().unwrap_or_else(|p| p.into_inner()).pem == bundle_pem {
+    /// Replaces the trust anchors if `bundle_pem` differs from the current bundle (compared
+    /// as bytes, without a copy: this runs for every connection).
+    pub fn set_bundle(&self, bundle_pem: &[u8]) {
+        if self
+            .bundle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .pem
+            .as_bytes()
+            == bundle_pem
+        {
             return;
         }
-        let anchors = pem_ders(bundle_pem, "CERTIFICATE")
+        let bundle_pem = String::from_utf8_lossy(bundle_pem);
+        let anchors = pem_ders(&bundle_pem, "CERTIFICATE")
             .into_iter()
             .filter_map(|der| {
                 webpki::anchor_from_trusted_cert(&CertificateDer::from(der))
@@ -154,7 +167,7 @@ impl Material {
             })
             .collect();
         *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Anchors {
-            pem: bundle_pem.into(),
+            pem: bundle_pem.into_owned(),
             anchors,
         });
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -400,14 +413,20 @@ pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
         .and_then(|c| spiffe_id_of(c).ok())
 }
 
-/// Until when (Unix seconds) the peer's certificate in a finished handshake is valid: a
-/// connection carries no new application connection after that.
-pub fn peer_not_after(certs: Option<&[CertificateDer<'_>]>) -> i64 {
+/// The SPIFFE ID the peer proved in a finished handshake (empty if none) and until when (Unix
+/// seconds) its certificate is valid: a connection carries no new application connection after
+/// that. One parse of the certificate.
+pub fn peer_facts(certs: Option<&[CertificateDer<'_>]>) -> (String, i64) {
     certs
         .and_then(|c| c.first())
         .and_then(|c| x509_parser::parse_x509_certificate(c).ok())
-        .map(|(_, c)| c.validity().not_after.timestamp())
-        .unwrap_or(0)
+        .map(|(_, c)| {
+            (
+                spiffe_id_in(&c).unwrap_or_default(),
+                c.validity().not_after.timestamp(),
+            )
+        })
+        .unwrap_or_default()
 }
 
 fn unix_now() -> i64 {
@@ -599,14 +618,12 @@ pub(crate) enum Unmade {
 
 /// A new TCP connection to `dest` and a mutual TLS handshake over it, whose peer must prove a
 /// SPIFFE ID matching `peer_pattern`: the stream and that ID.
+/// The caller has brought the TLS material up to date (`Edge::tls_material`).
 pub(crate) async fn connect(
     edge: &Edge,
     dest: SocketAddr,
     peer_pattern: &str,
 ) -> Result<pool::Warm, Unmade> {
-    edge.tls_material()
-        .await
-        .map_err(|e| Unmade::Failed(format!("mtls: {e}")))?;
     // Read before the handshake: a change during it makes the connection stale at once.
     let generation = edge.tls.generation();
     let tcp = match tokio::time::timeout(super::CONNECT_TIMEOUT, TcpStream::connect(dest)).await {
@@ -631,7 +648,7 @@ pub(crate) async fn connect(
         }
     };
     tls.get_mut().1.set_buffer_limit(Some(relay::MAX));
-    let peer_id = peer_id(tls.get_ref().1.peer_certificates()).unwrap_or_default();
+    let (peer_id, not_after) = peer_facts(tls.get_ref().1.peer_certificates());
     if !nhi_core::select::glob_match(peer_pattern, &peer_id) {
         return Err(Unmade::WrongPeer {
             why: format!(
@@ -640,7 +657,6 @@ pub(crate) async fn connect(
             peer: peer_id,
         });
     }
-    let not_after = peer_not_after(tls.get_ref().1.peer_certificates());
     Ok(pool::Warm::new(tls, peer_id, not_after, generation))
 }
 
@@ -726,7 +742,7 @@ pub(crate) async fn originate(
         .unwrap_or(0);
     first.truncate(PREFACE.len() + if n > 0 { 4 + n } else { 0 });
     if n > 0 {
-        first[PREFACE.len()..PREFACE.len() + 4].copy_from_slice(&(n as u32).to_be_bytes());
+        first[PREFACE.len()..PREFACE.len() + 4].copy_from_slice(&frame::header(n));
     }
     use tokio::io::AsyncWriteExt;
     let claimed = async {
@@ -839,7 +855,7 @@ pub(crate) async fn terminate(
         }
     };
     tls.get_mut().1.set_buffer_limit(Some(relay::MAX));
-    let peer_id = peer_id(tls.get_ref().1.peer_certificates()).unwrap_or_default();
+    let (peer_id, not_after) = peer_facts(tls.get_ref().1.peer_certificates());
     if !rule.allows(&peer_id) {
         ev.decision = Decision::Deny;
         ev.detail = Some(format!("mtls peer {peer_id} is not allowed by this rule"));
@@ -847,7 +863,6 @@ pub(crate) async fn terminate(
         finish(&edge, ev, started);
         return;
     }
-    let not_after = peer_not_after(tls.get_ref().1.peer_certificates());
     if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
         // A caller's companion not yet upgraded (nhi-mtls/1): one application connection, no
         // preface, no frames.
@@ -939,10 +954,11 @@ async fn claim(
             return deny(ev, format!("mtls peer {peer_id} no longer stands: {why}"));
         }
     }
-    let now = edge
-        .policy()
-        .and_then(|p| p.inbound_for_port(dest.port()).cloned());
-    match now {
+    let policy = edge.policy();
+    match policy
+        .as_deref()
+        .and_then(|p| p.inbound_for_port(dest.port()))
+    {
         Some(r) if r.mtls.is_some() && r.allows(peer_id) => ev.rule = Some(r.id.clone()),
         _ => {
             return deny(
@@ -1176,14 +1192,14 @@ mod tests {
         // CA rotation: the new CA enters both bundles, then web's SVID is renewed under it.
         let ca2 = ca("td");
         let both = format!("{}{}", ca1.pem, ca2.pem);
-        web.set_bundle(&both);
-        db.set_bundle(&both);
+        web.set_bundle(both.as_bytes());
+        db.set_bundle(both.as_bytes());
         let s = svid(&ca2, WEB, 1);
         web.set_svid(&s.0, &s.1, &s.2).unwrap();
         assert_eq!(handshake(&web, &db).await.unwrap().1, WEB);
         // The old CA leaves db's bundle: db's own (old) SVID no longer verifies for web once
         // web drops it too, until db renews.
-        web.set_bundle(&ca2.pem);
+        web.set_bundle(ca2.pem.as_bytes());
         assert!(handshake(&web, &db).await.is_err());
         let s = svid(&ca2, DB, 1);
         db.set_svid(&s.0, &s.1, &s.2).unwrap();

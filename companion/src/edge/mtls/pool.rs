@@ -350,8 +350,10 @@ impl Pool {
 
 /// One background handshake for `key`'s destination (entry `epoch`).
 async fn fill(pool: Weak<Pool>, edge: Arc<Edge>, key: Key, epoch: u64) {
-    let generation = edge.tls.generation();
-    let made = super::connect(&edge, key.dest, &key.peer).await;
+    let made = match edge.tls_material().await {
+        Ok(()) => super::connect(&edge, key.dest, &key.peer).await,
+        Err(e) => Err(super::Unmade::Failed(e)),
+    };
     let Some(pool) = pool.upgrade() else { return };
     let mut entries = pool.lock();
     let Some(e) = entries.get_mut(&key).filter(|e| e.epoch == epoch) else {
@@ -362,8 +364,6 @@ async fn fill(pool: Weak<Pool>, edge: Arc<Edge>, key: Key, epoch: u64) {
         Ok(w) if !w.legacy => {
             e.failed = None;
             if e.used.elapsed() < MAX_AGE && e.ready.len() < e.want {
-                let mut w = w;
-                w.keep.generation = generation;
                 e.ready.push_back(w);
             }
         }

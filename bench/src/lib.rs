@@ -3,6 +3,27 @@
 
 pub mod worker;
 
+/// The runs of a benchmark that compares small requests and 100 MiB transfers.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct TransferRuns {
+    /// Small-request runs per series.
+    #[arg(long, default_value_t = 500)]
+    pub runs: usize,
+    /// 100 MiB transfers per series.
+    #[arg(long, default_value_t = 5)]
+    pub big_runs: usize,
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+}
+
+/// The size of a bulk transfer: 100 MiB.
+pub const BIG: usize = 100 << 20;
+
+/// MiB/s of a [`BIG`] transfer that took `d`.
+pub fn mibs(d: std::time::Duration) -> f64 {
+    (BIG as f64 / (1 << 20) as f64) / d.as_secs_f64()
+}
+
 use std::time::Duration;
 
 /// Summary of one series of samples.

@@ -18,27 +18,19 @@
 //! Run as root: `cargo run --release -p nhi-bench --bin egress-latency -- --runs 1000 --big-runs 10`
 
 use std::net::{SocketAddr, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Parser;
 use nhi_bench::worker::Worker;
-use nhi_bench::{compare, interleave, ms, report, summarize};
+use nhi_bench::{compare, interleave, mibs, ms, report, summarize, BIG};
 use nhi_integration::edge::*;
 use nhi_integration::*;
 
 #[derive(Parser)]
 struct Args {
-    /// Small-request runs per series.
-    #[arg(long, default_value_t = 500)]
-    runs: usize,
-    /// 100 MiB transfers per series.
-    #[arg(long, default_value_t = 5)]
-    big_runs: usize,
-    #[arg(long, default_value_t = 20)]
-    warmup: usize,
+    #[command(flatten)]
+    runs: nhi_bench::TransferRuns,
 }
-
-const BIG: usize = 100 << 20;
 
 const POLICY: &str = r#"
 [[policy]]
@@ -122,7 +114,7 @@ fn main() {
         (8080, "HTTP path (per-request decisions)"),
         (9000, "L4 path (spliced)"),
     ] {
-        let (base, nhi) = interleave(args.runs, args.warmup, |with| {
+        let (base, nhi) = interleave(args.runs.runs, args.runs.warmup, |with| {
             workers[with as usize].get(to(port), "/small")
         });
         report(
@@ -134,11 +126,10 @@ fn main() {
     }
     for (port, what) in [(8080, "HTTP path"), (9000, "L4 path")] {
         let path = format!("/bytes/{BIG}");
-        let (base, nhi) = interleave(args.big_runs, 1, |with| {
+        let (base, nhi) = interleave(args.runs.big_runs, 1, |with| {
             workers[with as usize].get(to(port), &path)
         });
         report(&format!("100 MiB transfer, {what}"), "direct", &base, &nhi);
-        let mibs = |d: Duration| (BIG as f64 / (1 << 20) as f64) / d.as_secs_f64();
         let (sb, sn) = (summarize(&base), summarize(&nhi));
         println!(
             "throughput (p50): direct {:.0} MiB/s, with nhi {:.0} MiB/s; nhi/direct {:.2}x (time {:.2} ms vs {:.2} ms)\n",
@@ -151,7 +142,7 @@ fn main() {
     }
     // What each protection of issue 13 adds.
     let echo = to(UDP_ECHO);
-    let (base, nhi) = interleave(args.runs, args.warmup, |with| {
+    let (base, nhi) = interleave(args.runs.runs, args.runs.warmup, |with| {
         workers[with as usize].udp(echo, vec![0u8; 64])
     });
     report(
@@ -161,7 +152,7 @@ fn main() {
         &nhi,
     );
     let resolver = to(53);
-    let (base, nhi) = interleave(args.runs, args.warmup, |with| {
+    let (base, nhi) = interleave(args.runs.runs, args.runs.warmup, |with| {
         workers[with as usize].udp(resolver, dns_query())
     });
     report(
@@ -170,7 +161,7 @@ fn main() {
         &base,
         &nhi,
     );
-    let (by_rule, by_name) = interleave(args.runs, args.warmup, |named| {
+    let (by_rule, by_name) = interleave(args.runs.runs, args.runs.warmup, |named| {
         if named {
             workers[1].get_as(to(8081), "/small", Some("api.bench.test"))
         } else {
@@ -182,7 +173,7 @@ fn main() {
         ("no name", &by_rule),
         ("host bound", &by_name),
     );
-    path_normalisation(args.runs.max(1000) * 100);
+    path_normalisation(args.runs.runs.max(1000) * 100);
     direct.delete();
     proxied.delete();
     drop(dns);

@@ -20,27 +20,18 @@
 //! Run as root: `cargo run --release -p nhi-bench --bin mtls-latency -- --runs 500 --big-runs 5`
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use clap::Parser;
 use nhi_bench::worker::Worker;
-use nhi_bench::{compare, interleave_n, summarize};
+use nhi_bench::{compare, interleave_n, mibs, summarize, BIG};
 use nhi_integration::edge::*;
 use nhi_integration::*;
 
 #[derive(Parser)]
 struct Args {
-    /// Small-request runs per series.
-    #[arg(long, default_value_t = 500)]
-    runs: usize,
-    /// 100 MiB transfers per series.
-    #[arg(long, default_value_t = 5)]
-    big_runs: usize,
-    #[arg(long, default_value_t = 20)]
-    warmup: usize,
+    #[command(flatten)]
+    runs: nhi_bench::TransferRuns,
 }
-
-const BIG: usize = 100 << 20;
 
 const POLICY: &str = r#"
 [[policy]]
@@ -125,7 +116,7 @@ fn main() {
         "mTLS (handshake per connection)",
     ];
     let worker = |i: usize| &workers[i.min(2)];
-    let small = interleave_n(args.runs, args.warmup, 4, |i| {
+    let small = interleave_n(args.runs.runs, args.runs.warmup, 4, |i| {
         worker(i).get(targets[i], "/small")
     });
     for i in 1..4 {
@@ -136,7 +127,7 @@ fn main() {
         );
     }
     // A non-HTTP protocol: the callee relays bytes (no HTTP delivery).
-    let echo = interleave_n(args.runs, args.warmup, 2, |i| {
+    let echo = interleave_n(args.runs.runs, args.runs.warmup, 2, |i| {
         let (w, to) = if i == 0 {
             (&workers[0], "10.81.0.2:8003".parse().unwrap())
         } else {
@@ -149,10 +140,9 @@ fn main() {
         ("direct", &echo[0]),
         ("mTLS (warm connection)", &echo[1]),
     );
-    let mibs = |d: Duration| (BIG as f64 / (1 << 20) as f64) / d.as_secs_f64();
     let path = format!("/bytes/{BIG}");
     let mut cpu = [Cpu::default(); 5];
-    let big = interleave_n(args.big_runs, 1, 5, |i| {
+    let big = interleave_n(args.runs.big_runs, 1, 5, |i| {
         let before = Cpu::now();
         let d = match i {
             0..=2 => workers[i].get(targets[i], &path),

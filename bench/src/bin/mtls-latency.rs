@@ -15,7 +15,9 @@
 //! HTTP delivery. 100 MiB transfers, HTTP (`GET /bytes/104857600`) and a raw byte stream (the
 //! callee relays bytes): time, throughput, and the CPU time the whole machine spent per
 //! transfer (from `/proc/stat`: on a machine with few cores the throughput is bounded by
-//! it). Series interleaved round by round.
+//! it), and the part each companion spent (its threads' run time from
+//! `/proc/<pid>/task/*/schedstat`): what a companion with a core of its own could relay on one
+//! connection. Series interleaved round by round.
 //!
 //! Run as root: `cargo run --release -p nhi-bench --bin mtls-latency -- --runs 500 --big-runs 5`
 
@@ -142,14 +144,36 @@ fn main() {
     );
     let path = format!("/bytes/{BIG}");
     let mut cpu = [Cpu::default(); 5];
+    // The companions each series goes through: the caller's, then (mTLS) the callee's.
+    let companion = |c: &Container| {
+        node.companion_pid(&c.id)
+            .unwrap_or_else(|| panic!("no companion serves {}", c.id))
+    };
+    let (l4, caller, terminator) = (
+        companion(&callers[1]),
+        companion(&callers[2]),
+        companion(&callee),
+    );
+    let through: [&[i32]; 5] = [
+        &[],
+        &[l4],
+        &[caller, terminator],
+        &[],
+        &[caller, terminator],
+    ];
+    let mut companions = [[0u64; 2]; 5];
     let big = interleave_n(args.runs.big_runs, 1, 5, |i| {
         let before = Cpu::now();
+        let own: Vec<u64> = through[i].iter().map(|&p| process_cpu_ns(p)).collect();
         let d = match i {
             0..=2 => workers[i].get(targets[i], &path),
             3 => workers[0].bulk("10.81.0.2:8005".parse().unwrap(), BIG),
             _ => workers[2].bulk("10.83.0.2:8004".parse().unwrap(), BIG),
         };
         cpu[i].add(before, Cpu::now());
+        for (k, &p) in through[i].iter().enumerate() {
+            companions[i][k] += process_cpu_ns(p) - own[k];
+        }
         d
     });
     let series = [
@@ -175,11 +199,42 @@ fn main() {
             cpu[i].busy_share() * 100.0,
             cpu[i].busy_ms() / cpu[b].busy_ms()
         );
+        // Transfers of series i, warm-up included (interleave_n runs it once more).
+        let transfers = (args.runs.big_runs + 1) as f64;
+        let per: Vec<f64> = (0..through[i].len())
+            .map(|k| companions[i][k] as f64 / 1e6 / transfers)
+            .collect();
+        let busiest = per.iter().cloned().fold(0.0, f64::max);
+        let names = ["caller's companion", "callee's companion"];
+        let spent: Vec<String> = per
+            .iter()
+            .zip(names)
+            .map(|(ms, who)| format!("{who} {ms:.0} ms"))
+            .collect();
+        let bound = BIG as f64 / (1 << 20) as f64 / (busiest / 1e3);
+        println!(
+            "companions' CPU per transfer: {}; with a core of its own the busiest relays up to \
+             {bound:.0} MiB/s on one connection ({:.2}x this run's direct)\n",
+            spent.join(", "),
+            bound / mibs(sb.p50)
+        );
     }
     for c in callers {
         c.delete();
     }
     callee.delete();
+}
+
+/// Nanoseconds the threads of process `pid` have run so far (`/proc/<pid>/task/*/schedstat`,
+/// first field). Softirq work the kernel does while a thread runs (the network stack of a
+/// packet that arrived then) is counted in it, as on any machine.
+fn process_cpu_ns(pid: i32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}"));
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// CPU time of the whole machine from `/proc/stat` (clock ticks, 100 per second): busy and

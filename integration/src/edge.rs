@@ -225,6 +225,139 @@ pub fn http_server(l: TcpListener) -> Seen {
     })
 }
 
+/// An HTTP/2 server with prior knowledge (h2c, what a gRPC service without TLS speaks):
+/// records each request's head (`METHOD path HTTP/2` and its headers, one per line, as
+/// [`http_server`] does) and answers `ok` with a `grpc-status: 0` trailer.
+pub fn h2c_server(l: TcpListener) -> Seen {
+    use http_body_util::BodyExt;
+    use hyper::body::{Bytes, Frame};
+    let seen = Seen::default();
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            l.set_nonblocking(true).unwrap();
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            while let Ok((c, _)) = l.accept().await {
+                s.connections.fetch_add(1, Ordering::SeqCst);
+                let s = s.clone();
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let s = s.clone();
+                        async move {
+                            let mut head =
+                                format!("{} {} HTTP/2\r\n", req.method(), req.uri().path());
+                            for (k, v) in req.headers() {
+                                head.push_str(&format!("{k}: {}\r\n", v.to_str().unwrap_or("?")));
+                            }
+                            s.requests.lock().unwrap().push(head);
+                            let _ = req.into_body().collect().await;
+                            let mut trailers = hyper::HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            let body = Frames(
+                                [
+                                    Frame::data(Bytes::from_static(b"ok")),
+                                    Frame::trailers(trailers),
+                                ]
+                                .into(),
+                            );
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(c), svc),
+                );
+            }
+        });
+    });
+    seen
+}
+
+/// A response body of frames all ready at once (data, then trailers).
+struct Frames(std::collections::VecDeque<hyper::body::Frame<hyper::body::Bytes>>);
+
+impl hyper::body::Body for Frames {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+/// From inside `ns`: one request over a new HTTP/2 connection with prior knowledge (h2c) with
+/// `headers`; the status, the body and the `grpc-status` trailer.
+pub fn h2c_request(
+    ns: &Path,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String, Option<String>), String> {
+    use http_body_util::BodyExt;
+    let uri = format!("http://{addr}{path}");
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    in_netns(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let exchange = async {
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                let (mut send, conn) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(tcp),
+                )
+                .await
+                .map_err(|e| format!("h2 handshake: {e}"))?;
+                tokio::spawn(conn);
+                let mut req = hyper::Request::post(uri.as_str());
+                for (k, v) in &headers {
+                    req = req.header(k.as_str(), v.as_str());
+                }
+                let req = req
+                    .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                    .unwrap();
+                let resp = send
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("h2 request: {e}"))?;
+                let status = resp.status().as_u16();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("h2 body: {e}"))?;
+                let grpc = body
+                    .trailers()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Ok((
+                    status,
+                    String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+                    grpc,
+                ))
+            };
+            tokio::time::timeout(Duration::from_secs(10), exchange)
+                .await
+                .map_err(|_| "h2c request timed out".to_string())?
+        })
+    })
+}
+
 /// A self-signed certificate for `names`: (cert DER, key DER).
 pub fn test_cert(names: &[&str]) -> (Vec<u8>, Vec<u8>) {
     let ck =

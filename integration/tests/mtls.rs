@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nhi_integration::edge::{
-    container_ns, echo_server, http, http_server, link_containers, listen_in, peer, tcp_echo,
+    container_ns, echo_server, h2c_request, h2c_server, http, http_server, link_containers,
+    listen_in, peer, tcp_echo,
 };
 use nhi_integration::*;
 
@@ -27,12 +28,12 @@ allow = ["spiffe://example.org/container/mtls-web"]
 mtls = "strict"
 [[policy.inbound]]
 id = "web-api"
-ports = [7002]
+ports = [7002, 7003]
 allow = ["spiffe://example.org/container/mtls-web"]
 mtls = "strict"
 [[policy.inbound]]
 id = "migrating"
-ports = [7001]
+ports = [7001, 7004]
 allow = ["spiffe://example.org/container/mtls-web"]
 mtls = "permissive"
 
@@ -43,7 +44,7 @@ default = "deny"
 [[policy.egress]]
 id = "to-db"
 cidr = ["10.78.0.2/32", "10.79.0.2/32"]
-ports = [7000, 7002]
+ports = [7000, 7002, 7003]
 mtls = { peer = "spiffe://example.org/container/mtls-db" }
 "#;
 
@@ -342,6 +343,47 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         "{split}"
     );
 
+    // HTTP/2 with prior knowledge (h2c: gRPC without TLS) is served stream by stream the same
+    // way: the verified caller in the header, the caller's own values removed, the trailers
+    // (gRPC's status) passed through. Relayed as opaque bytes, the forged values would arrive.
+    let grpc = h2c_server(listen_in(
+        &container_ns(db.pid()),
+        "127.0.0.1:7003".parse().unwrap(),
+    ));
+    let forged = [
+        (
+            "x-nhi-peer-spiffe-id",
+            "spiffe://example.org/container/forged",
+        ),
+        (
+            "X-Nhi-Peer-Spiffe-Id",
+            "spiffe://example.org/container/forged-too",
+        ),
+    ];
+    let to_grpc: SocketAddr = "10.78.0.2:7003".parse().unwrap();
+    for call in [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+    ] {
+        let got = h2c_request(&container_ns(web.pid()), to_grpc, call, &forged);
+        assert_eq!(
+            got,
+            Ok((200, "ok".to_string(), Some("0".to_string()))),
+            "{}",
+            node.log()
+        );
+    }
+    let heads = grpc.requests();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for head in &heads {
+        assert!(head.starts_with("POST /grpc.health.v1.Health/"), "{head}");
+        assert_eq!(
+            peer_headers(head),
+            ["x-nhi-peer-spiffe-id: spiffe://example.org/container/mtls-web"],
+            "{head}"
+        );
+    }
+
     // An nhi workload the inbound rule does not allow: its companion completes the handshake
     // (it is a valid identity), the callee's refuses it; the application never sees it.
     let refused = tcp_echo(
@@ -370,6 +412,22 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         tcp_echo(&outside.path(), "10.77.0.2:7001".parse().unwrap(), "plain").as_deref(),
         Ok("plain")
     );
+    // Unauthenticated h2c through permissive: served, and no identity reaches the app, not
+    // even one the client claims.
+    let open_grpc = h2c_server(listen_in(
+        &container_ns(db.pid()),
+        "127.0.0.1:7004".parse().unwrap(),
+    ));
+    let got = h2c_request(
+        &outside.path(),
+        "10.77.0.2:7004".parse().unwrap(),
+        "/grpc.health.v1.Health/Check",
+        &forged,
+    );
+    assert_eq!(got, Ok((200, "ok".to_string(), Some("0".to_string()))));
+    let heads = open_grpc.requests();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(peer_headers(&heads[0]).is_empty(), "{heads:?}");
     // TLS with a certificate from another trust domain, or claiming an allowed ID from a CA
     // nhi does not trust, or expired: refused in the handshake, the app never sees it.
     let to_strict: SocketAddr = "10.77.0.2:7000".parse().unwrap();
@@ -486,7 +544,7 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
     assert!(eventually(Duration::from_secs(3), || audited(
         &node,
         &["unauthenticated plaintext (permissive mTLS)"]
-    ) == 1));
+    ) == 2));
 
     // New connections one after another take a connection handshaken ahead of need, or reuse
     // one whose application connection ended: no handshake waits on the way, and each

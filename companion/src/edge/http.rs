@@ -12,10 +12,10 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::{http1, http2};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use nhi_core::audit::{AuditKind, Decision, Destination};
 use nhi_core::policy::{Action, Facts, HttpFacts, Policy};
 use tokio::net::TcpStream;
@@ -60,27 +60,45 @@ pub(crate) fn connect_early(addr: SocketAddr) -> Connecting {
     })
 }
 
-/// One upstream HTTP/1 connection, opened on first use (or taken from a connection opened
-/// early) and reopened if it closed.
+/// One upstream connection (HTTP/1, or HTTP/2 with prior knowledge), opened on first use (or
+/// taken from a connection opened early) and reopened if it closed.
 pub(crate) struct Upstream {
     addr: SocketAddr,
-    conn: Mutex<Option<SendRequest<Incoming>>>,
+    http2: bool,
+    conn: Mutex<Option<Sender>>,
     early: std::sync::Mutex<Option<Connecting>>,
+}
+
+enum Sender {
+    H1(http1::SendRequest<Incoming>),
+    H2(http2::SendRequest<Incoming>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
 }
 
 impl Upstream {
     pub(crate) fn new(addr: SocketAddr) -> Self {
         Upstream {
             addr,
+            http2: false,
             conn: Mutex::new(None),
             early: std::sync::Mutex::new(None),
         }
     }
 
-    /// An upstream whose first connection is `early`, already on its way.
-    pub(crate) fn with_early(addr: SocketAddr, early: Connecting) -> Self {
+    /// An upstream whose first connection is `early`, already on its way; `http2`: spoken
+    /// with prior knowledge (h2c), its requests multiplexed on that one connection.
+    pub(crate) fn with_early(addr: SocketAddr, early: Connecting, http2: bool) -> Self {
         Upstream {
             addr,
+            http2,
             conn: Mutex::new(None),
             early: std::sync::Mutex::new(Some(early)),
         }
@@ -88,7 +106,7 @@ impl Upstream {
 
     pub(crate) async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
         let mut conn = self.conn.lock().await;
-        if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        if conn.as_ref().is_none_or(Sender::is_closed) {
             let early = self.early.lock().unwrap_or_else(|p| p.into_inner()).take();
             let s = match early {
                 Some(c) => c
@@ -101,17 +119,40 @@ impl Upstream {
                     .map_err(|e| format!("connect: {e}"))?,
             };
             let _ = s.set_nodelay(true);
-            let (send, c) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-                .await
-                .map_err(|e| format!("upstream handshake: {e}"))?;
-            tokio::spawn(c);
-            *conn = Some(send);
+            *conn = Some(if self.http2 {
+                let (send, c) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(s))
+                    .await
+                    .map_err(|e| format!("upstream handshake: {e}"))?;
+                tokio::spawn(c);
+                Sender::H2(send)
+            } else {
+                let (send, c) = http1::handshake(TokioIo::new(s))
+                    .await
+                    .map_err(|e| format!("upstream handshake: {e}"))?;
+                tokio::spawn(c);
+                Sender::H1(send)
+            });
         }
-        let send = conn.as_mut().expect("just set");
-        send.ready().await.map_err(|e| format!("upstream: {e}"))?;
-        send.send_request(req)
-            .await
-            .map_err(|e| format!("upstream: {e}"))
+        match conn.as_mut().expect("just set") {
+            // One request at a time on an HTTP/1 connection: the lock is held until its answer.
+            Sender::H1(send) => {
+                send.ready().await.map_err(|e| format!("upstream: {e}"))?;
+                send.send_request(req)
+                    .await
+                    .map_err(|e| format!("upstream: {e}"))
+            }
+            // HTTP/2 streams run side by side (a long gRPC stream must not hold up the rest).
+            Sender::H2(send) => {
+                let mut send = send.clone();
+                drop(conn);
+                send.ready().await.map_err(|e| format!("upstream: {e}"))?;
+                send.send_request(req)
+                    .await
+                    .map_err(|e| format!("upstream: {e}"))
+            }
+        }
     }
 }
 
@@ -160,6 +201,36 @@ where
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEAD);
+    let served = http.serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        _ = served => {}
+        () = conn.slot().killed() => {}
+    }
+}
+
+/// Streams an HTTP/2 connection may have open at once (gRPC's usual default).
+pub(crate) const H2_MAX_STREAMS: u32 = 100;
+/// Bytes a peer may send on one HTTP/2 stream, and on the whole connection, before this side
+/// reads them (flow-control windows): what a connection can make the companion buffer.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Largest header list of an HTTP/2 request (as for the Workload API).
+const H2_MAX_HEADERS: u32 = 16 * 1024;
+
+/// Serves `svc` on `stream` as HTTP/2 with prior knowledge (h2c) until the client is done or
+/// the limits close it; each stream's memory bounded by the windows above.
+pub(crate) async fn serve_http2<IO, S>(stream: IO, svc: S, conn: &Conn)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http.timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_header_list_size(H2_MAX_HEADERS);
     let served = http.serve_connection(TokioIo::new(stream), svc);
     tokio::select! {
         _ = served => {}

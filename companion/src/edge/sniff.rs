@@ -1,5 +1,6 @@
 //! Recognizing the first bytes of a connection without consuming them: a TLS ClientHello (and
-//! its server name, read without terminating TLS) or the start of a plaintext HTTP/1 request.
+//! its server name, read without terminating TLS), the start of a plaintext HTTP/1 request, or
+//! the preface of HTTP/2 with prior knowledge (h2c: gRPC without TLS).
 
 /// What the first bytes of a connection are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,6 +11,8 @@ pub enum Sniffed {
     Tls(Option<String>),
     /// A plaintext HTTP/1 request line.
     Http,
+    /// The whole plaintext HTTP/2 connection preface ([`H2_PREFACE`]).
+    Http2,
     /// Something else (or a malformed ClientHello): decide by address and port only.
     Other,
 }
@@ -17,6 +20,9 @@ pub enum Sniffed {
 const METHODS: [&str; 9] = [
     "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
 ];
+
+/// What a plaintext HTTP/2 client with prior knowledge sends first (RFC 9113, 3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Largest TLS record we wait for (a ClientHello is one record; 16 KiB + header).
 pub const MAX_HELLO: usize = 5 + (1 << 14);
@@ -27,6 +33,14 @@ pub fn sniff(b: &[u8]) -> Sniffed {
     }
     if b[0] == 0x16 {
         return tls(b);
+    }
+    let n = b.len().min(H2_PREFACE.len());
+    if b[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() {
+            Sniffed::Http2
+        } else {
+            Sniffed::NeedMore
+        };
     }
     if b[0].is_ascii_uppercase() {
         for m in METHODS {
@@ -214,5 +228,23 @@ pub(crate) mod tests {
         assert_eq!(sniff(b"SSH-2.0-OpenSSH"), Sniffed::Other);
         assert_eq!(sniff(b"\x00\x01"), Sniffed::Other);
         assert_eq!(sniff(b""), Sniffed::NeedMore);
+    }
+
+    #[test]
+    fn recognizes_the_http2_preface_only_whole() {
+        let mut h = H2_PREFACE.to_vec();
+        for n in 1..h.len() {
+            assert_eq!(sniff(&h[..n]), Sniffed::NeedMore, "at {n}");
+        }
+        assert_eq!(sniff(&h), Sniffed::Http2);
+        h.extend_from_slice(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00");
+        assert_eq!(
+            sniff(&h),
+            Sniffed::Http2,
+            "with the SETTINGS frame after it"
+        );
+        assert_eq!(sniff(b"PRI * HTTP/1.1\r\n"), Sniffed::Other);
+        assert_eq!(sniff(b"PUT /x HTTP/1.1"), Sniffed::Http);
+        assert_eq!(sniff(b"PATCH /x"), Sniffed::Http);
     }
 }

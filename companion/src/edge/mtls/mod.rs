@@ -511,19 +511,21 @@ where
     use tokio::io::AsyncReadExt;
     // Read until the first bytes say whether this is HTTP: a request split over several
     // writes must not pass as "something else" and reach the application with a caller-set
-    // `PEER_HEADER`. Bytes that could still begin an HTTP request line when the wait ends are
-    // served as HTTP (hyper refuses them if they are not); no byte at all is a protocol where
-    // the server speaks first, relayed as it is.
+    // `PEER_HEADER`. Bytes that could still begin an HTTP/1 request line when the wait ends
+    // are served as HTTP/1 (hyper refuses them if they are not); no byte at all is a protocol
+    // where the server speaks first, relayed as it is. HTTP/2 with prior knowledge (h2c, as
+    // gRPC without TLS speaks) is served stream by stream like HTTP/1 request by request.
     // The application's connection opens while the first bytes are read (the caller has
     // claimed this connection: it is for the application either way).
     let early = super::http::connect_early(app_addr);
     let mut first = Vec::with_capacity(4096);
     let deadline = tokio::time::Instant::now() + super::SNIFF_TIMEOUT;
-    let http = loop {
+    let speaks = loop {
         match sniff(&first) {
-            Sniffed::Http => break true,
+            Sniffed::Http => break Some(false),
+            Sniffed::Http2 => break Some(true),
             Sniffed::NeedMore if first.len() < 4096 => {}
-            _ => break false,
+            _ => break None,
         }
         let mut chunk = [0u8; 4096];
         let want = 4096 - first.len();
@@ -534,7 +536,7 @@ where
                     early.abort();
                     return Err(format!("caller: {e}"));
                 }
-                Err(_) => break first.first().is_some_and(u8::is_ascii_uppercase),
+                Err(_) => break first.first().is_some_and(u8::is_ascii_uppercase).then_some(false),
             },
             () = conn.slot().killed() => {
                 early.abort();
@@ -542,7 +544,7 @@ where
             }
         };
         if n == 0 {
-            break false;
+            break None;
         }
         first.extend_from_slice(&chunk[..n]);
     };
@@ -551,8 +553,8 @@ where
         at: 0,
         inner: stream,
     };
-    if http {
-        let app = Arc::new(super::http::Upstream::with_early(app_addr, early));
+    if let Some(http2) = speaks {
+        let app = Arc::new(super::http::Upstream::with_early(app_addr, early, http2));
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let (app, peer_id) = (app.clone(), peer_id.clone());
@@ -571,7 +573,11 @@ where
                 }
             });
         conn.established();
-        super::http::serve_http1(stream, svc, &conn, limits).await;
+        if http2 {
+            super::http::serve_http2(stream, svc, &conn).await;
+        } else {
+            super::http::serve_http1(stream, svc, &conn, limits).await;
+        }
         return Ok(None);
     }
     let app = early

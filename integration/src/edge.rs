@@ -225,6 +225,80 @@ pub fn http_server(l: TcpListener) -> Seen {
     })
 }
 
+/// An HTTP/1 server that accepts an upgrade (as a WebSocket server does): records the request
+/// head, answers `101 Switching Protocols` and then echoes every byte.
+pub fn upgrade_server(l: TcpListener) -> Seen {
+    accept_loop(l, Seen::default(), |c, seen| {
+        let mut w = c.try_clone().unwrap();
+        let mut r = BufReader::new(c);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        seen.requests.lock().unwrap().push(head);
+        if w.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .is_err()
+        {
+            return;
+        }
+        let _ = std::io::copy(&mut r, &mut w);
+    })
+}
+
+/// From inside `ns`: an HTTP/1 upgrade request (`Upgrade: echo`, with `headers`), then `msg`
+/// over the upgraded connection; the answer's status line and what came back.
+pub fn upgrade_echo(
+    ns: &Path,
+    addr: SocketAddr,
+    headers: &[(&str, &str)],
+    msg: &str,
+) -> Result<(String, String), String> {
+    let mut req =
+        format!("GET /socket HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let msg = msg.to_string();
+    in_netns(ns, move || {
+        let s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        w.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        let mut r = BufReader::new(s);
+        let mut status = String::new();
+        r.read_line(&mut status).map_err(|e| e.to_string())?;
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) => return Err(format!("closed after {status:?}")),
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        w.write_all(msg.as_bytes()).map_err(|e| e.to_string())?;
+        let mut back = vec![0; msg.len()];
+        r.read_exact(&mut back)
+            .map_err(|e| format!("{}: {e}", status.trim_end()))?;
+        Ok((
+            status.trim_end().to_string(),
+            String::from_utf8_lossy(&back).into_owned(),
+        ))
+    })
+}
+
 /// An HTTP/2 server with prior knowledge (h2c, what a gRPC service without TLS speaks):
 /// records each request's head (`METHOD path HTTP/2` and its headers, one per line, as
 /// [`http_server`] does) and answers `ok` with a `grpc-status: 0` trailer.

@@ -46,7 +46,7 @@ path_prefix = "/admin"
 [[policy.egress]]
 id = "http-get"
 action = "allow"
-ports = [8080]
+ports = [8080, 8081]
 methods = ["GET"]
 [[policy.egress]]
 id = "tls-ok"
@@ -150,6 +150,18 @@ fn egress_by_l4_sni_and_http_and_rules_only_in_the_workload_netns() {
     assert_eq!(seen.len(), 2, "only allowed requests arrive: {seen:?}");
     assert!(seen[0].starts_with("GET /hello "), "{seen:?}");
     assert!(seen[1].starts_with("GET /from-wget "), "{seen:?}");
+
+    // An upgrade (a WebSocket handshake) an allowed request asks for: the 101 and every byte
+    // after it pass.
+    let sockets = upgrade_server(listen_in(&peer.path(), at(8081)));
+    assert_eq!(
+        upgrade_echo(&ns, at(8081), &[], "after the upgrade"),
+        Ok((
+            "HTTP/1.1 101 Switching Protocols".to_string(),
+            "after the upgrade".to_string()
+        ))
+    );
+    assert!(sockets.requests()[0].starts_with("GET /socket "));
 
     // Loopback stays direct: the companion's own API still answers.
     assert!(c.get("/healthz").is_ok());

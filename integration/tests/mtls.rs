@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nhi_integration::edge::{
     container_ns, echo_server, h2c_request, h2c_server, http, http_server, link_containers,
-    listen_in, peer, tcp_echo,
+    listen_in, peer, tcp_echo, upgrade_echo, upgrade_server,
 };
 use nhi_integration::*;
 
@@ -28,7 +28,7 @@ allow = ["spiffe://example.org/container/mtls-web"]
 mtls = "strict"
 [[policy.inbound]]
 id = "web-api"
-ports = [7002, 7003]
+ports = [7002, 7003, 7005]
 allow = ["spiffe://example.org/container/mtls-web"]
 mtls = "strict"
 [[policy.inbound]]
@@ -44,7 +44,7 @@ default = "deny"
 [[policy.egress]]
 id = "to-db"
 cidr = ["10.78.0.2/32", "10.79.0.2/32"]
-ports = [7000, 7002, 7003]
+ports = [7000, 7002, 7003, 7005]
 mtls = { peer = "spiffe://example.org/container/mtls-db" }
 "#;
 
@@ -383,6 +383,35 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
             "{head}"
         );
     }
+
+    // An HTTP/1 upgrade the application accepts (a WebSocket, say) carries on byte for byte
+    // after the 101, the request itself delivered with the verified caller.
+    let sockets = upgrade_server(listen_in(
+        &container_ns(db.pid()),
+        "127.0.0.1:7005".parse().unwrap(),
+    ));
+    let got = upgrade_echo(
+        &container_ns(web.pid()),
+        "10.78.0.2:7005".parse().unwrap(),
+        &forged,
+        "frames after the upgrade",
+    );
+    assert_eq!(
+        got,
+        Ok((
+            "HTTP/1.1 101 Switching Protocols".to_string(),
+            "frames after the upgrade".to_string()
+        )),
+        "{}",
+        node.log()
+    );
+    let heads = sockets.requests();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert_eq!(
+        peer_headers(&heads[0]),
+        ["x-nhi-peer-spiffe-id: spiffe://example.org/container/mtls-web"],
+        "{heads:?}"
+    );
 
     // An nhi workload the inbound rule does not allow: its companion completes the handshake
     // (it is a valid identity), the callee's refuses it; the application never sees it.

@@ -131,7 +131,9 @@ impl Upstream {
                 let (send, c) = http1::handshake(TokioIo::new(s))
                     .await
                     .map_err(|e| format!("upstream handshake: {e}"))?;
-                tokio::spawn(c);
+                // An answer `101 Switching Protocols` hands the connection over (see
+                // `relay_upgrade`); nothing else is sent on it after that.
+                tokio::spawn(c.with_upgrades());
                 Sender::H1(send)
             });
         }
@@ -180,7 +182,7 @@ pub async fn serve(
                 let mut ev = event(AuditKind::HttpRequest, peer, Destination::default());
                 refusal(&edge, &mut ev, why)
             };
-            let answer = request(&edge, &upstream, peer, dest, &policy, req);
+            let answer = request(&edge, &upstream, peer, dest, &policy, req, &conn);
             Ok::<_, Infallible>(
                 conn.request(answer, limits.proxy_idle_timeout, refused)
                     .await,
@@ -201,11 +203,44 @@ where
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEAD);
-    let served = http.serve_connection(TokioIo::new(stream), svc);
+    let served = http
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
     tokio::select! {
         _ = served => {}
         () = conn.slot().killed() => {}
     }
+}
+
+/// When `resp` (to a request whose upgrade is `client`) switches protocols (`101`, as a
+/// WebSocket handshake does), relays the two upgraded connections byte for byte, in the
+/// background, touching `conn`'s idle clock and ending with its limits.
+pub(crate) fn relay_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    resp: &mut Response<Incoming>,
+    conn: Arc<Conn>,
+) {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let upstream = hyper::upgrade::on(resp);
+    tokio::spawn(async move {
+        let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
+            return;
+        };
+        let (cr, cw) = tokio::io::split(TokioIo::new(client));
+        let (ur, uw) = tokio::io::split(TokioIo::new(upstream));
+        let both = async {
+            tokio::try_join!(
+                super::mtls::relay::pump(cr, uw, &conn),
+                super::mtls::relay::pump(ur, cw, &conn)
+            )
+        };
+        tokio::select! {
+            _ = both => {}
+            () = conn.slot().killed() => {}
+        }
+    });
 }
 
 /// Streams an HTTP/2 connection may have open at once (gRPC's usual default).
@@ -309,6 +344,7 @@ async fn request(
     dest: SocketAddr,
     policy: &Policy,
     mut req: Request<Incoming>,
+    conn: &Arc<Conn>,
 ) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().as_str().to_string();
@@ -425,9 +461,18 @@ async fn request(
         }
     }
     ev.bytes_out = content_length(req.headers());
+    // An upgrade (a WebSocket) this request was allowed to ask for goes on byte for byte.
+    let upgrade = hyper::upgrade::on(&mut req);
     match upstream.send(req).await {
-        Ok(resp) => {
+        Ok(mut resp) => {
             ev.bytes_in = content_length(resp.headers());
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                ev.detail = Some(match ev.detail.take() {
+                    Some(prev) => format!("{prev}; switched protocols: relayed as bytes"),
+                    None => "switched protocols: relayed as bytes".into(),
+                });
+                relay_upgrade(upgrade, &mut resp, conn.clone());
+            }
             finish(edge, ev, started);
             resp.map(|b| b.boxed())
         }

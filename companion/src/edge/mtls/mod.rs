@@ -555,16 +555,23 @@ where
     };
     if let Some(http2) = speaks {
         let app = Arc::new(super::http::Upstream::with_early(app_addr, early, http2));
+        let c = conn.clone();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                let (app, peer_id) = (app.clone(), peer_id.clone());
+                let (app, peer_id, conn) = (app.clone(), peer_id.clone(), c.clone());
                 async move {
                     req.headers_mut().remove(PEER_HEADER);
                     if let Some(id) = peer_id.as_deref().and_then(|i| i.parse().ok()) {
                         req.headers_mut().insert(PEER_HEADER, id);
                     }
+                    // A WebSocket (or any HTTP/1 upgrade) the application accepts goes on
+                    // byte for byte, under the identity this request was delivered with.
+                    let upgrade = hyper::upgrade::on(&mut req);
                     Ok::<_, std::convert::Infallible>(match app.send(req).await {
-                        Ok(resp) => resp.map(http_body_util::BodyExt::boxed),
+                        Ok(mut resp) => {
+                            super::http::relay_upgrade(upgrade, &mut resp, conn);
+                            resp.map(http_body_util::BodyExt::boxed)
+                        }
                         Err(e) => super::http::json(
                             hyper::StatusCode::BAD_GATEWAY,
                             serde_json::json!({"error": "app_unreachable", "message": e}),

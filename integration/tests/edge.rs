@@ -299,7 +299,7 @@ spiffe_ids = ["spiffe://example.org/container/edge-app"]
 default = "allow"
 [[policy.inbound]]
 id = "callers"
-ports = [8080]
+ports = [8080, 8081]
 allow = ["spiffe://example.org/container/edge-caller"]
 audience = "edge-app"
 "#,
@@ -343,6 +343,34 @@ audience = "edge-app"
     let (status, body) = call(Some(&good));
     assert_eq!((status, body.as_str()), (200, "ok"));
     assert_eq!(served.requests().len(), 1);
+    // An allowed caller's WebSocket (an upgrade the app accepts) goes on after the 101; one
+    // without a token never reaches the app.
+    let sockets = upgrade_server(listen_in(
+        &container_ns(pid),
+        "127.0.0.1:8081".parse().unwrap(),
+    ));
+    let to_sockets = SocketAddr::new(WORKLOAD_IP.into(), 8081);
+    let bearer = format!("Bearer {good}");
+    assert_eq!(
+        upgrade_echo(
+            &peer.path(),
+            to_sockets,
+            &[("Authorization", &bearer)],
+            "frames"
+        ),
+        Ok((
+            "HTTP/1.1 101 Switching Protocols".to_string(),
+            "frames".to_string()
+        ))
+    );
+    let refused = upgrade_echo(&peer.path(), to_sockets, &[], "frames");
+    assert!(
+        refused
+            .as_ref()
+            .is_ok_and(|(status, _)| status.starts_with("HTTP/1.1 401")),
+        "{refused:?}"
+    );
+    assert_eq!(sockets.connections(), 1);
 
     // Revoked: the same token is refused.
     let out = node.nhictl(&["revoke", "--workload", &caller.id], b"");

@@ -99,7 +99,7 @@ async fn connection(
                 ev.rule = Some(rule.id.clone());
                 super::http::refusal(&edge, &mut ev, why)
             };
-            let answer = request(&edge, &app, &rule, peer, dest, req);
+            let answer = request(&edge, &app, &rule, peer, dest, req, &conn);
             Ok::<_, Infallible>(
                 conn.request(answer, limits.proxy_idle_timeout, refused)
                     .await,
@@ -116,6 +116,7 @@ async fn request(
     peer: SocketAddr,
     dest: SocketAddr,
     req: Request<Incoming>,
+    conn: &Arc<crate::limits::Conn>,
 ) -> Response<Body> {
     let started = Instant::now();
     let mut ev = event(
@@ -178,8 +179,11 @@ async fn request(
     let mut req = req;
     // Only a companion that verified a caller in a handshake says who it is.
     req.headers_mut().remove(super::mtls::PEER_HEADER);
+    // A WebSocket the caller was allowed to open goes on byte for byte.
+    let upgrade = hyper::upgrade::on(&mut req);
     match app.send(req).await {
-        Ok(resp) => {
+        Ok(mut resp) => {
+            super::http::relay_upgrade(upgrade, &mut resp, conn.clone());
             finish(edge, ev, started);
             resp.map(http_body_util::BodyExt::boxed)
         }

@@ -143,6 +143,25 @@ pub fn echo_server(l: TcpListener) -> Seen {
     })
 }
 
+/// A protocol whose server speaks first (as MySQL, SMTP or FTP do): sends `greeting` on
+/// every new connection, then echoes every byte.
+pub fn greeting_server(l: TcpListener, greeting: &'static str) -> Seen {
+    let seen = Seen::default();
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            s.connections.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                if c.write_all(greeting.as_bytes()).is_ok() {
+                    let mut r = c.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut c);
+                }
+            });
+        }
+    });
+    seen
+}
+
 /// A non-HTTP bulk source: reads a decimal byte count and a newline, sends that many bytes
 /// and closes.
 pub fn bulk_server(l: TcpListener) -> Seen {

@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nhi_integration::edge::{
-    container_ns, echo_server, h2c_request, h2c_server, http, http_server, link_containers,
-    listen_in, peer, tcp_echo, upgrade_echo, upgrade_server,
+    container_ns, echo_server, greeting_server, h2c_request, h2c_server, http, http_server,
+    link_containers, listen_in, peer, tcp_echo, upgrade_echo, upgrade_server,
 };
 use nhi_integration::*;
 
@@ -23,7 +23,7 @@ spiffe_ids = ["spiffe://example.org/container/mtls-db"]
 default = "allow"
 [[policy.inbound]]
 id = "callers"
-ports = [7000]
+ports = [7000, 7006]
 allow = ["spiffe://example.org/container/mtls-web"]
 mtls = "strict"
 [[policy.inbound]]
@@ -44,7 +44,7 @@ default = "deny"
 [[policy.egress]]
 id = "to-db"
 cidr = ["10.78.0.2/32", "10.79.0.2/32"]
-ports = [7000, 7002, 7003, 7005]
+ports = [7000, 7002, 7003, 7005, 7006]
 mtls = { peer = "spiffe://example.org/container/mtls-db" }
 "#;
 
@@ -411,6 +411,44 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         peer_headers(&heads[0]),
         ["x-nhi-peer-spiffe-id: spiffe://example.org/container/mtls-web"],
         "{heads:?}"
+    );
+
+    // A protocol whose server speaks first (MySQL, SMTP): the callee's companion passes the
+    // greeting on as soon as the application sends it, not after waiting for the caller's
+    // first bytes (which never come: its client waits for the greeting). That wait is 500 ms;
+    // one connection of three answered well within it shows it is not taken.
+    let _greeter = greeting_server(
+        listen_in(&container_ns(db.pid()), "127.0.0.1:7006".parse().unwrap()),
+        "220 ready\r\n",
+    );
+    let to_greeter: SocketAddr = "10.78.0.2:7006".parse().unwrap();
+    let greetings = nhi_integration::edge::in_netns(&container_ns(web.pid()), move || {
+        use std::io::{Read, Write};
+        (0..3)
+            .map(|_| {
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&to_greeter, Duration::from_secs(5))
+                        .unwrap();
+                let started = std::time::Instant::now();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut hello = [0u8; 11];
+                s.read_exact(&mut hello).unwrap();
+                let waited = started.elapsed();
+                s.write_all(b"ping").unwrap();
+                let mut back = [0u8; 4];
+                s.read_exact(&mut back).unwrap();
+                (String::from_utf8_lossy(&hello).into_owned(), waited, back)
+            })
+            .collect::<Vec<_>>()
+    });
+    for (hello, _, back) in &greetings {
+        assert_eq!((hello.as_str(), back), ("220 ready\r\n", b"ping"));
+    }
+    assert!(
+        greetings
+            .iter()
+            .any(|(_, waited, _)| *waited < Duration::from_millis(400)),
+        "every greeting waited for the sniff timeout: {greetings:?}"
     );
 
     // An nhi workload the inbound rule does not allow: its companion completes the handshake

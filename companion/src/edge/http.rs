@@ -66,7 +66,13 @@ pub(crate) struct Upstream {
     addr: SocketAddr,
     http2: bool,
     conn: Mutex<Option<Sender>>,
-    early: std::sync::Mutex<Option<Connecting>>,
+    early: std::sync::Mutex<Option<Early>>,
+}
+
+/// An upstream connection begun before the first request.
+pub(crate) enum Early {
+    Connecting(Connecting),
+    Ready(TcpStream),
 }
 
 enum Sender {
@@ -93,14 +99,14 @@ impl Upstream {
         }
     }
 
-    /// An upstream whose first connection is `early`, already on its way; `http2`: spoken
+    /// An upstream whose first connection is `early`, already on its way (or made); `http2`: spoken
     /// with prior knowledge (h2c), its requests multiplexed on that one connection.
-    pub(crate) fn with_early(addr: SocketAddr, early: Connecting, http2: bool) -> Self {
+    pub(crate) fn with_early(addr: SocketAddr, early: Option<Early>, http2: bool) -> Self {
         Upstream {
             addr,
             http2,
             conn: Mutex::new(None),
-            early: std::sync::Mutex::new(Some(early)),
+            early: std::sync::Mutex::new(early),
         }
     }
 
@@ -109,7 +115,8 @@ impl Upstream {
         if conn.as_ref().is_none_or(Sender::is_closed) {
             let early = self.early.lock().unwrap_or_else(|p| p.into_inner()).take();
             let s = match early {
-                Some(c) => c
+                Some(Early::Ready(s)) => s,
+                Some(Early::Connecting(c)) => c
                     .await
                     .map_err(|e| format!("connect: {e}"))?
                     .map_err(|e| format!("connect: {e}"))?,

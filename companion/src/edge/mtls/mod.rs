@@ -516,8 +516,13 @@ where
     // where the server speaks first, relayed as it is. HTTP/2 with prior knowledge (h2c, as
     // gRPC without TLS speaks) is served stream by stream like HTTP/1 request by request.
     // The application's connection opens while the first bytes are read (the caller has
-    // claimed this connection: it is for the application either way).
-    let early = super::http::connect_early(app_addr);
+    // claimed this connection: it is for the application either way). An application that
+    // speaks first (a MySQL, SMTP or FTP server greets its client) ends the wait at once: its
+    // client is waiting for that greeting, not sending. Not an HTTP/2 server's SETTINGS
+    // (sent unasked): its client must still be served stream by stream (see `greeting`).
+    let mut early = Some(super::http::connect_early(app_addr));
+    let mut app: Option<Result<TcpStream, String>> = None;
+    let mut watch_app = true;
     let mut first = Vec::with_capacity(4096);
     let deadline = tokio::time::Instant::now() + super::SNIFF_TIMEOUT;
     let speaks = loop {
@@ -529,17 +534,46 @@ where
         }
         let mut chunk = [0u8; 4096];
         let want = 4096 - first.len();
+        let greeted = async {
+            match &app {
+                Some(Ok(a)) => {
+                    let mut b = [0u8; 9];
+                    match a.peek(&mut b).await {
+                        Ok(n) => greeting(&b[..n]),
+                        // Closed or failed: nothing for the caller to wait for either.
+                        Err(_) => Some(true),
+                    }
+                }
+                _ => std::future::pending().await,
+            }
+        };
         let n = tokio::select! {
             r = tokio::time::timeout_at(deadline, stream.read(&mut chunk[..want])) => match r {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => {
-                    early.abort();
+                    abort(early);
                     return Err(format!("caller: {e}"));
                 }
                 Err(_) => break first.first().is_some_and(u8::is_ascii_uppercase).then_some(false),
             },
+            c = async { early.as_mut().expect("guarded").await }, if early.is_some() => {
+                early = None;
+                app = Some(match c {
+                    Ok(r) => r.map_err(|e| format!("application: {e}")),
+                    Err(e) => Err(format!("application: {e}")),
+                });
+                continue;
+            }
+            g = greeted, if watch_app && first.is_empty() => match g {
+                Some(true) => break None,
+                // An HTTP/2 server, or too little to tell: wait for the caller as before.
+                _ => {
+                    watch_app = false;
+                    continue;
+                }
+            },
             () = conn.slot().killed() => {
-                early.abort();
+                abort(early);
                 return Err(super::LIMITS_CLOSED.into());
             }
         };
@@ -554,6 +588,12 @@ where
         inner: stream,
     };
     if let Some(http2) = speaks {
+        let early = match (app, early) {
+            (Some(Ok(s)), _) => Some(super::http::Early::Ready(s)),
+            (_, Some(c)) => Some(super::http::Early::Connecting(c)),
+            // (A failed connect is tried again by the first request.)
+            _ => None,
+        };
         let app = Arc::new(super::http::Upstream::with_early(app_addr, early, http2));
         let c = conn.clone();
         let svc =
@@ -587,15 +627,42 @@ where
         }
         return Ok(None);
     }
-    let app = early
-        .await
-        .map_err(|e| format!("application: {e}"))?
-        .map_err(|e| format!("application: {e}"))?;
+    let app = match (app, early) {
+        (Some(a), _) => a?,
+        (None, Some(c)) => c
+            .await
+            .map_err(|e| format!("application: {e}"))?
+            .map_err(|e| format!("application: {e}"))?,
+        (None, None) => unreachable!("the connect is either pending or done"),
+    };
     conn.established();
     relay(app, stream, &conn)
         .await
         .map(|(out, inn)| Some((inn, out)))
         .map_err(|e| format!("closed: {e}"))
+}
+
+/// Whether the first bytes an application sent unasked (`b`, up to 9, from a peek) are the
+/// greeting of a protocol whose server speaks first: `Some(true)`; an HTTP/2 server's
+/// connection preface (a SETTINGS frame on stream 0: its client is an h2c client, which sends
+/// first too and must be served as HTTP/2): `Some(false)`; `None`: too few bytes to tell.
+/// Nothing at all (the application closed) counts as a greeting: there is nothing to wait for.
+fn greeting(b: &[u8]) -> Option<bool> {
+    const SETTINGS: u8 = 0x4;
+    match b.len() {
+        0 => Some(true),
+        1..=3 => None,
+        4..=8 if b[3] == SETTINGS => None,
+        4..=8 => Some(true),
+        _ => Some(!(b[3] == SETTINGS && b[5..9] == [0, 0, 0, 0])),
+    }
+}
+
+/// Stops a connect to the application no longer wanted.
+fn abort(early: Option<super::http::Connecting>) {
+    if let Some(c) = early {
+        c.abort();
+    }
 }
 
 /// Longest a handshake may take before the connection is given up.
@@ -1217,5 +1284,24 @@ mod tests {
         let s = svid(&ca2, DB, 1);
         db.set_svid(&s.0, &s.1, &s.2).unwrap();
         assert_eq!(handshake(&web, &db).await.unwrap().0, DB);
+    }
+
+    #[test]
+    fn greetings_of_server_first_protocols_are_told_from_an_http2_server_preface() {
+        assert_eq!(greeting(b"220 smtp.example ESMTP"), Some(true));
+        // MySQL: 3-byte length, sequence id 0, protocol version 10.
+        assert_eq!(
+            greeting(&[0x4a, 0, 0, 0, 10, b'8', b'.', b'0', b'.']),
+            Some(true)
+        );
+        assert_eq!(greeting(b"SSH-2.0-OpenSSH_9"), Some(true));
+        assert_eq!(greeting(b""), Some(true), "closed: nothing to wait for");
+        // An HTTP/2 server's SETTINGS frame (length 6, type 4, flags 0, stream 0) first.
+        let settings = [0, 0, 6, 4, 0, 0, 0, 0, 0];
+        assert_eq!(greeting(&settings), Some(false));
+        assert_eq!(greeting(&settings[..5]), None, "could still be SETTINGS");
+        assert_eq!(greeting(b"22"), None);
+        // Type 4 on a stream is no connection preface.
+        assert_eq!(greeting(&[0, 0, 6, 4, 0, 0, 0, 0, 1]), Some(true));
     }
 }

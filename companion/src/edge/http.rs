@@ -272,7 +272,10 @@ where
         .max_concurrent_streams(H2_MAX_STREAMS)
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_header_list_size(H2_MAX_HEADERS);
+        .max_header_list_size(H2_MAX_HEADERS)
+        // A caller gone silently (its host lost) is noticed, as on the Workload API.
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(10));
     let served = http.serve_connection(TokioIo::new(stream), svc);
     tokio::select! {
         _ = served => {}

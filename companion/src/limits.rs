@@ -391,6 +391,16 @@ impl Conn {
         touch(&self.gov, &self.slot);
     }
 
+    /// Marks `body` (an answer being streamed back) as an open stream of this connection until
+    /// it ends or is dropped: the connection neither idles out nor counts as quiet meanwhile.
+    pub fn streaming<B>(self: &Arc<Self>, body: B) -> StreamBody<B> {
+        self.slot.streams.fetch_add(1, Ordering::AcqRel);
+        StreamBody {
+            inner: body,
+            open: Some(OpenStream(self.clone())),
+        }
+    }
+
     /// Runs `answer` as one request of this connection: never evicted while in progress; if it
     /// is not ready at once it counts against the listener's waiting limit (beyond which
     /// `refuse(Busy)` answers instead) and gets at most `timeout` (else `refuse(TimedOut)`).

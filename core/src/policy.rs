@@ -228,6 +228,33 @@ pub struct InboundRule {
     /// Callers prove themselves in a mutual TLS handshake instead of a JWT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
+    /// What the application on these ports speaks (with `mtls`): see [`AppProtocol`].
+    #[serde(default, skip_serializing_if = "AppProtocol::is_auto")]
+    pub app_protocol: AppProtocol,
+}
+
+/// What an mTLS callee's application speaks, as Kubernetes' `appProtocol` and Istio's port
+/// names declare it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AppProtocol {
+    /// Told from the first bytes: HTTP/1 and h2c are served request by request with the
+    /// verified caller in a header, anything else is relayed as bytes. Bytes that could still
+    /// begin an HTTP request when the 500 ms wait ends are taken for HTTP (never relayed with
+    /// a caller-set header), so a client that sends a bare word and waits needs `tcp`.
+    #[default]
+    Auto,
+    /// Always HTTP (HTTP/1 or h2c): nothing is ever relayed as bytes.
+    Http,
+    /// Always bytes, relayed at once (no wait, no header: the application must not read
+    /// the caller from one).
+    Tcp,
+}
+
+impl AppProtocol {
+    pub fn is_auto(&self) -> bool {
+        *self == AppProtocol::Auto
+    }
 }
 
 impl InboundRule {
@@ -634,6 +661,11 @@ impl Policy {
                         "`mtls` and `audience` exclude each other: the caller proves itself in the handshake".into(),
                     ))
                 }
+                (None, false) if !r.app_protocol.is_auto() => {
+                    return Err(c(
+                        "`app_protocol` is for `mtls` rules (a JWT-checked rule is HTTP)".into(),
+                    ))
+                }
                 _ => {}
             }
         }
@@ -814,6 +846,17 @@ mod tests {
         assert!(r.allows("spiffe://td/b") && !r.allows("spiffe://td/c"));
         let e = check(&format!("{ok_in}audience = \"x\"\n")).unwrap_err();
         assert!(e.contains("exclude each other"), "{e}");
+        assert_eq!(r.app_protocol, AppProtocol::Auto);
+        let p = policy(&format!(
+            "[[policy]]\nid = \"p\"\nspiffe_ids = [\"spiffe://td/a\"]\n{ok_in}app_protocol = \"tcp\"\n"
+        ));
+        assert_eq!(
+            p.inbound_for_port(7000).unwrap().app_protocol,
+            AppProtocol::Tcp
+        );
+        check(&format!("{ok_in}app_protocol = \"http\"\n")).unwrap();
+        let e = check("[[policy.inbound]]\nid = \"i\"\nports = [7000]\nallow = [\"spiffe://td/b\"]\naudience = \"x\"\napp_protocol = \"tcp\"\n").unwrap_err();
+        assert!(e.contains("`app_protocol` is for `mtls`"), "{e}");
         let e =
             check("[[policy.inbound]]\nid = \"i\"\nports = [7000]\nallow = [\"spiffe://td/b\"]\n")
                 .unwrap_err();

@@ -244,8 +244,10 @@ pub fn http_server(l: TcpListener) -> Seen {
     })
 }
 
-/// An HTTP/1 server that accepts an upgrade (as a WebSocket server does): records the request
-/// head, answers `101 Switching Protocols` and then echoes every byte.
+/// An HTTP/1 server that accepts any upgrade asked of it (as a WebSocket server does, or a Go
+/// h2c handler): records the request head; a request with an `Upgrade` header gets `101
+/// Switching Protocols` naming the same protocol and then every byte echoed; one without gets
+/// `200 ok` and the connection closed.
 pub fn upgrade_server(l: TcpListener) -> Seen {
     accept_loop(l, Seen::default(), |c, seen| {
         let mut w = c.try_clone().unwrap();
@@ -262,28 +264,40 @@ pub fn upgrade_server(l: TcpListener) -> Seen {
             }
             head.push_str(&line);
         }
+        let asked = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("upgrade")
+                .then(|| v.trim().to_string())
+        });
         seen.requests.lock().unwrap().push(head);
-        if w.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
-        )
-        .is_err()
-        {
+        let Some(protocol) = asked else {
+            let _ =
+                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+            return;
+        };
+        let switched = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {protocol}\r\nConnection: Upgrade\r\n\r\n"
+        );
+        if w.write_all(switched.as_bytes()).is_err() {
             return;
         }
         let _ = std::io::copy(&mut r, &mut w);
     })
 }
 
-/// From inside `ns`: an HTTP/1 upgrade request (`Upgrade: echo`, with `headers`), then `msg`
-/// over the upgraded connection; the answer's status line and what came back.
+/// From inside `ns`: an HTTP/1 request to upgrade to `protocol` (`websocket`, `h2c`), with
+/// `headers`, then `msg` over the upgraded connection; the answer's status line and what came
+/// back (after a status other than 101: the first bytes of the body).
 pub fn upgrade_echo(
     ns: &Path,
     addr: SocketAddr,
+    protocol: &str,
     headers: &[(&str, &str)],
     msg: &str,
 ) -> Result<(String, String), String> {
-    let mut req =
-        format!("GET /socket HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n");
+    let mut req = format!(
+        "GET /socket HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n"
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -155,13 +155,31 @@ fn egress_by_l4_sni_and_http_and_rules_only_in_the_workload_netns() {
     // after it pass.
     let sockets = upgrade_server(listen_in(&peer.path(), at(8081)));
     assert_eq!(
-        upgrade_echo(&ns, at(8081), &[], "after the upgrade"),
+        upgrade_echo(&ns, at(8081), "websocket", &[], "after the upgrade"),
         Ok((
             "HTTP/1.1 101 Switching Protocols".to_string(),
             "after the upgrade".to_string()
         ))
     );
     assert!(sockets.requests()[0].starts_with("GET /socket "));
+    // Any other upgrade (`h2c`: every later request would pass as HTTP/2 bytes, past the
+    // per-request rules) is taken out: the request goes on as a plain one.
+    assert_eq!(
+        upgrade_echo(
+            &ns,
+            at(8081),
+            "h2c",
+            &[("HTTP2-Settings", "AAMAAABkAAQAAP__")],
+            "xy"
+        ),
+        Ok(("HTTP/1.1 200 OK".to_string(), "ok".to_string()))
+    );
+    let head = &sockets.requests()[1];
+    assert!(
+        !head.to_ascii_lowercase().contains("upgrade")
+            && !head.to_ascii_lowercase().contains("http2-settings"),
+        "{head}"
+    );
 
     // Loopback stays direct: the companion's own API still answers.
     assert!(c.get("/healthz").is_ok());
@@ -355,6 +373,7 @@ audience = "edge-app"
         upgrade_echo(
             &peer.path(),
             to_sockets,
+            "websocket",
             &[("Authorization", &bearer)],
             "frames"
         ),
@@ -363,7 +382,7 @@ audience = "edge-app"
             "frames".to_string()
         ))
     );
-    let refused = upgrade_echo(&peer.path(), to_sockets, &[], "frames");
+    let refused = upgrade_echo(&peer.path(), to_sockets, "websocket", &[], "frames");
     assert!(
         refused
             .as_ref()

@@ -13,7 +13,9 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, UPGRADE,
+};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use nhi_core::audit::{AuditKind, Decision, Destination};
@@ -21,6 +23,7 @@ use nhi_core::policy::{Action, Facts, HttpFacts, Policy};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
+use super::mtls::PEER_HEADER;
 use super::{event, finish, Edge, CONNECT_TIMEOUT};
 use crate::limits::{Conn, Refusal};
 use nhi_core::config::CompanionLimits;
@@ -76,8 +79,8 @@ pub(crate) enum Early {
 }
 
 enum Sender {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
 }
 
 impl Sender {
@@ -110,7 +113,7 @@ impl Upstream {
         }
     }
 
-    pub(crate) async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+    pub(crate) async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
         let mut conn = self.conn.lock().await;
         if conn.as_ref().is_none_or(Sender::is_closed) {
             let early = self.early.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -129,6 +132,9 @@ impl Upstream {
             *conn = Some(if self.http2 {
                 let (send, c) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    .initial_stream_window_size(H2_STREAM_WINDOW)
+                    .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                    .max_send_buf_size(H2_SEND_BUFFER)
                     .handshake(TokioIo::new(s))
                     .await
                     .map_err(|e| format!("upstream handshake: {e}"))?;
@@ -219,16 +225,97 @@ where
     }
 }
 
-/// When `resp` (to a request whose upgrade is `client`) switches protocols (`101`, as a
-/// WebSocket handshake does), relays the two upgraded connections byte for byte, in the
-/// background, touching `conn`'s idle clock and ending with its limits.
+/// Removes every spelling of [`PEER_HEADER`] an application could read as it: any case (header
+/// maps compare names case-insensitively) and with `_` for `-` (CGI-style servers fold them).
+pub(crate) fn strip_peer_header(h: &mut HeaderMap) {
+    let spelled = |n: &HeaderName| {
+        let n = n.as_str().as_bytes();
+        n.len() == PEER_HEADER.len()
+            && n.iter()
+                .zip(PEER_HEADER.as_bytes())
+                .all(|(&a, &b)| a == b || (a == b'_' && b == b'-'))
+    };
+    let names: Vec<HeaderName> = h.keys().filter(|n| spelled(n)).cloned().collect();
+    for n in names {
+        h.remove(n);
+    }
+}
+
+/// A request body whose trailers lose [`PEER_HEADER`] too.
+pub(crate) fn without_peer_trailers(body: Incoming) -> Body {
+    body.map_frame(|mut f| {
+        if let Some(t) = f.trailers_mut() {
+            strip_peer_header(t);
+        }
+        f
+    })
+    .boxed()
+}
+
+/// Whether every `Upgrade` value names WebSocket.
+fn asks_websocket(h: &HeaderMap) -> bool {
+    let mut any = false;
+    for v in h.get_all(UPGRADE) {
+        any = true;
+        if !v
+            .to_str()
+            .is_ok_and(|s| s.trim().eq_ignore_ascii_case("websocket"))
+        {
+            return false;
+        }
+    }
+    any
+}
+
+/// Keeps a request's upgrade only when it asks for a WebSocket. Any other (`h2c`, say) would
+/// turn the connection into bytes the companion no longer reads as requests (an HTTP/2
+/// connection after `Upgrade: h2c` would carry every later request past the checks), so it is
+/// taken out and the request goes on as a plain one.
+pub(crate) fn websocket_upgrades_only<B>(req: &mut Request<B>) {
+    let h = req.headers_mut();
+    if !h.contains_key(UPGRADE) || asks_websocket(h) {
+        return;
+    }
+    h.remove(UPGRADE);
+    h.remove("http2-settings");
+    let kept: Vec<String> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case("http2-settings")
+        })
+        .map(str::to_string)
+        .collect();
+    h.remove(CONNECTION);
+    if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+        if !kept.is_empty() {
+            h.insert(CONNECTION, v);
+        }
+    }
+}
+
+/// When `resp` (to a request whose upgrade is `client`) switches to WebSocket (`101`), relays
+/// the two upgraded connections byte for byte in the background, touching `conn`'s idle clock
+/// and ending with its limits. A switch to anything else is refused (`Err`): see
+/// [`websocket_upgrades_only`].
 pub(crate) fn relay_upgrade(
     client: hyper::upgrade::OnUpgrade,
     resp: &mut Response<Incoming>,
     conn: Arc<Conn>,
-) {
+) -> Result<(), String> {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return;
+        return Ok(());
+    }
+    if !asks_websocket(resp.headers()) {
+        return Err(
+            "the application switched to a protocol other than WebSocket, which the companion does not relay"
+                .into(),
+        );
     }
     let upstream = hyper::upgrade::on(resp);
     tokio::spawn(async move {
@@ -248,6 +335,7 @@ pub(crate) fn relay_upgrade(
             () = conn.slot().killed() => {}
         }
     });
+    Ok(())
 }
 
 /// Streams an HTTP/2 connection may have open at once (gRPC's usual default).
@@ -258,6 +346,9 @@ const H2_STREAM_WINDOW: u32 = 256 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// Largest header list of an HTTP/2 request (as for the Workload API).
 const H2_MAX_HEADERS: u32 = 16 * 1024;
+/// Bytes queued per stream towards a peer that does not read (hyper's default is 400 KiB:
+/// 100 streams of a caller that never reads would hold 40 MiB).
+const H2_SEND_BUFFER: usize = 64 * 1024;
 
 /// Serves `svc` on `stream` as HTTP/2 with prior knowledge (h2c) until the client is done or
 /// the limits close it; each stream's memory bounded by the windows above.
@@ -273,6 +364,7 @@ where
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_header_list_size(H2_MAX_HEADERS)
+        .max_send_buf_size(H2_SEND_BUFFER)
         // A caller gone silently (its host lost) is noticed, as on the Workload API.
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(10));
@@ -471,30 +563,34 @@ async fn request(
         }
     }
     ev.bytes_out = content_length(req.headers());
-    // An upgrade (a WebSocket) this request was allowed to ask for goes on byte for byte.
+    // A WebSocket this request was allowed to ask for goes on byte for byte; no other upgrade.
+    websocket_upgrades_only(&mut req);
     let upgrade = hyper::upgrade::on(&mut req);
-    match upstream.send(req).await {
+    let failed = |mut ev: nhi_core::audit::AuditEvent, e: String| {
+        ev.decision = Decision::Error;
+        ev.detail = Some(e.clone());
+        finish(edge, ev, started);
+        json(
+            StatusCode::BAD_GATEWAY,
+            serde_json::json!({"error": "upstream_failed", "message": e}),
+        )
+    };
+    match upstream.send(req.map(|b| b.boxed())).await {
         Ok(mut resp) => {
             ev.bytes_in = content_length(resp.headers());
+            if let Err(e) = relay_upgrade(upgrade, &mut resp, conn.clone()) {
+                return failed(ev, e);
+            }
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 ev.detail = Some(match ev.detail.take() {
-                    Some(prev) => format!("{prev}; switched protocols: relayed as bytes"),
-                    None => "switched protocols: relayed as bytes".into(),
+                    Some(prev) => format!("{prev}; switched to WebSocket: relayed as bytes"),
+                    None => "switched to WebSocket: relayed as bytes".into(),
                 });
-                relay_upgrade(upgrade, &mut resp, conn.clone());
             }
             finish(edge, ev, started);
             resp.map(|b| b.boxed())
         }
-        Err(e) => {
-            ev.decision = Decision::Error;
-            ev.detail = Some(e.clone());
-            finish(edge, ev, started);
-            json(
-                StatusCode::BAD_GATEWAY,
-                serde_json::json!({"error": "upstream_failed", "message": e}),
-            )
-        }
+        Err(e) => failed(ev, e),
     }
 }
 

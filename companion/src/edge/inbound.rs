@@ -178,12 +178,18 @@ async fn request(
     ev.detail = Some(format!("caller {caller}"));
     let mut req = req;
     // Only a companion that verified a caller in a handshake says who it is.
-    req.headers_mut().remove(super::mtls::PEER_HEADER);
-    // A WebSocket the caller was allowed to open goes on byte for byte.
+    super::http::strip_peer_header(req.headers_mut());
+    // A WebSocket the caller was allowed to open goes on byte for byte; no other upgrade.
+    super::http::websocket_upgrades_only(&mut req);
     let upgrade = hyper::upgrade::on(&mut req);
-    match app.send(req).await {
-        Ok(mut resp) => {
-            super::http::relay_upgrade(upgrade, &mut resp, conn.clone());
+    let sent = app
+        .send(req.map(super::http::without_peer_trailers))
+        .await
+        .and_then(|mut resp| {
+            super::http::relay_upgrade(upgrade, &mut resp, conn.clone()).map(|()| resp)
+        });
+    match sent {
+        Ok(resp) => {
             finish(edge, ev, started);
             resp.map(http_body_util::BodyExt::boxed)
         }

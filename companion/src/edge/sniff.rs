@@ -42,21 +42,91 @@ pub fn sniff(b: &[u8]) -> Sniffed {
             Sniffed::NeedMore
         };
     }
-    if b[0].is_ascii_uppercase() {
-        for m in METHODS {
-            let want = m.len() + 1;
-            let n = b.len().min(want);
-            let prefix = format!("{m} ");
-            if b[..n] == prefix.as_bytes()[..n] {
-                return if n == want {
-                    Sniffed::Http
-                } else {
-                    Sniffed::NeedMore
-                };
-            }
+    request_line(b)
+}
+
+/// Longest request line waited for before calling it HTTP anyway (see [`request_line`]).
+pub const MAX_LINE: usize = 4096;
+/// Longest method token taken for one (registered methods have at most 17 characters): a
+/// longer run of token characters is another protocol's word, told apart at once.
+const MAX_METHOD: usize = 24;
+
+/// Whether `b` begins an HTTP/1 request: a known method and a space at once; any other method
+/// token (`PROPFIND`, `QUERY`, lower case: servers route those too) once the whole line reads
+/// `token SP target SP HTTP/d.d`. Empty lines before it are skipped, as servers do (RFC 9112,
+/// 2.2). Anything that can no longer be a request line is [`Sniffed::Other`]; a line still
+/// plausible after [`MAX_LINE`] bytes is [`Sniffed::Http`] (a caller must not escape HTTP
+/// handling by sending a long one).
+fn request_line(b: &[u8]) -> Sniffed {
+    let mut b = b;
+    while let Some(rest) = b.strip_prefix(b"\r\n").or_else(|| b.strip_prefix(b"\n")) {
+        b = rest;
+    }
+    if b.is_empty() || b == b"\r" {
+        return Sniffed::NeedMore;
+    }
+    for m in METHODS {
+        let want = m.len() + 1;
+        let n = b.len().min(want);
+        let prefix = format!("{m} ");
+        if b[..n] == prefix.as_bytes()[..n] {
+            return if n == want {
+                Sniffed::Http
+            } else {
+                Sniffed::NeedMore
+            };
         }
     }
-    Sniffed::Other
+    let long = |s| {
+        if b.len() >= MAX_LINE {
+            Sniffed::Http
+        } else {
+            s
+        }
+    };
+    let Some(sp) = b.iter().position(|&c| !is_tchar(c)) else {
+        return if b.len() > MAX_METHOD {
+            Sniffed::Other
+        } else {
+            Sniffed::NeedMore
+        };
+    };
+    if sp == 0 || sp > MAX_METHOD || b[sp] != b' ' {
+        return Sniffed::Other;
+    }
+    let Some(end) = b.iter().position(|&c| c == b'\n') else {
+        // The target and version are visible ASCII and spaces.
+        return if b[sp..]
+            .iter()
+            .all(|&c| (0x20..0x7f).contains(&c) || c == b'\r')
+        {
+            long(Sniffed::NeedMore)
+        } else {
+            Sniffed::Other
+        };
+    };
+    let line = &b[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(last) = line.iter().rposition(|&c| c == b' ') else {
+        return Sniffed::Other;
+    };
+    let version = &line[last + 1..];
+    let http = last > sp + 1
+        && version.len() == 8
+        && version.starts_with(b"HTTP/")
+        && version[5].is_ascii_digit()
+        && version[6] == b'.'
+        && version[7].is_ascii_digit();
+    if http {
+        Sniffed::Http
+    } else {
+        Sniffed::Other
+    }
+}
+
+/// A character of an HTTP token (RFC 9110, 5.6.2).
+fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
 fn tls(b: &[u8]) -> Sniffed {
@@ -224,8 +294,11 @@ pub(crate) mod tests {
         assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Sniffed::Http);
         assert_eq!(sniff(b"DELETE /x"), Sniffed::Http);
         assert_eq!(sniff(b"DEL"), Sniffed::NeedMore);
-        assert_eq!(sniff(b"GETX"), Sniffed::Other);
-        assert_eq!(sniff(b"SSH-2.0-OpenSSH"), Sniffed::Other);
+        // Could still be a method of its own (`GETX / HTTP/1.1`): the line decides.
+        assert_eq!(sniff(b"GETX"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"GETX\r\n"), Sniffed::Other);
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH_9.6\r\n"), Sniffed::Other);
         assert_eq!(sniff(b"\x00\x01"), Sniffed::Other);
         assert_eq!(sniff(b""), Sniffed::NeedMore);
     }
@@ -243,8 +316,57 @@ pub(crate) mod tests {
             Sniffed::Http2,
             "with the SETTINGS frame after it"
         );
-        assert_eq!(sniff(b"PRI * HTTP/1.1\r\n"), Sniffed::Other);
+        // Not the HTTP/2 preface: an HTTP/1 request line (whose method hyper then refuses).
+        assert_eq!(sniff(b"PRI * HTTP/1.1\r\n"), Sniffed::Http);
         assert_eq!(sniff(b"PUT /x HTTP/1.1"), Sniffed::Http);
         assert_eq!(sniff(b"PATCH /x"), Sniffed::Http);
+    }
+
+    #[test]
+    fn any_method_token_with_a_request_line_is_http() {
+        for line in [
+            &b"PROPFIND /whoami HTTP/1.1\r\n"[..],
+            b"QUERY /q HTTP/1.1\r\nHost: x\r\n",
+            b"get / HTTP/1.1\r\n",
+            b"PRI / HTTP/1.1\n",
+            b"\r\nGET / HTTP/1.1\r\n",
+            b"\r\n\r\nMKCOL /dir HTTP/1.0\r\n",
+        ] {
+            assert_eq!(
+                sniff(line),
+                Sniffed::Http,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        // Still plausible: wait for the rest of the line.
+        assert_eq!(sniff(b"PROPFIND"), Sniffed::NeedMore);
+        assert_eq!(
+            sniff(b"payload-that-is-no-method-at-all"),
+            Sniffed::Other,
+            "longer than any method"
+        );
+        assert_eq!(sniff(b"PROPFIND /whoami HTT"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"\r\n"), Sniffed::NeedMore);
+        // A plausible line longer than we wait for is HTTP (hyper decides), not a raw relay.
+        let mut long = b"PROPFIND /".to_vec();
+        long.resize(MAX_LINE, b'a');
+        assert_eq!(sniff(&long), Sniffed::Http);
+        // Other protocols are told apart at once.
+        for other in [
+            &b"*1\r\n$4\r\nPING\r\n"[..],        // Redis
+            b"\x00\x00\x00\x08\x04\xd2\x16\x2f", // PostgreSQL SSLRequest
+            b"get key\r\n",                      // memcached
+            b"SSH-2.0-OpenSSH_9.6 Debian\r\n",
+            b"PROPFIND /x\x01",
+            b"HELLO world\r\n",
+        ] {
+            assert_eq!(
+                sniff(other),
+                Sniffed::Other,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
     }
 }

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use nhi_core::audit::{AuditEvent, AuditKind, Decision, Destination, MtlsAudit, MtlsRole};
 use nhi_core::config::CompanionLimits;
-use nhi_core::policy::{InboundRule, MtlsMode};
+use nhi_core::policy::{AppProtocol, InboundRule, MtlsMode};
 use tokio::net::TcpStream;
 
 use super::{event, fail, finish, reset, Edge};
@@ -500,6 +500,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
 async fn deliver<S>(
     mut stream: S,
     app_addr: SocketAddr,
+    declared: AppProtocol,
     peer_id: Option<String>,
     conn: Arc<Conn>,
     limits: &CompanionLimits,
@@ -507,7 +508,7 @@ async fn deliver<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    use super::sniff::{sniff, Sniffed};
+    use super::sniff::{sniff, Sniffed, MAX_LINE};
     use tokio::io::AsyncReadExt;
     // Read until the first bytes say whether this is HTTP: a request split over several
     // writes must not pass as "something else" and reach the application with a caller-set
@@ -523,17 +524,28 @@ where
     let mut early = Some(super::http::connect_early(app_addr));
     let mut app: Option<Result<TcpStream, String>> = None;
     let mut watch_app = true;
-    let mut first = Vec::with_capacity(4096);
+    let mut first = Vec::with_capacity(MAX_LINE);
     let deadline = tokio::time::Instant::now() + super::SNIFF_TIMEOUT;
+    // Declared HTTP: never bytes, and an application's first bytes are no greeting.
+    let http_only = declared == AppProtocol::Http;
+    if http_only {
+        watch_app = false;
+    }
     let speaks = loop {
+        if declared == AppProtocol::Tcp {
+            break None;
+        }
         match sniff(&first) {
             Sniffed::Http => break Some(false),
             Sniffed::Http2 => break Some(true),
-            Sniffed::NeedMore if first.len() < 4096 => {}
+            Sniffed::NeedMore if first.len() < MAX_LINE => {}
+            // Still plausible after a whole line's worth: HTTP (hyper refuses it if it is not).
+            Sniffed::NeedMore => break Some(false),
+            _ if http_only => break Some(false),
             _ => break None,
         }
-        let mut chunk = [0u8; 4096];
-        let want = 4096 - first.len();
+        let mut chunk = [0u8; MAX_LINE];
+        let want = MAX_LINE - first.len();
         let greeted = async {
             match &app {
                 Some(Ok(a)) => {
@@ -554,7 +566,9 @@ where
                     abort(early);
                     return Err(format!("caller: {e}"));
                 }
-                Err(_) => break first.first().is_some_and(u8::is_ascii_uppercase).then_some(false),
+                // Bytes that could still begin a request line, split by a caller that waits:
+                // HTTP, never a raw relay that would carry its own header to the application.
+                Err(_) => break (http_only || !first.is_empty()).then_some(false),
             },
             c = async { early.as_mut().expect("guarded").await }, if early.is_some() => {
                 early = None;
@@ -596,27 +610,55 @@ where
         };
         let app = Arc::new(super::http::Upstream::with_early(app_addr, early, http2));
         let c = conn.clone();
+        let timeout = limits.proxy_idle_timeout;
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let (app, peer_id, conn) = (app.clone(), peer_id.clone(), c.clone());
                 async move {
-                    req.headers_mut().remove(PEER_HEADER);
+                    super::http::strip_peer_header(req.headers_mut());
                     if let Some(id) = peer_id.as_deref().and_then(|i| i.parse().ok()) {
                         req.headers_mut().insert(PEER_HEADER, id);
                     }
-                    // A WebSocket (or any HTTP/1 upgrade) the application accepts goes on
-                    // byte for byte, under the identity this request was delivered with.
+                    // A WebSocket the application accepts goes on byte for byte, under the
+                    // identity this request was delivered with; no other upgrade (see
+                    // `websocket_upgrades_only`).
+                    super::http::websocket_upgrades_only(&mut req);
                     let upgrade = hyper::upgrade::on(&mut req);
-                    Ok::<_, std::convert::Infallible>(match app.send(req).await {
-                        Ok(mut resp) => {
-                            super::http::relay_upgrade(upgrade, &mut resp, conn);
-                            resp.map(http_body_util::BodyExt::boxed)
+                    let req = req.map(super::http::without_peer_trailers);
+                    // Each request (an HTTP/2 stream) is one of the connection's, its answer an
+                    // open stream until sent: a busy connection is never idle or quietest.
+                    let answer = async {
+                        let sent = app.send(req).await.and_then(|mut resp| {
+                            super::http::relay_upgrade(upgrade, &mut resp, conn.clone())
+                                .map(|()| resp)
+                        });
+                        match sent {
+                            Ok(resp) => {
+                                resp.map(|b| http_body_util::BodyExt::boxed(conn.streaming(b)))
+                            }
+                            Err(e) => super::http::json(
+                                hyper::StatusCode::BAD_GATEWAY,
+                                serde_json::json!({"error": "app_unreachable", "message": e}),
+                            ),
                         }
-                        Err(e) => super::http::json(
-                            hyper::StatusCode::BAD_GATEWAY,
-                            serde_json::json!({"error": "app_unreachable", "message": e}),
-                        ),
-                    })
+                    };
+                    let refused = |why| {
+                        let (status, message) = match why {
+                            crate::limits::Refusal::Busy => (
+                                hyper::StatusCode::SERVICE_UNAVAILABLE,
+                                "the companion has too many requests waiting; retry",
+                            ),
+                            crate::limits::Refusal::TimedOut => (
+                                hyper::StatusCode::GATEWAY_TIMEOUT,
+                                "no answer from the application within the idle timeout",
+                            ),
+                        };
+                        super::http::json(
+                            status,
+                            serde_json::json!({"error": "limits", "message": message}),
+                        )
+                    };
+                    Ok::<_, std::convert::Infallible>(conn.request(answer, timeout, refused).await)
                 }
             });
         conn.established();
@@ -895,7 +937,16 @@ pub(crate) async fn terminate(
             return;
         }
         ev.detail = Some("unauthenticated plaintext (permissive mTLS)".into());
-        match deliver(stream, app_addr, None, conn.clone(), limits).await {
+        match deliver(
+            stream,
+            app_addr,
+            rule.app_protocol,
+            None,
+            conn.clone(),
+            limits,
+        )
+        .await
+        {
             Ok(Some((inn, out))) => {
                 ev.bytes_in = inn;
                 ev.bytes_out = out;
@@ -949,7 +1000,16 @@ pub(crate) async fn terminate(
         ev.detail = Some(format!("mtls peer={peer_id} (nhi-mtls/1)"));
         ev.mtls = callee(&peer_id, false);
         let app_addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dest.port());
-        match deliver(tls, app_addr, Some(peer_id.clone()), conn.clone(), limits).await {
+        match deliver(
+            tls,
+            app_addr,
+            rule.app_protocol,
+            Some(peer_id.clone()),
+            conn.clone(),
+            limits,
+        )
+        .await
+        {
             Ok(Some((inn, out))) => {
                 ev.bytes_in = inn;
                 ev.bytes_out = out;
@@ -1035,11 +1095,14 @@ async fn claim(
         }
     }
     let policy = edge.policy();
-    match policy
+    let speaks = match policy
         .as_deref()
         .and_then(|p| p.inbound_for_port(dest.port()))
     {
-        Some(r) if r.mtls.is_some() && r.allows(peer_id) => ev.rule = Some(r.id.clone()),
+        Some(r) if r.mtls.is_some() && r.allows(peer_id) => {
+            ev.rule = Some(r.id.clone());
+            r.app_protocol
+        }
         _ => {
             return deny(
                 ev,
@@ -1048,7 +1111,7 @@ async fn claim(
             ),
             )
         }
-    }
+    };
     ev.detail = Some(format!("mtls peer={peer_id}"));
     let app_addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dest.port());
     let (back, returned) = tokio::sync::oneshot::channel();
@@ -1056,6 +1119,7 @@ async fn claim(
     match deliver(
         framed,
         app_addr,
+        speaks,
         Some(peer_id.to_string()),
         conn.clone(),
         limits,

@@ -360,8 +360,16 @@ pub fn h2c_server(l: TcpListener) -> Seen {
                             for (k, v) in req.headers() {
                                 head.push_str(&format!("{k}: {}\r\n", v.to_str().unwrap_or("?")));
                             }
+                            // Request trailers are recorded as header lines too.
+                            if let Ok(body) = req.into_body().collect().await {
+                                for (k, v) in body.trailers().into_iter().flatten() {
+                                    head.push_str(&format!(
+                                        "{k}: {}\r\n",
+                                        v.to_str().unwrap_or("?")
+                                    ));
+                                }
+                            }
                             s.requests.lock().unwrap().push(head);
-                            let _ = req.into_body().collect().await;
                             let mut trailers = hyper::HeaderMap::new();
                             trailers.insert("grpc-status", "0".parse().unwrap());
                             let body = Frames(
@@ -400,7 +408,8 @@ impl hyper::body::Body for Frames {
 }
 
 /// From inside `ns`: one request over a new HTTP/2 connection with prior knowledge (h2c) with
-/// `headers`; the status, the body and the `grpc-status` trailer.
+/// `headers`, sent again as the request body's trailers; the status, the body and the
+/// `grpc-status` trailer.
 pub fn h2c_request(
     ns: &Path,
     addr: SocketAddr,
@@ -434,9 +443,21 @@ pub fn h2c_request(
                 for (k, v) in &headers {
                     req = req.header(k.as_str(), v.as_str());
                 }
-                let req = req
-                    .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-                    .unwrap();
+                let mut trailers = hyper::HeaderMap::new();
+                for (k, v) in &headers {
+                    trailers.append(
+                        hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                        v.parse().unwrap(),
+                    );
+                }
+                let body = Frames(
+                    [
+                        hyper::body::Frame::data(hyper::body::Bytes::from_static(b"hi")),
+                        hyper::body::Frame::trailers(trailers),
+                    ]
+                    .into(),
+                );
+                let req = req.body(body).unwrap();
                 let resp = send
                     .send_request(req)
                     .await

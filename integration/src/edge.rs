@@ -183,6 +183,20 @@ pub fn bulk_server(l: TcpListener) -> Seen {
     })
 }
 
+/// An HTTP/1 request head (request line and headers, without the blank line after them);
+/// `None` if the connection ends first.
+fn read_head(r: &mut impl BufRead) -> Option<String> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) if line == "\r\n" => return Some(head),
+            Ok(_) => head.push_str(&line),
+        }
+    }
+}
+
 /// HTTP/1.1 keep-alive server: records each request head; answers `ok`, or N bytes for
 /// `GET /bytes/N`.
 pub fn http_server(l: TcpListener) -> Seen {
@@ -190,18 +204,9 @@ pub fn http_server(l: TcpListener) -> Seen {
         let mut w = c.try_clone().unwrap();
         let mut r = BufReader::new(c);
         loop {
-            let mut head = String::new();
-            loop {
-                let mut line = String::new();
-                match r.read_line(&mut line) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                if line == "\r\n" {
-                    break;
-                }
-                head.push_str(&line);
-            }
+            let Some(head) = read_head(&mut r) else {
+                return;
+            };
             let len = head
                 .lines()
                 .find_map(|l| {
@@ -252,18 +257,9 @@ pub fn upgrade_server(l: TcpListener) -> Seen {
     accept_loop(l, Seen::default(), |c, seen| {
         let mut w = c.try_clone().unwrap();
         let mut r = BufReader::new(c);
-        let mut head = String::new();
-        loop {
-            let mut line = String::new();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if line == "\r\n" {
-                break;
-            }
-            head.push_str(&line);
-        }
+        let Some(head) = read_head(&mut r) else {
+            return;
+        };
         let asked = head.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;
             k.eq_ignore_ascii_case("upgrade")

@@ -162,6 +162,22 @@ fn egress_by_l4_sni_and_http_and_rules_only_in_the_workload_netns() {
         ))
     );
     assert!(sockets.requests()[0].starts_with("GET /socket "));
+    // Recorded when it ended, with what it carried each way.
+    assert!(
+        eventually(Duration::from_secs(5), || node.audit_records().iter().any(
+            |r| {
+                r["kind"] == "http_request"
+                    && r["destination"]["path"] == "/socket"
+                    && r["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("switched to WebSocket"))
+                    && r["bytes_out"] == 17
+                    && r["bytes_in"] == 17
+            }
+        )),
+        "no WebSocket record with its bytes: {:?}",
+        node.audit_records()
+    );
     // Any other upgrade (`h2c`: every later request would pass as HTTP/2 bytes, past the
     // per-request rules) is taken out: the request goes on as a plain one.
     assert_eq!(

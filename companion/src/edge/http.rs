@@ -301,12 +301,14 @@ pub(crate) fn websocket_upgrades_only<B>(req: &mut Request<B>) {
 
 /// When `resp` (to a request whose upgrade is `client`) switches to WebSocket (`101`), relays
 /// the two upgraded connections byte for byte in the background, touching `conn`'s idle clock
-/// and ending with its limits. A switch to anything else is refused (`Err`): see
-/// [`websocket_upgrades_only`].
+/// and ending with its limits, then calls `done` with the bytes relayed each way (client to
+/// application, application to client) or why it ended. A switch to anything else is refused
+/// (`Err`): see [`websocket_upgrades_only`]. Without a switch `done` is not called.
 pub(crate) fn relay_upgrade(
     client: hyper::upgrade::OnUpgrade,
     resp: &mut Response<Incoming>,
     conn: Arc<Conn>,
+    done: impl FnOnce(std::io::Result<(u64, u64)>) + Send + 'static,
 ) -> Result<(), String> {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(());
@@ -319,8 +321,9 @@ pub(crate) fn relay_upgrade(
     }
     let upstream = hyper::upgrade::on(resp);
     tokio::spawn(async move {
-        let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
-            return;
+        let (client, upstream) = match tokio::join!(client, upstream) {
+            (Ok(c), Ok(u)) => (c, u),
+            (Err(e), _) | (_, Err(e)) => return done(Err(std::io::Error::other(e))),
         };
         let (cr, cw) = tokio::io::split(TokioIo::new(client));
         let (ur, uw) = tokio::io::split(TokioIo::new(upstream));
@@ -330,10 +333,10 @@ pub(crate) fn relay_upgrade(
                 super::mtls::relay::pump(ur, cw, &conn)
             )
         };
-        tokio::select! {
-            _ = both => {}
-            () = conn.slot().killed() => {}
-        }
+        done(tokio::select! {
+            r = both => r,
+            () = conn.slot().killed() => Err(std::io::Error::other(super::LIMITS_CLOSED)),
+        });
     });
     Ok(())
 }
@@ -440,7 +443,7 @@ fn canonical_target<B>(
 }
 
 async fn request(
-    edge: &Edge,
+    edge: &Arc<Edge>,
     upstream: &Upstream,
     peer: SocketAddr,
     dest: SocketAddr,
@@ -578,16 +581,31 @@ async fn request(
     match upstream.send(req.map(|b| b.boxed())).await {
         Ok(mut resp) => {
             ev.bytes_in = content_length(resp.headers());
-            if let Err(e) = relay_upgrade(upgrade, &mut resp, conn.clone()) {
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                finish(edge, ev, started);
+                return resp.map(|b| b.boxed());
+            }
+            // A WebSocket: recorded when it ends, with what it carried.
+            let switched = "switched to WebSocket: relayed as bytes";
+            ev.detail = Some(match ev.detail.take() {
+                Some(prev) => format!("{prev}; {switched}"),
+                None => switched.into(),
+            });
+            let (record, e2) = (ev.clone(), edge.clone());
+            let done = move |r: std::io::Result<(u64, u64)>| {
+                let mut ev = record;
+                match r {
+                    Ok((out, inn)) => (ev.bytes_out, ev.bytes_in) = (out, inn),
+                    Err(e) => {
+                        let d = ev.detail.take().unwrap_or_default();
+                        ev.detail = Some(format!("{d}; ended: {e}"));
+                    }
+                }
+                finish(&e2, ev, started);
+            };
+            if let Err(e) = relay_upgrade(upgrade, &mut resp, conn.clone(), done) {
                 return failed(ev, e);
             }
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                ev.detail = Some(match ev.detail.take() {
-                    Some(prev) => format!("{prev}; switched to WebSocket: relayed as bytes"),
-                    None => "switched to WebSocket: relayed as bytes".into(),
-                });
-            }
-            finish(edge, ev, started);
             resp.map(|b| b.boxed())
         }
         Err(e) => failed(ev, e),

@@ -186,7 +186,7 @@ async fn request(
         .send(req.map(super::http::without_peer_trailers))
         .await
         .and_then(|mut resp| {
-            super::http::relay_upgrade(upgrade, &mut resp, conn.clone()).map(|()| resp)
+            super::http::relay_upgrade(upgrade, &mut resp, conn.clone(), |_| {}).map(|()| resp)
         });
     match sent {
         Ok(resp) => {

@@ -629,7 +629,7 @@ where
                     // open stream until sent: a busy connection is never idle or quietest.
                     let answer = async {
                         let sent = app.send(req).await.and_then(|mut resp| {
-                            super::http::relay_upgrade(upgrade, &mut resp, conn.clone())
+                            super::http::relay_upgrade(upgrade, &mut resp, conn.clone(), |_| {})
                                 .map(|()| resp)
                         });
                         match sent {

@@ -391,6 +391,14 @@ impl Conn {
         touch(&self.gov, &self.slot);
     }
 
+    /// Runs `answer` as one request of this connection (never evicted while in progress),
+    /// without the listener's waiting limit or a timeout: for a proxy that has handed the
+    /// request on already. The connection's other bounds still end it.
+    pub async fn answering<T>(&self, answer: impl Future<Output = T>) -> T {
+        let _in = start_request(&self.gov, &self.slot);
+        answer.await
+    }
+
     /// Marks `body` (an answer being streamed back) as an open stream of this connection until
     /// it ends or is dropped: the connection neither idles out nor counts as quiet meanwhile.
     pub fn streaming<B>(self: &Arc<Self>, body: B) -> StreamBody<B> {

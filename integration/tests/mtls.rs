@@ -340,18 +340,23 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
     // its line split past the 500 ms the callee waits for it (old code relayed that one as
     // bytes, the forged header included).
     let to_api: SocketAddr = "10.78.0.2:7002".parse().unwrap();
+    // And a caller silent past that wait before its request, and a method longer than any
+    // registered one (Go's server takes any token).
+    let long = "A".repeat(40);
     for (first, pause, rest, line) in [
-        (&b"G"[..], 200, &b"ET /split"[..], "GET /split"),
-        (b"PROPFIND", 800, b" /late", "PROPFIND /late"),
+        ("G".to_string(), 200, "ET /split", "GET /split".to_string()),
+        ("PROPFIND".into(), 800, " /late", "PROPFIND /late".into()),
+        (String::new(), 800, "GET /silent", "GET /silent".into()),
+        (long.clone(), 0, " /long", format!("{long} /long")),
     ] {
         let answer = nhi_integration::edge::in_netns(&container_ns(web.pid()), move || {
             use std::io::{Read, Write};
             let mut s =
                 std::net::TcpStream::connect_timeout(&to_api, Duration::from_secs(5)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(first).unwrap();
+            s.write_all(first.as_bytes()).unwrap();
             std::thread::sleep(Duration::from_millis(pause));
-            s.write_all(rest).unwrap();
+            s.write_all(rest.as_bytes()).unwrap();
             s.write_all(
                 b" HTTP/1.1\r\nHost: db\r\nx-nhi-peer-spiffe-id: spiffe://example.org/container/forged\r\nConnection: close\r\n\r\n",
             )
@@ -364,7 +369,7 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
         let heads = api.requests();
         let split = heads
             .iter()
-            .find(|h| h.starts_with(line))
+            .find(|h| h.starts_with(&line))
             .expect("delivered");
         assert_verified_caller(split);
     }

@@ -41,13 +41,14 @@ id = "callee"
 spiffe_ids = ["spiffe://example.org/container/bench-callee"]
 default = "allow"
 [[policy.inbound]]
-id = "mtls-echo"
-ports = [8002, 8004, 8007]
+id = "mtls-bytes"
+ports = [8002, 8004]
 allow = ["spiffe://example.org/container/bench-mtls"]
 mtls = "strict"
+app_protocol = "tcp"
 [[policy.inbound]]
 id = "mtls"
-ports = [8001]
+ports = [8001, 8007]
 allow = ["spiffe://example.org/container/bench-mtls"]
 mtls = "strict"
 

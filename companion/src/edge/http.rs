@@ -239,6 +239,29 @@ pub(crate) fn strip_peer_header(h: &mut HeaderMap) {
     for n in names {
         h.remove(n);
     }
+    // Nor may `Connection` name it: a proxy in front of the application would drop the
+    // verified value as hop-by-hop.
+    let named = |t: &str| HeaderName::from_bytes(t.trim().as_bytes()).is_ok_and(|n| spelled(&n));
+    let listed = h
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| v.to_str().map_or(true, |v| v.split(',').any(named)));
+    if listed {
+        let kept: Vec<String> = h
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter(|t| !t.trim().is_empty() && !named(t))
+            .map(|t| t.trim().to_string())
+            .collect();
+        h.remove(CONNECTION);
+        if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+            if !kept.is_empty() {
+                h.insert(CONNECTION, v);
+            }
+        }
+    }
 }
 
 /// A request body whose trailers lose [`PEER_HEADER`] too.

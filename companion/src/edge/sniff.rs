@@ -47,23 +47,26 @@ pub fn sniff(b: &[u8]) -> Sniffed {
 
 /// Longest request line waited for before calling it HTTP anyway (see [`request_line`]).
 pub const MAX_LINE: usize = 4096;
-/// Longest method token taken for one (registered methods have at most 17 characters): a
-/// longer run of token characters is another protocol's word, told apart at once.
-const MAX_METHOD: usize = 24;
 
-/// Whether `b` begins an HTTP/1 request: a known method and a space at once; any other method
-/// token (`PROPFIND`, `QUERY`, lower case: servers route those too) once the whole line reads
-/// `token SP target SP HTTP/d.d`. Empty lines before it are skipped, as servers do (RFC 9112,
-/// 2.2). Anything that can no longer be a request line is [`Sniffed::Other`]; a line still
-/// plausible after [`MAX_LINE`] bytes is [`Sniffed::Http`] (a caller must not escape HTTP
-/// handling by sending a long one).
+/// Whether `b` begins an HTTP/1 request, judged as leniently as the most lenient servers parse
+/// (Go's `net/http` takes a method token of any length, nginx skips stray CR and LF, Python's
+/// `http.server` splits on any whitespace): blank bytes (CR, LF, space, tab) before it are
+/// skipped; a known method and a space is HTTP at once; any other token followed by a space or
+/// a tab is HTTP once its line holds an `HTTP/` version, and [`Sniffed::Other`] only when the
+/// whole line has none. Anything else that is no token (a NUL, a `*1\r\n`, a TLS record) is
+/// told apart at once. A line still open after [`MAX_LINE`] bytes is [`Sniffed::Http`]: a
+/// caller must not escape HTTP handling by sending a long one.
 fn request_line(b: &[u8]) -> Sniffed {
-    let mut b = b;
-    while let Some(rest) = b.strip_prefix(b"\r\n").or_else(|| b.strip_prefix(b"\n")) {
-        b = rest;
-    }
-    if b.is_empty() || b == b"\r" {
-        return Sniffed::NeedMore;
+    let blank = |c: &u8| matches!(c, b'\r' | b'\n' | b' ' | b'\t');
+    let start = b.iter().position(|c| !blank(c)).unwrap_or(b.len());
+    let long = b.len() >= MAX_LINE;
+    let b = &b[start..];
+    if b.is_empty() {
+        return if long {
+            Sniffed::Http
+        } else {
+            Sniffed::NeedMore
+        };
     }
     for m in METHODS {
         let want = m.len() + 1;
@@ -77,47 +80,21 @@ fn request_line(b: &[u8]) -> Sniffed {
             };
         }
     }
-    let long = |s| {
-        if b.len() >= MAX_LINE {
-            Sniffed::Http
-        } else {
-            s
-        }
+    let open = if long {
+        Sniffed::Http
+    } else {
+        Sniffed::NeedMore
     };
-    let Some(sp) = b.iter().position(|&c| !is_tchar(c)) else {
-        return if b.len() > MAX_METHOD {
-            Sniffed::Other
-        } else {
-            Sniffed::NeedMore
-        };
+    let Some(sep) = b.iter().position(|&c| !is_tchar(c)) else {
+        return open;
     };
-    if sp == 0 || sp > MAX_METHOD || b[sp] != b' ' {
+    if sep == 0 || !matches!(b[sep], b' ' | b'\t') {
         return Sniffed::Other;
     }
-    let Some(end) = b.iter().position(|&c| c == b'\n') else {
-        // The target and version are visible ASCII and spaces.
-        return if b[sp..]
-            .iter()
-            .all(|&c| (0x20..0x7f).contains(&c) || c == b'\r')
-        {
-            long(Sniffed::NeedMore)
-        } else {
-            Sniffed::Other
-        };
+    let Some(end) = b[sep..].iter().position(|&c| c == b'\n') else {
+        return open;
     };
-    let line = &b[..end];
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let Some(last) = line.iter().rposition(|&c| c == b' ') else {
-        return Sniffed::Other;
-    };
-    let version = &line[last + 1..];
-    let http = last > sp + 1
-        && version.len() == 8
-        && version.starts_with(b"HTTP/")
-        && version[5].is_ascii_digit()
-        && version[6] == b'.'
-        && version[7].is_ascii_digit();
-    if http {
+    if b[sep..sep + end].windows(5).any(|w| w == b"HTTP/") {
         Sniffed::Http
     } else {
         Sniffed::Other
@@ -341,11 +318,25 @@ pub(crate) mod tests {
         }
         // Still plausible: wait for the rest of the line.
         assert_eq!(sniff(b"PROPFIND"), Sniffed::NeedMore);
-        assert_eq!(
-            sniff(b"payload-that-is-no-method-at-all"),
-            Sniffed::Other,
-            "longer than any method"
-        );
+        // As lenient as servers are: a method of any length, stray CR, tabs, odd versions,
+        // bytes beyond ASCII in the target.
+        for line in [
+            &b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA / HTTP/1.1\r\n"[..],
+            b"\rGET / HTTP/1.1\r\n",
+            b"GET\t/\tHTTP/1.1\r\n",
+            b"  QUERY / HTTP/1.1  \r\n",
+            b"QUERY / HTTP/1.10\r\n",
+            b"QUERY /\xc3\xa9 HTTP/1.1\r\n",
+        ] {
+            assert_eq!(
+                sniff(line),
+                Sniffed::Http,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert_eq!(sniff(b"QUERY /\xc3\xa9"), Sniffed::NeedMore);
+        assert_eq!(sniff(b"payload-with-no-end-yet"), Sniffed::NeedMore);
         assert_eq!(sniff(b"PROPFIND /whoami HTT"), Sniffed::NeedMore);
         assert_eq!(sniff(b"\r\n"), Sniffed::NeedMore);
         // A plausible line longer than we wait for is HTTP (hyper decides), not a raw relay.
@@ -358,8 +349,8 @@ pub(crate) mod tests {
             b"\x00\x00\x00\x08\x04\xd2\x16\x2f", // PostgreSQL SSLRequest
             b"get key\r\n",                      // memcached
             b"SSH-2.0-OpenSSH_9.6 Debian\r\n",
-            b"PROPFIND /x\x01",
             b"HELLO world\r\n",
+            b"payload-with-an-end\n",
         ] {
             assert_eq!(
                 sniff(other),

@@ -524,8 +524,10 @@ where
     let mut early = Some(super::http::connect_early(app_addr));
     let mut app: Option<Result<TcpStream, String>> = None;
     let mut watch_app = true;
+    let mut short_greeting = false;
     let mut first = Vec::with_capacity(MAX_LINE);
-    let deadline = tokio::time::Instant::now() + super::SNIFF_TIMEOUT;
+    let opened = tokio::time::Instant::now();
+    let mut deadline = opened + super::SNIFF_TIMEOUT;
     // Declared HTTP: never bytes, and an application's first bytes are no greeting.
     let http_only = declared == AppProtocol::Http;
     if http_only {
@@ -566,9 +568,22 @@ where
                     abort(early);
                     return Err(format!("caller: {e}"));
                 }
+                // Nothing from either side yet: wait on for whoever speaks first (a caller
+                // that waits before its request must not get a raw relay that would carry its
+                // own header to the application), up to the first-request timeout.
+                Err(_) if first.is_empty() && short_greeting => break None,
+                Err(_) if first.is_empty() && !http_only => {
+                    let silent = opened + limits.header_timeout;
+                    if deadline >= silent {
+                        abort(early);
+                        return Err("neither the caller nor the application spoke".into());
+                    }
+                    deadline = silent;
+                    continue;
+                }
                 // Bytes that could still begin a request line, split by a caller that waits:
                 // HTTP, never a raw relay that would carry its own header to the application.
-                Err(_) => break (http_only || !first.is_empty()).then_some(false),
+                Err(_) => break Some(false),
             },
             c = async { early.as_mut().expect("guarded").await }, if early.is_some() => {
                 early = None;
@@ -580,8 +595,10 @@ where
             }
             g = greeted, if watch_app && first.is_empty() => match g {
                 Some(true) => break None,
-                // An HTTP/2 server, or too little to tell: wait for the caller as before.
-                _ => {
+                // An HTTP/2 server (its SETTINGS frame comes whole), or too little to tell yet:
+                // wait for the caller; a greeting still that short when the wait ends is none.
+                g => {
+                    short_greeting = g.is_none();
                     watch_app = false;
                     continue;
                 }
@@ -592,7 +609,9 @@ where
             }
         };
         if n == 0 {
-            break None;
+            // The caller is done sending: nothing of its own can reach the application as a
+            // request any more (declared HTTP stays HTTP).
+            break http_only.then_some(false);
         }
         first.extend_from_slice(&chunk[..n]);
     };
@@ -610,7 +629,6 @@ where
         };
         let app = Arc::new(super::http::Upstream::with_early(app_addr, early, http2));
         let c = conn.clone();
-        let timeout = limits.proxy_idle_timeout;
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let (app, peer_id, conn) = (app.clone(), peer_id.clone(), c.clone());
@@ -625,8 +643,10 @@ where
                     super::http::websocket_upgrades_only(&mut req);
                     let upgrade = hyper::upgrade::on(&mut req);
                     let req = req.map(super::http::without_peer_trailers);
-                    // Each request (an HTTP/2 stream) is one of the connection's, its answer an
-                    // open stream until sent: a busy connection is never idle or quietest.
+                    // Each request (an HTTP/2 stream) is one of the connection's while it waits
+                    // for its answer (not evicted), and its answer an open stream until sent
+                    // (no idle timeout). No waiting limit: the request is the application's
+                    // once sent, and a refusal after that could have it run twice.
                     let answer = async {
                         let sent = app.send(req).await.and_then(|mut resp| {
                             super::http::relay_upgrade(upgrade, &mut resp, conn.clone(), |_| {})
@@ -642,23 +662,7 @@ where
                             ),
                         }
                     };
-                    let refused = |why| {
-                        let (status, message) = match why {
-                            crate::limits::Refusal::Busy => (
-                                hyper::StatusCode::SERVICE_UNAVAILABLE,
-                                "the companion has too many requests waiting; retry",
-                            ),
-                            crate::limits::Refusal::TimedOut => (
-                                hyper::StatusCode::GATEWAY_TIMEOUT,
-                                "no answer from the application within the idle timeout",
-                            ),
-                        };
-                        super::http::json(
-                            status,
-                            serde_json::json!({"error": "limits", "message": message}),
-                        )
-                    };
-                    Ok::<_, std::convert::Infallible>(conn.request(answer, timeout, refused).await)
+                    Ok::<_, std::convert::Infallible>(conn.answering(answer).await)
                 }
             });
         conn.established();

@@ -301,6 +301,8 @@ pub(crate) mod tests {
 
     #[test]
     fn any_method_token_with_a_request_line_is_http() {
+        // As leniently as servers parse: a method of any length, stray CR, tabs, odd
+        // versions, bytes beyond ASCII in the target.
         for line in [
             &b"PROPFIND /whoami HTTP/1.1\r\n"[..],
             b"QUERY /q HTTP/1.1\r\nHost: x\r\n",
@@ -308,20 +310,7 @@ pub(crate) mod tests {
             b"PRI / HTTP/1.1\n",
             b"\r\nGET / HTTP/1.1\r\n",
             b"\r\n\r\nMKCOL /dir HTTP/1.0\r\n",
-        ] {
-            assert_eq!(
-                sniff(line),
-                Sniffed::Http,
-                "{}",
-                String::from_utf8_lossy(line)
-            );
-        }
-        // Still plausible: wait for the rest of the line.
-        assert_eq!(sniff(b"PROPFIND"), Sniffed::NeedMore);
-        // As lenient as servers are: a method of any length, stray CR, tabs, odd versions,
-        // bytes beyond ASCII in the target.
-        for line in [
-            &b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA / HTTP/1.1\r\n"[..],
+            b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA / HTTP/1.1\r\n",
             b"\rGET / HTTP/1.1\r\n",
             b"GET\t/\tHTTP/1.1\r\n",
             b"  QUERY / HTTP/1.1  \r\n",
@@ -335,6 +324,8 @@ pub(crate) mod tests {
                 String::from_utf8_lossy(line)
             );
         }
+        // Still plausible: wait for the rest of the line.
+        assert_eq!(sniff(b"PROPFIND"), Sniffed::NeedMore);
         assert_eq!(sniff(b"QUERY /\xc3\xa9"), Sniffed::NeedMore);
         assert_eq!(sniff(b"payload-with-no-end-yet"), Sniffed::NeedMore);
         assert_eq!(sniff(b"PROPFIND /whoami HTT"), Sniffed::NeedMore);

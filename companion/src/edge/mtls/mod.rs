@@ -492,6 +492,31 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
     }
 }
 
+/// [`deliver`] to the application on loopback `port`, its outcome written into `ev`: the bytes
+/// relayed, or why it ended after what `ev`'s detail says already.
+#[allow(clippy::too_many_arguments)]
+async fn deliver_into<S>(
+    ev: &mut AuditEvent,
+    stream: S,
+    port: u16,
+    declared: AppProtocol,
+    peer_id: Option<String>,
+    conn: Arc<Conn>,
+    limits: &CompanionLimits,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let app_addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
+    match deliver(stream, app_addr, declared, peer_id, conn, limits).await {
+        Ok(Some((inn, out))) => (ev.bytes_in, ev.bytes_out) = (inn, out),
+        Ok(None) => {}
+        Err(e) => {
+            let said = ev.detail.take().unwrap_or_default();
+            ev.detail = Some(format!("{said}; {e}"));
+        }
+    }
+}
+
 /// Hands a caller's connection (`stream`: decrypted TLS, or plaintext under a permissive
 /// rule) to the application at `app_addr`. HTTP/1 is served request by request: any
 /// [`PEER_HEADER`] the caller sent is removed and, when the handshake proved one, the
@@ -928,7 +953,6 @@ pub(crate) async fn terminate(
         () = conn.slot().killed() => return fail(&edge, ev, started, stream, super::LIMITS_CLOSED.into()),
     };
     let tls = matches!(peeked, Ok(Ok(1))) && first[0] == 0x16;
-    let app_addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dest.port());
     if !tls {
         if mode == MtlsMode::Strict {
             ev.decision = Decision::Deny;
@@ -941,23 +965,8 @@ pub(crate) async fn terminate(
             return;
         }
         ev.detail = Some("unauthenticated plaintext (permissive mTLS)".into());
-        match deliver(
-            stream,
-            app_addr,
-            rule.app_protocol,
-            None,
-            conn.clone(),
-            limits,
-        )
-        .await
-        {
-            Ok(Some((inn, out))) => {
-                ev.bytes_in = inn;
-                ev.bytes_out = out;
-            }
-            Ok(None) => {}
-            Err(e) => ev.detail = Some(format!("unauthenticated plaintext (permissive mTLS); {e}")),
-        }
+        let port = dest.port();
+        deliver_into(&mut ev, stream, port, rule.app_protocol, None, conn, limits).await;
         finish(&edge, ev, started);
         return;
     }
@@ -1003,24 +1012,8 @@ pub(crate) async fn terminate(
         // preface, no frames.
         ev.detail = Some(format!("mtls peer={peer_id} (nhi-mtls/1)"));
         ev.mtls = callee(&peer_id, false);
-        let app_addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dest.port());
-        match deliver(
-            tls,
-            app_addr,
-            rule.app_protocol,
-            Some(peer_id.clone()),
-            conn.clone(),
-            limits,
-        )
-        .await
-        {
-            Ok(Some((inn, out))) => {
-                ev.bytes_in = inn;
-                ev.bytes_out = out;
-            }
-            Ok(None) => {}
-            Err(e) => ev.detail = Some(format!("mtls peer={peer_id} (nhi-mtls/1); {e}")),
-        }
+        let (port, id) = (dest.port(), Some(peer_id.clone()));
+        deliver_into(&mut ev, tls, port, rule.app_protocol, id, conn, limits).await;
         return finish(&edge, ev, started);
     }
     // One application connection after another (see `pool` and `frame`), each audited.
@@ -1117,26 +1110,10 @@ async fn claim(
         }
     };
     ev.detail = Some(format!("mtls peer={peer_id}"));
-    let app_addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dest.port());
     let (back, returned) = tokio::sync::oneshot::channel();
     let framed = frame::Framed::new(tls, back);
-    match deliver(
-        framed,
-        app_addr,
-        speaks,
-        Some(peer_id.to_string()),
-        conn.clone(),
-        limits,
-    )
-    .await
-    {
-        Ok(Some((inn, out))) => {
-            ev.bytes_in = inn;
-            ev.bytes_out = out;
-        }
-        Ok(None) => {}
-        Err(e) => ev.detail = Some(format!("mtls peer={peer_id}; {e}")),
-    }
+    let (port, id) = (dest.port(), Some(peer_id.to_string()));
+    deliver_into(&mut ev, framed, port, speaks, id, conn.clone(), limits).await;
     finish(edge, ev, started);
     tokio::time::timeout(frame::LINGER * 2, returned)
         .await

@@ -687,26 +687,23 @@ fn mutual_tls_between_two_workloads_for_any_tcp_protocol() {
     ) >= 7));
     // The same facts, structured, and counted in nhid's metrics.
     let records = node.audit_records();
-    let caller_warm = records
-        .iter()
-        .filter(|r| {
-            r["mtls"]["role"] == "caller"
-                && r["mtls"]["peer"] == "spiffe://example.org/container/mtls-db"
-                && r["mtls"]["warm"] == true
-        })
-        .count();
+    // Allowed connections of `role` with `peer` over a warm connection.
+    let warm = |role: &str, peer: &str| {
+        records
+            .iter()
+            .filter(|r| {
+                r["mtls"]["role"] == role
+                    && r["mtls"]["peer"] == peer
+                    && r["mtls"]["warm"] == true
+                    && r["decision"] == "allow"
+            })
+            .count()
+    };
+    let caller_warm = warm("caller", "spiffe://example.org/container/mtls-db");
     assert!(caller_warm >= 5, "{caller_warm}");
     // And reused: on the callee's side, connections that arrived over a TLS connection which
     // had carried an earlier one (no handshake at all, not only none on the way).
-    let callee_reused = records
-        .iter()
-        .filter(|r| {
-            r["mtls"]["role"] == "callee"
-                && r["mtls"]["peer"] == "spiffe://example.org/container/mtls-web"
-                && r["mtls"]["warm"] == true
-                && r["decision"] == "allow"
-        })
-        .count();
+    let callee_reused = warm("callee", "spiffe://example.org/container/mtls-web");
     assert!(callee_reused >= 4, "{callee_reused}");
     let scrape = || {
         use std::io::{Read, Write};
